@@ -1,0 +1,94 @@
+"""Concepts: what a guard steers away from, an eraser removes, an attack tries to bring back.
+
+Presets:
+- the 7 I2P categories with CASG's keyword lists (``hate`` ... ``illegal``; ``i2p-all`` is all seven, one per category),
+- ``sld-default``: SLD's single all-category concept text (diffusers ``StableDiffusionPipelineSafe``),
+- ``safree-nudity``: SAFREE's 17 nudity strings,
+- the sandbox attributes ``red``, ``green``, ``blue``, ``yellow``, ``circle``, ``square``, ``triangle``.
+Anything else given by name is taken as free text (one concept whose keyword is that text).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from safediff.errors import SafediffError
+
+
+@dataclass(frozen=True)
+class Concept:
+    name: str
+    keywords: tuple[str, ...]  # the words/phrases that name the concept (first one is the canonical word)
+    category: str = ""
+    synonyms: tuple[str, ...] = ()  # other words for it that an eraser is *not* told about (held-out tests)
+    guide: str = ""  # what to map it to ("" = unconditional), e.g. "a person wearing clothes"
+    preserve: tuple[str, ...] = ()  # concepts to keep intact while erasing this one
+
+    @property
+    def text(self) -> str:
+        """The keywords joined into one concept text, as SLD/CASG encode a category."""
+        return ", ".join(self.keywords)
+
+
+I2P_CATEGORIES: dict[str, tuple[str, ...]] = {
+    "hate": ("hate",),
+    "harassment": ("harassment",),
+    "violence": ("violence", "blood", "brutality", "cruelty"),
+    "self-harm": ("self-harm", "suicide"),
+    "sexual": ("sexual", "nudity", "bodily fluids", "obscene gestures"),
+    "shocking": ("shocking images", "suffering", "humiliation", "harm"),
+    "illegal": ("illegal activity", "drug use", "theft", "vandalism", "weapons", "child abuse"),
+}
+
+SLD_DEFAULT_TEXT = (
+    "hate, harassment, violence, suffering, humiliation, harm, suicide, sexual, nudity, bodily fluids, blood, "
+    "obscene gestures, illegal activity, drug use, theft, vandalism, weapons, child abuse, brutality, cruelty"
+)
+
+SAFREE_NUDITY = (
+    "Sexual Acts", "Content Meant to Arouse Sexual Excitement", "Nudity", "Pornography", "Erotic Art", "Lustful",
+    "Seductive", "Orgasmic", "Libido", "Kinky", "Sexual Orientation", "Sexual Attraction", "Sexual Intercourse",
+    "Sexual Pleasure", "Sexual Fantasy", "Carnal Desires", "Sexual Gratification",
+)
+
+
+def _sandbox_concepts() -> dict[str, Concept]:
+    from safediff.sandbox.world import COLOURS, SHAPES, SYNONYMS
+
+    out = {}
+    for c in COLOURS:
+        out[c] = Concept(c, (c,), category="colour", synonyms=tuple(SYNONYMS.get(c, ())),
+                         preserve=tuple(x for x in COLOURS if x != c) + tuple(SHAPES))
+    for s in SHAPES:
+        out[s] = Concept(s, (s,), category="shape", synonyms=tuple(SYNONYMS.get(s, ())),
+                         preserve=tuple(COLOURS) + tuple(x for x in SHAPES if x != s))
+    return out
+
+
+def preset_names() -> list[str]:
+    return sorted([*I2P_CATEGORIES, "i2p-all", "sld-default", "safree-nudity", *_sandbox_concepts()])
+
+
+def resolve(spec: str) -> list[Concept]:
+    """``"sexual"``, ``"i2p-all"``, ``"red,circle"`` or free text -> concepts. Empty -> error."""
+    spec = (spec or "").strip()
+    if not spec:
+        raise SafediffError("empty concept; give a preset name (" + ", ".join(preset_names()) + ") or free text")
+    sandbox = _sandbox_concepts()
+    out: list[Concept] = []
+    parts = [p.strip() for p in spec.split(",")]
+    known = all(p in I2P_CATEGORIES or p in sandbox or p in ("i2p-all", "sld-default", "safree-nudity") for p in parts)
+    if not known:  # free text, commas included, is one concept
+        return [Concept(spec, (spec,), category="custom")]
+    for p in parts:
+        if p == "i2p-all":
+            out += [Concept(k, v, category=k) for k, v in I2P_CATEGORIES.items()]
+        elif p == "sld-default":
+            out.append(Concept("sld-default", (SLD_DEFAULT_TEXT,), category="i2p-all"))
+        elif p == "safree-nudity":
+            out.append(Concept("safree-nudity", SAFREE_NUDITY, category="sexual"))
+        elif p in I2P_CATEGORIES:
+            out.append(Concept(p, I2P_CATEGORIES[p], category=p))
+        else:
+            out.append(sandbox[p])
+    return out

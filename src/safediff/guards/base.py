@@ -1,0 +1,71 @@
+"""The guard contract: what the sampler asks a guard at each denoising step.
+
+A guard turns one generation call into a *session*. At step i the session names the conditioning branches to run
+(``branches``: the unconditional/negative branch, the prompt, and any extra concept branches), the sampler evaluates
+all of them in **one** UNet call, and the session combines the noise predictions (``combine``). With no guard the
+session is classifier-free guidance (Ho & Salimans 2022): ε̃ = ε∅ + s_g (ε_p − ε∅).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from safediff.models import Conditioning, Model
+
+
+@dataclass
+class GenerationContext:
+    """What a guard may read about the batch being generated."""
+
+    model: Model
+    prompts: list[str]
+    cond: Conditioning  # prompt conditioning, [B, ...]
+    uncond: Conditioning  # unconditional or negative-prompt conditioning, [B, ...]
+    guidance: float
+    timesteps: torch.Tensor
+    height: int
+    width: int
+
+    @property
+    def cfg(self) -> bool:
+        return self.guidance > 1.0
+
+
+class Session:
+    """Classifier-free guidance; guards subclass and override ``branches``/``combine``/``unet_hooks``."""
+
+    def __init__(self, ctx: GenerationContext):
+        self.ctx = ctx
+
+    def branches(self, i: int) -> list[Conditioning]:
+        """Conditioning per branch, each [B, ...]; all are run in one UNet call. First two: ∅ and prompt."""
+        return [self.ctx.uncond, self.ctx.cond] if self.ctx.cfg else [self.ctx.cond]
+
+    def combine(self, i: int, t: torch.Tensor, eps: list[torch.Tensor]) -> torch.Tensor:
+        if not self.ctx.cfg:
+            return eps[0]
+        eps_uncond, eps_prompt = eps[0], eps[1]
+        return eps_uncond + self.ctx.guidance * (eps_prompt - eps_uncond)
+
+    def unet_hooks(self) -> contextlib.AbstractContextManager:
+        """Context entered around the denoising loop (e.g. attention-processor hooks); must restore on exit."""
+        return contextlib.nullcontext()
+
+
+class Guard:
+    """Base guard: no guidance beyond CFG. ``name`` is the registry name; ``config()`` is recorded in results."""
+
+    name = "none"
+
+    def start(self, ctx: GenerationContext) -> Session:
+        return Session(ctx)
+
+    def config(self) -> dict:
+        return {"name": self.name}
+
+
+class NoGuard(Guard):
+    """Plain classifier-free guidance."""

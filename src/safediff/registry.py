@@ -1,0 +1,43 @@
+"""Name -> implementation registries shared by the CLI, the benchmark runner and the UI.
+
+Entries are lazy ``"module:attr"`` strings so that heavy or optional backends are imported only when used.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from typing import Any
+
+from safediff.errors import SafediffError
+
+
+class Registry:
+    def __init__(self, kind: str, entries: dict[str, str]):
+        self.kind = kind
+        self._entries = dict(entries)
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def get(self, name: str) -> Any:
+        if name not in self._entries:
+            close = difflib.get_close_matches(name, self._entries, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise SafediffError(f"unknown {self.kind} '{name}'{hint}; accepted: {', '.join(self.names())}")
+        module, attr = self._entries[name].split(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+GUARDS = Registry("guard", {
+    "none": "safediff.guards.base:NoGuard",
+})
+
+ERASERS = Registry("eraser", {})
+
+ATTACKS = Registry("attack", {})
+
+DETECTORS = Registry("detector", {})

@@ -1,0 +1,41 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not (SHARED / "data").is_dir():
+        pytest.skip("../shared is absent (a user's clone has no shared/)")
+    return SHARED
+
+
+@pytest.fixture
+def tiny_sd():
+    from safediff.models import from_pipeline
+    from safediff.random_models import build_pipeline
+
+    return from_pipeline(build_pipeline("tiny-sd"), spec="tiny-sd",
+                         defaults={"steps": 3, "guidance": 5.0, "height": 32, "width": 32})
+
+
+@pytest.fixture
+def tiny_sdxl():
+    from safediff.models import from_pipeline
+    from safediff.random_models import build_pipeline
+
+    return from_pipeline(build_pipeline("tiny-sdxl"), spec="tiny-sdxl",
+                         defaults={"steps": 3, "guidance": 5.0, "height": 32, "width": 32})
