@@ -1,0 +1,144 @@
+"""The ``safediff`` command line. User errors print one line and exit with code 2."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from safediff.errors import SafediffError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Erase, guard, attack and benchmark concepts in text-to-image diffusion models.")
+
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16",
+          "bf16": "bfloat16"}
+
+
+def _dtype(name: str):
+    import torch
+
+    if name not in DTYPES:
+        raise SafediffError(f"unknown dtype '{name}'; accepted: {', '.join(DTYPES)}")
+    return getattr(torch, DTYPES[name])
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SafediffError("device 'cuda' requested but no CUDA GPU is available; accepted: cpu, cuda (with a GPU)")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise SafediffError(f"unknown device '{name}'; accepted: cpu, cuda, cuda:N")
+    return name
+
+
+def prepare_out_dir(out: Path) -> Path:
+    """Refuse a non-empty --out; return a temporary sibling to write into (renamed onto --out on success)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SafediffError(f"--out '{out}' exists and is not an empty folder; choose a new folder")
+    parent = out.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.partial-"))
+    except OSError as e:
+        raise SafediffError(f"--out '{out}' is not writable: {e.strerror}") from None
+
+
+def finish_out_dir(tmp: Path, out: Path) -> None:
+    if out.exists():
+        out.rmdir()
+    os.replace(tmp, out)
+
+
+@app.command()
+def generate(
+    model: str = typer.Option("sandbox", help="'sandbox', a hub id, or a local diffusers folder; SPEC+EDIT applies "
+                                             "edits"),
+    prompt: Optional[str] = typer.Option(None, help="Prompt text ('' = unconditional)."),
+    prompts_file: Optional[Path] = typer.Option(None, help="CSV with a 'prompt' column (optional 'seed')."),
+    seed: int = typer.Option(0, help="Seed of the first image; image j of a prompt uses seed + j."),
+    n: int = typer.Option(1, help="Images per prompt."),
+    steps: Optional[int] = typer.Option(None, help="Denoising steps (default: the model's)."),
+    guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale (<= 1 disables CFG)."),
+    height: Optional[int] = typer.Option(None, help="Image height, a multiple of 8 (default: the model's)."),
+    width: Optional[int] = typer.Option(None, help="Image width, a multiple of 8 (default: the model's)."),
+    negative_prompt: Optional[str] = typer.Option(None, help="Negative prompt for the unconditional branch."),
+    guard: Optional[str] = typer.Option(None, help="Guard NAME[:PRESET], e.g. sld:max, casg-sld, safree."),
+    concept: Optional[str] = typer.Option(None, help="Concept(s) for the guard: a preset (sexual, i2p-all, red), "
+                                                     "a,b, or free text."),
+    scheduler: Optional[str] = typer.Option(None, help="ddim, dpm++, euler, euler-a, pndm, lms, ddpm "
+                                                       "(default: the model's)."),
+    batch_size: int = typer.Option(8, help="Images per UNet batch."),
+    device: str = typer.Option("cpu"),
+    dtype: str = typer.Option("float32"),
+    out: Path = typer.Option(..., help="New folder for the PNGs and protocol.json."),
+):
+    """Generate images and record the whole protocol next to them."""
+    import torch
+
+    from safediff.bench.datasets import read_prompts_csv
+    from safediff.guards import build_guard
+    from safediff.models import load_pipeline
+    from safediff.protocol import git_hash, versions, write_json_atomic
+    from safediff.sampling import SCHEDULERS, check_settings, generate as run
+
+    if (prompt is None) == (prompts_file is None):
+        raise SafediffError("give exactly one of --prompt TEXT or --prompts-file CSV")
+    check_settings(1 if steps is None else steps, 1.0 if guidance is None else guidance,
+                   8 if height is None else height, 8 if width is None else width, n)
+    if batch_size <= 0:
+        raise SafediffError(f"batch-size must be a positive integer, got {batch_size}")
+    if scheduler is not None and scheduler not in SCHEDULERS:
+        raise SafediffError(f"unknown scheduler '{scheduler}'; accepted: {', '.join(SCHEDULERS)}")
+    rows = [{"prompt": prompt, "seed": seed}] if prompt is not None else read_prompts_csv(prompts_file)
+    jobs = [(r["prompt"], r.get("seed", seed + i) + j) for i, r in enumerate(rows) for j in range(n)]
+    the_guard = build_guard(guard, concept)
+    dev, dt = _device(device), _dtype(dtype)
+    tmp = prepare_out_dir(out)
+    try:
+        m = load_pipeline(model, device=dev, dtype=dt)
+        result = run(m, [p for p, _ in jobs], [s for _, s in jobs], steps=steps, guidance=guidance, height=height,
+                     width=width, negative_prompt=negative_prompt, guard=the_guard, scheduler=scheduler,
+                     batch_size=batch_size)
+        records = []
+        for k, ((p, s), image) in enumerate(zip(jobs, result.images)):
+            name = f"{k:06d}.png"
+            image.save(tmp / name)
+            records.append({"file": name, "prompt": p, "seed": s})
+        write_json_atomic(tmp / "protocol.json", {
+            "model": m.protocol(), "generation": result.settings, "images": records,
+            "device": dev, "versions": versions(), "git": git_hash(), "torch_threads": torch.get_num_threads(),
+        })
+        finish_out_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    typer.echo(f"wrote {len(records)} image(s) and protocol.json to {out}")
+
+
+def _mount_subcommands() -> None:
+    try:
+        from safediff.sandbox.cli import app as sandbox_app
+    except ImportError:
+        return
+    app.add_typer(sandbox_app, name="sandbox", help="Train and inspect the sandbox model.")
+
+
+_mount_subcommands()
+
+
+def main() -> None:
+    logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    try:
+        app(standalone_mode=True)
+    except SafediffError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
