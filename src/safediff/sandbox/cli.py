@@ -1,0 +1,51 @@
+"""``safediff sandbox train``: train the sandbox model from scratch into a diffusers folder."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from safediff.errors import SafediffError
+
+app = typer.Typer(help="The sandbox: a synthetic world and a tiny Stable-Diffusion-format model trained on it.",
+                  no_args_is_help=True)
+
+
+@app.callback()
+def sandbox() -> None:
+    """The sandbox: a synthetic world and a tiny Stable-Diffusion-format model trained on it."""
+
+
+@app.command()
+def train(
+    out: str = typer.Option(..., "--out", help="New or empty directory (or one holding a checkpoint, to resume)."),
+    minutes: float = typer.Option(60.0, "--minutes", help="Wall-clock cap for this run; stops and saves early."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    seed: int = typer.Option(0, "--seed", help="Seed for initialisation, data, noise and timesteps."),
+    vae_steps: int = typer.Option(1200, "--vae-steps", help="VAE training steps."),
+    unet_steps: int = typer.Option(3000, "--unet-steps", help="UNet + text encoder training steps."),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    threads: int = typer.Option(2, "--threads", help="torch CPU threads."),
+    tiny: bool = typer.Option(False, "--tiny", hidden=True, help="A minute-sized model, for tests."),
+) -> None:
+    """Train the VAE, then the UNet and text encoder together; resumable; writes a diffusers folder to --out."""
+    from safediff.sandbox.train import Settings
+    from safediff.sandbox.train import train as run
+
+    state = run(Settings(out=out, seed=seed, vae_steps=vae_steps, unet_steps=unet_steps, batch_size=batch_size,
+                         minutes=minutes, device=device, threads=threads, tiny=tiny))
+    done = f"vae {state['vae_step']}/{vae_steps}, unet {state['unet_step']}/{unet_steps}"
+    typer.echo(f"sandbox training: {done} steps in {state['seconds'] / 60:.1f} min -> {out}")
+
+
+def main() -> None:
+    try:
+        app()
+    except SafediffError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()
