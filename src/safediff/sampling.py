@@ -117,7 +117,7 @@ def _generate_batch(model, prompts, seeds, steps, guidance, height, width, negat
     cond = adapter.encode(prompts)
     uncond = adapter.encode_negative(negative, len(prompts))
     scheduler = make_scheduler(model, scheduler_name)
-    scheduler.set_timesteps(steps, device=model.device)
+    scheduler.set_timesteps(steps)  # timesteps stay on the host: indexing them never waits for the GPU
     latents, gens = initial_noise(model, seeds, height, width)
     latents = latents * scheduler.init_noise_sigma
     step_kwargs = _step_kwargs(scheduler, gens, eta)

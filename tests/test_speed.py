@@ -1,0 +1,37 @@
+"""The fast path changes how the UNet runs, not what it computes; the speed benchmark runs at tiny size on CPU."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from safediff.errors import SafediffError
+from safediff.sampling import generate
+from safediff.speed import optimize
+
+
+def test_channels_last_and_sdpa_match_eager(tiny_sd):
+    ref = generate(tiny_sd, ["a red circle", "b"], [1, 2], progress=False).pixels
+    optimize(tiny_sd, channels_last=True, sdpa=True)
+    fast = generate(tiny_sd, ["a red circle", "b"], [1, 2], progress=False).pixels
+    assert torch.allclose(ref, fast, atol=1e-4)
+
+
+def test_unknown_compile_mode(tiny_sd):
+    with pytest.raises(SafediffError, match="compile mode"):
+        optimize(tiny_sd, compile="max-autotune")
+
+
+def test_gpu_speed_benchmark_runs_tiny_on_cpu(tmp_path):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_speed.py"
+    spec = importlib.util.spec_from_file_location("gpu_speed", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    record = mod.main(["--arch", "tiny-sd", "--steps", "2", "--batch-sizes", "1", "--repeats", "1",
+                       "--out", str(tmp_path / "speed.json")])
+    rows = {r["row"]: r for r in record["rows"]}
+    assert rows["diffusers eager"]["ratio_to_diffusers_eager"] == 1.0
+    assert {"diffusers SLD max", "safediff none"} <= set(rows)
+    assert all(r["seconds"] > 0 for r in record["rows"])
+    assert (tmp_path / "speed.json").is_file()
