@@ -11,6 +11,7 @@ cross-attention projections read text. Guards, erasers and attacks use the adapt
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -25,6 +26,28 @@ from safediff.errors import SafediffError
 logger = logging.getLogger("safediff")
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+@contextlib.contextmanager
+def substituted_token_embeddings(text_encoder, embeds: torch.Tensor):
+    """While active, the encoder's token-embedding layer returns ``embeds`` [B, L, D] instead of looking ids up.
+
+    A temporary forward hook on ``get_input_embeddings()`` (``embeddings.token_embedding``); gradients flow into
+    ``embeds``; position embeddings, the causal mask and EOS pooling (read from the real ``input_ids``) are untouched.
+    """
+    layer = text_encoder.get_input_embeddings()
+
+    def hook(module, args, output):
+        if output.shape != embeds.shape:
+            raise ValueError(f"token embeddings of shape {tuple(embeds.shape)} given for ids embedding to "
+                             f"{tuple(output.shape)}")
+        return embeds.to(output.dtype)
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @dataclass
@@ -107,6 +130,17 @@ class Adapter:
     def text_dim(self) -> int:
         return self.pipe.unet.config.cross_attention_dim
 
+    def token_embedding(self, k: int = 0) -> torch.nn.Embedding:
+        """Encoder k's vocabulary embedding table (rows = token ids)."""
+        return self.text_encoders[k].get_input_embeddings()
+
+    def encode_token_embeddings(self, input_ids: list[torch.Tensor], token_embeds: list[torch.Tensor]) -> Conditioning:
+        """As ``encode``, but encoder k's token embeddings are ``token_embeds[k]`` [B, L, D_k] (differentiable, e.g.
+        soft or relaxed tokens); ``input_ids[k]`` [B, L] (tokenizer k's ids) still set the EOS pooling position."""
+        te = self.text_encoders[0]
+        with substituted_token_embeddings(te, token_embeds[0]):
+            return Conditioning(te(input_ids[0].to(te.device))[0].to(self.pipe.unet.dtype))
+
 
 class SD2Adapter(Adapter):
     """SD 2.x: as SD 1.x, with an OpenCLIP-H encoder (1024-d) and often v-prediction (read from the scheduler)."""
@@ -132,6 +166,17 @@ class SDXLAdapter(Adapter):
         for tok, te in zip(self.tokenizers, self.text_encoders):
             out = te(self.tokenize(prompts, tok).to(te.device), output_hidden_states=True)
             if out[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds first
+                pooled = out[0]
+            hidden.append(out.hidden_states[-2])
+        dtype = self.pipe.unet.dtype
+        return Conditioning(torch.cat(hidden, dim=-1).to(dtype), pooled.to(dtype))
+
+    def encode_token_embeddings(self, input_ids: list[torch.Tensor], token_embeds: list[torch.Tensor]) -> Conditioning:
+        hidden, pooled = [], None
+        for ids, embeds, te in zip(input_ids, token_embeds, self.text_encoders):
+            with substituted_token_embeddings(te, embeds):
+                out = te(ids.to(te.device), output_hidden_states=True)
+            if out[0].ndim == 2:
                 pooled = out[0]
             hidden.append(out.hidden_states[-2])
         dtype = self.pipe.unet.dtype
