@@ -1,0 +1,148 @@
+"""What every eraser shares: hyper-parameters as dataclass fields, ``fit`` -> ``Edit``, parsing ``key=value``.
+
+An eraser is a dataclass whose fields are its hyper-parameters (with the method's defaults). ``fit(model, concepts,
+preserve, guide)`` returns an :class:`~safediff.erasers.edit.Edit` and leaves the model exactly as it found it
+(erasers that must try their edit on the model, e.g. RECE's per-epoch validation, restore the original tensors).
+Apply the result with ``edit.apply(model)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import time
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from safediff.concepts import Concept
+from safediff.errors import SafediffError
+
+
+@dataclass
+class Eraser:
+    name: ClassVar[str] = ""  # registry name
+    paper: ClassVar[str] = ""  # citation recorded with every edit
+
+    # subclasses implement -----------------------------------------------------------------------------------
+    def compute(self, model, concepts: list[Concept], preserve: list[str] | None, guide: str | None,
+                progress: bool) -> tuple[dict[str, torch.Tensor], dict]:
+        """New values of the parameters this method changes (``unet.…`` names), and a JSON-able info dict."""
+        raise NotImplementedError
+
+    # shared -------------------------------------------------------------------------------------------------
+    def fit(self, model, concepts: list[Concept], preserve: list[str] | None = None, guide: str | None = None,
+            progress: bool = True):
+        """Compute the edit that makes ``model`` (as it is now, edits included) forget ``concepts``.
+
+        ``preserve``: prompts/concepts to keep (default: each concept's own preserve list; "" is always kept by the
+        closed-form methods). ``guide``: what the concepts are mapped to (default: each concept's guide, "" =
+        unconditional). The model is not modified.
+        """
+        from safediff import __version__
+        from safediff.erasers.edit import Edit, resolve_parameter
+        from safediff.protocol import git_hash
+
+        concepts = list(concepts)
+        if not concepts:
+            raise SafediffError("no concept to erase; give at least one (e.g. --concept red)")
+        base = model.base_sha256  # must be read before anything touches the weights
+        parents = [e.digest for e in model.edits]
+        start = time.perf_counter()
+        with torch.no_grad():
+            tensors, info = self.compute(model, concepts, preserve, guide, progress)
+        seconds = time.perf_counter() - start
+        changed = {}
+        for name, t in tensors.items():
+            current = resolve_parameter(model, name)
+            t = t.to(dtype=current.dtype)
+            if not torch.equal(t.to(current.device), current.detach()):
+                changed[name] = t
+        metadata = {
+            "method": self.name,
+            "paper": self.paper,
+            "hyperparameters": self.hyperparameters(),
+            "concepts": [dataclasses.asdict(c) for c in concepts],
+            "preserve": None if preserve is None else list(preserve),
+            "guide": guide,
+            "base_weights_sha256": base,
+            "base": {"spec": model.spec, "architecture": model.adapter.arch,
+                     "dtype": str(model.dtype).replace("torch.", "")},
+            "parents": parents,
+            "safediff_version": __version__,
+            "git": git_hash(),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "fit_seconds": round(seconds, 3),
+            "info": info,
+        }
+        return Edit(changed, metadata)
+
+    def hyperparameters(self) -> dict:
+        """Every dataclass field that is a hyper-parameter (callables such as validators are left out)."""
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)
+                if f.metadata.get("hyperparameter", True)}
+
+    @classmethod
+    def from_params(cls, params: dict[str, str]) -> "Eraser":
+        """Build from ``key=value`` strings (the CLI's ``--param``), converting each to its field's type."""
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("hyperparameter", True)}
+        kwargs = {}
+        for key, text in params.items():
+            if key not in fields:
+                raise SafediffError(f"unknown parameter '{key}' for eraser {cls.name}; accepted: "
+                                    + ", ".join(sorted(fields)))
+            kwargs[key] = parse_value(fields[key], text, cls.name)
+        return cls(**kwargs)
+
+
+def _jsonable(value):
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def parse_value(field: dataclasses.Field, text: str, owner: str):
+    """Convert ``text`` to the type named by ``field``'s annotation (bool, int, float, str, tuple[str, ...],
+    optionally ``| None``)."""
+    kind = str(field.type).replace(" ", "")
+    optional = kind.endswith("|None")
+    kind = kind.removesuffix("|None")
+    text = text.strip()
+    if optional and text.lower() in ("none", "null", ""):
+        return None
+    try:
+        if kind == "bool":
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            return float(text)
+        if kind.startswith("tuple"):
+            return tuple(w.strip() for w in text.split(",") if w.strip())
+        return text
+    except ValueError:
+        raise SafediffError(f"parameter {field.name}={text!r} of eraser {owner} is not a valid {kind}") from None
+
+
+@contextlib.contextmanager
+def weights_set_to(model, tensors: dict[str, torch.Tensor]):
+    """Temporarily give ``model`` these parameter values; the exact original tensors are restored on exit."""
+    from safediff.erasers.edit import resolve_parameter
+
+    params = {name: resolve_parameter(model, name) for name in tensors}
+    saved = {name: p.detach().clone() for name, p in params.items()}
+    try:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(tensors[name].to(device=p.device, dtype=p.dtype))
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(saved[name])

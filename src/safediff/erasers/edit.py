@@ -1,0 +1,239 @@
+"""``Edit``: what an eraser produces. New values for the parameters it changed, plus a record of how it was made.
+
+Parameter names carry their component: ``unet.…``, ``text_encoder.…``, ``text_encoder_2.…`` (``vae.…`` too).
+An edit is tied to the weights it was computed on: ``base_weights_sha256`` (``Model.base_sha256``, the weights as
+loaded) and ``parents``, the digests of the edits that were already applied when it was fitted. ``apply`` checks both,
+so a stack ``SPEC+A+B`` is reproduced only in the order it was made, and ``revert`` undoes edits in reverse order,
+restoring the exact bytes of the weights.
+
+On disk an edit is one safetensors file: the tensors, and the metadata as JSON under the header key
+``safediff_edit``. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from safediff.errors import SafediffError
+
+FORMAT = "safediff-edit"
+FORMAT_VERSION = 1
+HEADER_KEY = "safediff_edit"
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
+
+
+def split_name(name: str) -> tuple[str, str]:
+    component, _, rest = name.partition(".")
+    if component not in COMPONENTS or not rest:
+        raise SafediffError(f"edit parameter '{name}' has no component prefix; accepted prefixes: "
+                            + ", ".join(f"{c}." for c in COMPONENTS))
+    return component, rest
+
+
+def resolve_parameter(model, name: str) -> torch.nn.Parameter:
+    """``"unet.down_blocks.0….to_k.weight"`` -> that parameter of ``model``; SafediffError if it has none."""
+    component, rest = split_name(name)
+    module = getattr(model.pipe, component, None)
+    if not isinstance(module, torch.nn.Module):
+        raise SafediffError(f"edit changes '{name}' but this model has no {component}")
+    try:
+        return module.get_parameter(rest)
+    except AttributeError:
+        raise SafediffError(f"edit changes '{name}', which this model's {component} does not have "
+                            "(edit made for another architecture?)") from None
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over (name, dtype, shape, bytes) of every tensor, by name: the identity of an edit's content."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class Edit:
+    """Parameter name -> new tensor (only what changed), and the metadata that says how it was made."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], metadata: dict):
+        for name in tensors:
+            split_name(name)
+        if not metadata.get("base_weights_sha256"):
+            raise SafediffError("edit metadata lacks base_weights_sha256 (the hash of the model it was made for)")
+        self.tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        self.metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "parents": [], **metadata}
+        self._digest: str | None = None
+        self._originals: dict[int, dict[str, torch.Tensor]] = {}  # id(model) -> tensors replaced by apply
+
+    # identity -----------------------------------------------------------------------------------------------
+    @property
+    def digest(self) -> str:
+        if self._digest is None:
+            self._digest = tensors_digest(self.tensors)
+        return self._digest
+
+    @property
+    def method(self) -> str:
+        return str(self.metadata.get("method", "?"))
+
+    def protocol(self) -> dict:
+        """The metadata, plus the content digest and what is changed (recorded with every result)."""
+        return {**self.metadata, "edit_sha256": self.digest, "parameters_changed": len(self.tensors),
+                "elements_changed": sum(t.numel() for t in self.tensors.values())}
+
+    def __repr__(self) -> str:
+        return f"Edit({self.method}, {len(self.tensors)} tensors, {self.digest[:12]})"
+
+    # apply / revert -----------------------------------------------------------------------------------------
+    def is_applied(self, model) -> bool:
+        return any(e is self for e in model.edits)
+
+    def apply(self, model) -> "Edit":
+        """Write the new tensors into ``model`` in place; keep the replaced ones for ``revert``."""
+        base = model.base_sha256  # read before any weight changes (computed on first use)
+        want = self.metadata["base_weights_sha256"]
+        if base != want:
+            raise SafediffError(f"edit made for another base model ({self.method} edit expects weights sha256 "
+                                f"{want[:12]}…, this model has {base[:12]}…; load the same weights and dtype)")
+        if self.is_applied(model):
+            raise SafediffError(f"this {self.method} edit is already applied to the model")
+        have = [e.digest for e in model.edits]
+        need = list(self.metadata.get("parents", []))
+        if have != need:
+            raise SafediffError(f"this {self.method} edit was made on top of {len(need)} other edit(s) "
+                                f"{[d[:12] for d in need]}, but the model carries {[d[:12] for d in have]}; "
+                                "apply the same edits first, in the same order (SPEC+EDIT1+EDIT2)")
+        params = {name: resolve_parameter(model, name) for name in self.tensors}
+        for name, p in params.items():
+            t = self.tensors[name]
+            if p.shape != t.shape:
+                raise SafediffError(f"edit tensor '{name}' has shape {tuple(t.shape)}, the model's has "
+                                    f"{tuple(p.shape)} (edit made for another architecture?)")
+        originals = {name: p.detach().clone() for name, p in params.items()}
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(self.tensors[name].to(device=p.device, dtype=p.dtype))
+        self._originals[id(model)] = originals
+        model.edits.append(self)
+        return self
+
+    def revert(self, model) -> None:
+        """Restore the exact tensors ``apply`` replaced. Edits must be reverted last-applied first."""
+        if not self.is_applied(model):
+            raise SafediffError(f"this {self.method} edit is not applied to the model; nothing to revert")
+        if model.edits[-1] is not self:
+            raise SafediffError(f"revert edits in reverse order: the last applied edit is {model.edits[-1]!r}, "
+                                f"not {self!r}")
+        originals = self._originals.pop(id(model))
+        with torch.no_grad():
+            for name, t in originals.items():
+                resolve_parameter(model, name).copy_(t)
+        model.edits.pop()
+
+    def originals(self, model) -> dict[str, torch.Tensor]:
+        """The tensors this edit replaced in ``model`` (it must be applied there)."""
+        if not self.is_applied(model):
+            raise SafediffError(f"this {self.method} edit is not applied to the model")
+        return self._originals[id(model)]
+
+    # files --------------------------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write the edit as safetensors (metadata JSON in the header), atomically."""
+        from safetensors.torch import save
+
+        from safediff.protocol import write_bytes_atomic
+
+        path = Path(path)
+        header = {HEADER_KEY: json.dumps(self.metadata, sort_keys=True, default=str)}
+        write_bytes_atomic(path, save({k: v.contiguous() for k, v in self.tensors.items()}, metadata=header))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Edit":
+        """Read an edit written by ``save``. A missing, corrupt, truncated or foreign file -> SafediffError."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise SafediffError(f"edit file '{path}' not found")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors raises its own error types for every malformed file
+            reason = (str(e).splitlines() or [type(e).__name__])[0]
+            raise SafediffError(f"'{path}' is not a readable edit (corrupt or truncated safetensors: {reason})"
+                                ) from None
+        if HEADER_KEY not in header:
+            raise SafediffError(f"'{path}' is a safetensors file without safediff edit metadata; edits are "
+                                "written by `safediff erase` or Edit.save")
+        try:
+            metadata = json.loads(header[HEADER_KEY])
+        except json.JSONDecodeError:
+            raise SafediffError(f"'{path}' has corrupt edit metadata (invalid JSON)") from None
+        if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+            raise SafediffError(f"'{path}' is not a safediff edit (format {metadata.get('format')!r})")
+        if metadata.get("format_version") != FORMAT_VERSION:
+            raise SafediffError(f"'{path}' is edit format version {metadata.get('format_version')}; this safediff "
+                                f"reads version {FORMAT_VERSION}")
+        return cls(tensors, metadata)
+
+    def export_folder(self, model, out: str | Path) -> Path:
+        """Write ``model`` with this edit applied as a full diffusers folder (safetensors weights), atomically.
+
+        The model is left as it was: the edit is applied for the export and reverted afterwards unless it was
+        already applied. The folder also holds ``safediff_edit.json`` (sampler defaults and the edits' records).
+        """
+        from safediff.protocol import write_json_atomic
+
+        out = Path(out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise SafediffError(f"'{out}' exists and is not an empty folder; choose a new folder")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+        applied_here = not self.is_applied(model)
+        try:
+            if applied_here:
+                self.apply(model)
+            model.pipe.save_pretrained(str(tmp), safe_serialization=True)
+            write_json_atomic(tmp / "safediff_edit.json", {"defaults": model.defaults, "model": model.protocol()})
+            if out.exists():
+                out.rmdir()
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            if applied_here and self.is_applied(model):
+                self.revert(model)
+        return out
+
+    def export_lora(self, path: str | Path, rank: int | None = None, model=None) -> dict:
+        """Write the weight deltas as a diffusers-format LoRA (see ``safediff.erasers.lora``); return its report.
+
+        The deltas need the weights the edit replaced: those of the model it is applied to, or of ``model`` (the
+        base it was made for, with the same parent edits applied).
+        """
+        from safediff.erasers.lora import export_lora
+
+        if model is None:
+            if len(self._originals) != 1:
+                raise SafediffError("export_lora needs the base weights: apply the edit to its model first, or "
+                                    "pass model=")
+            originals = next(iter(self._originals.values()))
+        elif self.is_applied(model):
+            originals = self.originals(model)
+        else:
+            if model.base_sha256 != self.metadata["base_weights_sha256"] or \
+                    [e.digest for e in model.edits] != list(self.metadata.get("parents", [])):
+                raise SafediffError("export_lora: the given model is not the one this edit was made for")
+            originals = {name: resolve_parameter(model, name).detach() for name in self.tensors}
+        return export_lora(self.tensors, originals, path, rank=rank, metadata=self.protocol())
