@@ -34,6 +34,9 @@ class Registry:
 
 GUARDS = Registry("guard", {
     "none": "safediff.guards.base:NoGuard",
+    "negative-prompt": "safediff.guards.negative_prompt:NegativePromptGuard",
+    "sld": "safediff.guards.sld:SLD",
+    "casg-sld": "safediff.guards.casg:CASGSLD",
 })
 
 ERASERS = Registry("eraser", {})
