@@ -37,10 +37,25 @@ GUARDS = Registry("guard", {
     "negative-prompt": "safediff.guards.negative_prompt:NegativePromptGuard",
     "sld": "safediff.guards.sld:SLD",
     "casg-sld": "safediff.guards.casg:CASGSLD",
+    "safree": "safediff.guards.safree:SafreeGuard",
+    "safree-released": "safediff.guards.safree:SafreeReleasedGuard",
+    "casg-safree": "safediff.guards.casg_safree:CasgSafreeGuard",
 })
 
 ERASERS = Registry("eraser", {})
 
-ATTACKS = Registry("attack", {})
+ATTACKS = Registry("attack", {
+    "unlearndiff": "safediff.attacks.unlearndiff:UnlearnDiffAtk",
+    "p4d-n": "safediff.attacks.p4d:P4DN",
+    "p4d-k": "safediff.attacks.p4d:P4DK",
+})
 
-DETECTORS = Registry("detector", {})
+DETECTORS = Registry("detector", {
+    "nudenet": "safediff.detectors.nudenet:NudeNet",
+    "q16": "safediff.detectors.q16:Q16",
+    "i2p-harmful": "safediff.detectors.i2p_harmful:I2PHarmful",
+    "clip-score": "safediff.detectors.clip_score:ClipScore",
+    "sandbox-colour": "safediff.detectors.sandbox:SandboxColour",
+    "sandbox-shape": "safediff.detectors.sandbox:SandboxShape",
+    "sandbox-presence": "safediff.detectors.sandbox:SandboxPresence",
+})

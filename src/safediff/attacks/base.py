@@ -428,6 +428,7 @@ class AttackContext:
         self.rng = torch.Generator(device="cpu").manual_seed(int(seed))
         self.history: list[dict] = []
         self.evaluations: list[dict] = []
+        self.setup_compute: dict[str, dict] = {}
         self._eval_cost: dict | None = None
 
     # --- budget ---
@@ -458,6 +459,20 @@ class AttackContext:
 
     def backward(self, loss: torch.Tensor, inputs: list[torch.Tensor] | None = None) -> None:
         self.meter.backward(loss, inputs)
+
+    @contextlib.contextmanager
+    def unmetered(self, label: str):
+        """Setup the attack is given rather than searches with (a target image, a fixed reference encoding): its
+        compute is recorded in ``setup_compute[label]`` and neither counted nor charged against the budget."""
+        before, start = dict(self.meter.counts), time.monotonic()
+        try:
+            yield
+        finally:
+            spent = {k: self.meter.counts[k] - before[k] for k in before}
+            spent["seconds"] = round(time.monotonic() - start, 3)
+            self.meter.counts.update(before)
+            self.meter._start += time.monotonic() - start
+            self.setup_compute[label] = spent
 
     # --- judging ---
     @torch.no_grad()
@@ -565,4 +580,6 @@ class Attack:
         result.history = ctx.history
         result.evaluations = ctx.evaluations
         result.extra.update(found.extra)
+        if ctx.setup_compute:
+            result.extra["setup_compute"] = ctx.setup_compute
         return result
