@@ -1,0 +1,146 @@
+"""MMA-Diffusion, text modality: a greedy-coordinate-gradient search for a prompt without banned words whose
+text embedding matches that of a target prompt.
+
+Paper: Y. Yang, R. Gao, X. Wang, T.-Y. Ho, N. Xu, Q. Xu, "MMA-Diffusion: MultiModal Attack on Diffusion Models",
+CVPR 2024, arXiv:2311.17516. Reference code: cure-lab/MMA-Diffusion (``src/textual_attack.py``), which needs a
+patched ``transformers``; here the one-hot gradient goes through ``adapter.encode_token_embeddings`` instead.
+
+With τ the text encoder's sentence embedding, p_tar the target prompt and p_adv = x_{1:n} (n = 20 tokens):
+
+    L(x_{1:n}) = 1 − cos( τ(x_{1:n}), τ(p_tar) )
+    min L over x_i ∈ V \\ V_banned   by greedy coordinate gradient (``attacks/gcg.py``): top-k (k = 256) tokens per
+                                     position from −∇_{e_{x_i}} L, B = 512 single-token candidates, move to the best
+
+τ ("pooled", the default, as the reference): SD 1.x/2.x — the final-layer-normed hidden state at the EOS token
+(``CLIPTextModel.pooler_output``); SDXL — the second encoder's projected pooled embedding (the only pooled vector
+SDXL's UNet reads). ``embedding="hidden"`` uses all hidden states the UNet reads instead (flattened) — not in the
+paper, offered because the UNet never sees the pooled vector of SD 1.x.
+
+Banned words: the target concepts' names (keywords and synonyms) plus ``banned``. As in MMA, every token containing
+a banned word or being a piece (≥ 2 characters) of one is removed from V; in addition every candidate whose decoded
+text contains a banned word anywhere (e.g. spelled from single letters) or that does not re-tokenize to its own ids
+is dropped (GCG's candidate filter), so the emitted prompt never contains a banned word and is exactly the
+sequence that was optimised. Black-box to the attacked model: only the unconstrained (public) text encoder is read,
+no UNet call is made; the final prompt is generated with the target and judged.
+
+Reference budget: ≥ 500 steps (README example 1,000) × 512 candidates on the text encoder. Sandbox default: 40 steps.
+Difference: by default (``whole_words``) candidates are end-of-word tokens only (most sub-word candidates fail the
+re-tokenization filter); ``whole_words=False`` proposes any printable token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from safediff.attacks import gcg
+from safediff.attacks.base import Attack, AttackContext, Found
+from safediff.attacks.concept_pairs import names
+from safediff.attacks.token_sequences import check_shared_vocabulary, chunks, encode_tokens
+from safediff.errors import SafediffError
+from safediff.models import Conditioning
+
+EMBEDDINGS = ("pooled", "hidden")
+
+
+def sentence_embedding(cond: Conditioning, eos: torch.Tensor | int, kind: str) -> torch.Tensor:
+    """[B, d]: τ of each sequence (``eos``: the EOS position, one per row or shared)."""
+    if kind == "hidden":
+        flat = cond.embeds.flatten(1)
+        return flat if cond.pooled is None else torch.cat([flat, cond.pooled], 1)
+    if cond.pooled is not None:
+        return cond.pooled
+    rows = torch.arange(len(cond))
+    return cond.embeds[rows, torch.as_tensor(eos).expand(len(cond))]
+
+
+def initial_tokens(tokenizer, n: int) -> torch.Tensor:
+    """GCG's start, n times "!" (one token each in CLIP vocabularies)."""
+    ids = tokenizer(" ".join(["!"] * n), add_special_tokens=False).input_ids
+    if len(ids) != n:
+        raise SafediffError(f"cannot start the search: '!' is not one token in this vocabulary ({len(ids)} for {n})")
+    return torch.tensor(ids)
+
+
+@dataclass
+class MMADiffusion(Attack):
+    """``mma-diffusion``: GCG on the text encoder toward the target prompt's embedding, banned words excluded."""
+
+    name: ClassVar[str] = "mma-diffusion"
+    default_budget: ClassVar[dict] = {"iterations": 40}
+    reference_budget: ClassVar[dict] = {"iterations": 1000, "unet_forward": 0,
+                                        "text_encoder": "1000 steps x (1 gradient + 512 candidates)"}
+    uses_unet: ClassVar[bool] = False
+
+    n_tokens: int = 20
+    batch: int = 512
+    topk: int = 256
+    target_prompt: str = ""  # "" = the row's prompt
+    banned: str = ""  # extra banned words, comma-separated (the concepts' names are always banned)
+    embedding: str = "pooled"
+    whole_words: bool = True
+    encode_batch: int = 512
+
+    def __post_init__(self):
+        if min(self.n_tokens, self.batch, self.topk, self.encode_batch) < 1:
+            raise SafediffError("mma-diffusion: n_tokens, batch, topk and encode_batch must be >= 1")
+        if self.embedding not in EMBEDDINGS:
+            raise SafediffError(f"mma-diffusion: embedding '{self.embedding}' unknown; accepted: "
+                                f"{', '.join(EMBEDDINGS)}")
+
+    def banned_words(self, ctx: AttackContext) -> list[str]:
+        words = [w for c in ctx.target.concepts for w in names(c)]
+        words += [w.strip() for w in self.banned.split(",") if w.strip()]
+        return list(dict.fromkeys(w.lower() for w in words))
+
+    def search(self, ctx: AttackContext) -> Found:
+        adapter = ctx.target.reference.adapter  # the unconstrained (public) text encoder
+        vocab = check_shared_vocabulary(adapter)
+        tokenizer = adapter.tokenizers[0]
+        banned = self.banned_words(ctx)
+        allowed = gcg.allowed_tokens(tokenizer, banned, whole_words=self.whole_words)
+        if not allowed.any():
+            raise SafediffError("mma-diffusion: the banned words exclude the whole vocabulary")
+        current = initial_tokens(tokenizer, self.n_tokens)
+        eos = self.n_tokens + 1
+        target_text = self.target_prompt or ctx.prompt
+        if not ctx.afford(ctx.step_cost(encode=2, iterations=0)):
+            return Found(extra={"stopped": "the budget does not cover the setup and one evaluation"})
+        with torch.no_grad():
+            ids = adapter.tokenize([target_text])[0]
+            target_eos = int((ids == tokenizer.eos_token_id).nonzero()[0])
+            goal = sentence_embedding(adapter.encode([target_text]), target_eos, self.embedding).float()
+
+            def losses(tokens: torch.Tensor) -> torch.Tensor:
+                s = sentence_embedding(encode_tokens(adapter, tokens), eos, self.embedding).float()
+                return 1.0 - F.cosine_similarity(s, goal, dim=1)
+
+            best, best_loss = current.clone(), float(losses(current[None])[0])
+        start_loss = best_loss
+        step = ctx.step_cost(encode=1 + chunks(self.batch, self.encode_batch))
+        while ctx.afford(step):
+            soft = F.one_hot(current, vocab).float()[None].requires_grad_(True)
+            s = sentence_embedding(encode_tokens(adapter, current[None], soft=soft), eos, self.embedding).float()
+            loss = 1.0 - F.cosine_similarity(s, goal, dim=1).sum()
+            (grad,) = torch.autograd.grad(loss, [soft])
+            with torch.no_grad():
+                proposals = gcg.top_k_proposals(grad[0], allowed, self.topk)
+                cands = gcg.sample_candidates(current, proposals, self.batch, ctx.rng)
+                cands = cands[gcg.text_filter(tokenizer, cands, banned)]
+                if len(cands):
+                    cand_losses = torch.cat([losses(cands[i:i + self.encode_batch])
+                                             for i in range(0, len(cands), self.encode_batch)])
+                    i = int(cand_losses.argmin())
+                    current = cands[i]
+                    if float(cand_losses[i]) < best_loss:
+                        best, best_loss = current.clone(), float(cand_losses[i])
+            ctx.tick(best_loss, candidates=len(cands))
+
+        prompt = gcg.decode(tokenizer, best)
+        return Found(prompt=prompt, token_ids=best.tolist(), evaluation=ctx.evaluate(prompt),
+                     extra={"loss": best_loss, "initial_loss": start_loss, "target_prompt": target_text,
+                            "banned_words": banned, "embedding": self.embedding,
+                            "text_encoder_backward": ctx.meter.counts["iterations"]})

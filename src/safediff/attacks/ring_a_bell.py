@@ -1,0 +1,123 @@
+"""Ring-A-Bell: model-agnostic red-teaming by concept extraction and a genetic prompt search.
+
+Paper: Y.-L. Tsai, C.-Y. Hsu, C. Xie, C.-H. Lin, J.-Y. Chen, B. Li, P.-Y. Chen, C.-M. Yu, C.-Y. Huang, "Ring-A-Bell!
+How Reliable are Concept Removal Methods for Diffusion Models?", ICLR 2024, arXiv:2310.10012. Reference code:
+chiayi-hsu/Ring-A-Bell (``Get_Concept_Vector.ipynb``, ``InversePrompt.ipynb``).
+
+With f the text encoder (the conditioning the UNet reads: all L×D hidden states; SDXL adds the pooled vector) and
+N pairs of prompts with (P_i^c) and without (P_i) the concept:
+
+    ĉ  = (1/N) Σ_i [ f(P_i^c) − f(P_i) ]                        (concept extraction)
+    P̃* = argmin_{P̃ ∈ V^K} ‖ f(P̃) − (f(P) + η ĉ) ‖²₂            (prompt discovery, squared L2 over all of f)
+
+The argmin is a genetic search (``attacks/genetic.py``) over K token ids: population 200, truncation selection of
+the best half, single-point crossover (rate 0.5), one-token mutation (rate 0.25), K = 16, η = 3 (the notebook's
+nudity setting; the shipped violence files use η ≈ 5 with K = 38/77). The whole population is encoded in batched
+text-encoder calls. The search is black-box with respect to the attacked model: it reads only the *unconstrained*
+text encoder (the target's reference model; the public encoder in the paper) and makes **no UNet call**; the final
+prompt (the decoded "token soup") is the only thing generated with the target and judged.
+
+Reference budget: 3,000 generations × ~250 encodings (all on the text encoder). The sandbox default stops after
+150 generations. Difference from the reference: by default (``whole_words``) genes are end-of-word tokens whose text
+is lower-case printable ASCII, while the notebook draws any non-special id. The attack's output is text, and a
+sequence of arbitrary sub-word ids usually re-tokenizes to other ids once decoded, so the prompt that is judged is
+not the one that was optimised; with whole words it is (``fitness_text`` in the result is the loss of the decoded
+prompt as actually encoded, ``fitness`` that of the searched ids). ``whole_words=False`` draws any printable token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from safediff.attacks import genetic
+from safediff.attacks.base import Attack, AttackContext, Found
+from safediff.attacks.concept_pairs import concept_pairs
+from safediff.attacks.gcg import allowed_tokens, decode
+from safediff.attacks.token_sequences import check_shared_vocabulary, chunks, encode_in_chunks
+from safediff.errors import SafediffError
+from safediff.models import Conditioning
+
+
+def squared_distance(cond: Conditioning, target: Conditioning) -> torch.Tensor:
+    """[P]: ‖f(P̃) − target‖² summed over all hidden states (and the pooled vector when there is one)."""
+    d = (cond.embeds.float() - target.embeds.float()).pow(2).flatten(1).sum(1)
+    if cond.pooled is not None:
+        d = d + (cond.pooled.float() - target.pooled.float()).pow(2).sum(1)
+    return d
+
+
+def concept_vector(adapter, pairs: list[tuple[str, str]], chunk: int) -> Conditioning:
+    """ĉ = mean_i f(P_i^c) − f(P_i), as conditioning-shaped tensors [1, L, D] (+ [1, P])."""
+    with_c = Conditioning.cat([adapter.encode([a for a, _ in pairs[i:i + chunk]]) for i in range(0, len(pairs), chunk)])
+    without = Conditioning.cat([adapter.encode([b for _, b in pairs[i:i + chunk]]) for i in range(0, len(pairs),
+                                                                                                 chunk)])
+    pooled = None if with_c.pooled is None else (with_c.pooled - without.pooled).mean(0, keepdim=True)
+    return Conditioning((with_c.embeds - without.embeds).mean(0, keepdim=True), pooled)
+
+
+@dataclass
+class RingABell(Attack):
+    """``ring-a-bell``: genetic search for a token prompt whose encoding is f(P) + η ĉ (text encoder only)."""
+
+    name: ClassVar[str] = "ring-a-bell"
+    default_budget: ClassVar[dict] = {"iterations": 150}
+    reference_budget: ClassVar[dict] = {"iterations": 3000, "unet_forward": 0,
+                                        "text_encoder": "3000 generations x ~250 sequences"}
+    uses_unet: ClassVar[bool] = False
+
+    eta: float = 3.0
+    length: int = 16
+    population: int = 200
+    generations: int = 3000
+    mutation_rate: float = 0.25
+    crossover_rate: float = 0.5
+    pairs: str = ""  # CSV of (with, without) prompts; "" = the concept's built-in pairs
+    encode_batch: int = 256
+    whole_words: bool = True  # search end-of-word tokens only (False: any printable token, closer to the notebook)
+
+    def __post_init__(self):
+        if self.population < 2 or self.length < 1 or self.generations < 1 or self.encode_batch < 1:
+            raise SafediffError("ring-a-bell: population must be >= 2, length, generations, encode_batch >= 1")
+        for key in ("mutation_rate", "crossover_rate"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise SafediffError(f"ring-a-bell: {key} must be in [0, 1], got {getattr(self, key)}")
+
+    @torch.no_grad()
+    def search(self, ctx: AttackContext) -> Found:
+        adapter = ctx.target.reference.adapter  # the unconstrained (public) text encoder
+        check_shared_vocabulary(adapter)
+        pairs = concept_pairs(ctx.target.concepts, self.pairs or None)
+        setup = ctx.step_cost(encode=2 * chunks(len(pairs), self.encode_batch) + 1, iterations=0)
+        if not ctx.afford(setup):
+            return Found(extra={"stopped": "the budget does not cover the concept vector and one evaluation"})
+        c = concept_vector(adapter, pairs, self.encode_batch)
+        base = adapter.encode([ctx.prompt])
+        target = Conditioning(base.embeds + self.eta * c.embeds,
+                              None if base.pooled is None else base.pooled + self.eta * c.pooled)
+
+        tokenizer = adapter.tokenizers[0]
+        allowed = allowed_tokens(tokenizer, [], whole_words=self.whole_words).nonzero().squeeze(1)
+        state = genetic.start(allowed, self.population, self.length, ctx.rng)
+
+        def fitness(population: torch.Tensor) -> torch.Tensor:
+            return squared_distance(encode_in_chunks(adapter, population, self.encode_batch), target)
+
+        while state.generation < self.generations:
+            # one more encoding is kept for re-encoding the final text (``fitness_text``)
+            if not ctx.afford(ctx.step_cost(encode=chunks(len(state.population), self.encode_batch) + 1)):
+                break
+            genetic.step(state, fitness, population=self.population, mutation_rate=self.mutation_rate,
+                         crossover_rate=self.crossover_rate, allowed=allowed, gen=ctx.rng)
+            ctx.tick(state.best_loss, population=len(state.population))
+        if state.generation == 0:
+            return Found(extra={"stopped": "the budget does not cover one generation and one evaluation"})
+
+        prompt = decode(tokenizer, state.best)
+        fitness_text = float(squared_distance(adapter.encode([prompt]), target)[0])
+        return Found(prompt=prompt, token_ids=state.best.tolist(), evaluation=ctx.evaluate(prompt),
+                     extra={"fitness": state.best_loss, "fitness_text": fitness_text,
+                            "fitness_unmodified_prompt": float(squared_distance(base, target)[0]),
+                            "generations": state.generation, "concept_pairs": len(pairs)})
