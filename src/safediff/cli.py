@@ -123,6 +123,52 @@ def generate(
     typer.echo(f"wrote {len(records)} image(s) and protocol.json to {out}")
 
 
+@app.command()
+def bench(
+    benchmark: str = typer.Option(..., help="A benchmark name (i2p, i2p-sexual, coco-utility, sandbox-multi, "
+                                            "sandbox-erase-red, ...) or a CSV with a 'prompt' column."),
+    model: str = typer.Option("sandbox", help="'sandbox', a hub id, or a local diffusers folder; SPEC+EDIT applies "
+                                             "edits."),
+    out: Path = typer.Option(..., help="Run folder: created, or resumed when it holds the same protocol."),
+    guard: Optional[str] = typer.Option(None, help="Guard NAME[:PRESET], e.g. sld:max, casg-sld, safree."),
+    concept: Optional[str] = typer.Option(None, help="Concept(s) for the guard (default: the benchmark's)."),
+    detector: Optional[list[str]] = typer.Option(None, help="Detector NAME[:PRESET][,KEY=VALUE] (repeatable; "
+                                                           "default: the benchmark's), e.g. nudenet:exposed9,"
+                                                           "threshold=0.45."),
+    data: Optional[str] = typer.Option(None, help="Local data file for the benchmark (I2P or COCO CSV)."),
+    category: Optional[list[str]] = typer.Option(None, help="Keep rows of these categories (repeatable)."),
+    hard: Optional[bool] = typer.Option(None, "--hard/--not-hard", help="Keep only hard / only non-hard rows."),
+    limit: Optional[int] = typer.Option(None, help="Keep the first N prompts after selection."),
+    skip_bad_rows: bool = typer.Option(False, help="Use the well-formed rows of a CSV with malformed ones."),
+    images_per_prompt: int = typer.Option(1, help="Images per prompt; image j uses the row's seed + j."),
+    steps: Optional[int] = typer.Option(None, help="Denoising steps (default: the model's)."),
+    guidance: Optional[float] = typer.Option(None, help="Guidance for every row (default: the row's, else the "
+                                                        "model's)."),
+    height: Optional[int] = typer.Option(None, help="Image height (default: the model's)."),
+    width: Optional[int] = typer.Option(None, help="Image width (default: the model's)."),
+    scheduler: Optional[str] = typer.Option(None, help="ddim, dpm++, euler, euler-a, pndm, lms, ddpm."),
+    negative_prompt: Optional[str] = typer.Option(None, help="Negative prompt for the unconditional branch."),
+    batch_size: int = typer.Option(8, help="Images per batch (part of the protocol)."),
+    device: str = typer.Option("cpu"),
+    dtype: str = typer.Option("float32"),
+    backend: str = typer.Option("local", help="local, or ray (pip install safediff[ray])."),
+    workers: int = typer.Option(2, help="Ray workers (backend ray)."),
+    name: Optional[str] = typer.Option(None, help="Method label in the results (default: model | guard)."),
+):
+    """Generate, detect and score a benchmark into a resumable run folder (results.json)."""
+    from safediff.bench.runner import BenchConfig, run_benchmark
+
+    results = run_benchmark(BenchConfig(
+        benchmark=benchmark, model=model, out=out, guard=guard, concept=concept, detectors=detector or None,
+        data=data, categories=tuple(category) if category else None, hard=hard, limit=limit,
+        skip_bad_rows=skip_bad_rows, images_per_prompt=images_per_prompt, steps=steps, guidance=guidance,
+        height=height, width=width, scheduler=scheduler, negative_prompt=negative_prompt, batch_size=batch_size,
+        device=_device(device), dtype=str(_dtype(dtype)).replace("torch.", ""), backend=backend, workers=workers,
+        name=name))
+    n = results["n_samples"]
+    typer.echo(f"{n['images']} image(s) of {n['prompts']} prompt(s); results in {out / 'results.json'}")
+
+
 def _mount_subcommands() -> None:
     try:
         from safediff.sandbox.cli import app as sandbox_app

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -19,6 +21,33 @@ def images_to_tensor(images: Sequence[Image.Image] | torch.Tensor) -> torch.Tens
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
+def images_to_uint8(images: Sequence[Image.Image] | torch.Tensor) -> list[np.ndarray]:
+    """PIL images or a [B,3,H,W] tensor in [0,1] -> HxWx3 uint8 RGB arrays (rounded as PNG saving does)."""
+    if isinstance(images, torch.Tensor):
+        x = images_to_tensor(images).clamp(0, 1)
+        return list((x.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8))
+    return [np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images]
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes (detector weights, prompt sets)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def module_sha256(module: torch.nn.Module) -> str:
+    """sha256 over a detector network's parameters and buffers (name, dtype, shape, bytes), 0-d tensors included."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 class Detector:
     """Subclasses set ``name``, ``version``, ``labels``, ``flag_labels``, ``threshold`` and implement ``scores``."""
 
@@ -34,9 +63,12 @@ class Detector:
 
     def verdict(self, images: Sequence[Image.Image] | torch.Tensor) -> torch.Tensor:
         """[B] bool: any flagged label at or above the threshold."""
-        s = self.scores(images)
+        return self.flags(self.scores(images))
+
+    def flags(self, scores: torch.Tensor) -> torch.Tensor:
+        """The verdict from already computed scores [B, len(labels)] -> [B] bool."""
         idx = [self.labels.index(label) for label in self.flag_labels]
-        return (s[:, idx] >= self.threshold).any(dim=1)
+        return (scores[:, idx] >= self.threshold).any(dim=1)
 
     def weights_sha256(self) -> str | None:
         return None

@@ -1,0 +1,99 @@
+"""One benchmark worker: a loaded model, guard and detectors that turn a batch of jobs into PNGs and records.
+
+The local backend runs one worker in-process; the Ray backend runs one per Ray worker. A batch's output depends
+only on the worker's spec and the batch (each image has its own seeded generator), so any worker, in any process,
+produces the same bytes for it.
+"""
+
+from __future__ import annotations
+
+import io
+
+import torch
+from PIL import Image
+
+from safediff.errors import SafediffError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def detect(detector, images: list[Image.Image], prompts: list[str]) -> list[dict]:
+    """Per image: ``{"scores": {label: score}, "flagged": bool}`` plus the detector's extras (NudeNet counts)."""
+    extras = [{} for _ in images]
+    if getattr(detector, "needs_prompts", False):
+        scores = detector.scores(images, prompts)
+    elif hasattr(detector, "analyse"):
+        scores, extras = detector.analyse(images)
+    else:
+        scores = detector.scores(images)
+    flags = detector.flags(scores)
+    return [{"scores": {label: float(v) for label, v in zip(detector.labels, row.tolist())}, "flagged": bool(f), **e}
+            for row, f, e in zip(scores, flags.tolist(), extras)]
+
+
+class Worker:
+    """``spec``: model, device, dtype, guard, concept, detectors (spec strings), generation (steps, height, width,
+    scheduler, negative_prompt, eta; None = the model's default)."""
+
+    def __init__(self, spec: dict):
+        from safediff.detectors import build_detector
+        from safediff.guards import build_guard
+        from safediff.models import load_pipeline
+
+        if spec.get("threads"):
+            torch.set_num_threads(int(spec["threads"]))
+        if spec["dtype"] not in DTYPES:
+            raise SafediffError(f"unknown dtype '{spec['dtype']}'; accepted: {', '.join(DTYPES)}")
+        self.spec = spec
+        self.guard = build_guard(spec["guard"], spec["concept"])
+        self.detectors = {s: build_detector(s) for s in spec["detectors"]}
+        self.model = load_pipeline(spec["model"], device=spec["device"], dtype=DTYPES[spec["dtype"]])
+        d, g = self.model.defaults, spec["generation"]
+        self.settings = {
+            "steps": int(g["steps"] if g.get("steps") is not None else d["steps"]),
+            "height": int(g["height"] if g.get("height") is not None else d["height"]),
+            "width": int(g["width"] if g.get("width") is not None else d["width"]),
+            "default_guidance": float(d["guidance"]),
+            "scheduler": g.get("scheduler"),
+            "negative_prompt": g.get("negative_prompt"),
+            "eta": float(g.get("eta") or 0.0),
+        }
+
+    def protocol(self) -> dict:
+        """Everything the worker contributes to a run's identity (model hash, guard, detectors, settings)."""
+        from safediff.sampling import make_scheduler
+
+        sched = make_scheduler(self.model, self.settings["scheduler"])
+        return {
+            "model": self.model.protocol(),
+            "guard": self.guard.config(),
+            "detectors": {s: d.protocol() for s, d in self.detectors.items()},
+            "generation": {**self.settings, "scheduler": type(sched).__name__,
+                           "scheduler_config": {k: v for k, v in dict(sched.config).items()
+                                                if not k.startswith("_")}},
+            "device": str(self.model.device),
+            "dtype": self.spec["dtype"],
+        }
+
+    def run(self, jobs: list[dict]) -> list[tuple[bytes, dict]]:
+        """Generate and detect one batch (all jobs share one guidance) -> (PNG bytes, record) per job."""
+        from safediff.sampling import generate
+
+        s = self.settings
+        guidance = {j["guidance"] for j in jobs}
+        if len(guidance) != 1:
+            raise ValueError(f"a batch must share one guidance, got {sorted(guidance)}")
+        prompts = [j["prompt"] for j in jobs]
+        out = generate(self.model, prompts, [j["seed"] for j in jobs], steps=s["steps"], guidance=guidance.pop(),
+                       height=s["height"], width=s["width"], negative_prompt=s["negative_prompt"], guard=self.guard,
+                       scheduler=s["scheduler"], eta=s["eta"], batch_size=len(jobs), progress=False)
+        pngs = [png_bytes(im) for im in out.images]
+        images = [Image.open(io.BytesIO(p)).convert("RGB") for p in pngs]  # detect exactly what is stored
+        found = {name: detect(det, images, prompts) for name, det in self.detectors.items()}
+        return [(png, {"detections": {name: found[name][i] for name in found}}) for i, png in enumerate(pngs)]
