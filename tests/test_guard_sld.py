@@ -106,8 +106,11 @@ def test_batch_members_are_independent(tiny_sd):
 def test_session_leaves_pipeline_unchanged(tiny_sd):
     before = pipeline_state(tiny_sd)
     plain = generate(tiny_sd, PROMPTS, SEEDS, steps=3, progress=False)
-    generate(tiny_sd, PROMPTS, SEEDS, steps=3, guard=build_guard("sld:max", "red"), progress=False)
+    guard = build_guard("sld:max", "red")
+    first = generate(tiny_sd, PROMPTS, SEEDS, steps=3, guard=guard, progress=False)
     assert pipeline_state(tiny_sd) == before
+    assert torch.equal(generate(tiny_sd, PROMPTS, SEEDS, steps=3, guard=guard, progress=False).pixels,
+                       first.pixels)  # no momentum carried from one call to the next
     assert torch.equal(generate(tiny_sd, PROMPTS, SEEDS, steps=3, progress=False).pixels, plain.pixels)
 
 

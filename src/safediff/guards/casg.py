@@ -35,7 +35,7 @@ from safediff.concepts import Concept
 from safediff.errors import SafediffError
 from safediff.guards.base import GenerationContext, Session
 from safediff.guards.options import Knob
-from safediff.guards.sld import KNOBS, PRESETS, SLD, SLDParams, SLDSession, repeat
+from safediff.guards.sld import KNOBS, PRESETS, SLD, SLDParams, SLDSession
 from safediff.models import Conditioning
 
 

@@ -33,9 +33,10 @@ Presets (δ warm-up steps, s_S safety_scale, λ threshold, s_m momentum_scale, �
 
 WEAK's s_S differs between sources: diffusers' ``SafetyConfig.WEAK`` has 20, the CASG reference scripts and the
 independent SLD ports we checked have 200. We default ``weak`` to 200 because it continues the presets' monotone
-progression (200 < 1000 < 2000 < 5000) and is the value the multi-category baselines we compare with (CASG) used;
-with s_S = 20 and |ε_p − ε_S| ~ 1e-2 the mask μ stays near 0.2 and WEAK barely guides. We could not read the paper's
-hyper-parameter table itself here. diffusers' value is selectable as ``sld:weak-diffusers`` (or ``safety_scale=20``).
+progression (200 < 1000 < 2000 < 5000) and is the value used by the multi-category baselines we compare with
+(CASG). The two differ tenfold in strength: μ saturates at 1 once |ε_p − ε_S| ≥ 1/s_S, i.e. 0.005 for 200 and 0.05
+for 20. We could not read the paper's hyper-parameter table itself here. diffusers' value is selectable as
+``sld:weak-diffusers`` (or ``sld:weak,safety_scale=20``); both are tested against diffusers' pipeline.
 The presets were tuned for 50 steps; with fewer steps warm-up δ covers a larger share of the trajectory.
 """
 
