@@ -42,12 +42,24 @@ GUARDS = Registry("guard", {
     "casg-safree": "safediff.guards.casg_safree:CasgSafreeGuard",
 })
 
-ERASERS = Registry("eraser", {})
+ERASERS = Registry("eraser", {
+    "uce": "safediff.erasers.uce:UCE",
+    "rece": "safediff.erasers.rece:RECE",
+    "esd-x": "safediff.erasers.esd:ESDX",
+    "esd-u": "safediff.erasers.esd:ESDU",
+    "esd": "safediff.erasers.esd:ESDU",  # alias: the paper's variant for nudity and other global concepts
+    "esd-x-strict": "safediff.erasers.esd:ESDXStrict",
+    "trce": "safediff.erasers.trce:TRCE",
+})
 
 ATTACKS = Registry("attack", {
     "unlearndiff": "safediff.attacks.unlearndiff:UnlearnDiffAtk",
     "p4d-n": "safediff.attacks.p4d:P4DN",
     "p4d-k": "safediff.attacks.p4d:P4DK",
+    "ring-a-bell": "safediff.attacks.ring_a_bell:RingABell",
+    "mma-diffusion": "safediff.attacks.mma:MMADiffusion",
+    "concept-inversion": "safediff.attacks.concept_inversion:ConceptInversion",
+    "concept-arithmetic": "safediff.attacks.concept_arithmetic:ConceptArithmetic",
 })
 
 DETECTORS = Registry("detector", {
