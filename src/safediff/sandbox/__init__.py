@@ -1,0 +1,53 @@
+"""The sandbox: a synthetic world (``world``), its tokenizer, its trainer, and the shipped model in ``weights/``.
+
+The shipped weights are exactly what ``safediff sandbox train`` produced (command and seed in
+``weights/safediff_sandbox.json``); ``verify_weights()`` checks them against ``weights/SHA256SUMS`` before use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from safediff.errors import SafediffError
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+SUMS_FILE = "SHA256SUMS"
+RETRAIN = ("retrain it with `safediff sandbox train --out DIR` (about an hour on 2 CPU cores) and load that folder "
+           "by giving its path as the model spec, or reinstall safediff")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_sums(folder: Path = WEIGHTS_DIR) -> Path:
+    """Record the sha256 of every file under ``folder`` (except the sums file) in ``folder/SHA256SUMS``."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != SUMS_FILE)
+    lines = [f"{sha256(p)}  {p.relative_to(folder).as_posix()}\n" for p in files]
+    out = folder / SUMS_FILE
+    out.write_text("".join(lines))
+    return out
+
+
+def verify_weights(folder: Path = WEIGHTS_DIR) -> Path:
+    """Check every file listed in ``SHA256SUMS`` exists and matches; return the folder or raise SafediffError."""
+    folder = Path(folder)
+    sums = folder / SUMS_FILE
+    if not sums.is_file():
+        raise SafediffError(f"the sandbox weights are missing ({sums} not found); {RETRAIN}")
+    for line in sums.read_text().splitlines():
+        if not line.strip():
+            continue
+        digest, name = line.split(maxsplit=1)
+        path = folder / name.strip()
+        if not path.is_file():
+            raise SafediffError(f"sandbox weight file {path} is missing; {RETRAIN}")
+        if sha256(path) != digest:
+            raise SafediffError(f"sandbox weight file {path} is corrupt (sha256 mismatch); {RETRAIN}")
+    return folder

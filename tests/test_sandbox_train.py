@@ -1,0 +1,128 @@
+import json
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from safediff.errors import SafediffError
+from safediff.sandbox import WEIGHTS_DIR, verify_weights, write_sums
+from safediff.sandbox.train import CHECKPOINT, RECORD, Settings, train
+
+
+def tiny(out, **kw) -> Settings:
+    base = dict(out=str(out), seed=0, vae_steps=2, unet_steps=2, batch_size=4, threads=1, tiny=True)
+    return Settings(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("sb")
+    train(tiny(out))
+    return out
+
+
+def test_output_is_a_loadable_stable_diffusion_folder(trained):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(trained))
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    cfg = pipe.scheduler.config
+    assert (cfg.beta_schedule, cfg.clip_sample, cfg.set_alpha_to_one, cfg.steps_offset) == \
+        ("scaled_linear", False, False, 1)
+    assert pipe.safety_checker is None
+    te = pipe.text_encoder.config
+    assert (te.eos_token_id, te.bos_token_id, te.pad_token_id) == \
+        (pipe.tokenizer.eos_token_id, pipe.tokenizer.bos_token_id, pipe.tokenizer.pad_token_id)
+    assert len(pipe.tokenizer) > 512 and (trained / "tokenizer" / "vocab.json").is_file()
+    assert pipe.vae.config.scaling_factor != 0.18215  # set from the trained latents
+    image = pipe("a red circle", num_inference_steps=2, guidance_scale=5.0, height=32, width=32,
+                 output_type="np").images
+    assert image.shape == (1, 32, 32, 3)
+    assert not list(trained.rglob("*.bin")) and not list(trained.rglob("*.pt"))
+
+
+def test_record_holds_command_seed_steps_and_sampler_defaults(trained):
+    rec = json.loads((trained / RECORD).read_text())
+    assert rec["seed"] == 0 and rec["steps_done"] == {"vae": 2, "unet": 2} and rec["complete"]
+    assert rec["command"].startswith("safediff sandbox train --out ") and "--seed 0" in rec["command"]
+    assert rec["defaults"] == {"steps": 25, "guidance": 5.0, "height": 32, "width": 32, "scheduler": "DDIM"}
+    assert set(rec["versions"]) >= {"torch", "diffusers", "transformers"}
+    assert "unet_eps_mse" in rec["final_losses"] and "vae_mse" in rec["final_losses"]
+
+
+def test_resume_continues_exactly_where_an_uninterrupted_run_would_be(tmp_path):
+    torch.set_num_threads(1)
+    train(tiny(tmp_path / "a", unet_steps=2))
+    state = train(tiny(tmp_path / "a", unet_steps=4))  # same folder: resumes from the checkpoint
+    assert state["unet_step"] == 4
+    train(tiny(tmp_path / "b", unet_steps=4))
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "a" / "unet" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_time_cap_stops_early_and_keeps_a_checkpoint(tmp_path):
+    torch.set_num_threads(1)
+    state = train(tiny(tmp_path, vae_steps=10_000, minutes=0.05))
+    assert 0 < state["vae_step"] < 10_000 and (tmp_path / CHECKPOINT).is_file()
+    assert not (tmp_path / RECORD).exists()  # no model to export before the UNet stage
+
+
+@pytest.mark.parametrize("change,match", [(dict(minutes=0), "minutes"), (dict(minutes=-1), "minutes"),
+                                          (dict(device="tpu"), "device"), (dict(unet_steps=0), "unet-steps")])
+def test_bad_settings_are_one_clear_error(tmp_path, change, match):
+    with pytest.raises(SafediffError, match=match):
+        train(tiny(tmp_path / "o", **change))
+
+
+def test_non_empty_or_unwritable_out_is_rejected(tmp_path):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x.txt").write_text("mine")
+    with pytest.raises(SafediffError, match="not empty"):
+        train(tiny(tmp_path / "full"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SafediffError, match="is a file"):
+        train(tiny(tmp_path / "file"))
+    with pytest.raises(SafediffError, match="not writable"):
+        train(tiny(tmp_path / "file" / "sub"))
+
+
+def test_cli_reports_bad_input_as_safediff_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from safediff.sandbox.cli import app
+
+    result = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "o"), "--minutes", "0"])
+    assert isinstance(result.exception, SafediffError)
+
+
+def test_verify_weights_catches_missing_and_corrupt_files(tmp_path):
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "w.safetensors").write_bytes(b"weights")
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(SafediffError, match="safediff sandbox train --out DIR"):
+        verify_weights(tmp_path)  # no SHA256SUMS yet
+    write_sums(tmp_path)
+    assert verify_weights(tmp_path) == tmp_path
+    (tmp_path / "unet" / "w.safetensors").write_bytes(b"weightz")
+    with pytest.raises(SafediffError, match="corrupt.*safediff sandbox train --out DIR"):
+        verify_weights(tmp_path)
+    (tmp_path / "unet" / "w.safetensors").unlink()
+    with pytest.raises(SafediffError, match="missing"):
+        verify_weights(tmp_path)
+
+
+@pytest.mark.skipif(not (WEIGHTS_DIR / "SHA256SUMS").is_file(), reason="shipped sandbox weights absent")
+def test_shipped_weights_verify_fit_the_size_budget_and_record_their_command():
+    verify_weights()
+    files = [p for p in WEIGHTS_DIR.rglob("*") if p.is_file()]
+    assert all(p.stat().st_size < 20 * 2**20 for p in files)
+    assert sum(p.stat().st_size for p in files) <= 25 * 2**20
+    rec = json.loads((WEIGHTS_DIR / RECORD).read_text())
+    assert rec["command"].startswith("safediff sandbox train") and rec["steps_done"]["unet"] > 0
