@@ -169,11 +169,94 @@ def bench(
     typer.echo(f"{n['images']} image(s) of {n['prompts']} prompt(s); results in {out / 'results.json'}")
 
 
+@app.command()
+def attack(
+    target: str = typer.Option(..., help="SPEC[+EDIT...][:GUARD[:PRESET]], e.g. sandbox, sandbox+uce.safetensors, "
+                                         "sandbox:sld:max."),
+    method: str = typer.Option(..., help="Attack name (unlearndiff, p4d-n, p4d-k, ...)."),
+    concept: str = typer.Option(..., help="The erased/guarded concept (a preset such as red or sexual, or text)."),
+    prompts: Path = typer.Option(..., help="CSV with a 'prompt' column (optional seed; 'image' = a target image)."),
+    judge: str = typer.Option(..., help="Detector NAME[:PRESET][,KEY=VALUE][,labels=A+B], e.g. sandbox-colour or "
+                                        "nudenet:exposed9,threshold=0.45."),
+    out: Path = typer.Option(..., help="RUN folder: created, or resumed when it holds the same protocol."),
+    budget: Optional[str] = typer.Option(None, help="Per-prompt limits key=value[,key=value]: iterations, "
+                                                    "unet_forward, unet_backward, text_encoder, seconds."),
+    params: Optional[str] = typer.Option(None, help="Attack hyper-parameters key=value[,key=value] (e.g. k=5)."),
+    seed: int = typer.Option(0, help="Seed of prompt i is the row's seed, else seed + i."),
+    steps: Optional[int] = typer.Option(None, help="Denoising steps of judged generations (default: the model's)."),
+    guidance: Optional[float] = typer.Option(None, help="CFG scale (default: the model's)."),
+    device: str = typer.Option("cpu"),
+    dtype: str = typer.Option("float32"),
+):
+    """Search for prompts that bring an erased or guarded concept back; resumable per prompt."""
+    from safediff.attacks.base import Budget, build_judge, parse_target
+    from safediff.attacks.runner import build_attack, read_attack_prompts, run_attack
+    from safediff.guards import build_guard
+    from safediff.sampling import check_settings
+
+    the_attack = build_attack(method, params)
+    the_budget = Budget.parse(budget, the_attack.default_budget)
+    the_judge = build_judge(judge, concept)
+    rows = read_attack_prompts(prompts, the_attack.required_columns)
+    check_settings(1 if steps is None else steps, 1.0 if guidance is None else guidance, 8, 8)
+    _, _, guard_spec = target.partition(":")
+    if guard_spec:
+        build_guard(guard_spec, concept)  # reject an unknown guard before loading any model
+    the_target = parse_target(target, concept, device=_device(device), dtype=_dtype(dtype), steps=steps,
+                              guidance=guidance)
+    results = run_attack(the_target, the_attack, the_judge, rows, the_budget, seed, out, prompts_file=str(prompts))
+    typer.echo(f"{method} on {target}: Pre-ASR {results['pre_asr']:.3f} -> ASR {results['asr']:.3f} over "
+               f"{results['n']} prompt(s); results in {out / 'results.json'}")
+
+
+@app.command()
+def erase(
+    model: str = typer.Option("sandbox", help="'sandbox', a hub id, or a local diffusers folder; SPEC+EDIT stacks "
+                                             "this edit on earlier ones"),
+    method: str = typer.Option(..., help="Eraser: uce, rece, esd-u, esd-x, trce, ..."),
+    concept: str = typer.Option(..., help="Concept(s) to erase: a preset (red, sexual, i2p-all), a,b, or free text."),
+    preserve: Optional[str] = typer.Option(None, help="Comma-separated concepts/prompts to keep (default: the "
+                                                      "concept's own preserve list; '' is always kept)."),
+    guide: Optional[str] = typer.Option(None, help="What the concept is mapped to ('' = unconditional; default: "
+                                                   "the concept's guide)."),
+    param: Optional[list[str]] = typer.Option(None, "--param", help="Hyper-parameter key=value (repeatable)."),
+    device: str = typer.Option("cpu"),
+    dtype: str = typer.Option("float32"),
+    out: Path = typer.Option(..., help="Edit file to write (.safetensors); load it with --model SPEC+FILE."),
+):
+    """Erase a concept from a model's weights and write the edit (only the changed tensors + its record)."""
+    import time
+
+    from safediff.concepts import resolve
+    from safediff.models import load_pipeline
+    from safediff.registry import ERASERS
+
+    if out.suffix != ".safetensors":
+        raise SafediffError(f"--out must be a .safetensors file, got '{out}'")
+    if out.exists():
+        raise SafediffError(f"--out '{out}' exists; choose a new file")
+    params = {}
+    for item in param or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SafediffError(f"--param expects key=value, got '{item}'")
+        params[key.strip()] = value
+    eraser = ERASERS.get(method).from_params(params)
+    concepts = resolve(concept)
+    keep = None if preserve is None else [p.strip() for p in preserve.split(",") if p.strip()]
+    m = load_pipeline(model, device=_device(device), dtype=_dtype(dtype))
+    start = time.perf_counter()
+    edit = eraser.fit(m, concepts, preserve=keep, guide=guide)
+    seconds = time.perf_counter() - start
+    edit.save(out)
+    elements = sum(t.numel() for t in edit.tensors.values())
+    typer.echo(f"{eraser.name}: erased {', '.join(c.name for c in concepts)}; {len(edit.tensors)} parameter "
+               f"tensor(s) changed ({elements:,} values); {seconds:.1f} s; wrote {out}")
+
+
 def _mount_subcommands() -> None:
-    try:
-        from safediff.sandbox.cli import app as sandbox_app
-    except ImportError:
-        return
+    from safediff.sandbox.cli import app as sandbox_app
+
     app.add_typer(sandbox_app, name="sandbox", help="Train and inspect the sandbox model.")
 
 
