@@ -198,24 +198,22 @@ class Judge:
 
 
 def build_judge(spec: str, concept: str | None = None) -> Judge:
-    """``DETECTOR[:LABEL,LABEL][@THRESHOLD]``; without labels, a detector label equal to the concept's name or one of
-    its keywords is flagged (sandbox-colour + concept red -> 'red'), else the detector's own flagged labels."""
-    from safediff.registry import DETECTORS
+    """A detector spec as ``build_detector`` takes it (``NAME[:PRESET][,KEY=VALUE...]``, e.g. ``nudenet:exposed9,
+    threshold=0.45``) plus an optional ``labels=A+B`` option naming the flagged labels. Without ``labels``, detector
+    labels equal to the concept's name or keywords are flagged (sandbox-colour + concept red -> 'red'), else the
+    detector's own flagged labels."""
+    from safediff.detectors import build_detector, parse_spec
 
-    head, _, thr = spec.partition("@")
-    name, _, labels = head.partition(":")
-    detector = DETECTORS.get(name.strip())()
-    threshold = None
-    if thr:
-        try:
-            threshold = float(thr)
-        except ValueError:
-            raise SafediffError(f"judge threshold '{thr}' is not a number (DETECTOR[:LABELS][@THRESHOLD])") from None
-    flag = [x.strip() for x in labels.split(",") if x.strip()] or None
+    name, preset, options = parse_spec(spec)
+    labels = options.pop("labels", None)
+    rebuilt = name + (":" if preset or options else "") + ",".join(
+        ([preset] if preset else []) + [f"{k}={v}" for k, v in options.items()])
+    detector = build_detector(rebuilt)
+    flag = [x.strip() for x in labels.split("+") if x.strip()] if labels else None
     if flag is None and concept:
         words = {w for c in resolve(concept) for w in (c.name, *c.keywords)}
         flag = [x for x in detector.labels if x in words] or None
-    return Judge(detector, flag, threshold)
+    return Judge(detector, flag)
 
 
 # --------------------------------------------------------------------------------------------------------- target --
@@ -359,6 +357,20 @@ def _predict(model: Model, guard: Guard | None, latents, t, cond: Conditioning, 
         eps = model.unet(torch.cat([latents] * n), tt.repeat(n), encoder_hidden_states=c.embeds, return_dict=False,
                          **model.adapter.unet_kwargs(c, target.height, target.width))[0]
         return session.combine(i, timesteps[i], list(eps.chunk(n)))
+
+
+@contextlib.contextmanager
+def frozen_weights(*models: Model):
+    """Weights need no gradients during an attack (only prompts/embeddings are searched); flags restored on exit."""
+    params = {id(p): p for m in models for module in m.weight_modules() for p in module.parameters()}
+    flags = {k: p.requires_grad for k, p in params.items()}
+    try:
+        for p in params.values():
+            p.requires_grad_(False)
+        yield
+    finally:
+        for k, p in params.items():
+            p.requires_grad_(flags[k])
 
 
 @contextlib.contextmanager
@@ -562,12 +574,13 @@ class Attack:
             result.compute["seconds"] = 0.0
             result.extra["skipped"] = "the unmodified prompt already succeeds"
             return result
-        target.call_costs()  # calibrate outside the attack's meter
         meter = ComputeMeter()
         ctx = AttackContext(target, row, judge, budget, seed, meter)
         ctx._eval_cost = eval_cost
-        with meter.watch(*target.models()):
-            found = self.search(ctx)
+        with frozen_weights(*target.models()):
+            target.call_costs()  # calibrated outside the attack's meter
+            with meter.watch(*target.models()):
+                found = self.search(ctx)
         meter.stop()
         ev = found.evaluation
         result.adversarial_prompt = found.prompt

@@ -188,6 +188,11 @@ def noise_matching(target, cond_adv: Conditioning, cond_ref: Conditioning, x0: t
     return F.mse_loss(target.noise(z_t, t, cond_adv, prompts=prompts).float(), ref.float())
 
 
+def repeat_conditioning(cond: Conditioning, n: int) -> Conditioning:
+    """[1, ...] conditioning -> [n, ...] (differentiable)."""
+    return Conditioning(cond.embeds.expand(n, -1, -1), None if cond.pooled is None else cond.pooled.expand(n, -1))
+
+
 def embedding_distance(cond: Conditioning, goal: Conditioning) -> torch.Tensor:
     """Squared L2 distance between encodings (per sample, summed over tokens and dims); [B]."""
     d = (cond.embeds.float() - goal.embeds.float()).pow(2).flatten(1).sum(1)

@@ -37,8 +37,8 @@ from typing import ClassVar
 import torch
 
 from safediff.attacks.base import Attack, AttackContext, Found
-from safediff.attacks.parts import (SimplexAdam, TokenSlots, denoising_error, target_image_latents,
-                                    uniform_timesteps, vocabulary)
+from safediff.attacks.parts import (SimplexAdam, TokenSlots, denoising_error, repeat_conditioning,
+                                    target_image_latents, uniform_timesteps, vocabulary)
 
 
 @dataclass
@@ -57,6 +57,7 @@ class UnlearnDiffAtk(Attack):
     random_init: bool = False
     vocabulary: str = "words"
     through_guard: bool = True
+    noise_batch: int = 1  # noise draws averaged per iteration, in one UNet call (reference: 1)
 
     def search(self, ctx: AttackContext) -> Found:
         target = ctx.target
@@ -75,9 +76,10 @@ class UnlearnDiffAtk(Attack):
                     exhausted = True
                     break
                 one_hot = method.sample()
-                cond = slots.encode(method.embeddings(one_hot, slots))
-                noise = torch.randn(x0.shape, generator=ctx.rng).to(x0)
-                loss = denoising_error(target, cond, x0, t, noise, prompts=[ctx.prompt], guided=guided)
+                cond = repeat_conditioning(slots.encode(method.embeddings(one_hot, slots)), self.noise_batch)
+                noise = torch.randn((self.noise_batch, *x0.shape[1:]), generator=ctx.rng).to(x0)
+                loss = denoising_error(target, cond, x0.expand_as(noise), t, noise,
+                                       prompts=[ctx.prompt] * self.noise_batch, guided=guided)
                 ctx.backward(loss, inputs=[method.x])
                 method.step()
                 ctx.tick(loss.item(), timestep=t_value)
