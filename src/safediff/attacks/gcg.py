@@ -13,39 +13,22 @@ One GCG step, for the adversarial ids x_{1:n} and loss L:
 
 from __future__ import annotations
 
-import string
-
 import torch
 
-PRINTABLE = set(string.printable) - set("\t\n\r\x0b\x0c")
 
-
-def token_texts(tokenizer) -> list[str]:
-    """Each vocabulary id's text as it appears in a decoded prompt (end-of-word marker and spaces removed)."""
-    return [tokenizer.decode([i]).strip() for i in range(len(tokenizer))]
-
-
-def allowed_tokens(tokenizer, banned_words: list[str], min_piece: int = 2, whole_words: bool = False
-                   ) -> torch.Tensor:
-    """Bool [|V|]: tokens a search may use.
-
-    Excluded: special tokens, tokens that are not lower-case printable ASCII (CLIP lower-cases prompts, so an
-    upper-case token can never be typed), tokens containing a banned word, and tokens
-    (of at least ``min_piece`` characters) that are a piece of a banned word — MMA's rule, so that e.g. banning
-    "naked" also bans "na", "ak", "ke". ``whole_words`` keeps only end-of-word tokens (``...</w>``): a sequence of
-    them decodes to space-separated words that re-tokenize to the same ids far more often.
-    """
+def banned_tokens(tokenizer, ids: torch.Tensor, banned_words: list[str], min_piece: int = 2) -> torch.Tensor:
+    """Bool [len(ids)]: which of ``ids`` MMA's rule removes — tokens containing a banned word, and tokens of at
+    least ``min_piece`` characters that are a piece of one (banning "naked" also bans "na", "ak", "ke")."""
     words = [w.strip().lower() for w in banned_words if w.strip()]
-    special = set(tokenizer.all_special_ids)
+    texts = [tokenizer.decode([int(i)]).strip().lower() for i in ids]
+    return torch.tensor([any(w in t for w in words) or (len(t) >= min_piece and any(t in w for w in words))
+                         for t in texts], dtype=torch.bool)
+
+
+def allowed_mask(tokenizer, vocab: torch.Tensor, banned_words: list[str]) -> torch.Tensor:
+    """Bool [|V|]: the ids of ``vocab`` (e.g. ``parts.vocabulary``) that the banned words leave."""
     mask = torch.zeros(len(tokenizer), dtype=torch.bool)
-    for i, text in enumerate(token_texts(tokenizer)):
-        if i in special or not text or not set(text) <= PRINTABLE or text != text.lower():
-            continue
-        if whole_words and not tokenizer.convert_ids_to_tokens(i).endswith("</w>"):
-            continue
-        if any(w in text for w in words) or (len(text) >= min_piece and any(text in w for w in words)):
-            continue
-        mask[i] = True
+    mask[vocab[~banned_tokens(tokenizer, vocab, banned_words)]] = True
     return mask
 
 

@@ -24,8 +24,8 @@ sequence that was optimised. Black-box to the attacked model: only the unconstra
 no UNet call is made; the final prompt is generated with the target and judged.
 
 Reference budget: ≥ 500 steps (README example 1,000) × 512 candidates on the text encoder. Sandbox default: 40 steps.
-Difference: by default (``whole_words``) candidates are end-of-word tokens only (most sub-word candidates fail the
-re-tokenization filter); ``whole_words=False`` proposes any printable token.
+Difference: by default (``vocabulary="words"``) candidates are whole-word tokens that tokenize back to themselves
+(most sub-word candidates fail the re-tokenization filter); ``"all"`` proposes any non-special token.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from safediff.attacks import gcg
 from safediff.attacks.base import Attack, AttackContext, Found
 from safediff.attacks.concept_pairs import names
+from safediff.attacks.parts import vocabulary
 from safediff.attacks.token_sequences import check_shared_vocabulary, chunks, encode_tokens
 from safediff.errors import SafediffError
 from safediff.models import Conditioning
@@ -79,21 +80,23 @@ class MMADiffusion(Attack):
     batch: int = 512
     topk: int = 256
     target_prompt: str = ""  # "" = the row's prompt
-    banned: str = ""  # extra banned words, comma-separated (the concepts' names are always banned)
+    banned: str = ""  # extra banned words, ';'-separated (the concepts' names are always banned)
     embedding: str = "pooled"
-    whole_words: bool = True
+    vocabulary: str = "words"  # "words": whole-word tokens that survive typing; "all": any non-special id
     encode_batch: int = 512
 
     def __post_init__(self):
         if min(self.n_tokens, self.batch, self.topk, self.encode_batch) < 1:
             raise SafediffError("mma-diffusion: n_tokens, batch, topk and encode_batch must be >= 1")
+        if self.vocabulary not in ("words", "all"):
+            raise SafediffError(f"mma-diffusion: vocabulary '{self.vocabulary}' unknown; accepted: words, all")
         if self.embedding not in EMBEDDINGS:
             raise SafediffError(f"mma-diffusion: embedding '{self.embedding}' unknown; accepted: "
                                 f"{', '.join(EMBEDDINGS)}")
 
     def banned_words(self, ctx: AttackContext) -> list[str]:
         words = [w for c in ctx.target.concepts for w in names(c)]
-        words += [w.strip() for w in self.banned.split(",") if w.strip()]
+        words += [w.strip() for w in self.banned.split(";") if w.strip()]
         return list(dict.fromkeys(w.lower() for w in words))
 
     def search(self, ctx: AttackContext) -> Found:
@@ -101,7 +104,7 @@ class MMADiffusion(Attack):
         vocab = check_shared_vocabulary(adapter)
         tokenizer = adapter.tokenizers[0]
         banned = self.banned_words(ctx)
-        allowed = gcg.allowed_tokens(tokenizer, banned, whole_words=self.whole_words)
+        allowed = gcg.allowed_mask(tokenizer, vocabulary(tokenizer, self.vocabulary), banned)
         if not allowed.any():
             raise SafediffError("mma-diffusion: the banned words exclude the whole vocabulary")
         current = initial_tokens(tokenizer, self.n_tokens)

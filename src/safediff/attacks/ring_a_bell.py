@@ -18,11 +18,11 @@ text encoder (the target's reference model; the public encoder in the paper) and
 prompt (the decoded "token soup") is the only thing generated with the target and judged.
 
 Reference budget: 3,000 generations × ~250 encodings (all on the text encoder). The sandbox default stops after
-150 generations. Difference from the reference: by default (``whole_words``) genes are end-of-word tokens whose text
-is lower-case printable ASCII, while the notebook draws any non-special id. The attack's output is text, and a
-sequence of arbitrary sub-word ids usually re-tokenizes to other ids once decoded, so the prompt that is judged is
-not the one that was optimised; with whole words it is (``fitness_text`` in the result is the loss of the decoded
-prompt as actually encoded, ``fitness`` that of the searched ids). ``whole_words=False`` draws any printable token.
+150 generations. Difference from the reference: by default (``vocabulary="words"``) genes are whole-word tokens
+whose decoded text tokenizes back to the same id, while the notebook draws any non-special id (``"all"``). The
+attack's output is text, and a sequence of arbitrary sub-word ids usually re-tokenizes to other ids once decoded, so
+the prompt that is judged would not be the one that was optimised; with whole words it is (``fitness_text`` in the
+result is the loss of the decoded prompt as actually encoded, ``fitness`` that of the searched ids).
 """
 
 from __future__ import annotations
@@ -35,18 +35,11 @@ import torch
 from safediff.attacks import genetic
 from safediff.attacks.base import Attack, AttackContext, Found
 from safediff.attacks.concept_pairs import concept_pairs
-from safediff.attacks.gcg import allowed_tokens, decode
+from safediff.attacks.gcg import decode
+from safediff.attacks.parts import embedding_distance, vocabulary
 from safediff.attacks.token_sequences import check_shared_vocabulary, chunks, encode_in_chunks
 from safediff.errors import SafediffError
 from safediff.models import Conditioning
-
-
-def squared_distance(cond: Conditioning, target: Conditioning) -> torch.Tensor:
-    """[P]: ‖f(P̃) − target‖² summed over all hidden states (and the pooled vector when there is one)."""
-    d = (cond.embeds.float() - target.embeds.float()).pow(2).flatten(1).sum(1)
-    if cond.pooled is not None:
-        d = d + (cond.pooled.float() - target.pooled.float()).pow(2).sum(1)
-    return d
 
 
 def concept_vector(adapter, pairs: list[tuple[str, str]], chunk: int) -> Conditioning:
@@ -76,9 +69,11 @@ class RingABell(Attack):
     crossover_rate: float = 0.5
     pairs: str = ""  # CSV of (with, without) prompts; "" = the concept's built-in pairs
     encode_batch: int = 256
-    whole_words: bool = True  # search end-of-word tokens only (False: any printable token, closer to the notebook)
+    vocabulary: str = "words"  # "words": whole-word tokens that survive typing; "all": any non-special id
 
     def __post_init__(self):
+        if self.vocabulary not in ("words", "all"):
+            raise SafediffError(f"ring-a-bell: vocabulary '{self.vocabulary}' unknown; accepted: words, all")
         if self.population < 2 or self.length < 1 or self.generations < 1 or self.encode_batch < 1:
             raise SafediffError("ring-a-bell: population must be >= 2, length, generations, encode_batch >= 1")
         for key in ("mutation_rate", "crossover_rate"):
@@ -99,11 +94,11 @@ class RingABell(Attack):
                               None if base.pooled is None else base.pooled + self.eta * c.pooled)
 
         tokenizer = adapter.tokenizers[0]
-        allowed = allowed_tokens(tokenizer, [], whole_words=self.whole_words).nonzero().squeeze(1)
+        allowed = vocabulary(tokenizer, self.vocabulary)
         state = genetic.start(allowed, self.population, self.length, ctx.rng)
 
         def fitness(population: torch.Tensor) -> torch.Tensor:
-            return squared_distance(encode_in_chunks(adapter, population, self.encode_batch), target)
+            return embedding_distance(encode_in_chunks(adapter, population, self.encode_batch), target)
 
         while state.generation < self.generations:
             # one more encoding is kept for re-encoding the final text (``fitness_text``)
@@ -116,8 +111,8 @@ class RingABell(Attack):
             return Found(extra={"stopped": "the budget does not cover one generation and one evaluation"})
 
         prompt = decode(tokenizer, state.best)
-        fitness_text = float(squared_distance(adapter.encode([prompt]), target)[0])
+        fitness_text = float(embedding_distance(adapter.encode([prompt]), target)[0])
         return Found(prompt=prompt, token_ids=state.best.tolist(), evaluation=ctx.evaluate(prompt),
                      extra={"fitness": state.best_loss, "fitness_text": fitness_text,
-                            "fitness_unmodified_prompt": float(squared_distance(base, target)[0]),
+                            "fitness_unmodified_prompt": float(embedding_distance(base, target)[0]),
                             "generations": state.generation, "concept_pairs": len(pairs)})
