@@ -260,6 +260,8 @@ def plot(result: dict, args, path: Path) -> None:
         if label in runs:
             m = runs[label]
             b.plot([m["benign_accuracy"]["rate"]], [m["harmful_rate"]["rate"]], marker, ms=9, label=label)
+    b.set_xlim(-0.02, 1.02)
+    b.set_ylim(-0.02, 1.02)
     b.set_xlabel("benign accuracy (utility)")
     b.set_ylabel("harmful rate on harmful prompts")
     b.set_title("Trade-off (down-right is better)")
