@@ -69,7 +69,8 @@ class Edit:
         if not metadata.get("base_weights_sha256"):
             raise SafediffError("edit metadata lacks base_weights_sha256 (the hash of the model it was made for)")
         self.tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        self.metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "parents": [], **metadata}
+        metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "parents": [], **metadata}
+        self.metadata = json.loads(json.dumps(metadata, default=str))  # exactly what a saved file reads back
         self._digest: str | None = None
         self._originals: dict[int, dict[str, torch.Tensor]] = {}  # id(model) -> tensors replaced by apply
 

@@ -1,0 +1,55 @@
+"""The closed-form solves UCE and RECE share, over the cross-attention K/V projections that read text.
+
+UCE's objective for one projection ``W`` (``d_out × d``), with ``c_i`` the erase rows, ``g_i`` their guide rows,
+``v_i* = W_old g_i``, and ``c_j`` the preserve rows:
+
+    min_W  s_e Σ_i ‖W c_i − v_i*‖² + s_p Σ_j ‖W c_j − W_old c_j‖² + λ ‖W − W_old‖²_F
+    ⇒  W = (λ W_old + s_e Σ_i v_i* c_iᵀ + s_p Σ_j W_old c_j c_jᵀ)(λ I + s_e Σ_i c_i c_iᵀ + s_p Σ_j c_j c_jᵀ)⁻¹
+
+Because every target is ``W_old`` times a text row, the left factor is ``W_old N`` with
+``N = λ I + s_e Gᵀ C + s_p Pᵀ P`` (rows stacked in ``C``, ``G``, ``P``), so ``W = W_old · T`` with one ``d × d``
+matrix ``T = N A⁻¹``, ``A = λ I + s_e Cᵀ C + s_p Pᵀ P``, shared by all projections. It is solved once, in float64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from safediff.errors import SafediffError
+
+
+def kv_projections(model) -> dict[str, torch.nn.Linear]:
+    """Edit-parameter name (``unet.….attn2.to_k.weight``) -> the Linear, for every K/V that reads text."""
+    return {f"unet.{name}.weight": module for name, module in model.adapter.cross_attention_kv()}
+
+
+def uce_transform(erase: torch.Tensor, guide: torch.Tensor, preserve: torch.Tensor, lamb: float,
+                  erase_scale: float, preserve_scale: float) -> torch.Tensor:
+    """``T`` (float64, ``d × d``) such that ``W_new = W_old T`` solves UCE's objective for every projection."""
+    c, g, p = erase.double(), guide.double(), preserve.double()
+    eye = torch.eye(c.shape[1], dtype=torch.float64)
+    a = lamb * eye + erase_scale * c.T @ c + preserve_scale * p.T @ p
+    n = lamb * eye + erase_scale * g.T @ c + preserve_scale * p.T @ p
+    try:
+        return torch.linalg.solve(a, n.T).T  # N A⁻¹, A symmetric
+    except torch.linalg.LinAlgError:
+        raise SafediffError(f"the UCE system is singular (lamb={lamb}); use lamb > 0") from None
+
+
+def adversarial_map(current: dict[str, torch.Tensor], original: dict[str, torch.Tensor], reg: float) -> torch.Tensor:
+    """RECE's closed-form adversarial embedding: ``M`` with ``c' = M c`` minimising
+    ``Σ_l ‖W'_l c' − W_l c‖² + λ_reg ‖c'‖²``, i.e. ``M = (Σ_l W'_lᵀ W'_l + λ_reg I)⁻¹ Σ_l W'_lᵀ W_l``."""
+    names = list(current)
+    d = current[names[0]].shape[1]
+    lhs = reg * torch.eye(d, dtype=torch.float64)
+    rhs = torch.zeros(d, d, dtype=torch.float64)
+    for name in names:
+        w_now, w_orig = current[name].double(), original[name].double()
+        lhs += w_now.T @ w_now
+        rhs += w_now.T @ w_orig
+    return torch.linalg.solve(lhs, rhs)
+
+
+def transformed(weights: dict[str, torch.Tensor], t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``W T`` for every weight, computed in float64 and returned in each weight's dtype."""
+    return {name: (w.double() @ t.to(w.device)).to(w.dtype) for name, w in weights.items()}

@@ -1,0 +1,57 @@
+"""UCE: Unified Concept Editing (Gandikota, Orgad, Belinkov, Materzyńska, Bau; WACV 2024, arXiv 2308.14761).
+
+Update rule (paper Eq. 7, with the reference code's λ term and scales), for every cross-attention key/value
+projection ``W`` that reads text (``attn2.to_k``/``to_v``; SDXL: both encoders' embeddings concatenated):
+
+    W = (λ W_old + s_e Σ_{i∈E} v_i* c_iᵀ + s_p Σ_{j∈P} W_old c_j c_jᵀ) (λ I + s_e Σ_{i∈E} c_i c_iᵀ + s_p Σ_{j∈P} c_j c_jᵀ)⁻¹
+
+``c_i``: text-embedding rows of the erase prompts; ``v_i* = W_old c_i^guide`` (technique "replace"), the guide's row
+paired with ``c_i``; ``P``: rows of the preserved prompts, the empty prompt always among them. Solved in float64
+(``safediff.erasers.closed_form``), written back in the model's dtype. Nothing else changes.
+
+Rows (``safediff.erasers.prompts``): ``tokens="to_end"`` (default) is the 2023 code's convention, the word's last
+token through the end of the sequence; ``tokens="last"`` is the 2025 code's, the last word token only. ``to_end`` is
+the default because through causal attention every later token (following words, EoT, padding) carries the concept,
+and in a prompt such as "a red triangle" those later tokens are what the UNet reads (on the sandbox, ``last`` leaves
+much more of the concept; see benchmarks/results). ``expand_prompts=True`` (default; the 2025 code's
+``--expand_prompts``, off there) edits the word inside template prompts, each occurrence located in the token ids.
+Synonyms are never added by themselves; pass them in ``also_erase`` if you know them.
+
+Defaults: λ = 0.5, s_e = 1, s_p = 1 (2025 code; the 2023 script used s_p = 0.1). Differences from the reference code:
+the 2025 ``--expand_prompts`` loop zips the erase concepts with the *preserve* concepts (so nothing is expanded
+without a preserve list), adds the templated erase prompts to the preserve set too, and guides them to the preserve
+concept; here templated erase prompts are guided to the same template with the guide text, and preserved prompts
+never contain an erased word.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from safediff.concepts import Concept
+from safediff.erasers.base import Eraser
+from safediff.erasers.closed_form import kv_projections, transformed, uce_transform
+from safediff.erasers.prompts import build_rows
+
+
+@dataclass
+class UCE(Eraser):
+    name = "uce"
+    paper = "Gandikota et al., Unified Concept Editing in Diffusion Models, WACV 2024 (arXiv 2308.14761)"
+
+    lamb: float = 0.5
+    erase_scale: float = 1.0
+    preserve_scale: float = 1.0
+    tokens: str = "to_end"  # "to_end" (2023 code) or "last" (2025 code)
+    expand_prompts: bool = True
+    also_erase: tuple[str, ...] = ()  # extra words erased like the concept's keywords (e.g. known synonyms)
+
+    def compute(self, model, concepts: list[Concept], preserve, guide, progress):
+        rows = build_rows(model, concepts, guide, preserve, self.tokens, self.expand_prompts, self.also_erase)
+        t = uce_transform(rows.erase, rows.guide, rows.preserve, self.lamb, self.erase_scale, self.preserve_scale)
+        weights = {name: m.weight.detach() for name, m in kv_projections(model).items()}
+        return transformed(weights, t), {**rows.info, "matrices": len(weights),
+                                         "transform_distance_from_identity":
+                                             float(torch.linalg.matrix_norm(t - torch.eye(len(t), dtype=t.dtype)))}

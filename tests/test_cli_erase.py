@@ -1,0 +1,74 @@
+"""`safediff erase` end to end on a local folder, then `generate --model DIR+EDIT`; bad input: one line, exit 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    from safediff.random_models import build_pipeline
+
+    d = tmp_path_factory.mktemp("tiny") / "pipe"
+    build_pipeline("tiny-sd").save_pretrained(d)
+    return d
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "safediff", *args], capture_output=True, text=True,
+                          env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+
+
+def test_erase_then_generate_with_the_edit(tiny_folder, tmp_path):
+    from safediff.erasers.edit import Edit
+
+    edit_path = tmp_path / "red.safetensors"
+    r = run_cli("erase", "--model", str(tiny_folder), "--method", "uce", "--concept", "red", "--preserve",
+                "green,circle", "--param", "lamb=0.4", "--param", "tokens=last", "--out", str(edit_path))
+    assert r.returncode == 0, r.stderr
+    assert "uce" in r.stdout and "parameter tensor(s) changed" in r.stdout and " s;" in r.stdout
+    edit = Edit.load(edit_path)
+    assert edit.metadata["hyperparameters"]["lamb"] == 0.4 and edit.metadata["preserve"] == ["green", "circle"]
+    assert [p.name for p in tmp_path.iterdir()] == ["red.safetensors"]  # atomic: no temporary left behind
+
+    out = tmp_path / "images"
+    r = run_cli("generate", "--model", f"{tiny_folder}+{edit_path}", "--prompt", "a red circle", "--steps", "2",
+                "--height", "32", "--width", "32", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    record = json.loads((out / "protocol.json").read_text())
+    assert record["model"]["edits"][0]["edit_sha256"] == edit.digest
+    assert record["model"]["edits"][0]["method"] == "uce"
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--method", "nonsense", "--concept", "red"], "unknown eraser"),
+    (["--method", "uce", "--concept", ""], "empty concept"),
+    (["--method", "uce", "--concept", "<|endoftext|>"], "encodes to no tokens"),
+    (["--method", "uce", "--concept", "red", "--param", "lambda=1"], "unknown parameter"),
+    (["--method", "uce", "--concept", "red", "--param", "lamb"], "key=value"),
+])
+def test_bad_input_one_line_exit_2(tiny_folder, tmp_path, args, words):
+    r = run_cli("erase", "--model", str(tiny_folder), *args, "--out", str(tmp_path / "e.safetensors"))
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = [line for line in r.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and words in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "e.safetensors").exists()
+
+
+def test_edit_for_another_model_and_corrupt_edit_files_exit_2(tiny_folder, tmp_path):
+    from safediff.random_models import build_pipeline
+
+    edit_path = tmp_path / "red.safetensors"
+    assert run_cli("erase", "--model", str(tiny_folder), "--method", "uce", "--concept", "red",
+                   "--out", str(edit_path)).returncode == 0
+    other = tmp_path / "other"
+    build_pipeline("tiny-sd", seed=3).save_pretrained(other)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(edit_path.read_bytes()[:100])
+    for spec, words in ((f"{other}+{edit_path}", "another base model"), (f"{tiny_folder}+{bad}", "not a readable")):
+        r = run_cli("generate", "--model", spec, "--prompt", "x", "--steps", "1", "--height", "32", "--width", "32",
+                    "--out", str(tmp_path / "never"))
+        assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
