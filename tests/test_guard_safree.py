@@ -107,6 +107,8 @@ def test_projector_is_an_idempotent_symmetric_projector_onto_the_columns():
     assert round(float(torch.trace(p))) == 4
     q, _ = torch.linalg.qr(c[:, :4])  # independent: orthonormal basis of the same span
     assert torch.allclose(p, q @ q.T, atol=1e-10)
+    well = c[:, :4]  # the paper's formula, where the Gram matrix is well conditioned
+    assert torch.allclose(projector(well), well @ torch.linalg.inv(well.T @ well) @ well.T, atol=1e-10)
     assert torch.count_nonzero(projector(torch.zeros(16, 0, dtype=torch.float64))) == 0
 
 
@@ -242,6 +244,8 @@ def test_reattention_acts_only_on_filtered_steps_and_hooks_are_removed(bow_sd):
     assert pipeline_state(bow_sd) == before
     out = run(bow_sd, prompts, SafreeGuard([concept("x")]), steps=t_prime + 3)
     assert out.unet_batch_per_step == [3] * (t_prime + 1) + [2] * 2
+    no_cfg = run(bow_sd, prompts, SafreeGuard([concept("x")]), steps=t_prime + 3, guidance=1.0)
+    assert no_cfg.unet_batch_per_step == [2] * (t_prime + 1) + [1] * 2 and torch.isfinite(no_cfg.latents).all()
     assert pipeline_state(bow_sd) == before
 
 

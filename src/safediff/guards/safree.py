@@ -18,8 +18,9 @@ Generation", ICLR 2025, arXiv 2410.12761 (§3.1-3.4). Rules, in the paper's symb
 Variants (the research notes §3 list how the released code differs from the paper):
 - ``safree`` (default, preset ``paper``): as described above; the user's negative prompt, if any, is kept.
 - ``safree-released`` (= ``safree:released``): as the released code runs it, so published numbers can be compared:
-  the keywords joined by ", " are also the CFG negative prompt, and LRA is off (the released ``-lra`` flag only adds a
-  UNet branch whose output is discarded; its Fourier filters are never called).
+  the keywords joined by ", " are also the CFG negative prompt (replacing any negative prompt given to ``generate``),
+  and LRA is off (the released ``-lra`` flag only adds a UNet branch whose output is discarded; its Fourier filters
+  are never called).
 
 Interpretations:
 - Pooled embedding = the adapter's conditioning row at the EOS position: for SD-1.x/2.x the text encoder's last hidden
@@ -54,11 +55,18 @@ from safediff.models import Adapter, Conditioning, Model
 
 
 def projector(columns: torch.Tensor) -> torch.Tensor:
-    """P = C (C^T C)^+ C^T for C = columns [D, K] (float64): the orthogonal projector onto span(C)."""
+    """P = C (C^T C)^+ C^T for C = columns [D, K]: the orthogonal projector onto span(C), float64.
+
+    Computed as U_r U_r^T from the SVD of C, keeping the singular values the pseudo-inverse of the Gram matrix keeps
+    (sigma_k^2 > K eps sigma_1^2): the same matrix without squaring C's condition number (the masked-prompt
+    embeddings spanning P_I are nearly collinear)."""
     c = columns.double()
     if c.shape[1] == 0:
         return torch.zeros(c.shape[0], c.shape[0], dtype=torch.float64, device=c.device)
-    return c @ torch.linalg.pinv(c.T @ c, hermitian=True) @ c.T
+    u, sigma, _ = torch.linalg.svd(c, full_matrices=False)
+    keep = sigma > sigma[0] * math.sqrt(max(c.shape) * torch.finfo(torch.float64).eps)
+    q = u[:, keep]
+    return q @ q.T
 
 
 def trigger_mask(distances: torch.Tensor, alpha: float) -> torch.Tensor:
