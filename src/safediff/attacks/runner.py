@@ -66,7 +66,8 @@ def build_attack(name: str, params: str | None = None) -> Attack:
             else:
                 values[key] = type(default)(value) if default is not None else value
         except ValueError:
-            raise SafediffError(f"hyper-parameter {key} must be a {type(default).__name__}, got '{value}'") from None
+            raise SafediffError(f"hyper-parameter {key} must be of type {type(default).__name__}, got '{value}'"
+                                ) from None
     return cls(**values)
 
 
