@@ -170,6 +170,20 @@ def bench(
 
 
 @app.command()
+def report(
+    runs: list[Path] = typer.Argument(..., help="Finished bench or attack RUN folders."),
+    out: Path = typer.Option(Path("report.html"), help="The HTML file to write (charts also as PNG beside it)."),
+    max_prompts: int = typer.Option(8, help="Prompts shown in each image grid."),
+    show_flagged: bool = typer.Option(False, help="Show flagged images unblurred."),
+):
+    """One self-contained HTML report: metrics with intervals, charts, ASR tables, image grids, protocols."""
+    from safediff.bench.report import build_report
+
+    path = build_report(runs, out, max_prompts=max_prompts, show_flagged=show_flagged)
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
 def attack(
     target: str = typer.Option(..., help="SPEC[+EDIT...][:GUARD[:PRESET]], e.g. sandbox, sandbox+uce.safetensors, "
                                          "sandbox:sld:max."),
