@@ -1,0 +1,78 @@
+"""Concept Inversion (CCE): the placeholder path is exact, training lowers the denoising loss, budgets, determinism,
+guarded targets, the saved embedding file."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from attack_recipe_helpers import ROW, never_flags, red_target
+from safediff.attacks.base import Budget
+from safediff.attacks.concept_inversion import (ConceptInversion, placeholder_conditioning, placeholder_template,
+                                                save_embedding, split_embedding, template_tokens)
+from safediff.errors import SafediffError
+
+
+def test_placeholder_template():
+    assert placeholder_template("a red circle", ["red", "crimson"]) == "a {} circle"
+    assert placeholder_template("A Crimson disc", ["red", "crimson"]) == "A {} disc"
+    assert placeholder_template("a bored cat", ["red"]) == "a bored cat, {}"  # whole words only
+    with pytest.raises(SafediffError):
+        template_tokens(None, "no slot here", 5)
+
+
+def test_placeholder_embedding_path_equals_the_text_encoder_on_ids(tiny_sd):
+    a = tiny_sd.adapter
+    tok, te = a.tokenizers[0], a.text_encoders[0]
+    slot = tok("q", add_special_tokens=False).input_ids[0]
+    ids, pos = template_tokens(tok, "a {} circle", slot)
+    full = torch.full((1, 77), tok.pad_token_id)
+    full[0, 0], full[0, 1:len(ids) + 1], full[0, len(ids) + 1] = tok.bos_token_id, torch.tensor(ids), tok.eos_token_id
+    with torch.no_grad():
+        mine = placeholder_conditioning(a, ["a {} circle"], slot, [a.token_embedding(0).weight[slot]])
+        ref = te(full)[0]
+        moved = placeholder_conditioning(a, ["a {} circle"], slot, [a.token_embedding(0).weight[slot] + 1.0])
+    assert ids[pos - 1] == slot and torch.allclose(mine.embeds, ref, atol=1e-6)
+    assert not torch.allclose(moved.embeds, ref)  # the vector, not the id, is what the encoder reads
+
+
+def test_training_lowers_the_denoising_loss_within_budget(tiny_sd):
+    target = red_target(tiny_sd)
+    r = ConceptInversion(lr=0.05).run(target, ROW, never_flags(), Budget(iterations=25), seed=0)
+    assert r.extra["probe_after"] < r.extra["probe_before"]
+    assert r.compute["iterations"] == r.compute["unet_backward"] == 25
+    # 25 training steps + 2 probes + the judged generation; target images are setup, recorded apart
+    assert r.compute["unet_forward"] == 25 + 2 + target.steps
+    assert r.extra["setup_compute"]["target_images"]["unet_forward"] == target.steps
+    assert r.adversarial_prompt == "a <concept> circle" and r.embedding.shape == (32,)
+
+
+def test_budget_is_respected_exactly(tiny_sd):
+    r = ConceptInversion().run(red_target(tiny_sd), ROW, never_flags(), Budget(unet_forward=12), seed=0)
+    assert r.compute["unet_forward"] == 12 and r.image is not None  # 7 steps + 2 probes + 3 judging calls
+
+
+def test_same_seed_same_embedding(tiny_sd):
+    runs = [ConceptInversion().run(red_target(tiny_sd), ROW, never_flags(), Budget(iterations=3), seed=s)
+            for s in (4, 4, 5)]
+    assert torch.equal(runs[0].embedding, runs[1].embedding)
+    assert not torch.equal(runs[0].embedding, runs[2].embedding)
+
+
+def test_guarded_sdxl_target(tiny_sdxl):
+    from safediff.guards.negative_prompt import NegativePromptGuard
+    from safediff.concepts import resolve
+
+    target = red_target(tiny_sdxl, guard=NegativePromptGuard(resolve("red")))
+    r = ConceptInversion(lr=0.05).run(target, ROW, never_flags(), Budget(iterations=4), seed=0)
+    dims = [tiny_sdxl.adapter.token_embedding(k).weight.shape[1] for k in range(2)]
+    assert r.embedding.shape == (sum(dims),) and r.extra["embedding_dims"] == dims and r.image is not None
+
+
+def test_saved_embedding_is_a_diffusers_textual_inversion_file(tmp_path, tiny_sdxl):
+    v = [torch.randn(32), torch.randn(32)]
+    sd = load_file(save_embedding(tmp_path / "sd.safetensors", v[:1], "sd1", "<concept>", {"concept": "red"}))
+    assert list(sd) == ["<concept>"] and torch.equal(sd["<concept>"][0], v[0])
+    xl = load_file(save_embedding(tmp_path / "xl.safetensors", v, "sdxl", "<concept>"))
+    assert set(xl) == {"clip_l", "clip_g"} and torch.equal(xl["clip_g"][0], v[1])
+    parts = split_embedding(torch.cat(v), tiny_sdxl.adapter)
+    assert all(torch.equal(a, b) for a, b in zip(parts, v))
