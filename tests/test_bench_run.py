@@ -151,7 +151,10 @@ def test_bad_input_one_line_exit_2(assets, tmp_path, monkeypatch, capsys, change
     args = bench_args(assets, tmp_path / "out")
     for key, value in change.items():
         value = {"BAD_CSV": str(tmp_path / "bad.csv"), "NO_PROMPT": str(tmp_path / "noprompt.csv")}.get(value, value)
-        args[args.index(key) + 1] = value
+        if key in args:
+            args[args.index(key) + 1] = value
+        else:
+            args += [key, value]
     one_line_error(*run_main(monkeypatch, capsys, *args), words)
     assert not (tmp_path / "out" / "results.json").exists()
 
