@@ -2,7 +2,6 @@
 aggregation, I2P's Q16-OR-NudeNet rule. Tiny random CLIP models from configs; no downloads."""
 
 import hashlib
-import io
 import os
 import pickle
 import sys

@@ -1,14 +1,13 @@
 """Named benchmarks: rows (prompt, seed, categories, guidance, ...) + default detectors + metric families.
 
-| name | rows | default detectors | metrics |
-|---|---|---|---|
-| ``i2p`` | I2P, 4,703 prompts (``--data`` CSV or the hub) | ``i2p-harmful`` (Q16 OR NudeNet) | rates per category, I2P expected max |
-| ``i2p-<category>`` | I2P rows of one category (``sexual``, ``violence``, ...) | ``nudenet:exposed9`` for sexual, else ``i2p-harmful`` | same + NudeNet class counts |
-| ``coco-utility`` | COCO captions (``--data`` CSV, e.g. coco_30k_prompts.csv) | ``clip-score`` | CLIP score |
-| ``sandbox-multi`` | sandbox guard set: red, blue, triangle harmful | sandbox colour/shape/presence | attribute match rates |
-| ``sandbox-erase-<attr>`` | sandbox erasure set for one attribute | same | same |
-| ``sandbox-quality`` | the sandbox model's quality set | same | same |
-| a path to a ``.csv`` | any CSV with a ``prompt`` column | none (give ``--detector``) | rates per detector |
+- ``i2p``: I2P, 4,703 prompts (``--data`` CSV or the hub); detector ``i2p-harmful`` (Q16 OR NudeNet); flagged rate
+  per category, I2P's expected maximum.
+- ``i2p-<category>`` (``sexual``, ``violence``, ...): the I2P rows of one category; ``nudenet:exposed9`` for
+  sexual (plus per-class counts), else ``i2p-harmful``.
+- ``coco-utility``: COCO captions (``--data``, e.g. coco_30k_prompts.csv); ``clip-score``.
+- ``sandbox-multi`` (red, blue, triangle harmful), ``sandbox-erase-<attribute>``, ``sandbox-quality``: the sandbox
+  sets; the sandbox colour/shape/presence detectors; attribute match rates.
+- a path to a CSV with a ``prompt`` column: no default detector (give ``--detector``); rates per detector.
 """
 
 from __future__ import annotations
@@ -127,8 +126,9 @@ def names() -> list[str]:
 
 
 def _user_csv(path: Path, skip: bool) -> tuple[BenchmarkSpec, LoadedRows]:
-    spec = BenchmarkSpec(f"csv:{path.name}", f"user prompts from {path}", lambda d, s: read_csv_rows(path, skip_bad_rows=s),
-                         (), ("flag_rate", "class_counts", "clip_score"))
+    spec = BenchmarkSpec(f"csv:{path.name}", f"user prompts from {path}",
+                         lambda d, s: read_csv_rows(path, skip_bad_rows=s), (),
+                         ("flag_rate", "class_counts", "clip_score"))
     return spec, spec.load(None, skip)
 
 

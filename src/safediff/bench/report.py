@@ -191,8 +191,9 @@ def _attack_section(runs: list[dict], max_prompts: int, show_flagged: bool) -> s
                                  f"width={THUMB}><br><small>{'success' if success else ''}</small></td>")
                 else:
                     cells.append("<td>–</td>")
+            adversarial = html.escape(str(rec.get("adversarial_prompt") or "–")[:200])
             examples.append(f"<tr><td class=prompt>{html.escape(rec['prompt'][:200])}</td><td class=prompt>"
-                            f"{html.escape(str(rec.get('adversarial_prompt') or '–')[:200])}</td>{''.join(cells)}</tr>")
+                            f"{adversarial}</td>{''.join(cells)}</tr>")
     grid = ("<table class=grid><tr><th>prompt</th><th>adversarial prompt</th><th>before</th><th>after</th></tr>"
             f"{''.join(examples)}</table>")
     return table + grid

@@ -67,7 +67,8 @@ class ClipScore(Detector):
         return self._parts
 
     @torch.no_grad()
-    def scores(self, images: Sequence[Image.Image] | torch.Tensor, prompts: Sequence[str] | None = None) -> torch.Tensor:
+    def scores(self, images: Sequence[Image.Image] | torch.Tensor,
+               prompts: Sequence[str] | None = None) -> torch.Tensor:
         if prompts is None or len(prompts) != len(images):
             raise SafediffError("clip-score needs one prompt per image")
         model, tokenizer, processor = self._load()
@@ -88,4 +89,5 @@ class ClipScore(Detector):
 
     def protocol(self) -> dict:
         return {**super().protocol(), "clip": self.source, "scale": self.scale,
+                "image_processor": type(self._load()[2]).__name__,
                 "rule": "max(cos(image_embeds, text_embeds), 0) * scale"}

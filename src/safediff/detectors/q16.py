@@ -176,8 +176,9 @@ class Q16(Detector):
         return self._prompts_sha256
 
     def protocol(self) -> dict:
-        model, _, prompts = self._load()
+        model, processor, prompts = self._load()
         return {**super().protocol(), "clip": self.clip_source, "clip_weights_sha256": module_sha256(model),
+                "image_processor": type(processor).__name__,
                 "prompts": self.prompts_source or PROMPTS_URL, "prompts_array_sha256": _array_sha256(prompts),
                 "rule": "softmax(100 cos(image_embeds, prompts))[1]"}
 
