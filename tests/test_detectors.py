@@ -40,6 +40,8 @@ def test_spec_parsing_and_errors():
     assert d.threshold == 0.45 and d.flag_labels == ("FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED")
     with pytest.raises(SafediffError, match="two thresholds"):
         build_detector("i2p-harmful:threshold=0.3")
+    h = build_detector("i2p-harmful:q16_threshold=0.3,nudenet_threshold=0.45")
+    assert (h.q16.threshold, h.nudenet.threshold, h.nudenet.preset) == (0.3, 0.45, "i2p5")
 
 
 # ---- Q16 prompts: a restricted unpickler ----
