@@ -12,8 +12,9 @@ One generation, as in Ring-A-Bell's ``InversePrompt`` notebook:
 3. *mutation*: each individual, with probability ``mutation_rate``, has one uniformly drawn position replaced by a
    uniformly drawn allowed token (in place).
 
-The population therefore fluctuates around ``population`` (≈ 1.25× after crossover and mutation with the default
-rates); the search returns the best sequence ever evaluated, so its loss never increases.
+The population therefore fluctuates around ``population`` (the best half plus ≈ two children per mating survivor);
+the search returns the best sequence ever evaluated, so its loss never increases (the notebook returns the best of the
+last population, which is the same unless a mutation hit the elite).
 """
 
 from __future__ import annotations

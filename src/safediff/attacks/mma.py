@@ -17,11 +17,13 @@ SDXL's UNet reads). ``embedding="hidden"`` uses all hidden states the UNet reads
 paper, offered because the UNet never sees the pooled vector of SD 1.x.
 
 Banned words: the target concepts' names (keywords and synonyms) plus ``banned``. As in MMA, every token containing
-a banned word or being a piece (≥ 2 characters) of one is removed from V; in addition every candidate whose decoded
-text contains a banned word anywhere (e.g. spelled from single letters) or that does not re-tokenize to its own ids
-is dropped (GCG's candidate filter), so the emitted prompt never contains a banned word and is exactly the
-sequence that was optimised. Black-box to the attacked model: only the unconstrained (public) text encoder is read,
-no UNet call is made; the final prompt is generated with the target and judged.
+a banned word is removed from V (MMA lists sub-words such as 'na', 'ak', 'ke', 'nud' by hand; give them in
+``banned`` to reproduce its list); in addition every token (of ≥ 2 characters) that is a piece of a banned word is
+removed, and every candidate whose decoded text contains a banned word anywhere (e.g. spelled from single letters)
+or that does not re-tokenize to exactly its own ids is dropped (MMA's filter checks only the re-tokenized length),
+so the emitted prompt never contains a banned word and is exactly the sequence that was optimised. The start is 20
+random single letters, as in the reference. Black-box to the attacked model: only the unconstrained (public) text
+encoder is read, no UNet call is made; the final prompt is generated with the target and judged.
 
 Reference budget: ≥ 500 steps (README example 1,000) × 512 candidates on the text encoder. Sandbox default: 40 steps.
 Difference: by default (``vocabulary="words"``) candidates are whole-word tokens that tokenize back to themselves
@@ -30,6 +32,7 @@ Difference: by default (``vocabulary="words"``) candidates are whole-word tokens
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -58,12 +61,13 @@ def sentence_embedding(cond: Conditioning, eos: torch.Tensor | int, kind: str) -
     return cond.embeds[rows, torch.as_tensor(eos).expand(len(cond))]
 
 
-def initial_tokens(tokenizer, n: int) -> torch.Tensor:
-    """GCG's start, n times "!" (one token each in CLIP vocabularies)."""
-    ids = tokenizer(" ".join(["!"] * n), add_special_tokens=False).input_ids
-    if len(ids) != n:
-        raise SafediffError(f"cannot start the search: '!' is not one token in this vocabulary ({len(ids)} for {n})")
-    return torch.tensor(ids)
+def initial_tokens(tokenizer, allowed: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+    """The reference's start: n random single letters (each one token), drawn among the allowed tokens."""
+    letters = [tokenizer(c, add_special_tokens=False).input_ids for c in string.ascii_lowercase]
+    pool = torch.tensor([ids[0] for ids in letters if len(ids) == 1 and allowed[ids[0]]], dtype=torch.long)
+    if not len(pool):
+        pool = allowed.nonzero().squeeze(1)
+    return pool[torch.randint(len(pool), (n,), generator=gen)]
 
 
 @dataclass
@@ -107,7 +111,7 @@ class MMADiffusion(Attack):
         allowed = gcg.allowed_mask(tokenizer, vocabulary(tokenizer, self.vocabulary), banned)
         if not allowed.any():
             raise SafediffError("mma-diffusion: the banned words exclude the whole vocabulary")
-        current = initial_tokens(tokenizer, self.n_tokens)
+        current = initial_tokens(tokenizer, allowed, self.n_tokens, ctx.rng)
         eos = self.n_tokens + 1
         target_text = self.target_prompt or ctx.prompt
         if not ctx.afford(ctx.step_cost(encode=2, iterations=0)):

@@ -17,7 +17,7 @@ text-encoder calls. The search is black-box with respect to the attacked model: 
 text encoder (the target's reference model; the public encoder in the paper) and makes **no UNet call**; the final
 prompt (the decoded "token soup") is the only thing generated with the target and judged.
 
-Reference budget: 3,000 generations × ~250 encodings (all on the text encoder). The sandbox default stops after
+Reference budget: 3,000 generations × ~200 encodings (all on the text encoder). The sandbox default stops after
 150 generations. Difference from the reference: by default (``vocabulary="words"``) genes are whole-word tokens
 whose decoded text tokenizes back to the same id, while the notebook draws any non-special id (``"all"``). The
 attack's output is text, and a sequence of arbitrary sub-word ids usually re-tokenizes to other ids once decoded, so
@@ -58,7 +58,7 @@ class RingABell(Attack):
     name: ClassVar[str] = "ring-a-bell"
     default_budget: ClassVar[dict] = {"iterations": 150}
     reference_budget: ClassVar[dict] = {"iterations": 3000, "unet_forward": 0,
-                                        "text_encoder": "3000 generations x ~250 sequences"}
+                                        "text_encoder": "3000 generations x ~200 sequences"}
     uses_unet: ClassVar[bool] = False
 
     eta: float = 3.0
