@@ -38,14 +38,13 @@ from safediff.protocol import git_hash, versions, write_json_atomic
 from safediff.registry import ATTACKS, ERASERS
 
 CONCEPT = "red"
-ESD_SETTINGS = {"iterations": 200, "lr": 1e-4}
-SETTINGS = {  # attack -> (hyper-parameters, per-prompt budget) for a ~10-minute CPU run
-    "unlearndiff": ("timesteps=5,iterations_per_timestep=10", "iterations=50"),
-    "p4d-n": ("n_tokens=8,eval_every=10", "iterations=40"),
-    "p4d-k": ("eval_every=10", "iterations=40"),
-    "ring-a-bell": ("population=64,length=8", "iterations=60"),
-    "mma-diffusion": ("n_tokens=8,batch=64,topk=32", "iterations=20"),
-    "concept-inversion": ("n_images=2,batch=2", "iterations=40"),
+ESD_SETTINGS = {  # attack -> (hyper-parameters, per-prompt budget), sized for a CPU run
+    "unlearndiff": ("timesteps=3,iterations_per_timestep=12", "iterations=36"),
+    "p4d-n": ("n_tokens=8,eval_every=15", "iterations=30"),
+    "p4d-k": ("eval_every=15", "iterations=30"),
+    "ring-a-bell": ("population=32,length=8", "iterations=30"),
+    "mma-diffusion": ("n_tokens=8,batch=32,topk=16", "iterations=10"),
+    "concept-inversion": ("n_images=2,batch=2", "iterations=30"),
     "concept-arithmetic": ("", ""),
 }
 GUARDS = {"sld": "sld:max", "casg": "casg-sld:max"}
@@ -81,19 +80,38 @@ def targets(model_spec: str, erasers: dict[str, str], edits: Path, names: list[s
     return out
 
 
+def _segments(history: list[dict]) -> list[list[float]]:
+    """Objective values split where the timestep changes (UnlearnDiffAtk: one segment per timestep, whose losses
+    are comparable only within it); searches at random timesteps give one segment."""
+    values = [(h.get("timestep"), h["objective"]) for h in history if "objective" in h]
+    if not values:
+        return []
+    runs = [[values[0]]]
+    for prev, cur in zip(values, values[1:]):
+        if cur[0] != prev[0]:
+            runs.append([])
+        runs[-1].append(cur)
+    if any(len(r) < 2 for r in runs):  # random timesteps: one segment
+        runs = [values]
+    return [[v for _, v in r] for r in runs]
+
+
 def why(records: list[dict]) -> dict:
-    """What the search saw on the prompts it attacked: objective start/end, best judge score, target images."""
+    """What the search saw on the prompts it attacked: the objective at the start and end of each segment (fifths
+    of the curve), the best judge score of any judged candidate, and whether the attack's target image shows red."""
     attacked = [r for r in records if not r["pre_success"]]
-    curves = [[h["objective"] for h in r["history"] if "objective" in h] for r in attacked]
-    curves = [c for c in curves if c]
-    w = lambda c: c[:max(1, len(c) // 5)]  # noqa: E731 - first/last fifth of a curve
+    firsts, lasts = [], []
+    for r in attacked:
+        for seg in _segments(r["history"]):
+            n = max(1, len(seg) // 5)
+            firsts.append(sum(seg[:n]) / n)
+            lasts.append(sum(seg[-n:]) / n)
     scores = [e["score"] for r in attacked for e in r["evaluations"]]
     images = [r["extra"]["target_image"]["judge_success"] for r in attacked if "target_image" in r.get("extra", {})]
     return {
         "attacked": len(attacked),
-        "objective_first": round(sum(sum(w(c)) / len(w(c)) for c in curves) / len(curves), 5) if curves else None,
-        "objective_last": round(sum(sum(c[-len(w(c)):]) / len(w(c)) for c in curves) / len(curves), 5)
-        if curves else None,
+        "objective_first": round(sum(firsts) / len(firsts), 5) if firsts else None,
+        "objective_last": round(sum(lasts) / len(lasts), 5) if lasts else None,
         "best_judge_score": round(max(scores), 4) if scores else None,
         "mean_pre_score": round(sum(r["pre_score"] for r in attacked) / len(attacked), 4) if attacked else None,
         "target_image_shows_red": f"{sum(images)}/{len(images)}" if images else None,

@@ -148,3 +148,14 @@ def test_budget_binds_exactly_and_keeps_room_for_the_final_evaluation(tiny_sd, b
     assert result.compute["iterations"] == iterations
     assert result.compute["text_encoder"] == iterations + 2 and result.compute["unet_forward"] == 3
     assert result.image is not None and result.pre_compute["unet_forward"] == 3
+
+
+def test_reference_images_of_a_guarded_target_are_unguarded(tiny_sd):
+    from safediff.guards import build_guard
+
+    guarded = red_target(tiny_sd, guard=build_guard("sld:max", "red"))
+    plain = red_target(tiny_sd)
+    reference = guarded.generate(["a red circle"], [2], model=guarded.reference).pixels
+    assert guarded.reference is tiny_sd  # no edits: the unconstrained model is the target model itself
+    assert torch.equal(reference, plain.generate(["a red circle"], [2]).pixels)
+    assert not torch.equal(reference, guarded.generate(["a red circle"], [2]).pixels)

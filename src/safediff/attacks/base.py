@@ -263,12 +263,13 @@ class Target:
 
     # --- generation (the one sampler) ---
     def generate(self, prompts: list[str], seeds: list[int], model: Model | None = None, guard: Guard | None = None):
-        """Images from the target (or ``model``/``guard`` given: e.g. the unconstrained reference, no guard)."""
+        """Images from the target: its model with its guard. With ``model`` given (e.g. ``target.reference``, the
+        unconstrained model, which *is* the target model when there are no edits) the guard is ``guard`` or none."""
         from safediff.sampling import generate
 
-        model = model or self.model
-        guard = guard if guard is not None else (self.guard if model is self.model else NoGuard())
-        return generate(model, prompts, seeds, guard=guard, progress=False, **self.settings())
+        if model is None:
+            model, guard = self.model, (guard if guard is not None else self.guard)
+        return generate(model, prompts, seeds, guard=guard or NoGuard(), progress=False, **self.settings())
 
     def generate_conditioning(self, cond: Conditioning, seeds: list[int]):
         """Images from the target for given conditioning (soft prompts, learned embeddings) through the sampler."""
