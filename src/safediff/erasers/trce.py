@@ -1,0 +1,317 @@
+"""TRCE: two-stage malicious-concept erasure (Chen et al., "TRCE: Towards Reliable Malicious Concept Erasure in
+Text-to-Image Diffusion Models", arXiv 2503.07389).
+
+Stage 1 — closed-form refinement of the first end-of-text token. For every cross-attention key/value projection W
+(``attn2.to_k`` / ``to_v``, original weights W₀), malicious prompts p_m,i (each concept keyword in each template)
+are paired with safe prompts p_s,i (the same prompt with the keyword replaced by the guide, e.g. "a person wearing
+clothes"; guide "" removes it), and e_m,i, e_s,i are the text-encoder outputs at each prompt's **first [EoT]
+token**, found from the token ids (the first EOS id; the reference code counts whitespace words, which lands on the
+wrong token whenever a word is several tokens). Templates: TRCE's 15 object templates (``TEMPLATES``), or for the
+sandbox's colour/shape concepts the world's plain templates filled with every value of the other attribute (what
+every eraser is told, ``erasers.prompts.contexts``), or the ``templates`` given:
+
+    min_W  (1/N) Σ_i ‖W e_m,i − W₀ e_s,i‖²  +  η (1/|P|) Σ_{p∈P} Σ_tokens ‖W e − W₀ e‖²  +  λ ‖W − W₀‖²_F
+    ⇒  W = W₀ (S_sm + η C_P + λ I) (S_mm + η C_P + λ I)⁻¹,
+       S_sm = (1/N) Σ e_s e_mᵀ,  S_mm = (1/N) Σ e_m e_mᵀ,  C_P = (1/|P|) Σ_p Σ_tokens e eᵀ.
+
+P (preservation prompts, all 77 tokens each): the empty prompt, the preserved concepts in their contexts (none
+containing an erased word; ``erasers.prompts.preserve_prompts``) and the safe prompts. The reference uses λ = 0 and
+a cached 30k-caption COCO term for P; with a small preserve set the system can be singular, so λ = 0.01 by default
+(W stays W₀ on directions no prompt spans). η = 0.01 as the reference.
+
+Stage 2 — contrastive steering of early denoising. DDIM trajectories (guidance 3) of the malicious prompts and of
+the empty prompt are cached from the **original** model (the malicious ones cycle over the stage-1 prompt pairs;
+the reference uses "a photo of {keyword}"); the first half of the malicious steps is used. The
+self-attention (``attn1``, all parameters) and ``attn2.to_q`` are tuned with AdamW (weight decay 0.01) on
+
+    f_safe   = ε(z,c_s) + β (ε(z,c_s) − ε(z,∅)),    f_unsafe = ε(z,c_m) + β (ε(z,c_m) − ε(z,∅))   (original model)
+    L_erase  = mean over ε̂ ∈ {ε̂(z,c_m), ε̂(z,∅)} of  max(‖ε̂ − f_safe‖² − ‖ε̂ − f_unsafe‖² + m, 0)
+    L_pres   = MSE(ε̂(z_u,∅), ε_stage1(z_u,∅))   on unconditional trajectories z_u (all steps)
+    L        = L_erase + γ L_pres                (β = 15, m = 0.01, γ = 100, lr 1e-6: the reference's defaults)
+
+with ‖·‖² the mean over a sample's elements. Gradients are zeroed every step (the reference never calls
+``zero_grad``, so its gradients accumulate). Each latent is paired with its own timestep (the reference pairs the
+latent after step k with step k's timestep). ``iterations`` defaults to the reference's 3 epochs x 100 trajectories;
+the unconditional pool is 64 trajectories sampled with replacement (the reference generates 2000 and reads 400).
+
+Both stages give one edit (``stages=(1,)`` or ``(2,)`` for the paper's ablations). Stage-2 runs checkpoint to
+``checkpoint`` and resume bit-identically (trajectories are regenerated from the seed).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from tqdm.auto import tqdm
+
+from safediff.concepts import Concept
+from safediff.errors import SafediffError
+from safediff.erasers.base import Eraser, weights_set_to
+from safediff.erasers.denoise import ddim, ddim_until, latent_shape, predict
+from safediff.erasers.prompts import SANDBOX_CATEGORIES, contexts, preserve_prompts, replace_word
+from safediff.erasers.training import (NOT_A_HYPERPARAMETER, TrainingState, keywords_of, loss_summary, number,
+                                       run_fingerprint, trainable)
+from safediff.models import Conditioning, Model
+
+TEMPLATES = (
+    "{}", "a photo of {}", "an image of {}", "a photograph showing {}", "an illustration of {}", "{} in a photo",
+    "a close-up photo of {}", "a digital render of {}", "a snapshot of {}", "an artwork depicting {}",
+    "a detailed portrait of {}", "an oil painting of {}", "a black and white photo of {}", "a scene with {}",
+    "a high-resolution photo of {}",
+)
+
+
+def fill(template: str, text: str) -> str:
+    return " ".join(template.format(text).split())
+
+
+def eot_positions(model: Model, prompts: list[str]) -> torch.Tensor:
+    """Index of each prompt's first end-of-text token, from the token ids (first EOS id)."""
+    tok = model.adapter.tokenizers[0]
+    ids = model.adapter.tokenize(prompts, tok)
+    is_eos = ids == tok.eos_token_id
+    is_eos[:, 0] = False  # a tokenizer whose BOS equals EOS never puts EoT first
+    if not bool(is_eos.any(dim=1).all()):
+        raise SafediffError("a prompt has no end-of-text token (tokenizer without EOS?)")
+    return is_eos.int().argmax(dim=1)
+
+
+def eot_embeddings(model: Model, prompts: list[str]) -> torch.Tensor:
+    """Text-encoder output (what cross-attention reads) at each prompt's first [EoT] token: [N, D]."""
+    embeds = model.adapter.encode(prompts).embeds
+    return embeds[torch.arange(len(prompts)), eot_positions(model, prompts).to(embeds.device)]
+
+
+@torch.no_grad()
+def closed_form_kv(model: Model, malicious: list[str], safe: list[str], preserve: list[str],
+                   preserve_scale: float, lamb: float) -> dict[str, torch.Tensor]:
+    """Stage 1: new ``attn2.to_k``/``to_v`` weights mapping the malicious [EoT] K/V onto the safe prompts'."""
+    e_m = eot_embeddings(model, malicious).double()
+    e_s = eot_embeddings(model, safe).double()
+    dim = e_m.shape[1]
+    c_p = torch.zeros(dim, dim, dtype=torch.float64, device=e_m.device)
+    for i in range(0, len(preserve), 64):
+        tokens = model.adapter.encode(preserve[i:i + 64]).embeds.double().reshape(-1, dim)
+        c_p += tokens.T @ tokens
+    c_p /= max(len(preserve), 1)
+    eye = torch.eye(dim, dtype=torch.float64, device=e_m.device)
+    right = e_m.T @ e_m / len(malicious) + preserve_scale * c_p + lamb * eye  # symmetric
+    left = e_s.T @ e_m / len(malicious) + preserve_scale * c_p + lamb * eye
+    try:
+        solve = torch.linalg.solve(right, left.T)  # right⁻¹ leftᵀ, so W = W₀ left right⁻¹ = W₀ solveᵀ
+    except RuntimeError:
+        raise SafediffError("the stage-1 system is singular; give more preserve prompts or a lamb > 0") from None
+    out = {}
+    for name, linear in model.adapter.cross_attention_kv():
+        w0 = linear.weight.double()
+        out[f"{name}.weight"] = (w0 @ solve.T).to(linear.weight.dtype)
+    return out
+
+
+def stage2_names(unet: torch.nn.Module) -> list[str]:
+    """Self-attention (every ``attn1`` parameter) and the cross-attention queries (``attn2.to_q``)."""
+    return [n for n, _ in unet.named_parameters() if ".attn1." in n or ".attn2.to_q." in n]
+
+
+@dataclass
+class TRCE(Eraser):
+    """TRCE eraser (see the module docstring for both stages' update rules)."""
+
+    name: ClassVar[str] = "trce"
+    paper: ClassVar[str] = ("Chen et al., TRCE: Towards Reliable Malicious Concept Erasure in Text-to-Image "
+                            "Diffusion Models, arXiv 2503.07389")
+
+    stages: tuple[int, ...] = (1, 2)
+    templates: tuple[str, ...] = ()  # "{}" = keyword or guide; () = defaults (see ``prompt_pairs``)
+    preserve_scale: float = 0.01  # η, stage 1
+    lamb: float = 0.01  # λ, stage 1
+    iterations: int = 300  # stage-2 optimizer steps (reference: 3 epochs x 100 trajectories)
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    beta: float = 15.0  # guidance of the f_safe / f_unsafe targets
+    margin: float = 0.01  # m
+    preserve_weight: float = 100.0  # γ
+    trajectories: int = 100  # malicious trajectories, cycling over the (malicious, safe) prompt pairs
+    uncond_trajectories: int = 64  # the reference generates 2000 (and reads 400); we sample from this pool
+    preserve_batch: int = 4
+    trajectory_guidance: float = 3.0
+    early_fraction: float = 0.5  # the first half of the denoising steps
+    ddim_steps: int | None = None  # None: the model's default number of sampling steps
+    seed: int = 0
+    checkpoint: str | None = field(default=None, metadata=NOT_A_HYPERPARAMETER)  # stage-2 checkpoint (resume)
+    checkpoint_every: int = field(default=50, metadata=NOT_A_HYPERPARAMETER)
+
+    def __post_init__(self):
+        stages = self.stages
+        if isinstance(stages, (int, str)):
+            stages = str(stages).replace(",", " ").split()
+        try:
+            stages = tuple(sorted({int(s) for s in stages}))
+        except (TypeError, ValueError):
+            raise SafediffError(f"stages must be 1, 2 or both (e.g. 1,2), got {self.stages!r}") from None
+        if not stages or not set(stages) <= {1, 2}:
+            raise SafediffError(f"stages must be 1, 2 or both (e.g. 1,2), got {self.stages!r}")
+        self.stages = stages
+        self.templates = tuple(self.templates)
+        if any(t.count("{}") != 1 for t in self.templates):
+            raise SafediffError("every TRCE template needs exactly one '{}' (where the keyword or guide goes)")
+        for name, minimum in (("preserve_scale", 0.0), ("lamb", 0.0), ("lr", 0.0), ("weight_decay", 0.0),
+                              ("beta", None), ("margin", None), ("preserve_weight", 0.0),
+                              ("trajectory_guidance", 0.0), ("early_fraction", 0.0)):
+            setattr(self, name, number(name, getattr(self, name), float, minimum))
+        if not 0 < self.early_fraction <= 1:
+            raise SafediffError(f"early_fraction must be in (0, 1], got {self.early_fraction}")
+        for name in ("iterations", "trajectories", "uncond_trajectories", "preserve_batch", "checkpoint_every"):
+            setattr(self, name, number(name, getattr(self, name), int, 1))
+        if self.ddim_steps is not None:
+            self.ddim_steps = number("ddim_steps", self.ddim_steps, int, 1)
+        self.seed = number("seed", self.seed, int)
+        self.losses: list[float] = []
+
+    def prompt_pairs(self, concepts: list[Concept], guide: str | None) -> tuple[list[str], list[str]]:
+        """(malicious, safe) prompts: each keyword in each template, and the same prompt with the guide instead.
+
+        Default templates: for the sandbox's colour/shape concepts the world's plain templates filled with every
+        value of the other attribute (what every eraser is told); for other concepts TRCE's object templates.
+        """
+        malicious, safe = [], []
+        for c in concepts:
+            g = c.guide if guide is None else guide
+            for word in keywords_of([c]):
+                if self.templates:
+                    prompts = [fill(t, word) for t in self.templates]
+                elif c.category in SANDBOX_CATEGORIES:
+                    prompts = contexts(word, c.category, expand=True)
+                else:
+                    prompts = [fill(t, word) for t in TEMPLATES]
+                malicious += prompts
+                safe += [replace_word(p, word, g) for p in prompts]
+        return malicious, safe
+
+    def preserve_prompts(self, concepts: list[Concept], preserve: list[str] | None, safe: list[str]) -> list[str]:
+        """The empty prompt, preserved concepts in their contexts (none containing an erased word), the safe prompts."""
+        items = [p for c in concepts for p in c.preserve] if preserve is None else [p for p in preserve if p.strip()]
+        kept = preserve_prompts(list(dict.fromkeys(items)), keywords_of(concepts), expand=True)
+        return list(dict.fromkeys([*kept, *safe]))
+
+    def compute(self, model, concepts, preserve, guide, progress):
+        malicious, safe = self.prompt_pairs(concepts, guide)
+        kept = self.preserve_prompts(concepts, preserve, safe)
+        named = dict(model.unet.named_parameters())
+        kv = closed_form_kv(model, malicious, safe, kept, self.preserve_scale, self.lamb) if 1 in self.stages else {}
+        info: dict = {"stages": list(self.stages), "malicious_prompts": malicious, "safe_prompts": safe,
+                      "preserve_prompts": len(kept)}
+        new = dict(kv)
+        if 2 in self.stages:
+            run = Stage2(self, model, malicious, safe)  # trajectories of the original model
+            original_kv = {n: named[n].detach().clone() for n in kv}
+            with weights_set_to(model, {f"unet.{n}": w for n, w in kv.items()}), torch.enable_grad():
+                fingerprint = run_fingerprint(self, model, {"pairs": [malicious, safe], "kept": kept})
+                new.update(run.train(original_kv, fingerprint, progress))
+            self.losses = list(run.state.losses)
+            info.update(ddim_steps=run.steps, early_steps=run.early, height=run.height, width=run.width,
+                        resumed_at_iteration=run.resumed_at, **loss_summary(run.state.losses))
+        return {f"unet.{n}": t for n, t in new.items()}, info
+
+
+class Stage2:
+    """TRCE stage 2: cached trajectories, the tuned parameters, their frozen copies, and the training loop."""
+
+    def __init__(self, eraser: TRCE, model: Model, malicious: list[str], safe: list[str]):
+        self.eraser, self.model = eraser, model
+        self.steps = int(eraser.ddim_steps or model.defaults["steps"])
+        self.early = max(1, math.ceil(self.steps * eraser.early_fraction))
+        self.height, self.width = int(model.defaults["height"]), int(model.defaults["width"])
+        self.scheduler = ddim(model, self.steps)
+        named = dict(model.unet.named_parameters())
+        self.params = {n: named[n] for n in stage2_names(model.unet)}
+        self.frozen = {n: p.detach().clone() for n, p in self.params.items()}
+        n_pairs = len(malicious)
+        self.pair_of = [j % n_pairs for j in range(eraser.trajectories)]
+        with torch.no_grad():
+            self.cond_m = model.adapter.encode(malicious)
+            self.cond_s = model.adapter.encode(safe)
+            self.uncond = model.adapter.encode_negative(None, 1)
+        self.malicious_traj, self.uncond_traj = self._trajectories()
+        self.generator = torch.Generator(device="cpu").manual_seed(int(eraser.seed) + 1)
+
+    @torch.no_grad()
+    def _trajectories(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[n, early, C, h, w] malicious latents (first part) and [n_u, S, C, h, w] unconditional latents."""
+        e, m = self.eraser, self.model
+        g = torch.Generator(device="cpu").manual_seed(int(e.seed))
+        shape = latent_shape(m, self.height, self.width)
+        mal = []
+        for j in range(e.trajectories):
+            p = self.pair_of[j]
+            noise = torch.randn((1, *shape), generator=g, dtype=m.dtype).to(m.device)
+            _, traj = ddim_until(m, self.scheduler, noise, self.early, self.cond_m[p:p + 1], self.uncond,
+                                 e.trajectory_guidance, record=True)
+            mal.append(torch.cat(traj))
+        unc = []
+        for _ in range(e.uncond_trajectories):
+            noise = torch.randn((1, *shape), generator=g, dtype=m.dtype).to(m.device)
+            _, traj = ddim_until(m, self.scheduler, noise, self.steps, self.uncond, self.uncond, 1.0, record=True)
+            unc.append(torch.cat(traj))
+        return torch.stack(mal), torch.stack(unc)
+
+    def loss(self, j: int, k: int, u_idx: torch.Tensor, u_step: torch.Tensor,
+             reference: dict[str, torch.Tensor]) -> torch.Tensor:
+        """L_erase on trajectory j at early step k, plus γ·L_pres on unconditional samples (u_idx, u_step)."""
+        e, m, ts = self.eraser, self.model, self.scheduler.timesteps
+        p = self.pair_of[j]
+        z, t = self.malicious_traj[j, k:k + 1], ts[k]
+        c_m, c_s = self.cond_m[p:p + 1], self.cond_s[p:p + 1]
+        with torch.no_grad():
+            e_u, e_m, e_s = predict(m, torch.cat([z, z, z]), t, Conditioning.cat([self.uncond, c_m, c_s]),
+                                    params=reference).chunk(3)
+            f_safe = e_s + e.beta * (e_s - e_u)
+            f_unsafe = e_m + e.beta * (e_m - e_u)
+        pred = predict(m, torch.cat([z, z]), t, Conditioning.cat([c_m, self.uncond]))
+        d_safe = ((pred - f_safe) ** 2).mean(dim=(1, 2, 3))
+        d_unsafe = ((pred - f_unsafe) ** 2).mean(dim=(1, 2, 3))
+        erase = torch.clamp(d_safe - d_unsafe + e.margin, min=0).mean()
+        z_u = self.uncond_traj[u_idx, u_step]
+        t_u = ts[u_step]
+        uncond = Conditioning.cat([self.uncond] * len(u_idx))
+        with torch.no_grad():
+            kept = predict(m, z_u, t_u, uncond, params=self.frozen)  # stage-1 model: live K/V, frozen stage-2 set
+        preserve = torch.nn.functional.mse_loss(predict(m, z_u, t_u, uncond), kept)
+        return erase + e.preserve_weight * preserve
+
+    def draw(self, iteration: int) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+        g, e = self.generator, self.eraser
+        j = iteration % e.trajectories
+        k = int(torch.randint(self.early, (1,), generator=g))
+        u_idx = torch.randint(e.uncond_trajectories, (e.preserve_batch,), generator=g)
+        u_step = torch.randint(self.steps, (e.preserve_batch,), generator=g)
+        return j, k, u_idx, u_step
+
+    def train(self, original_kv: dict[str, torch.Tensor], fingerprint: str, progress: bool) -> dict:
+        """Tune the stage-2 parameters (the model holds the stage-1 K/V); return their new values, restore them."""
+        e = self.eraser
+        reference = {**self.frozen, **original_kv}  # the original model, for f_safe / f_unsafe
+        self.state = state = TrainingState(self.params, None, {"training": self.generator}, losses=[])
+        with trainable(self.model.unet, self.params, self.frozen):
+            state.optimizer = torch.optim.AdamW(list(self.params.values()), lr=e.lr, betas=(0.9, 0.999),
+                                                weight_decay=e.weight_decay, eps=1e-8)
+            resumed = state.load(e.checkpoint, fingerprint) if e.checkpoint else False
+            self.resumed_at = state.iteration if resumed else None
+            with tqdm(total=e.iterations, initial=min(state.iteration, e.iterations), desc="trce stage 2",
+                      disable=not progress, leave=False) as bar:
+                while state.iteration < e.iterations:
+                    batch = self.draw(state.iteration)
+                    state.optimizer.zero_grad(set_to_none=True)  # the reference never zeroes: grads accumulate
+                    loss = self.loss(*batch, reference=reference)
+                    loss.backward()
+                    state.optimizer.step()
+                    state.losses.append(loss.item())
+                    state.iteration += 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{state.losses[-1]:.4g}")
+                    if e.checkpoint and (state.iteration % e.checkpoint_every == 0 or state.iteration == e.iterations):
+                        state.save(e.checkpoint, fingerprint)
+            return {n: p.detach().clone() for n, p in self.params.items()}
