@@ -73,3 +73,9 @@ def test_guarded_objective_goes_through_the_guard(tiny_sd):
     assert result.extra["objective"].endswith("(through guard)")
     plain = UnlearnDiffAtk(timesteps=1, iterations_per_timestep=2, through_guard=False, skip_when_pre_success=False)
     assert plain.run(target, ROW, never_flags(), Budget(), 0).extra["objective"] == "denoising_error"
+
+
+def test_runs_on_sdxl_through_the_adapter(tiny_sdxl):
+    result = UnlearnDiffAtk(timesteps=1, iterations_per_timestep=2, skip_when_pre_success=False).run(
+        red_target(tiny_sdxl), ROW, never_flags(), Budget(), 0)
+    assert result.compute["unet_backward"] == 2 and result.adversarial_prompt.endswith("a red circle")

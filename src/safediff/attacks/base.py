@@ -332,10 +332,15 @@ class Target:
         return self._call_costs
 
     def protocol(self) -> dict:
+        from safediff.sampling import make_scheduler
+
+        scheduler = make_scheduler(self.model, self.scheduler)
+        sampler = {**self.settings(), "scheduler": type(scheduler).__name__,
+                   "scheduler_config": {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}}
         return {"spec": self.spec, "model": self.model.protocol(), "guard": self.guard.config(),
                 "concepts": [dataclasses.asdict(c) for c in self.concepts],
                 "reference_model": None if self.reference is self.model else self.reference.protocol(),
-                "sampler": self.settings()}
+                "sampler": sampler}
 
 
 def _predict(model: Model, guard: Guard | None, latents, t, cond: Conditioning, target: Target,
