@@ -83,9 +83,9 @@ def test_token_slots_layouts_and_text(tiny_sd):
     every = TokenSlots(tiny_sd, "a red circle", 0, "every", every=3)
     ids = every.token_ids(vocab[:every.k])
     assert [i for i in ids if i not in vocab[:every.k].tolist()] == words  # the prompt's tokens, in order
-    # slots sit at word ends: the token before each slot ends a word
-    tokens = tok.convert_ids_to_tokens(ids)
-    assert all(tokens[p - 2].endswith("</w>") for p in every.slots.tolist())
+    # slots sit at word boundaries: the token before each slot is BOS or ends a word
+    tokens = ["<bos>"] + tok.convert_ids_to_tokens(ids)
+    assert every.slots[0] == 1 and all(tokens[p - 1].endswith("</w>") for p in every.slots.tolist()[1:])
     # the prefix's encoding with the real tokens' embeddings equals encoding its text
     cond = pre.encode(pre.embeddings_of(fill))
     assert torch.allclose(cond.embeds, tiny_sd.adapter.encode([pre.text(fill)]).embeds, atol=1e-6)

@@ -46,12 +46,12 @@ def test_output_is_real_text_that_re_encodes_to_the_optimised_tokens(tiny_sd):
         assert result.token_ids == slots.token_ids(result.extra["slot_ids"])
 
 
-def test_p4d_k_keeps_the_prompt_and_inserts_one_token_per_three(tiny_sd):
+def test_p4d_k_keeps_the_prompt_and_adds_one_token_per_three(tiny_sd):
     result = P4DK(eval_every=1000, skip_when_pre_success=False).run(
         red_target(tiny_sd), {"prompt": "a b c d e f g"}, never_flags(), Budget(iterations=2), 0)
-    words = result.adversarial_prompt.split()
+    words = result.adversarial_prompt.split()  # L a b c L d e f L g: floor(7 / 3) + 1 learnable tokens
     assert len(result.extra["slot_ids"]) == 3 and len(words) == 10
-    assert words[0:3] == ["a", "b", "c"] and words[4:7] == ["d", "e", "f"] and words[8] == "g"
+    assert words[1:4] == ["a", "b", "c"] and words[5:8] == ["d", "e", "f"] and words[9] == "g"
 
 
 def test_budget_binds_with_periodic_evaluations(tiny_sd):

@@ -58,8 +58,9 @@ class TokenSlots:
     """The token sequence of ``prompt`` with ``k`` adversarial slots.
 
     ``prefix``: BOS, k slots, prompt, EOS (UnlearnDiffAtk's ``prefix_k``); ``suffix``: after the prompt; ``every``:
-    one slot after every ``every`` prompt tokens, the cut moved to the end of its word (P4D-K; k is then set by the
-    prompt's length); ``free``: the k slots alone, the prompt dropped (P4D-N). Slot tokens are drawn from encoder
+    P4D-K's layout, a slot before every group of ``every`` prompt tokens and one before the remainder (n tokens ->
+    ⌊n/every⌋ + 1 slots: ``L p p p L p p p L p``), each cut moved to the end of its word so no slot splits a word
+    (k is then set by the prompt's length); ``free``: the k slots alone, the prompt dropped (P4D-N). Slot tokens are drawn from encoder
     0's vocabulary; on SDXL the same ids index encoder 1's table (both CLIP tokenizers share one vocabulary). Too
     long sequences keep the slots and drop prompt tokens from the end.
     """
@@ -95,9 +96,9 @@ class TokenSlots:
             body = words + [None] * k
         elif layout == "free":
             body = [None] * k
-        else:
+        else:  # P4D-K: a slot before every full group and one before the remainder: L ppp L ppp L p
             for g in groups:
-                body += g + [None]
+                body += [None] + g
         self.k = k
         self.layout = layout
         self.body = body
@@ -106,8 +107,8 @@ class TokenSlots:
 
     @staticmethod
     def _groups(tok, words: list[int], every: int) -> list[list[int]]:
-        """Split the prompt's tokens after every ``every`` tokens, moving each cut to the end of the word it falls
-        in (CLIP marks a word's last token with ``</w>``), so inserted tokens never split a word."""
+        """The prompt's tokens in groups of ``every``, each cut moved to the end of the word it falls in (CLIP marks
+        a word's last token with ``</w>``) so no slot splits a word; the last group holds the remainder (maybe [])."""
         ends = [t.endswith("</w>") for t in tok.convert_ids_to_tokens(words)]
         groups, current = [], []
         for w, end in zip(words, ends):
@@ -115,8 +116,7 @@ class TokenSlots:
             if len(current) >= every and end:
                 groups.append(current)
                 current = []
-        if current or not groups:
-            groups.append(current)
+        groups.append(current)
         return groups
 
     def _padded(self, tok, slot_ids: list[int]) -> torch.Tensor:
