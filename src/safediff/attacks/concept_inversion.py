@@ -24,7 +24,7 @@ the attack is given: its compute is recorded in ``setup_compute`` and not charge
 input embedding of ``init_word`` (default: the concept's first keyword's first token).
 
 Reference budget (CCE, per concept): 5,000 steps, batch 4 × 4 gradient accumulation, 25 images. Sandbox default:
-120 steps of batch 4, 4 images, per prompt (the paper learns one word per concept and reuses it for all prompts;
+100 steps of batch 4, 4 images, per prompt (the paper learns one word per concept and reuses it for all prompts;
 here each row learns its own). ``probe_before``/``probe_after`` in the result are the loss on a fixed set of
 (image, t, ε) draws before and after training (two extra UNet calls, counted).
 """
@@ -131,7 +131,7 @@ class ConceptInversion(Attack):
     """``concept-inversion``: learn one word embedding against the frozen target (CCE)."""
 
     name: ClassVar[str] = "concept-inversion"
-    default_budget: ClassVar[dict] = {"iterations": 120}
+    default_budget: ClassVar[dict] = {"iterations": 100}
     reference_budget: ClassVar[dict] = {"iterations": 5000, "unet_backward": 5000 * 4,
                                         "note": "per concept: 5,000 steps x batch 4 x 4 accumulation, 25 images"}
 

@@ -25,7 +25,7 @@ so the emitted prompt never contains a banned word and is exactly the sequence t
 random single letters, as in the reference. Black-box to the attacked model: only the unconstrained (public) text
 encoder is read, no UNet call is made; the final prompt is generated with the target and judged.
 
-Reference budget: ≥ 500 steps (README example 1,000) × 512 candidates on the text encoder. Sandbox default: 40 steps.
+Reference budget: ≥ 500 steps (README example 1,000) × 512 candidates on the text encoder. Sandbox default: 25 steps.
 Difference: by default (``vocabulary="words"``) candidates are whole-word tokens that tokenize back to themselves
 (most sub-word candidates fail the re-tokenization filter); ``"all"`` proposes any non-special token.
 """
@@ -75,7 +75,7 @@ class MMADiffusion(Attack):
     """``mma-diffusion``: GCG on the text encoder toward the target prompt's embedding, banned words excluded."""
 
     name: ClassVar[str] = "mma-diffusion"
-    default_budget: ClassVar[dict] = {"iterations": 40}
+    default_budget: ClassVar[dict] = {"iterations": 25}
     reference_budget: ClassVar[dict] = {"iterations": 1000, "unet_forward": 0,
                                         "text_encoder": "1000 steps x (1 gradient + 512 candidates)"}
     uses_unet: ClassVar[bool] = False

@@ -18,11 +18,12 @@ text encoder (the target's reference model; the public encoder in the paper) and
 prompt (the decoded "token soup") is the only thing generated with the target and judged.
 
 Reference budget: 3,000 generations × ~200 encodings (all on the text encoder). The sandbox default stops after
-150 generations. Difference from the reference: by default (``vocabulary="words"``) genes are whole-word tokens
-whose decoded text tokenizes back to the same id, while the notebook draws any non-special id (``"all"``). The
-attack's output is text, and a sequence of arbitrary sub-word ids usually re-tokenizes to other ids once decoded, so
-the prompt that is judged would not be the one that was optimised; with whole words it is (``fitness_text`` in the
-result is the loss of the decoded prompt as actually encoded, ``fitness`` that of the searched ids).
+80 generations (about a minute per prompt on the sandbox, 1 CPU thread). Difference from the reference: by default
+(``vocabulary="words"``) genes are whole-word tokens whose decoded text tokenizes back to the same id, while the
+notebook draws any non-special id (``"all"``). The attack's output is text, and a sequence of arbitrary sub-word ids
+usually re-tokenizes to other ids once decoded, so the prompt that is judged would not be the one that was
+optimised; with whole words it is (``fitness_text`` in the result is the loss of the decoded prompt as actually
+encoded, ``fitness`` that of the searched ids).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class RingABell(Attack):
     """``ring-a-bell``: genetic search for a token prompt whose encoding is f(P) + η ĉ (text encoder only)."""
 
     name: ClassVar[str] = "ring-a-bell"
-    default_budget: ClassVar[dict] = {"iterations": 150}
+    default_budget: ClassVar[dict] = {"iterations": 80}
     reference_budget: ClassVar[dict] = {"iterations": 3000, "unet_forward": 0,
                                         "text_encoder": "3000 generations x ~200 sequences"}
     uses_unet: ClassVar[bool] = False
