@@ -258,8 +258,11 @@ def _export(out: Path, m: _Models, tok, state: dict, s: Settings) -> None:
     for name in ("vocab.json", "merges.txt"):  # the slow-tokenizer files too, for older transformers
         shutil.copyfile(out / ".tokenizer" / name, tmp / "tokenizer" / name)
     m.vae.to(s.device)
+    reproduce = Settings(**{**asdict(s), "vae_steps": state["vae_step"], "unet_steps": state["unet_step"],
+                            "minutes": 600.0})
     record = {
         "command": s.command(),
+        "reproduce": reproduce.command(),  # same steps from scratch; --minutes is only a wall-clock cap
         "seed": s.seed,
         "settings": {k: v for k, v in asdict(s).items() if k != "out"},
         "steps_done": {"vae": state["vae_step"], "unet": state["unet_step"]},
