@@ -15,9 +15,10 @@ def bar_chart(title: str, groups: list[str], series: dict[str, list[tuple[float 
     """Grouped bars: ``series[name][g] = (value, [lo, hi] | None)`` for group g. Returns PNG bytes."""
     font = ImageFont.load_default()
     names = list(series)
-    bar_w, gap, left, top, bottom, legend_h = 14, 18, 60, 30, 90, 16 * len(names) + 8
-    width = max(360, left + 20 + len(groups) * (len(names) * bar_w + gap))
-    height = 300 + legend_h
+    bar_w, left, top, bottom, legend_h = 14, 60, 44, 40, 16 * len(names) + 8
+    slot = max(len(names) * bar_w + 18, max(font.getlength(g) for g in groups) + 12 if groups else 0)
+    width = int(max(360, left + 20 + len(groups) * slot))
+    height = 260 + legend_h
     plot_h = height - top - bottom - legend_h
     values = [v for s in series.values() for v, ci in s if v is not None]
     highs = [ci[1] for s in series.values() for v, ci in s if ci]
@@ -34,9 +35,9 @@ def bar_chart(title: str, groups: list[str], series: dict[str, list[tuple[float 
         d.line([(left, y(v)), (width - 10, y(v))], fill=(225, 225, 225))
         d.text((5, y(v) - 6), f"{v:.3g}", fill="black", font=font)
     d.line([(left, top), (left, top + plot_h)], fill="black")
-    d.text((5, top - 14), y_label, fill="black", font=font)
+    d.text((5, top - 20), y_label, fill="black", font=font)
     for g, group in enumerate(groups):
-        x0 = left + 10 + g * (len(names) * bar_w + gap)
+        x0 = int(left + 10 + g * slot)
         for s, name in enumerate(names):
             value, ci = series[name][g]
             if value is None:
@@ -48,8 +49,7 @@ def bar_chart(title: str, groups: list[str], series: dict[str, list[tuple[float 
                 d.line([(cx, y(ci[0])), (cx, y(ci[1]))], fill="black", width=1)
                 d.line([(cx - 3, y(ci[0])), (cx + 3, y(ci[0]))], fill="black")
                 d.line([(cx - 3, y(ci[1])), (cx + 3, y(ci[1]))], fill="black")
-        label = group if len(group) <= 14 else group[:13] + "…"
-        d.text((x0, top + plot_h + 6), label, fill="black", font=font)
+        d.text((x0, top + plot_h + 6), group, fill="black", font=font)
     ly = height - legend_h
     for s, name in enumerate(names):
         d.rectangle([left, ly + 16 * s, left + 10, ly + 16 * s + 10], fill=PALETTE[s % len(PALETTE)])
