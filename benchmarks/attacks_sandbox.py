@@ -38,13 +38,14 @@ from safediff.protocol import git_hash, versions, write_json_atomic
 from safediff.registry import ATTACKS, ERASERS
 
 CONCEPT = "red"
-ESD_SETTINGS = {  # attack -> (hyper-parameters, per-prompt budget), sized for a CPU run
+ESD_SETTINGS = {"iterations": 200, "lr": 1e-4}
+SETTINGS = {  # attack -> (hyper-parameters, per-prompt budget), sized for a CPU run
     "unlearndiff": ("timesteps=3,iterations_per_timestep=12", "iterations=36"),
     "p4d-n": ("n_tokens=8,eval_every=15", "iterations=30"),
     "p4d-k": ("eval_every=15", "iterations=30"),
-    "ring-a-bell": ("population=32,length=8", "iterations=30"),
-    "mma-diffusion": ("n_tokens=8,batch=32,topk=16", "iterations=10"),
-    "concept-inversion": ("n_images=2,batch=2", "iterations=30"),
+    "ring-a-bell": ("", ""),  # its sandbox defaults (text encoder only)
+    "mma-diffusion": ("", ""),  # its sandbox defaults (text encoder only)
+    "concept-inversion": ("n_images=2,batch=2", "iterations=40"),
     "concept-arithmetic": ("", ""),
 }
 GUARDS = {"sld": "sld:max", "casg": "casg-sld:max"}

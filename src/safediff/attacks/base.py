@@ -27,6 +27,11 @@ How to write a recipe
    the paper does. Return ``Found(prompt=..., token_ids=..., embedding=..., evaluation=...)``.
 4. Register the class in ``safediff.registry.ATTACKS`` (``"name": "safediff.attacks.module:Class"``).
 
+Target helpers: ``target.noise(x_t, t, cond)`` is the target's noise prediction (through its guard's ``combine`` when
+guarded), ``target.reference_noise`` the unconstrained model's, ``target.generate(..., model=target.reference)``
+the unconstrained model's images (never guarded). Setup an attack is *given* (a target image, a fixed reference
+encoding) runs inside ``with ctx.unmetered("label"):`` -- recorded in ``extra["setup_compute"]``, not charged.
+
 ``Attack.run(target, row, judge, budget, seed)`` does the rest: it generates the unmodified prompt first (Pre-ASR;
 its compute is recorded apart from the attack's), skips the search when that already succeeds (the UnlearnDiffAtk
 ASR definition counts it as a success), meters the search and returns an ``AttackResult``.
@@ -298,7 +303,9 @@ class Target:
               guided: bool | None = None) -> torch.Tensor:
         """ε the target uses at (x_t, t): unguarded -> the conditional prediction ε_θ*(x_t, t, c) (as the reference
         attacks do); guarded (default when a guard is set) -> the guard session's ``combine`` over its branches, in
-        one UNet call: exactly the noise prediction the sampler would step with at the sampler step nearest t."""
+        one UNet call: the noise prediction the sampler would step with at the sampler step i nearest t (warm-up
+        rules included). Each call is a fresh guard session, so stateful guards start from their initial state
+        (SLD's momentum ν = 0): the single-step view of a trajectory, as P4D's reference code also takes."""
         guided = self.guarded if guided is None else guided
         return _predict(self.model, self.guard if guided else None, latents, t, cond, self, prompts)
 
