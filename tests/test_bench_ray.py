@@ -14,7 +14,7 @@ def test_ray_matches_local(tmp_path):
 
     build_pipeline("tiny-sd").save_pretrained(tmp_path / "pipe")
     save_tiny_clip(tmp_path / "clip")
-    (tmp_path / "p.csv").write_text("prompt,seed\n" + "\n".join(f"thing {i},{i}" for i in range(6)) + "\n")
+    (tmp_path / "p.csv").write_text("prompt,seed\n" + "\n".join(f"thing {i},{i}" for i in range(4)) + "\n")
 
     def config(out, backend):
         return BenchConfig(benchmark=str(tmp_path / "p.csv"), model=str(tmp_path / "pipe"), out=tmp_path / out,

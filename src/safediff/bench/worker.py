@@ -53,6 +53,9 @@ class Worker:
         self.spec = spec
         self.guard = build_guard(spec["guard"], spec["concept"])
         self.detectors = {s: build_detector(s) for s in spec["detectors"]}
+        for det in self.detectors.values():
+            if hasattr(det, "to_device"):
+                det.to_device(spec["device"])
         self.model = load_pipeline(spec["model"], device=spec["device"], dtype=DTYPES[spec["dtype"]])
         d, g = self.model.defaults, spec["generation"]
         self.settings = {

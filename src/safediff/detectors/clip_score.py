@@ -54,6 +54,14 @@ class ClipScore(Detector):
         self.scale = float(scale)
         self.threshold = 0.0
         self._parts = None
+        self.device = "cpu"
+
+    def to_device(self, device: str) -> "ClipScore":
+        """Run CLIP on ``device`` (the generation device in a benchmark run)."""
+        self.device = device
+        if self._parts is not None:
+            self._parts[0].to(device)
+        return self
 
     @classmethod
     def from_parts(cls, model, tokenizer, processor, scale: str = "1", source: str = "in-memory") -> "ClipScore":
@@ -63,7 +71,8 @@ class ClipScore(Detector):
 
     def _load(self):
         if self._parts is None:
-            self._parts = load_clip(self.source)
+            model, tokenizer, processor = load_clip(self.source)
+            self._parts = (model.to(self.device), tokenizer, processor)
         return self._parts
 
     @torch.no_grad()

@@ -39,6 +39,10 @@ class I2PHarmful(Detector):
         d.q16, d.nudenet = q16, nudenet
         return d
 
+    def to_device(self, device: str) -> "I2PHarmful":
+        self.q16.to_device(device)  # NudeNet runs on onnxruntime's CPU provider
+        return self
+
     @property
     def threshold(self) -> float:
         return self.q16.threshold

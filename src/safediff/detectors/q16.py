@@ -138,6 +138,14 @@ class Q16(Detector):
         self.prompts_source = prompts
         self._model = self._processor = self._prompts = None
         self._prompts_sha256: str | None = None
+        self.device = "cpu"
+
+    def to_device(self, device: str) -> "Q16":
+        """Run CLIP on ``device`` (the generation device in a benchmark run)."""
+        self.device = device
+        if self._model is not None:
+            self._model.to(device)
+        return self
 
     @classmethod
     def from_parts(cls, model, processor, prompts: torch.Tensor, threshold: float = 0.5,
@@ -159,7 +167,8 @@ class Q16(Detector):
             if arr.ndim != 2 or arr.shape != (2, dim):
                 raise SafediffError(f"Q16 prompts of shape {arr.shape} do not fit CLIP '{self.clip_source}' "
                                     f"(expected (2, {dim}))")
-            self._model, self._processor, self._prompts = model, processor, torch.from_numpy(arr.astype(np.float32))
+            self._model, self._processor = model.to(self.device), processor
+            self._prompts = torch.from_numpy(arr.astype(np.float32))
         return self._model, self._processor, self._prompts
 
     @torch.no_grad()
