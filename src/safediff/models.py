@@ -214,7 +214,7 @@ def tensors_sha256(modules: list[torch.nn.Module]) -> str:
         for name, t in sorted(module.state_dict().items()):
             t = t.detach().to("cpu").contiguous()
             h.update(f"{mi}.{name}:{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
