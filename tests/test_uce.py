@@ -103,7 +103,10 @@ def test_token_rows_follow_the_reference_conventions(tiny_sd):
     # "a red circle": BOS a r e d</w> c i r c l e</w> EOS pad…  guide "a circle": BOS a c i r c l e</w> EOS …
     pairs = aligned_rows(finder, "a red circle", "a circle", red, 0, "to_end", 77)
     assert pairs[0] == (4, 1)  # the word's last token meets the token before it in the guide prompt
-    assert pairs[1] == (5, 2) and pairs[-1] == (76, 73)  # the rest keeps its place after the word
+    assert pairs[1] == (5, 2) and pairs[7] == (11, 8)  # the rest, EoT included, keeps its place after the word
+    assert pairs[8] == (12, 12) and pairs[-1] == (76, 76)  # padding meets the guide's padding at the same position
+    shifted = aligned_rows(finder, "a red circle", "a circle", red, 0, "to_end", 77, padding="shifted")
+    assert shifted[:8] == pairs[:8] and shifted[8] == (12, 9) and shifted[-1] == (76, 73)  # the 2023 pairing
     assert aligned_rows(finder, "a red circle", "a circle", red, 0, "last", 77) == [(4, 1)]
     # the word alone and guide "" pair from the word's last token with BOS (both reference scripts)
     assert aligned_rows(finder, "red", "", red, 0, "to_end", 77)[0] == (3, 0)

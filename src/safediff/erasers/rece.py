@@ -17,7 +17,7 @@ rate`` for other models. With no validator the last epoch is kept.
 Defaults (RECE README): λ1 = 0.1, λ2 = 0.1, s_e = 1; λ_reg / epochs per concept type: nudity 0.1 / 3, other I2P
 (unsafe) 0.1 / 2, art 1e-3 / 1, objects hard for UCE 1e-3 / 1, objects 0.1 / 1 (the sandbox's colours and shapes
 and free text are "object"; choose with ``concept_type``). The UCE start uses this class's UCE fields (``lamb``,
-``erase_scale``, ``preserve_scale``, ``tokens``, ``expand_prompts``: UCE's defaults).
+``erase_scale``, ``preserve_scale``, ``tokens``, ``padding``, ``expand_prompts``: UCE's defaults).
 Differences from the reference code: the erase/guide rows are UCE's (see ``safediff.erasers.prompts``) rather than
 all 77 positions of the bare concept prompt against those of " "; the preserve rows are the full preserve set rather
 than a random sample of as many preserve concepts as erased concepts; everything is solved in float64.
@@ -87,7 +87,8 @@ class RECE(UCE):
         epochs = epochs if self.epochs is None else self.epochs
         validator = self.validator or sandbox_validator(model, concepts)
 
-        rows = build_rows(model, concepts, guide, preserve, self.tokens, self.expand_prompts, self.also_erase)
+        rows = build_rows(model, concepts, guide, preserve, self.tokens, self.expand_prompts, self.also_erase,
+                          self.padding)
         dtypes = {name: m.weight.dtype for name, m in kv_projections(model).items()}
         original = {name: m.weight.detach().double().cpu() for name, m in kv_projections(model).items()}
         t = uce_transform(rows.erase, rows.guide, rows.preserve, self.lamb, self.erase_scale, self.preserve_scale)

@@ -13,7 +13,9 @@ Rows (``safediff.erasers.prompts``): ``tokens="to_end"`` (default) is the 2023 c
 token through the end of the sequence; ``tokens="last"`` is the 2025 code's, the last word token only. ``to_end`` is
 the default because through causal attention every later token (following words, EoT, padding) carries the concept,
 and in a prompt such as "a red triangle" those later tokens are what the UNet reads (on the sandbox, ``last`` leaves
-much more of the concept; see benchmarks/results). ``expand_prompts=True`` (default; the 2025 code's
+much more of the concept; see benchmarks/results). Padding rows meet the guide's padding at the same position by
+default (``padding="shifted"``: the 2023 pairing; see ``safediff.erasers.prompts``); ``UCE(expand_prompts=False,
+padding="shifted")`` is the 2023 script's edit. ``expand_prompts=True`` (default; the 2025 code's
 ``--expand_prompts``, off there) edits the word inside template prompts, each occurrence located in the token ids.
 Synonyms are never added by themselves; pass them in ``also_erase`` if you know them.
 
@@ -45,11 +47,13 @@ class UCE(Eraser):
     erase_scale: float = 1.0
     preserve_scale: float = 1.0
     tokens: str = "to_end"  # "to_end" (2023 code) or "last" (2025 code)
+    padding: str = "same_position"  # padding rows' guide rows: "same_position" or "shifted" (2023 code)
     expand_prompts: bool = True
     also_erase: tuple[str, ...] = ()  # extra words erased like the concept's keywords (e.g. known synonyms)
 
     def compute(self, model, concepts: list[Concept], preserve, guide, progress):
-        rows = build_rows(model, concepts, guide, preserve, self.tokens, self.expand_prompts, self.also_erase)
+        rows = build_rows(model, concepts, guide, preserve, self.tokens, self.expand_prompts, self.also_erase,
+                          self.padding)
         t = uce_transform(rows.erase, rows.guide, rows.preserve, self.lamb, self.erase_scale, self.preserve_scale)
         weights = {name: m.weight.detach() for name, m in kv_projections(model).items()}
         return transformed(weights, t), {**rows.info, "matrices": len(weights),
