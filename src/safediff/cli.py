@@ -268,6 +268,27 @@ def erase(
                f"tensor(s) changed ({elements:,} values); {seconds:.1f} s; wrote {out}")
 
 
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo-run"), help="Demo folder: created, or continued when it holds the same "
+                                                    "plan."),
+    quick: bool = typer.Option(False, help="Tiny sets, 5 steps, token budgets: a smoke test (numbers mean nothing)."),
+    threads: Optional[int] = typer.Option(None, help="Torch CPU threads (default: torch's, i.e. the cores)."),
+):
+    """Every registered guard and eraser (and Ring-A-Bell) on the sandbox, offline on a CPU, in one HTML report."""
+    import torch
+
+    from safediff.demo import format_table, run_demo
+
+    if threads is not None:
+        if threads <= 0:
+            raise SafediffError(f"threads must be a positive integer, got {threads}")
+        torch.set_num_threads(threads)
+    summary = run_demo(out, quick=quick)
+    typer.echo(format_table(summary["methods"], summary["attack"]))
+    typer.echo(f"report: {Path(summary['report']).resolve()}")
+
+
 def _mount_subcommands() -> None:
     from safediff.sandbox.cli import app as sandbox_app
 

@@ -7,7 +7,8 @@ import io
 from PIL import Image, ImageDraw, ImageFont
 
 PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127))
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (174, 199, 232), (255, 187, 120),
+           (152, 223, 138), (255, 152, 150), (197, 176, 213), (196, 156, 148))  # tab10 + tab20's light tones
 
 
 def bar_chart(title: str, groups: list[str], series: dict[str, list[tuple[float | None, list | None]]],

@@ -3,7 +3,8 @@
 Sections: metrics per benchmark (methods side by side, value and 95 % bootstrap interval, the best one marked by
 ``higher_is_better``), bar charts of flagged rates per category with their intervals, ASR tables for attack runs
 (``safediff attack``), image grids (prompt x method at the same seed; flagged images blurred unless
-``show_flagged``), and every run's full protocol.
+``show_flagged``; sandbox images captioned with the colour and shape the detectors read), and every run's full
+protocol. ``title`` and an ``intro`` fragment let a caller (``safediff demo``) head the page with its own summary.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def _metrics_table(runs: list[dict], labels: list[str]) -> str:
         values = [r["data"]["results"][r["data"]["method"]].get(name) for r in runs]
         nums = [_sort_value(v) for v in values]
         valid = [x for x in nums if x is not None]
-        best = (max(valid) if better.get(name) else min(valid)) if len(valid) > 1 else None
+        best = (max(valid) if better.get(name) else min(valid)) if len(set(valid)) > 1 else None  # no tie-only
         cells = "".join(f"<td{' class=best' if best is not None and x == best else ''}>{_fmt(v)}</td>"
                         for v, x in zip(values, nums))
         arrow = "↑" if better.get(name) else "↓"
@@ -138,8 +139,21 @@ def _charts(bench: str, runs: list[dict], labels: list[str], plot_dir: Path) -> 
     return out
 
 
+def _sandbox_caption(detections: dict) -> str:
+    """'red circle': what the sandbox detectors read in an image ('no object' when none); '' for other detectors."""
+    from safediff.detectors import parse_spec
+
+    by_name = {parse_spec(spec)[0]: d["scores"] for spec, d in detections.items()}
+    if not {"sandbox-colour", "sandbox-shape", "sandbox-presence"} <= set(by_name):
+        return ""
+    present = by_name["sandbox-presence"]["present"] >= 0.5
+    found = [M.sandbox_attribute(by_name[n], present) for n in ("sandbox-colour", "sandbox-shape")]
+    return " ".join(found) if present else "no object"
+
+
 def _grid(runs: list[dict], labels: list[str], max_prompts: int, show_flagged: bool) -> str:
-    """Rows: prompts (same row id and seed in every run); columns: methods."""
+    """Rows: prompts (same row id and seed in every run); columns: methods. Sandbox images are captioned with the
+    colour and shape the detectors read."""
     keyed = []
     for r in runs:
         keyed.append({(s["row"], s["id"], s["prompt"], s["seed"]): s for s in r["data"]["samples"]})
@@ -147,6 +161,7 @@ def _grid(runs: list[dict], labels: list[str], max_prompts: int, show_flagged: b
     if not common:
         return "<p>No prompt appears in every run with the same seed.</p>"
     head = "".join(f"<th>{html.escape(label)}</th>" for label in labels)
+    shown = max(64, min(THUMB, 880 // len(runs)))  # many methods: smaller images, so the grid fits a screen
     rows = []
     for key in common:
         cells = []
@@ -156,7 +171,9 @@ def _grid(runs: list[dict], labels: list[str], max_prompts: int, show_flagged: b
             blur = flagged and not show_flagged
             src = _thumb(r["folder"] / "images" / f"{s['image']}.png", blur)
             note = " (flagged, blurred)" if blur else (" (flagged)" if flagged else "")
-            cells.append(f"<td><img src='{src}' width={THUMB}><br><small>{note}</small></td>")
+            caption = html.escape(_sandbox_caption(s["detections"]))  # says more than the sandbox's flags
+            note = (caption + (" (blurred)" if blur else "")) if caption else note
+            cells.append(f"<td><img src='{src}' width={shown}><br><small>{note}</small></td>")
         rows.append(f"<tr><td class=prompt>{html.escape(key[2][:200])}<br><small>seed {key[3]}</small></td>"
                     f"{''.join(cells)}</tr>")
     return f"<table class=grid><tr><th>prompt</th>{head}</tr>{''.join(rows)}</table>"
@@ -206,8 +223,9 @@ pre{background:#f6f6f6;padding:8px;overflow:auto;max-height:480px;font-size:12px
 
 
 def build_report(run_paths: list[str | Path], out: str | Path, *, max_prompts: int = 8,
-                 show_flagged: bool = False) -> Path:
-    """Write ``out`` (HTML) and ``<out stem>_plots/*.png``; return the HTML path."""
+                 show_flagged: bool = False, title: str = "safediff report", intro: str = "") -> Path:
+    """Write ``out`` (HTML) and ``<out stem>_plots/*.png``; return the HTML path. ``intro``: an HTML fragment shown
+    under the title (the caller's own, e.g. the demo's plan and summary)."""
     if not run_paths:
         raise SafediffError("give at least one RUN folder")
     if max_prompts <= 0:
@@ -216,8 +234,9 @@ def build_report(run_paths: list[str | Path], out: str | Path, *, max_prompts: i
     out = Path(out)
     plot_dir = out.parent / f"{out.stem}_plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
-    parts = [f"<h1>safediff report</h1><p>{len(runs)} run(s): "
-             + ", ".join(html.escape(str(r["folder"])) for r in runs) + "</p>"]
+    folders = "".join(f"<li>{html.escape(str(r['folder']))}</li>" for r in runs)
+    parts = [f"<h1>{html.escape(title)}</h1>{intro}<details><summary>{len(runs)} run(s)</summary><ul>{folders}</ul>"
+             "</details>"]
     bench_runs = [r for r in runs if r["kind"] == "bench"]
     by_benchmark: dict[str, list[dict]] = {}
     for r in bench_runs:
@@ -239,7 +258,7 @@ def build_report(run_paths: list[str | Path], out: str | Path, *, max_prompts: i
                  if r["kind"] == "bench" else {k: d.get(k) for k in ("protocol", "versions", "git")})
         parts.append(f"<details><summary>{html.escape(str(r['folder']))}</summary><pre>"
                      f"{html.escape(json.dumps(proto, indent=1, sort_keys=True, default=str))}</pre></details>")
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>safediff report</title><style>{CSS}</style>"
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{CSS}</style>"
             f"</head><body>{''.join(parts)}</body></html>")
     from safediff.protocol import write_bytes_atomic
 

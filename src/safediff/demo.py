@@ -1,0 +1,358 @@
+"""``safediff demo``: every registered guard and eraser, and one attack, on the sandbox, in one HTML report.
+
+Runs offline on a CPU. The plan (concept ``red``; the sandbox model at its sampler defaults: DDIM 25 steps, CFG 5,
+32x32), each stage a resumable run folder under ``OUT/runs/`` made by the benchmark runner or the attack runner:
+
+1. ``base``: the sandbox model on the erase set and on the guard set.
+2. Every registered guard (``GUARDS``; SLD-family guards at preset ``max``, ``GUARD_PRESETS``): on the erase set for
+   ``red``; the CASG guards (several harmful categories at once, ``MULTI_CATEGORY_GUARDS``) on the guard set, whose
+   harmful attributes are red, blue and triangle.
+3. Every registered eraser (``ERASERS``; an alias runs once, under its class's first name) fitted to erase ``red``
+   with a sandbox-sized budget (``eraser_settings``: UCE and RECE closed-form at their defaults; ESD-x, ESD-u and
+   ESD-x-strict ``esd_iterations`` Adam steps at lr 1e-4; TRCE both stages, stage 2 ``trce_iterations`` steps at
+   lr 1e-4 on ``trce_trajectories`` cached trajectories), saved to ``OUT/edits/`` and benched as ``sandbox+EDIT`` on
+   the erase set.
+4. Ring-A-Bell (a genetic search on the text encoder; no UNet call) against the UCE edit, on the first
+   ``attack_prompts`` target-word prompts of the erase set, ``attack_generations`` generations each.
+5. ``OUT/report.html`` (``safediff.bench.report.build_report``) and ``OUT/summary.json``: per method the target
+   rate (images showing the attribute the prompt asks for and the method removes; lower is better) and utility
+   (non-target prompts whose image shows the colour / shape asked for; higher is better), with stage timings.
+
+Sets (``safediff.sandbox.benchmarks``, seed 0): the erase set ``sandbox-erase-red@N`` is
+``erasure_set("red", n_per_kind=N)`` (N rows each: the word in plain templates, a synonym, held-out templates, other
+colours); the guard set ``sandbox-multi@N`` is ``multi_category_set(n_per_kind=N, n_benign=4N)``. ``--quick`` uses
+tiny sets, 5 denoising steps (for the benches and, through the model's default, for the erasers' own sampling) and
+token budgets: a smoke test of the whole pipeline whose numbers mean nothing.
+
+Rerunning ``safediff demo --out OUT`` continues: finished edits and runs are reused, unfinished ones resume
+(``OUT/plan.json`` must match, so a quick and a full demo never share a folder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from safediff.errors import SafediffError
+
+CONCEPT = "red"
+MULTI_HARMFUL = ("red", "blue", "triangle")
+GUARD_PRESETS = {"sld": "max", "casg-sld": "max"}
+MULTI_CATEGORY_GUARDS = ("casg-sld", "casg-safree")
+ATTACK = "ring-a-bell"
+ATTACKED_ERASER = "uce"
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    """How much the demo does; ``FULL`` is sized for < 10 minutes on 2 CPU cores."""
+
+    name: str
+    erase_per_kind: int  # erase set rows per kind (4 kinds)
+    multi_per_kind: int  # guard set rows per (harmful attribute, kind); 4x as many benign rows
+    steps: int | None  # denoising steps of every bench and fit (None: the model's default)
+    esd_iterations: int
+    trce_iterations: int
+    trce_trajectories: int
+    trce_uncond_trajectories: int
+    attack_prompts: int
+    attack_generations: int
+    batch_size: int = 32
+
+
+FULL = DemoSize("full", erase_per_kind=8, multi_per_kind=3, steps=None, esd_iterations=50, trce_iterations=40,
+                trce_trajectories=16, trce_uncond_trajectories=8, attack_prompts=2, attack_generations=20)
+QUICK = DemoSize("quick", erase_per_kind=1, multi_per_kind=1, steps=5, esd_iterations=2, trce_iterations=2,
+                 trce_trajectories=2, trce_uncond_trajectories=2, attack_prompts=1, attack_generations=2)
+
+
+# ------------------------------------------------------------------------------------------------------ sets --
+
+def sized_benchmark(kind: str, n: int) -> str:
+    """Register (once) and name a smaller sandbox set: ``sandbox-erase-red@N`` or ``sandbox-multi@N``."""
+    from safediff.bench.benchmarks import SANDBOX_DETECTORS, SPECS, BenchmarkSpec
+    from safediff.bench.datasets import LoadedRows, sandbox_rows
+    from safediff.sandbox import benchmarks as sets
+
+    if kind == "erase":
+        name, concept = f"sandbox-erase-{CONCEPT}@{n}", CONCEPT
+        call = f"safediff.sandbox.benchmarks.erasure_set({CONCEPT!r}, n_per_kind={n})"
+
+        def make() -> list[dict]:
+            return sets.erasure_set(CONCEPT, n_per_kind=n)
+    else:
+        name, concept = f"sandbox-multi@{n}", ",".join(MULTI_HARMFUL)
+        call = f"safediff.sandbox.benchmarks.multi_category_set({MULTI_HARMFUL!r}, n_per_kind={n}, n_benign={4 * n})"
+
+        def make() -> list[dict]:
+            return sets.multi_category_set(MULTI_HARMFUL, n_per_kind=n, n_benign=4 * n)
+
+    def load(data: str | None, skip: bool) -> LoadedRows:
+        return LoadedRows(sandbox_rows(make()), {"generator": call})
+
+    if name not in SPECS:
+        SPECS[name] = BenchmarkSpec(name, f"demo-sized sandbox set: {call}", load, SANDBOX_DETECTORS, ("sandbox",),
+                                    concept=concept)
+    return name
+
+
+# ------------------------------------------------------------------------------------------------------ plan --
+
+@dataclass(frozen=True)
+class Stage:
+    """One run: ``label`` in the report; a guard spec or an eraser name (or neither: the base model)."""
+
+    label: str
+    benchmark: str
+    guard: str | None = None
+    eraser: str | None = None
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def run_folder(self) -> str:
+        """Where the run lives, relative to the demo folder."""
+        return f"runs/{self.benchmark}/{self.label.replace(' ', '_').replace(':', '-')}"
+
+
+def registered_erasers() -> dict[str, tuple[str, ...]]:
+    """First name of each eraser class -> its other registered names (aliases)."""
+    from safediff.registry import ERASERS
+
+    names: dict[type, list[str]] = {}
+    for name in ERASERS.names():
+        names.setdefault(ERASERS.get(name), []).append(name)
+    firsts = {}
+    for group in names.values():
+        primary = next((n for n in group if n == ERASERS.get(n).name), group[0])
+        firsts[primary] = tuple(n for n in group if n != primary)
+    return firsts
+
+
+def eraser_settings(name: str, size: DemoSize) -> dict:
+    """The sandbox-sized budget of an eraser (everything else at its defaults)."""
+    if name.startswith("esd"):
+        return {"iterations": size.esd_iterations, "lr": 1e-4}
+    if name == "trce":
+        return {"iterations": size.trce_iterations, "lr": 1e-4, "trajectories": size.trce_trajectories,
+                "uncond_trajectories": size.trce_uncond_trajectories}
+    return {}
+
+
+def plan(size: DemoSize) -> list[Stage]:
+    from safediff.registry import GUARDS
+
+    erase = sized_benchmark("erase", size.erase_per_kind)
+    multi = sized_benchmark("multi", size.multi_per_kind)
+    stages = [Stage("base", erase), Stage("base", multi)]
+    for name in GUARDS.names():
+        if name == "none":
+            continue
+        spec = name + (f":{GUARD_PRESETS[name]}" if name in GUARD_PRESETS else "")
+        stages.append(Stage(f"guard {spec}", multi if name in MULTI_CATEGORY_GUARDS else erase, guard=spec))
+    for name, aliases in registered_erasers().items():
+        stages.append(Stage(f"eraser {name}", erase, eraser=name, aliases=aliases))
+    return stages
+
+
+def plan_record(size: DemoSize, stages: list[Stage]) -> dict:
+    return {"concept": CONCEPT, "size": dataclasses.asdict(size),
+            "stages": [dataclasses.asdict(s) for s in stages],
+            "erasers": {s.eraser: eraser_settings(s.eraser, size) for s in stages if s.eraser},
+            "attack": {"name": ATTACK, "target_eraser": ATTACKED_ERASER, "prompts": size.attack_prompts,
+                       "generations": size.attack_generations}}
+
+
+def open_demo(out: Path, record: dict) -> None:
+    """Create OUT with ``plan.json``, or reopen a demo folder made with the same plan."""
+    path = out / "plan.json"
+    if path.is_file():
+        if json.loads(path.read_text()) != json.loads(json.dumps(record)):
+            raise SafediffError(f"'{out}' holds a demo with another plan (e.g. --quick vs full); use a new --out")
+        return
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SafediffError(f"--out '{out}' exists and is not a demo folder; choose a new folder")
+    from safediff.protocol import write_json_atomic
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, record)
+    except OSError as e:
+        raise SafediffError(f"--out '{out}' is not writable: {e.strerror}") from None
+
+
+# ----------------------------------------------------------------------------------------------------- stages --
+
+class Edits:
+    """Fits each eraser once into ``OUT/edits/NAME-red.safetensors`` (reused on a rerun; ESD/TRCE checkpoint)."""
+
+    def __init__(self, out: Path, size: DemoSize):
+        self.folder, self.size = out / "edits", size
+        self._model = None
+
+    def path(self, name: str) -> Path:
+        return self.folder / f"{name}-{CONCEPT}.safetensors"
+
+    def fit(self, name: str, progress: bool) -> Path:
+        from safediff.concepts import resolve
+        from safediff.registry import ERASERS
+
+        path = self.path(name)
+        if path.is_file():
+            return path
+        self.folder.mkdir(parents=True, exist_ok=True)
+        cls = ERASERS.get(name)
+        settings = eraser_settings(name, self.size)
+        checkpoint = None
+        if "checkpoint" in {f.name for f in dataclasses.fields(cls)}:  # ESD, TRCE: a killed fit resumes
+            checkpoint = self.folder / f"{name}-{CONCEPT}.checkpoint.safetensors"
+            settings["checkpoint"] = str(checkpoint)
+        edit = cls(**settings).fit(self.model(), resolve(CONCEPT), progress=progress)
+        edit.save(path)
+        if checkpoint is not None:
+            checkpoint.unlink(missing_ok=True)
+        return path
+
+    def model(self):
+        if self._model is None:
+            from safediff.models import load_pipeline
+
+            self._model = load_pipeline("sandbox")
+            if self.size.steps is not None:  # the erasers' own sampling (ESD, TRCE, RECE's validation)
+                self._model.defaults["steps"] = self.size.steps
+        return self._model
+
+
+def run_bench_stage(stage: Stage, out: Path, size: DemoSize, edits: Edits, progress: bool) -> dict:
+    from safediff.bench.runner import BenchConfig, run_benchmark
+
+    model = "sandbox" if stage.eraser is None else f"sandbox+{edits.fit(stage.eraser, progress)}"
+    name = stage.label + (f" (= {', '.join(stage.aliases)})" if stage.aliases else "")
+    return run_benchmark(BenchConfig(benchmark=stage.benchmark, model=model, out=out / stage.run_folder,
+                                     guard=stage.guard, steps=size.steps, batch_size=size.batch_size, name=name,
+                                     progress=progress))
+
+
+def run_attack_stage(out: Path, size: DemoSize, edits: Edits, progress: bool) -> dict:
+    from safediff.attacks.base import Budget, build_judge, parse_target
+    from safediff.attacks.runner import build_attack, run_attack
+    from safediff.sandbox.benchmarks import erasure_set
+
+    rows = [{"prompt": r["prompt"], "seed": r["seed"]} for r in erasure_set(CONCEPT, size.erase_per_kind)
+            if r["kind"] == "target-word"][:size.attack_prompts]
+    target = parse_target(f"sandbox+{edits.fit(ATTACKED_ERASER, progress)}", CONCEPT, steps=size.steps)
+    attack = build_attack(ATTACK)
+    budget = Budget.parse(f"iterations={size.attack_generations}", attack.default_budget)
+    return run_attack(target, attack, build_judge("sandbox-colour", CONCEPT), rows, budget, 0,
+                      out / "runs" / "attack" / f"{ATTACK}_vs_{ATTACKED_ERASER}", progress=progress)
+
+
+# ---------------------------------------------------------------------------------------------------- summary --
+
+def _value(metrics: dict, key: str) -> float | None:
+    v = metrics.get(key)
+    return None if v is None else v.get("value")
+
+
+def summary_row(stage: Stage, results: dict) -> dict:
+    metrics = results["results"][results["method"]]
+    return {"method": results["method"], "benchmark": stage.benchmark, "run": stage.run_folder,
+            "images": results["n_samples"]["images"],
+            "target_rate": _value(metrics, "sandbox/target_rate"),
+            "colour_kept": _value(metrics, "sandbox/colour_match/kind=non-target"),
+            "shape_kept": _value(metrics, "sandbox/shape_match/kind=non-target")}
+
+
+def format_table(rows: list[dict], attack: dict | None) -> str:
+    """The summary as fixed-width text (rates in %)."""
+    def pct(v):
+        return "   –" if v is None else f"{100 * v:3.0f}%"
+
+    width = max(len(r["method"]) for r in rows)
+    lines = [f"{'method':{width}s}  {'set':20s}  target  colour kept  shape kept  images",
+             f"{'':{width}s}  {'':20s}  (low)   (high)       (high)"]
+    for r in rows:
+        lines.append(f"{r['method']:{width}s}  {r['benchmark']:20s}  {pct(r['target_rate'])}    "
+                     f"{pct(r['colour_kept'])}         {pct(r['shape_kept'])}        {r['images']:4d}")
+    if attack:
+        lines.append(f"{ATTACK} vs eraser {ATTACKED_ERASER}: Pre-ASR {pct(attack['pre_asr'])} -> ASR "
+                     f"{pct(attack['asr'])} over {attack['n']} prompt(s)")
+    return "\n".join(lines)
+
+
+def intro_html(size: DemoSize, rows: list[dict], attack: dict) -> str:
+    """The report's head: what was run and the summary table."""
+    import html
+
+    def pct(v):
+        return "–" if v is None else f"{100 * v:.0f} %"
+
+    steps = "the model's default steps (DDIM 25)" if size.steps is None else f"{size.steps} DDIM steps"
+    body = "".join(f"<tr><td>{html.escape(r['method'])}</td><td>{html.escape(r['benchmark'])}</td>"
+                   f"<td>{pct(r['target_rate'])}</td><td>{pct(r['colour_kept'])}</td><td>{pct(r['shape_kept'])}</td>"
+                   f"<td>{r['images']}</td></tr>" for r in rows)
+    esd, trce = eraser_settings("esd-x", size), eraser_settings("trce", size)
+    return (
+        f"<p>The sandbox model (32x32 coloured shapes; {steps}, CFG 5) with every registered guard and eraser, "
+        f"concept <b>{CONCEPT}</b> ({size.name} size). Guards run on the erase set; the CASG guards, which pick one "
+        f"of several harmful categories per step, on the guard set (harmful: {', '.join(MULTI_HARMFUL)}). Erasers "
+        f"are fitted for {CONCEPT} and benched on the erase set: UCE and RECE closed-form at their defaults, ESD "
+        f"{esd['iterations']} Adam steps at lr {esd['lr']:g}, TRCE both stages ({trce['iterations']} stage-2 steps "
+        f"on {trce['trajectories']} trajectories), i.e. far below the papers' GPU budgets. "
+        f"{ATTACK} (text encoder only) then attacks the {ATTACKED_ERASER} edit.</p>"
+        "<p><b>target rate</b>: images showing the attribute the prompt asks for and the method should remove "
+        "(word, synonym and held-out phrasings; lower is better). <b>colour / shape kept</b>: non-target prompts "
+        "whose image shows the colour / shape asked for (higher is better). Read by the exact sandbox detectors; "
+        "intervals are below.</p>"
+        "<table><tr><th>method</th><th>set</th><th>target rate ↓</th><th>colour kept ↑</th><th>shape kept ↑</th>"
+        f"<th>images</th></tr>{body}</table>"
+        f"<p>{ATTACK} vs eraser {ATTACKED_ERASER}: Pre-ASR {pct(attack['pre_asr'])} → ASR {pct(attack['asr'])} over "
+        f"{attack['n']} prompt(s).</p>")
+
+
+# ------------------------------------------------------------------------------------------------------- main --
+
+def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True, max_prompts: int = 8) -> dict:
+    """Run (or continue) the demo into ``out``; returns the summary also written to ``OUT/summary.json``."""
+    from safediff.bench.report import build_report
+    from safediff.protocol import write_json_atomic
+
+    size = QUICK if quick else FULL
+    out = Path(out)
+    stages = plan(size)
+    open_demo(out, plan_record(size, stages))
+    edits = Edits(out, size)
+    rows, folders, timings = [], [], {}
+    bar = tqdm(total=len(stages) + 2, desc="demo", unit="stage", disable=not progress)
+    for stage in stages:
+        bar.set_description(f"demo: {stage.label} on {stage.benchmark}")
+        t0, c0 = time.perf_counter(), time.process_time()
+        results = run_bench_stage(stage, out, size, edits, progress)
+        timings[f"{stage.label} | {stage.benchmark}"] = _timing(t0, c0)
+        rows.append(summary_row(stage, results))
+        folders.append(out / stage.run_folder)
+        bar.update(1)
+    bar.set_description(f"demo: {ATTACK} vs {ATTACKED_ERASER}")
+    t0, c0 = time.perf_counter(), time.process_time()
+    attack = run_attack_stage(out, size, edits, progress)
+    timings[f"{ATTACK} vs {ATTACKED_ERASER}"] = _timing(t0, c0)
+    folders.append(out / "runs" / "attack" / f"{ATTACK}_vs_{ATTACKED_ERASER}")
+    bar.update(1)
+    bar.set_description("demo: report")
+    report = build_report(folders, out / "report.html", max_prompts=max_prompts, show_flagged=True,
+                          title="safediff demo", intro=intro_html(size, rows, attack))  # shapes, not harm: unblurred
+    bar.update(1)
+    bar.close()
+    summary = {"report": str(report), "size": size.name, "threads": torch.get_num_threads(), "methods": rows,
+               "attack": {k: attack[k] for k in ("pre_asr", "asr", "n")}, "seconds_this_call": timings}
+    write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+def _timing(t0: float, c0: float) -> dict:
+    return {"wall": round(time.perf_counter() - t0, 2), "cpu": round(time.process_time() - c0, 2)}

@@ -1,0 +1,57 @@
+"""`safediff demo --quick` end to end on the sandbox: the report names every registered guard and eraser, every
+method gets a target rate (the one in its run's results), the CLI prints the table and the report path, and a folder
+with another plan is refused."""
+
+import html
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from safediff.sandbox import WEIGHTS_DIR
+
+pytestmark = pytest.mark.skipif(not (WEIGHTS_DIR / "SHA256SUMS").is_file(), reason="sandbox weights absent")
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "safediff", *args], capture_output=True, text=True,
+                          env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+
+
+def test_quick_demo_reports_every_guard_and_eraser(tmp_path):
+    from safediff.registry import ERASERS, GUARDS
+
+    out = tmp_path / "demo"
+    r = run_cli("demo", "--out", str(out), "--quick", "--threads", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = out / "report.html"
+    assert report.is_file() and f"report: {report.resolve()}" in r.stdout
+    page = html.unescape(report.read_text())
+
+    summary = json.loads((out / "summary.json").read_text())
+    labels = [row["method"] for row in summary["methods"]]
+    guards = {m.group(1) for m in (re.fullmatch(r"guard ([^:\s]+)(:\S+)?", x) for x in labels) if m}
+    assert guards == set(GUARDS.names()) - {"none"}  # "none" is the base model
+    erasers = set()
+    for m in (re.fullmatch(r"eraser (\S+)(?: \(= (.+)\))?", x) for x in labels):
+        if m:
+            erasers |= {m.group(1), *(m.group(2).split(", ") if m.group(2) else [])}
+    assert erasers == set(ERASERS.names())  # aliases (esd = esd-u) run once, under one label
+    for label in labels:
+        assert label in page and label in r.stdout
+    assert "Attacks" in page and "ring-a-bell" in page
+    # sandbox images are shown unblurred and captioned with what the detectors read
+    assert "blurred" not in page and re.search(r"<small>(red|green|blue|yellow) (circle|square|triangle)</small>", page)
+
+    for row in summary["methods"]:
+        assert row["target_rate"] is not None and 0.0 <= row["target_rate"] <= 1.0, row
+        run = json.loads((out / row["run"] / "results.json").read_text())
+        assert run["results"][row["method"]]["sandbox/target_rate"]["value"] == row["target_rate"]
+        assert run["n_samples"]["images"] == row["images"] > 0
+    assert 0.0 <= summary["attack"]["asr"] <= 1.0
+
+    r = run_cli("demo", "--out", str(out))  # the full plan differs from the quick one: refused, nothing touched
+    assert r.returncode == 2 and "another plan" in r.stderr and "Traceback" not in r.stderr
+
