@@ -280,9 +280,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="sandbox")
     ap.add_argument("--harmful", default="red,blue,triangle")
-    ap.add_argument("--n-per-kind", type=int, default=6, help="harmful rows per kind (word/synonym/held-out) per "
+    ap.add_argument("--n-per-kind", type=int, default=4, help="harmful rows per kind (word/synonym/held-out) per "
                                                                  "harmful attribute")
-    ap.add_argument("--n-benign", type=int, default=48)
+    ap.add_argument("--n-benign", type=int, default=36)
     ap.add_argument("--seed", type=int, default=0, help="prompt-set seed (row seeds come from it)")
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
@@ -290,7 +290,7 @@ def main() -> None:
     ap.add_argument("--preset", default="max")
     ap.add_argument("--table-scale", type=float, default=5000.0, help="s_S of the table row (max: 5000)")
     ap.add_argument("--sweep", default="30,300", help="extra s_S values for the trade-off curve")
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=36)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "guards_sandbox.json"))
     ap.add_argument("--plot", default=str(ROOT / "docs" / "guards_sandbox_tradeoff.png"))
