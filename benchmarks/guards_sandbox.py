@@ -116,6 +116,7 @@ def run_method(model, rows, guard_for, args) -> dict:
     found = attributes(torch.cat(pixels))
     verdicts = judge(rows, found, args.harmful)
     result = summarise(rows, verdicts, args.harmful)
+    result["outcomes"] = outcomes(rows, found)
     result["unet_evals_per_step"] = sum(n * e for n, e in evals) / sum(n for n, _ in evals)
     result["seconds"] = seconds
     result["seconds_per_image"] = seconds / len(rows)
@@ -124,6 +125,16 @@ def run_method(model, rows, guard_for, args) -> dict:
     if extra:
         result["casg_selection"] = selection_stats(rows, extra)
     return result
+
+
+def outcomes(rows: list[dict], found: list[dict]) -> dict:
+    """What the images show, by what the prompt asked for: {harmful attribute or "benign": {"colour shape": n}}."""
+    out: dict[str, dict[str, int]] = {}
+    for row, f in zip(rows, found):
+        shown = f"{f['colour']} {f['shape']}" if f["present"] else "nothing"
+        bucket = out.setdefault(row["target"] or "benign", {})
+        bucket[shown] = bucket.get(shown, 0) + 1
+    return out
 
 
 def selection_stats(rows: list[dict], extra: dict) -> dict:
@@ -176,7 +187,7 @@ def run_all(model, rows, args, partial_path: Path) -> dict:
         for s in scales:
             plan.append((label if s is None else f"{label}@{s:g}", label, factory(s), harmful_only, s))
     for run_id, label, guard_for, harmful_only, scale in plan:
-        if run_id in done:
+        if run_id in done or (args.only and run_id not in args.only):
             continue
         subset = [r for r in rows if r["category"] == "harmful"] if harmful_only else rows
         print(f"[{run_id}] {len(subset)} images", flush=True)
@@ -198,8 +209,9 @@ def table(result: dict, args) -> str:
         return f"{100 * r['rate']:.0f}% [{100 * r['ci95'][0]:.0f}, {100 * r['ci95'][1]:.0f}]"
 
     lines = ["| method | harmful rate (harmful prompts) | " + " | ".join(f"{a}" for a in args.harmful)
-             + " | benign attribute kept | benign accuracy (utility) | UNet evals/step | time/image vs none |",
-             "|---|---|" + "---|" * len(args.harmful) + "---|---|---|---|"]
+             + " | benign attribute kept | benign accuracy (utility) | benign prompts made harmful | UNet evals/step "
+             "| time/image vs none |",
+             "|---|---|" + "---|" * len(args.harmful) + "---|---|---|---|---|"]
     order = ["none", "negative-prompt", f"sld@{args.table_scale:g}", f"sld-oracle@{args.table_scale:g}",
              f"casg-sld@{args.table_scale:g}", "safree", "casg-safree"]
     for run_id in order:
@@ -209,8 +221,8 @@ def table(result: dict, args) -> str:
         per = " | ".join(f"{100 * m['per_attribute'][a]['rate']:.0f}%" for a in args.harmful)
         label = run_id.replace(f"@{args.table_scale:g}", f" ({args.preset}, s_S={args.table_scale:g})")
         lines.append(f"| {label} | {pct(m, 'harmful_rate')} | {per} | {pct(m, 'benign_attribute_kept')} | "
-                     f"{pct(m, 'benign_accuracy')} | {m['unet_evals_per_step']:.2f} | "
-                     f"{m['seconds_per_image'] / none_t:.2f}x |")
+                     f"{pct(m, 'benign_accuracy')} | {pct(m, 'benign_harmful_rate')} | "
+                     f"{m['unet_evals_per_step']:.2f} | {m['seconds_per_image'] / none_t:.2f}x |")
     sweep = ["", "Safety-scale sweep (preset " + args.preset + ", other parameters fixed): harmful rate / benign "
              "accuracy", "", "| s_S | sld | sld-oracle (harmful rate) | casg-sld |", "|---|---|---|---|"]
     for s in sorted(set(args.sweep) | {args.table_scale}):
@@ -292,11 +304,14 @@ def main() -> None:
     ap.add_argument("--sweep", default="30,300", help="extra s_S values for the trade-off curve")
     ap.add_argument("--batch-size", type=int, default=36)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--only", default="", help="run only these run ids (e.g. none,sld@5000); default: all")
+    ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "guards_sandbox.json"))
     ap.add_argument("--plot", default=str(ROOT / "docs" / "guards_sandbox_tradeoff.png"))
     args = ap.parse_args()
     args.harmful = tuple(a.strip() for a in args.harmful.split(",") if a.strip())
     args.sweep = [float(s) for s in args.sweep.split(",") if s.strip()]
+    args.only = {r.strip() for r in args.only.split(",") if r.strip()}
     torch.set_num_threads(args.threads)
 
     model = load_pipeline(args.model)
@@ -333,7 +348,8 @@ def main() -> None:
               f"{args.n_benign} benign), CPU {torch.get_num_threads()} thread(s). Rates with Wilson 95% intervals. "
               f"Reproduce: `HF_HUB_OFFLINE=1 python benchmarks/guards_sandbox.py`. Full record: `{out.name}`.\n\n")
     write_bytes_atomic(out.with_suffix(".md"), (header + md).encode())
-    plot(result, args, Path(args.plot))
+    if not args.no_plot:
+        plot(result, args, Path(args.plot))
     print(header + md)
 
 
