@@ -39,3 +39,13 @@ def tiny_sdxl():
 
     return from_pipeline(build_pipeline("tiny-sdxl"), spec="tiny-sdxl",
                          defaults={"steps": 3, "guidance": 5.0, "height": 32, "width": 32})
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """A tiny SD-1.x pipeline saved as a local diffusers folder (what `--model DIR` reads)."""
+    from safediff.random_models import build_pipeline
+
+    d = tmp_path_factory.mktemp("tiny") / "pipe"
+    build_pipeline("tiny-sd").save_pretrained(d)
+    return d

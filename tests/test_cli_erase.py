@@ -1,24 +1,10 @@
 """`safediff erase` end to end on a local folder, then `generate --model DIR+EDIT`; bad input: one line, exit 2."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    from safediff.random_models import build_pipeline
-
-    d = tmp_path_factory.mktemp("tiny") / "pipe"
-    build_pipeline("tiny-sd").save_pretrained(d)
-    return d
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "safediff", *args], capture_output=True, text=True,
-                          env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+from cli_helpers import run_cli
 
 
 def test_erase_then_generate_with_the_edit(tiny_folder, tmp_path):

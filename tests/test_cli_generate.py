@@ -1,25 +1,11 @@
 """`safediff generate` end to end on a local diffusers folder; bad input gives one line and exit code 2."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 from PIL import Image
 
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    from safediff.random_models import build_pipeline
-
-    d = tmp_path_factory.mktemp("tiny") / "pipe"
-    build_pipeline("tiny-sd").save_pretrained(d)
-    return d
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "safediff", *args], capture_output=True, text=True,
-                          env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+from cli_helpers import run_cli
 
 
 def test_generate_writes_images_and_protocol(tiny_folder, tmp_path):

@@ -2,8 +2,6 @@
 branches per step, batch independence, SDXL, bad input and the CLI."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,6 +13,8 @@ from safediff.errors import SafediffError
 from safediff.guards import build_guard
 from safediff.guards.sld import SLD
 from safediff.sampling import generate
+
+from cli_helpers import run_cli
 
 PROMPTS = ["a red circle", "a photo of a blue square on white"]
 SEEDS = [3, 11]
@@ -161,20 +161,6 @@ def test_bad_keyword_overrides_and_empty_concept_are_rejected():
 
 
 # --- through the CLI ---------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    from safediff.random_models import build_pipeline
-
-    d = tmp_path_factory.mktemp("tiny") / "pipe"
-    build_pipeline("tiny-sd").save_pretrained(d)
-    return d
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "safediff", *args], capture_output=True, text=True,
-                          env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
-
 
 def test_cli_generate_with_sld_records_guard(tiny_folder, tmp_path):
     out = tmp_path / "out"
