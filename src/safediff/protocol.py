@@ -47,19 +47,7 @@ def _umask() -> int:
 
 def write_json_atomic(path: str | Path, data) -> None:
     """Write JSON so that a crash leaves either the old file or the new one, never a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str).encode())
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
