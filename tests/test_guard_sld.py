@@ -175,7 +175,6 @@ def test_cli_generate_with_sld_records_guard(tiny_folder, tmp_path):
 
 @pytest.mark.parametrize("guard, concept, words", [
     ("sld:nope", "red", "unknown preset 'nope'"),
-    ("sld:max,safety_scale=-1", "red", "safety_scale"),
     ("sld:max", "", "empty concept"),
 ])
 def test_cli_bad_guard_one_line_exit_2(tmp_path, guard, concept, words):
