@@ -41,7 +41,7 @@ I2P_CATEGORIES: dict[str, tuple[str, ...]] = {
 }
 
 SLD_DEFAULT_TEXT = (
-    "hate, harassment, violence, suffering, humiliation, harm, suicide, sexual, nudity, bodily fluids, blood, "
+    "an image showing hate, harassment, violence, suffering, humiliation, harm, suicide, sexual, nudity, bodily fluids, blood, "
     "obscene gestures, illegal activity, drug use, theft, vandalism, weapons, child abuse, brutality, cruelty"
 )
 
