@@ -12,7 +12,7 @@ import pytest
 
 from safediff.sandbox import WEIGHTS_DIR
 
-pytestmark = pytest.mark.skipif(not (WEIGHTS_DIR / "SHA256SUMS").is_file(), reason="sandbox weights absent")
+needs_sandbox = pytest.mark.skipif(not (WEIGHTS_DIR / "SHA256SUMS").is_file(), reason="sandbox weights absent")
 
 
 def run_cli(*args):
@@ -20,6 +20,18 @@ def run_cli(*args):
                           env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
 
 
+def test_interleaved_sets_keep_their_rows_and_lead_with_every_kind():
+    from safediff.demo import interleaved
+    from safediff.sandbox.benchmarks import erasure_set, multi_category_set
+
+    for rows in (erasure_set("red", n_per_kind=3), multi_category_set(n_per_kind=2, n_benign=8)):
+        out = interleaved(rows)
+        assert sorted(map(repr, out)) == sorted(map(repr, rows))
+        groups = {(r["target"], r["kind"]) for r in rows}
+        assert {(r["target"], r["kind"]) for r in out[:len(groups)]} == groups
+
+
+@needs_sandbox
 def test_quick_demo_reports_every_guard_and_eraser(tmp_path):
     from safediff.registry import ERASERS, GUARDS
 

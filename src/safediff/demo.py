@@ -9,9 +9,10 @@ Runs offline on a CPU. The plan (concept ``red``; the sandbox model at its sampl
    harmful attributes are red, blue and triangle.
 3. Every registered eraser (``ERASERS``; an alias runs once, under its class's first name) fitted to erase ``red``
    with a sandbox-sized budget (``eraser_settings``: UCE and RECE closed-form at their defaults; ESD-x, ESD-u and
-   ESD-x-strict ``esd_iterations`` Adam steps at lr 1e-4; TRCE both stages, stage 2 ``trce_iterations`` steps at
-   lr 1e-4 on ``trce_trajectories`` cached trajectories), saved to ``OUT/edits/`` and benched as ``sandbox+EDIT`` on
-   the erase set.
+   ESD-x-strict ``esd_iterations`` Adam steps at the rates of ``ESD_LR``; TRCE both stages, stage 2
+   ``trce_iterations`` steps at lr 1e-4 on ``trce_trajectories`` cached trajectories), saved to ``OUT/edits/`` and
+   benched as ``sandbox+EDIT`` on the erase set. These budgets are far below the papers' (ESD: 1,000 steps at
+   lr 1e-5 on a GPU), so the iterative erasers are weaker here than they can be.
 4. Ring-A-Bell (a genetic search on the text encoder; no UNet call) against the UCE edit, on the first
    ``attack_prompts`` target-word prompts of the erase set, ``attack_generations`` generations each.
 5. ``OUT/report.html`` (``safediff.bench.report.build_report``) and ``OUT/summary.json``: per method the target
@@ -20,7 +21,8 @@ Runs offline on a CPU. The plan (concept ``red``; the sandbox model at its sampl
 
 Sets (``safediff.sandbox.benchmarks``, seed 0): the erase set ``sandbox-erase-red@N`` is
 ``erasure_set("red", n_per_kind=N)`` (N rows each: the word in plain templates, a synonym, held-out templates, other
-colours); the guard set ``sandbox-multi@N`` is ``multi_category_set(n_per_kind=N, n_benign=4N)``. ``--quick`` uses
+colours); the guard set ``sandbox-multi@N`` is ``multi_category_set(n_per_kind=N, n_benign=4N)``; both with their rows
+interleaved by kind (``interleaved``) so the report's image grids show every kind. ``--quick`` uses
 tiny sets, 5 denoising steps (for the benches and, through the model's default, for the erasers' own sampling) and
 token budgets: a smoke test of the whole pipeline whose numbers mean nothing.
 
@@ -66,7 +68,7 @@ class DemoSize:
     batch_size: int = 32
 
 
-FULL = DemoSize("full", erase_per_kind=8, multi_per_kind=3, steps=None, esd_iterations=50, trce_iterations=40,
+FULL = DemoSize("full", erase_per_kind=8, multi_per_kind=2, steps=None, esd_iterations=40, trce_iterations=40,
                 trce_trajectories=16, trce_uncond_trajectories=8, attack_prompts=2, attack_generations=20)
 QUICK = DemoSize("quick", erase_per_kind=1, multi_per_kind=1, steps=5, esd_iterations=2, trce_iterations=2,
                  trce_trajectories=2, trce_uncond_trajectories=2, attack_prompts=1, attack_generations=2)
@@ -94,12 +96,22 @@ def sized_benchmark(kind: str, n: int) -> str:
             return sets.multi_category_set(MULTI_HARMFUL, n_per_kind=n, n_benign=4 * n)
 
     def load(data: str | None, skip: bool) -> LoadedRows:
-        return LoadedRows(sandbox_rows(make()), {"generator": call})
+        return LoadedRows(sandbox_rows(interleaved(make())), {"generator": call, "order": "interleaved"})
 
     if name not in SPECS:
         SPECS[name] = BenchmarkSpec(name, f"demo-sized sandbox set: {call}", load, SANDBOX_DETECTORS, ("sandbox",),
                                     concept=concept)
     return name
+
+
+def interleaved(rows: list[dict]) -> list[dict]:
+    """The same rows taken in turn from each (target, kind) group, so the report's first prompts show every kind
+    (the sets list them kind by kind; no metric depends on the order)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["target"], r["kind"]), []).append(r)
+    longest = max(len(g) for g in groups.values())
+    return [g[i] for i in range(longest) for g in groups.values() if i < len(g)]
 
 
 # ------------------------------------------------------------------------------------------------------ plan --
@@ -134,10 +146,17 @@ def registered_erasers() -> dict[str, tuple[str, ...]]:
     return firsts
 
 
+# ESD learning rates for a ~40-step budget on the sandbox (measured, 24 target prompts, 1 thread): ESD-x and
+# ESD-x-strict at lr 1e-3 lower the red rate to 75 % / 71 % with every other colour kept (at 1e-4 or 3e-4: 100 % /
+# 92 %); ESD-u (all non-cross-attention weights) at 1e-3 destroys the model (0 % of other colours kept) and at 3e-4
+# erases nothing while losing 12 % of them, so it keeps 1e-4.
+ESD_LR = {"esd-x": 1e-3, "esd-x-strict": 1e-3, "esd-u": 1e-4}
+
+
 def eraser_settings(name: str, size: DemoSize) -> dict:
     """The sandbox-sized budget of an eraser (everything else at its defaults)."""
     if name.startswith("esd"):
-        return {"iterations": size.esd_iterations, "lr": 1e-4}
+        return {"iterations": size.esd_iterations, "lr": ESD_LR.get(name, 1e-4)}
     if name == "trce":
         return {"iterations": size.trce_iterations, "lr": 1e-4, "trajectories": size.trce_trajectories,
                 "uncond_trajectories": size.trce_uncond_trajectories}
@@ -296,13 +315,14 @@ def intro_html(size: DemoSize, rows: list[dict], attack: dict) -> str:
     body = "".join(f"<tr><td>{html.escape(r['method'])}</td><td>{html.escape(r['benchmark'])}</td>"
                    f"<td>{pct(r['target_rate'])}</td><td>{pct(r['colour_kept'])}</td><td>{pct(r['shape_kept'])}</td>"
                    f"<td>{r['images']}</td></tr>" for r in rows)
-    esd, trce = eraser_settings("esd-x", size), eraser_settings("trce", size)
+    esd = ", ".join(f"{name} lr {lr:g}" for name, lr in ESD_LR.items())
+    trce = eraser_settings("trce", size)
     return (
         f"<p>The sandbox model (32x32 coloured shapes; {steps}, CFG 5) with every registered guard and eraser, "
         f"concept <b>{CONCEPT}</b> ({size.name} size). Guards run on the erase set; the CASG guards, which pick one "
         f"of several harmful categories per step, on the guard set (harmful: {', '.join(MULTI_HARMFUL)}). Erasers "
         f"are fitted for {CONCEPT} and benched on the erase set: UCE and RECE closed-form at their defaults, ESD "
-        f"{esd['iterations']} Adam steps at lr {esd['lr']:g}, TRCE both stages ({trce['iterations']} stage-2 steps "
+        f"{size.esd_iterations} Adam steps ({esd}), TRCE both stages ({trce['iterations']} stage-2 steps "
         f"on {trce['trajectories']} trajectories), i.e. far below the papers' GPU budgets. "
         f"{ATTACK} (text encoder only) then attacks the {ATTACKED_ERASER} edit.</p>"
         "<p><b>target rate</b>: images showing the attribute the prompt asks for and the method should remove "
@@ -317,7 +337,7 @@ def intro_html(size: DemoSize, rows: list[dict], attack: dict) -> str:
 
 # ------------------------------------------------------------------------------------------------------- main --
 
-def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True, max_prompts: int = 8) -> dict:
+def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True, max_prompts: int = 12) -> dict:
     """Run (or continue) the demo into ``out``; returns the summary also written to ``OUT/summary.json``."""
     from safediff.bench.report import build_report
     from safediff.protocol import write_json_atomic
