@@ -10,7 +10,9 @@ and after the edit, and read by the exact sandbox detectors (``safediff.detector
 - non-target accuracy: the fraction of non-target images whose detected colour (shape) is the one asked for;
 - other-attribute kept: on target prompts, the fraction whose *other* attribute (the shape when erasing a colour)
   is still the one asked for;
-- cost: parameters changed (tensors, values) and the wall seconds of ``fit`` on this CPU.
+- cost: parameters changed (tensors, values) and the wall seconds of ``fit`` on this CPU;
+- floor (base row, "word removed"): the concept's rate on the target-word prompts with the word deleted, same seeds:
+  the model's own rate when the prompt leaves the attribute open, i.e. what mapping the word to the guide "" can reach.
 
 Methods: every name in ``ERASERS`` (aliases of one class run once) with its defaults, except the settings in
 ``SANDBOX_SETTINGS`` (the papers' iteration counts are for SD 1.4 on a GPU; same settings as
@@ -101,6 +103,23 @@ def measure(model, concept: str, rows: list[dict], batch: int) -> dict:
     return out
 
 
+def floor_rate(model, concept: str, rows: list[dict], batch: int) -> dict:
+    """The concept's rate when the prompt does not ask for it: the target-word prompts with the word removed, same
+    seeds (what mapping the word to the unconditional guide "" can at best reach)."""
+    from safediff.erasers.prompts import replace_word
+
+    key = "colour" if concept in COLOURS else "shape"
+    other = "shape" if key == "colour" else "colour"
+    target = [r for r in rows if r["kind"] == "target-word"]
+    pixels = generate(model, [replace_word(r["prompt"], concept, "") for r in target], [r["seed"] for r in target],
+                      batch_size=batch, progress=False).pixels
+    found = [f[key] == concept for f in attributes(pixels)]
+    by_other: dict[str, list[bool]] = {}
+    for r, hit in zip(target, found):
+        by_other.setdefault(r[other], []).append(hit)
+    return {"all": sum(found) / len(found), f"by_{other}": {k: sum(v) / len(v) for k, v in sorted(by_other.items())}}
+
+
 def fit_edit(model, label: str, concept: str, edits: Path) -> Edit:
     path = edits / f"{concept}-{label}.safetensors"
     if path.is_file():
@@ -125,6 +144,10 @@ def markdown(results: dict) -> str:
             lines.append(f"| {concept} | {label} | {m['rate_word']:.0%} | {m['rate_synonym']:.0%} | "
                          f"{m['rate_heldout-template']:.0%} | {m['non_target_accuracy']:.0%} | "
                          f"{m['other_attribute_kept']:.0%} | {cost} | {secs} |")
+    floors = [f"{c} {e['base']['metrics']['rate_word_removed']['all']:.0%}" for c, e in results.items()
+              if "rate_word_removed" in e.get("base", {}).get("metrics", {})]
+    if floors:
+        lines.append(f"\nFloor (target-word prompts with the word removed, same seeds): {', '.join(floors)}.")
     return "\n".join(lines) + "\n"
 
 
@@ -154,6 +177,8 @@ def main() -> None:
         entries = results.setdefault(concept, {})
         if "base" not in entries:
             entries["base"] = {"metrics": measure(model, concept, rows, a.batch_size)}
+        if "rate_word_removed" not in entries["base"]["metrics"]:
+            entries["base"]["metrics"]["rate_word_removed"] = floor_rate(model, concept, rows, a.batch_size)
         for label in labels:
             if label in entries:
                 continue
