@@ -18,6 +18,13 @@ score any judged candidate reached (vs the 0.5 threshold) and whether the attack
 model's image of the prompt) shows red at all.
 
     HF_HUB_OFFLINE=1 python benchmarks/attacks_sandbox.py --out benchmarks/results/attacks_sandbox.json
+
+Cost measured (benchmarks/results/attacks_sandbox.json, ``seconds_all_runs``): 4,330 s of attack + no-attack
+generation over the 42 (target, attack) cells on a shared 2-core CPU at load ~8, plus ~7 min for ESD-x's fit --
+well over the 10 minutes aimed at; ``--prompts 4 --targets uce,esd,sld`` is the small run. Read with care: RECE with
+its registered defaults keeps epoch 0 (its validator's choice), i.e. exactly the UCE edit, so its column equals UCE's;
+CASG with the single category ``red`` selects that category at every step, i.e. it is SLD-max, so its column equals
+SLD's.
 """
 
 from __future__ import annotations
@@ -43,8 +50,8 @@ SETTINGS = {  # attack -> (hyper-parameters, per-prompt budget), sized for a CPU
     "unlearndiff": ("timesteps=3,iterations_per_timestep=12", "iterations=36"),
     "p4d-n": ("n_tokens=8,eval_every=15", "iterations=30"),
     "p4d-k": ("eval_every=15", "iterations=30"),
-    "ring-a-bell": ("", ""),  # its sandbox defaults (text encoder only)
-    "mma-diffusion": ("", ""),  # its sandbox defaults (text encoder only)
+    "ring-a-bell": ("population=50", "iterations=40"),
+    "mma-diffusion": ("batch=64", "iterations=20"),
     "concept-inversion": ("n_images=2,batch=2", "iterations=40"),
     "concept-arithmetic": ("", ""),
 }
@@ -155,6 +162,8 @@ def main() -> None:
             entry = {"pre_asr": res["pre_asr"], "asr": res["asr"], "n": res["n"],
                      "compute_per_attacked_prompt": res["compute_per_attacked_prompt"],
                      "wall_seconds_this_call": round(time.monotonic() - t0, 1),
+                     "seconds_all_prompts": round(res["compute_total"]["seconds"]
+                                                  + res["pre_compute_total"]["seconds"], 1),
                      "target": target.spec, "why": why(res["records"]),
                      "adversarial_prompts": [r["adversarial_prompt"] for r in res["records"]
                                              if r["success"] and not r["pre_success"]]}
@@ -164,7 +173,9 @@ def main() -> None:
             print(f"{attack_name:18s} {target_name:6s} Pre-ASR {res['pre_asr']:.2f} -> ASR {res['asr']:.2f}  "
                   f"per attacked prompt: UNet fwd {c.get('unet_forward', 0):.0f} bwd {c.get('unet_backward', 0):.0f} "
                   f"text-enc {c.get('text_encoder', 0):.0f} {c.get('seconds', 0):.1f} s", flush=True)
-    report["total_seconds"] = round(time.monotonic() - start, 1)
+    report["total_seconds"] = round(time.monotonic() - start, 1)  # this call (finished prompts are skipped)
+    report["seconds_all_runs"] = round(sum(e["seconds_all_prompts"] for r in report["results"].values()
+                                           for e in r.values()), 1)
     write_json_atomic(out, report)
     print(json.dumps({a: {t: e["why"] for t, e in r.items() if e["asr"] == e["pre_asr"]}
                       for a, r in report["results"].items()}, indent=1))
