@@ -21,10 +21,16 @@ Runs offline on a CPU. The plan (concept ``red``; the sandbox model at its sampl
 
 Sets (``safediff.sandbox.benchmarks``, seed 0): the erase set ``sandbox-erase-red@N`` is
 ``erasure_set("red", n_per_kind=N)`` (N rows each: the word in plain templates, a synonym, held-out templates, other
-colours); the guard set ``sandbox-multi@N`` is ``multi_category_set(n_per_kind=N, n_benign=4N)``; both with their rows
-interleaved by kind (``interleaved``) so the report's image grids show every kind. ``--quick`` uses
-tiny sets, 5 denoising steps (for the benches and, through the model's default, for the erasers' own sampling) and
-token budgets: a smoke test of the whole pipeline whose numbers mean nothing.
+colours); the guard set ``sandbox-multi@N`` is ``multi_category_set(n_per_kind=N, n_benign=4N)``; both with their
+rows interleaved by kind (``interleaved``) so the report's image grids show every kind. They are registered in the
+benchmark table at run time (``sized_benchmark``), as ``safediff.bench.benchmarks`` names only the full sets.
+``--quick`` uses tiny sets, 5 denoising steps (for the benches and, through the model's default, for the erasers' own
+sampling) and token budgets: a smoke test of the whole pipeline whose numbers mean nothing.
+
+Cost (``FULL``, 1 torch thread, measured twice on a shared 2-core machine): 498 and 508 CPU-seconds in all (user +
+system), i.e. about 8.5 minutes of one idle core; guards and erasers ~20-55 s each, ESD/TRCE/RECE fits included.
+The wall time there was 14 and 28 minutes because other jobs held the cores; with 2 threads on a busy machine torch
+spends twice the CPU for no gain (``--threads 1`` there). ``--quick``: ~40 CPU-seconds.
 
 Rerunning ``safediff demo --out OUT`` continues: finished edits and runs are reused, unfinished ones resume
 (``OUT/plan.json`` must match, so a quick and a full demo never share a folder).
@@ -146,10 +152,10 @@ def registered_erasers() -> dict[str, tuple[str, ...]]:
     return firsts
 
 
-# ESD learning rates for a ~40-step budget on the sandbox (measured, 24 target prompts, 1 thread): ESD-x and
-# ESD-x-strict at lr 1e-3 lower the red rate to 75 % / 71 % with every other colour kept (at 1e-4 or 3e-4: 100 % /
-# 92 %); ESD-u (all non-cross-attention weights) at 1e-3 destroys the model (0 % of other colours kept) and at 3e-4
-# erases nothing while losing 12 % of them, so it keeps 1e-4.
+# ESD learning rates for a ~40-step budget on the sandbox (measured on erasure_set("red", 8): 24 target prompts):
+# ESD-x and ESD-x-strict at lr 1e-3, 40 steps, lower the red rate to 75 % / 71 % with every other colour kept (ESD-x
+# with 50 steps at 1e-4 / 3e-4: 100 % / 92 %); ESD-u (all non-cross-attention weights) at 1e-3 destroys the model
+# (0 % of other colours kept) and at 3e-4 erases nothing while losing 12 % of them, so it keeps 1e-4.
 ESD_LR = {"esd-x": 1e-3, "esd-x-strict": 1e-3, "esd-u": 1e-4}
 
 
