@@ -19,7 +19,8 @@ Methods: every name in ``ERASERS`` (aliases of one class run once) with its defa
 ``benchmarks/esd_trce_sandbox.py``), plus labelled UCE variants: ``uce-2023`` (the 2023 script's edit: the word
 alone, no prompt expansion, shifted padding: the prototype's setting), ``uce-shifted`` (expanded prompts, 2023
 padding pairing), ``uce-last`` (2025 token convention, expanded prompts) and ``uce+synonyms`` (synonyms given by the
-user, for reference only: the synonym column is then not held out).
+user, for reference only: the synonym column is then not held out), and ``rece-object-hard`` (RECE's λ_reg = 1e-3
+setting for "objects hard for UCE" instead of the "object" default 0.1).
 
 Resumable: edits are kept in ``OUT.edits/`` and finished entries in the JSON; a rerun skips them. Reproduce with
 
@@ -47,17 +48,18 @@ from safediff.sampling import generate
 from safediff.sandbox.benchmarks import erasure_set
 from safediff.sandbox.world import COLOURS, SYNONYMS
 
-SANDBOX_SETTINGS = {
-    "esd-x": {"iterations": 200, "lr": 1e-4},
-    "esd-u": {"iterations": 200, "lr": 1e-4},
-    "esd-x-strict": {"iterations": 200, "lr": 1e-4},
-    "trce": {"iterations": 200, "lr": 1e-4, "trajectories": 40, "uncond_trajectories": 32},
+SANDBOX_SETTINGS = {  # as benchmarks/esd_trce_sandbox.py (its author's choices for the sandbox)
+    "esd-x": {"iterations": 150, "lr": 1e-3, "ddim_steps": 10},
+    "esd-u": {"iterations": 200, "lr": 1e-4, "ddim_steps": 10},
+    "esd-x-strict": {"iterations": 150, "lr": 1e-3, "ddim_steps": 10},
+    "trce": {"iterations": 100, "lr": 1e-4, "trajectories": 20, "uncond_trajectories": 16, "ddim_steps": 10},
 }
 VARIANTS = {  # label -> (registered eraser, settings); per-concept settings are filled in by `settings_for`
     "uce-2023": ("uce", {"expand_prompts": False, "padding": "shifted"}),
     "uce-shifted": ("uce", {"padding": "shifted"}),
     "uce-last": ("uce", {"tokens": "last"}),
     "uce+synonyms": ("uce", {"also_erase": "SYNONYMS"}),
+    "rece-object-hard": ("rece", {"concept_type": "object-hard"}),
 }
 KINDS = ("target-word", "target-synonym", "target-heldout-template")
 
