@@ -38,7 +38,8 @@ from typing import ClassVar
 import torch
 
 from safediff.attacks.base import Attack, AttackContext, Found
-from safediff.attacks.parts import ProjectedAdam, TokenSlots, noise_matching, target_image_latents, vocabulary
+from safediff.attacks.parts import (ProjectedAdam, TokenSlots, better, finish_token_search, noise_matching,
+                                    target_image_latents, vocabulary)
 
 
 @dataclass
@@ -86,22 +87,12 @@ class P4D(Attack):
                 ev = ctx.evaluate(last_text)
                 if ev is None:
                     break
-                best = ev if best is None or ev.score > best.score else best
+                best = better(best, ev)
                 if ev.success:
-                    best = ev
                     break
-        ids = method.project()
-        text = slots.text(ids)
-        if text != last_text and not (best is not None and best.success):
-            ev = ctx.evaluate(text)
-            if ev is not None and (best is None or ev.success or ev.score > best.score):
-                best = ev
-        chosen = best.prompt if best is not None else text
-        return Found(prompt=chosen, token_ids=slots.tokenizer(chosen, add_special_tokens=False).input_ids,
-                     evaluation=best,
-                     extra={"slot_ids": ids.tolist(), "initial_slot_ids": init.tolist(), "target_image": image_info,
-                            "objective": "noise_matching" + (" (through guard)" if target.guarded else ""),
-                            "final_prompt": text})
+        extra = {"initial_slot_ids": init.tolist(), "target_image": image_info,
+                 "objective": "noise_matching" + (" (through guard)" if target.guarded else "")}
+        return finish_token_search(ctx, slots, method.project(), last_text, best, extra)
 
 
 @dataclass

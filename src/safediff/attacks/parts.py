@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from safediff.attacks.base import AttackContext, Evaluation, Found
 from safediff.errors import SafediffError
 from safediff.models import Conditioning, Model
 
@@ -330,3 +331,22 @@ def target_image_latents(ctx) -> tuple[torch.Tensor, dict]:
         score = float(ctx.judge.score(pixels)[0])
     return x0.detach(), {"source": source, "judge_score": round(score, 6),
                          "judge_success": score >= ctx.judge.threshold}
+
+
+def better(best: Evaluation | None, ev: Evaluation | None) -> Evaluation | None:
+    """The evaluation to keep: a success, else the one the judge scored higher."""
+    if ev is None:
+        return best
+    return ev if best is None or ev.success or ev.score > best.score else best
+
+
+def finish_token_search(ctx: AttackContext, slots: TokenSlots, ids: torch.Tensor, last_text: str | None,
+                        best: Evaluation | None, extra: dict) -> Found:
+    """Judge the final tokens (unless already judged or a success was found) and return the best prompt."""
+    text = slots.text(ids)
+    if text != last_text and not (best is not None and best.success):
+        best = better(best, ctx.evaluate(text))
+    chosen = best.prompt if best is not None else text
+    return Found(prompt=chosen, token_ids=slots.tokenizer(chosen, add_special_tokens=False).input_ids,
+                 evaluation=best, extra={"slot_ids": ids.tolist(), **extra, "final_prompt": text})
+

@@ -37,7 +37,8 @@ from typing import ClassVar
 import torch
 
 from safediff.attacks.base import Attack, AttackContext, Found
-from safediff.attacks.parts import (SimplexAdam, TokenSlots, denoising_error, repeat_conditioning,
+from safediff.attacks.parts import (SimplexAdam, TokenSlots, better, denoising_error, finish_token_search,
+                                    repeat_conditioning,
                                     target_image_latents, uniform_timesteps, vocabulary)
 
 
@@ -89,19 +90,9 @@ class UnlearnDiffAtk(Attack):
             ev = ctx.evaluate(last_text)
             if ev is None:
                 break
-            best = ev if best is None or ev.score > best.score else best
+            best = better(best, ev)
             if ev.success:
-                best = ev
                 break
-        ids = method.argmax_ids()
-        text = slots.text(ids)
-        if text != last_text and not (best is not None and best.success):
-            ev = ctx.evaluate(text)
-            if ev is not None and (best is None or ev.success or ev.score > best.score):
-                best = ev
-        chosen = best.prompt if best is not None else text
-        return Found(prompt=chosen, token_ids=slots.tokenizer(chosen, add_special_tokens=False).input_ids,
-                     evaluation=best,
-                     extra={"slot_ids": ids.tolist(), "initial_slot_ids": initial, "target_image": image_info,
-                            "objective": "denoising_error" + (" (through guard)" if guided else ""),
-                            "final_prompt": text})
+        extra = {"initial_slot_ids": initial, "target_image": image_info,
+                 "objective": "denoising_error" + (" (through guard)" if guided else "")}
+        return finish_token_search(ctx, slots, method.argmax_ids(), last_text, best, extra)
