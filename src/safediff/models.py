@@ -161,26 +161,22 @@ class SDXLAdapter(Adapter):
     def text_encoders(self) -> list:
         return [self.pipe.text_encoder, self.pipe.text_encoder_2]
 
-    def encode(self, prompts: list[str]) -> Conditioning:
-        hidden, pooled = [], None
-        for tok, te in zip(self.tokenizers, self.text_encoders):
-            out = te(self.tokenize(prompts, tok).to(te.device), output_hidden_states=True)
-            if out[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds first
-                pooled = out[0]
-            hidden.append(out.hidden_states[-2])
+    def _conditioning(self, outputs: list) -> Conditioning:
+        """Both encoders' penultimate hidden states concatenated; the pooled text_embeds of the projecting one."""
+        pooled = next(out[0] for out in outputs if out[0].ndim == 2)  # CLIPTextModelWithProjection: text_embeds
         dtype = self.pipe.unet.dtype
-        return Conditioning(torch.cat(hidden, dim=-1).to(dtype), pooled.to(dtype))
+        return Conditioning(torch.cat([out.hidden_states[-2] for out in outputs], dim=-1).to(dtype), pooled.to(dtype))
+
+    def encode(self, prompts: list[str]) -> Conditioning:
+        return self._conditioning([te(self.tokenize(prompts, tok).to(te.device), output_hidden_states=True)
+                                   for tok, te in zip(self.tokenizers, self.text_encoders)])
 
     def encode_token_embeddings(self, input_ids: list[torch.Tensor], token_embeds: list[torch.Tensor]) -> Conditioning:
-        hidden, pooled = [], None
+        outputs = []
         for ids, embeds, te in zip(input_ids, token_embeds, self.text_encoders):
             with substituted_token_embeddings(te, embeds):
-                out = te(ids.to(te.device), output_hidden_states=True)
-            if out[0].ndim == 2:
-                pooled = out[0]
-            hidden.append(out.hidden_states[-2])
-        dtype = self.pipe.unet.dtype
-        return Conditioning(torch.cat(hidden, dim=-1).to(dtype), pooled.to(dtype))
+                outputs.append(te(ids.to(te.device), output_hidden_states=True))
+        return self._conditioning(outputs)
 
     def encode_negative(self, negative: list[str] | None, batch: int) -> Conditioning:
         if negative is None and self.pipe.config.get("force_zeros_for_empty_prompt", False):
