@@ -36,7 +36,7 @@ def test_cfg_off_has_no_effect(tiny_sd):
 def test_default_concept_and_config():
     cfg = build_guard("negative-prompt").config()
     assert cfg["name"] == "negative-prompt" and cfg["concepts"] == ["sld-default"]
-    assert cfg["concept_text"].startswith("hate, harassment")
+    assert cfg["concept_text"].startswith("an image showing hate, harassment")
 
 
 def test_session_leaves_pipeline_unchanged(tiny_sd):

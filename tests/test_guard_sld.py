@@ -131,7 +131,7 @@ def test_several_concepts_become_one_text_and_config_is_complete():
     assert cfg["concept_text"] == "red, circle" and cfg["concepts"] == ["red", "circle"]
     assert cfg["preset"] == "max" and cfg["momentum_beta"] == 0.5 and cfg["safety_scale"] == 5000.0
     assert {"warmup", "threshold", "momentum_scale"} <= set(cfg)
-    assert build_guard("sld").concept_text.startswith("hate, harassment, violence")  # sld-default
+    assert build_guard("sld").concept_text.startswith("an image showing hate, harassment, violence")  # sld-default
 
 
 @pytest.mark.parametrize("spec, words", [
