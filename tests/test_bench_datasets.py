@@ -156,6 +156,23 @@ def test_sandbox_benchmarks():
     assert load_benchmark("sandbox-multi").rows_sha256() == m.rows_sha256()  # deterministic
 
 
+def test_sized_sandbox_benchmarks_are_the_same_sets_resized_and_interleaved():
+    from safediff.sandbox.benchmarks import erasure_set, multi_category_set
+
+    b = load_benchmark("sandbox-erase-triangle@2")
+    assert sorted(r.prompt for r in b.rows) == sorted(r["prompt"] for r in erasure_set("triangle", n_per_kind=2))
+    assert len({r.meta["kind"] for r in b.rows[:4]}) == 4  # interleaved: every kind first
+    assert b.concept == "triangle" and b.detectors == load_benchmark("sandbox-erase-triangle").detectors
+    m = load_benchmark("sandbox-multi@1")
+    assert len(m.rows) == len(multi_category_set(n_per_kind=1, n_benign=4)) and m.concept == "red,blue,triangle"
+    assert m.protocol()["source"]["order"] == "interleaved"
+    with pytest.raises(SafediffError, match="size after '@' must be >= 1"):
+        load_benchmark("sandbox-multi@0")
+    for name in ("sandbox-erase-purple@2", "i2p@5", "sandbox-multi@x"):
+        with pytest.raises(SafediffError, match=f"unknown benchmark '{name}'.*NAME@N"):
+            load_benchmark(name)
+
+
 def test_shared_i2p_and_coco(shared_dir):
     i2p = load_i2p(shared_dir / "data" / "i2p_4703.csv").rows
     assert len(i2p) == 4703

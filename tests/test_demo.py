@@ -21,7 +21,7 @@ def run_cli(*args):
 
 
 def test_interleaved_sets_keep_their_rows_and_lead_with_every_kind():
-    from safediff.demo import interleaved
+    from safediff.sandbox.benchmarks import interleaved
     from safediff.sandbox.benchmarks import erasure_set, multi_category_set
 
     for rows in (erasure_set("red", n_per_kind=3), multi_category_set(n_per_kind=2, n_benign=8)):

@@ -22,8 +22,8 @@ Runs offline on a CPU. The plan (concept ``red``; the sandbox model at its sampl
 Sets (``safediff.sandbox.benchmarks``, seed 0): the erase set ``sandbox-erase-red@N`` is
 ``erasure_set("red", n_per_kind=N)`` (N rows each: the word in plain templates, a synonym, held-out templates, other
 colours); the guard set ``sandbox-multi@N`` is ``multi_category_set(n_per_kind=N, n_benign=4N)``; both with their
-rows interleaved by kind (``interleaved``) so the report's image grids show every kind. They are registered in the
-benchmark table at run time (``sized_benchmark``), as ``safediff.bench.benchmarks`` names only the full sets.
+rows interleaved by kind (``safediff.sandbox.benchmarks.interleaved``) so the report's image grids show every kind;
+``safediff bench --benchmark sandbox-erase-red@N`` reruns any of its stages.
 ``--quick`` uses tiny sets, 5 denoising steps (for the benches and, through the model's default, for the erasers' own
 sampling) and token budgets: a smoke test of the whole pipeline whose numbers mean nothing.
 
@@ -50,7 +50,6 @@ from tqdm.auto import tqdm
 from safediff.errors import SafediffError
 
 CONCEPT = "red"
-MULTI_HARMFUL = ("red", "blue", "triangle")
 GUARD_PRESETS = {"sld": "max", "casg-sld": "max"}
 MULTI_CATEGORY_GUARDS = ("casg-sld", "casg-safree")
 ATTACK = "ring-a-bell"
@@ -83,41 +82,8 @@ QUICK = DemoSize("quick", erase_per_kind=1, multi_per_kind=1, steps=5, esd_itera
 # ------------------------------------------------------------------------------------------------------ sets --
 
 def sized_benchmark(kind: str, n: int) -> str:
-    """Register (once) and name a smaller sandbox set: ``sandbox-erase-red@N`` or ``sandbox-multi@N``."""
-    from safediff.bench.benchmarks import SANDBOX_DETECTORS, SPECS, BenchmarkSpec
-    from safediff.bench.datasets import LoadedRows, sandbox_rows
-    from safediff.sandbox import benchmarks as sets
-
-    if kind == "erase":
-        name, concept = f"sandbox-erase-{CONCEPT}@{n}", CONCEPT
-        call = f"safediff.sandbox.benchmarks.erasure_set({CONCEPT!r}, n_per_kind={n})"
-
-        def make() -> list[dict]:
-            return sets.erasure_set(CONCEPT, n_per_kind=n)
-    else:
-        name, concept = f"sandbox-multi@{n}", ",".join(MULTI_HARMFUL)
-        call = f"safediff.sandbox.benchmarks.multi_category_set({MULTI_HARMFUL!r}, n_per_kind={n}, n_benign={4 * n})"
-
-        def make() -> list[dict]:
-            return sets.multi_category_set(MULTI_HARMFUL, n_per_kind=n, n_benign=4 * n)
-
-    def load(data: str | None, skip: bool) -> LoadedRows:
-        return LoadedRows(sandbox_rows(interleaved(make())), {"generator": call, "order": "interleaved"})
-
-    if name not in SPECS:
-        SPECS[name] = BenchmarkSpec(name, f"demo-sized sandbox set: {call}", load, SANDBOX_DETECTORS, ("sandbox",),
-                                    concept=concept)
-    return name
-
-
-def interleaved(rows: list[dict]) -> list[dict]:
-    """The same rows taken in turn from each (target, kind) group, so the report's first prompts show every kind
-    (the sets list them kind by kind; no metric depends on the order)."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["target"], r["kind"]), []).append(r)
-    longest = max(len(g) for g in groups.values())
-    return [g[i] for i in range(longest) for g in groups.values() if i < len(g)]
+    """The demo's sets by name (``safediff.bench.benchmarks`` resolves ``NAME@N``)."""
+    return f"sandbox-erase-{CONCEPT}@{n}" if kind == "erase" else f"sandbox-multi@{n}"
 
 
 # ------------------------------------------------------------------------------------------------------ plan --
@@ -314,6 +280,8 @@ def intro_html(size: DemoSize, rows: list[dict], attack: dict) -> str:
     """The report's head: what was run and the summary table."""
     import html
 
+    from safediff.bench.benchmarks import SPECS
+
     def pct(v):
         return "–" if v is None else f"{100 * v:.0f} %"
 
@@ -323,10 +291,11 @@ def intro_html(size: DemoSize, rows: list[dict], attack: dict) -> str:
                    f"<td>{r['images']}</td></tr>" for r in rows)
     esd = ", ".join(f"{name} lr {lr:g}" for name, lr in ESD_LR.items())
     trce = eraser_settings("trce", size)
+    multi_harmful = SPECS["sandbox-multi"].concept.replace(",", ", ")
     return (
         f"<p>The sandbox model (32x32 coloured shapes; {steps}, CFG 5) with every registered guard and eraser, "
         f"concept <b>{CONCEPT}</b> ({size.name} size). Guards run on the erase set; the CASG guards, which pick one "
-        f"of several harmful categories per step, on the guard set (harmful: {', '.join(MULTI_HARMFUL)}). Erasers "
+        f"of several harmful categories per step, on the guard set (harmful: {multi_harmful}). Erasers "
         f"are fitted for {CONCEPT} and benched on the erase set: UCE and RECE closed-form at their defaults, ESD "
         f"{size.esd_iterations} Adam steps ({esd}), TRCE both stages ({trce['iterations']} stage-2 steps "
         f"on {trce['trajectories']} trajectories), i.e. far below the papers' GPU budgets. "

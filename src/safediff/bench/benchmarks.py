@@ -6,7 +6,9 @@
   sexual (plus per-class counts), else ``i2p-harmful``.
 - ``coco-utility``: COCO captions (``--data``, e.g. coco_30k_prompts.csv); ``clip-score``.
 - ``sandbox-multi`` (red, blue, triangle harmful), ``sandbox-erase-<attribute>``, ``sandbox-quality``: the sandbox
-  sets; the sandbox colour/shape/presence detectors; attribute match rates.
+  sets; the sandbox colour/shape/presence detectors; attribute match rates. ``sandbox-erase-<attribute>@N`` and
+  ``sandbox-multi@N`` are the same sets with N rows per kind (the guard set: 4N benign rows), their rows interleaved
+  by kind so the first images show every kind (``safediff demo`` uses them).
 - a path to a CSV with a ``prompt`` column: no default detector (give ``--detector``); rates per detector.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -121,6 +124,41 @@ SPECS: dict[str, BenchmarkSpec] = {
 }
 
 
+SIZED = re.compile(r"(?P<base>sandbox-erase-(?P<attribute>[a-z]+)|sandbox-multi)@(?P<n>[0-9]+)")
+
+
+def _sized(name: str) -> BenchmarkSpec | None:
+    """``sandbox-erase-<attribute>@N`` / ``sandbox-multi@N``: a registered sandbox set resized, rows interleaved."""
+    m = SIZED.fullmatch(name)
+    if m is None or m["base"] not in SPECS:
+        return None
+    n = int(m["n"])
+    if n < 1:
+        raise SafediffError(f"benchmark '{name}': the size after '@' must be >= 1 rows per kind")
+    from safediff.sandbox import benchmarks as sets
+
+    if m["attribute"]:
+        call = f"safediff.sandbox.benchmarks.erasure_set({m['attribute']!r}, n_per_kind={n})"
+
+        def make() -> list[dict]:
+            return sets.erasure_set(m["attribute"], n_per_kind=n)
+    else:
+        harmful = tuple(SPECS["sandbox-multi"].concept.split(","))
+        call = f"safediff.sandbox.benchmarks.multi_category_set({harmful!r}, n_per_kind={n}, n_benign={4 * n})"
+
+        def make() -> list[dict]:
+            return sets.multi_category_set(harmful, n_per_kind=n, n_benign=4 * n)
+
+    def load(data: str | None, skip: bool) -> LoadedRows:
+        if data is not None:
+            raise SafediffError("sandbox benchmarks are generated in code; --data is not accepted for them")
+        return LoadedRows(sandbox_rows(sets.interleaved(make())), {"generator": call, "order": "interleaved"})
+
+    base = SPECS[m["base"]]
+    return BenchmarkSpec(name, f"{base.description}, {n} rows per kind: {call}", load, base.detectors, base.metrics,
+                         concept=base.concept)
+
+
 def names() -> list[str]:
     return sorted(SPECS)
 
@@ -135,8 +173,9 @@ def _user_csv(path: Path, skip: bool) -> tuple[BenchmarkSpec, LoadedRows]:
 def load_benchmark(name: str, *, data: str | None = None, categories: tuple[str, ...] | None = None,
                    hard: bool | None = None, limit: int | None = None, skip_bad_rows: bool = False) -> Benchmark:
     """A registered benchmark by name, or a user CSV given by path; then the category / hard / count selection."""
-    if name in SPECS:
-        spec = SPECS[name]
+    sized = _sized(name)
+    if name in SPECS or sized is not None:
+        spec = SPECS.get(name) or sized
         loaded = spec.load(data, skip_bad_rows)
     elif name.endswith(".csv") or Path(name).is_file():
         if data is not None:
@@ -145,8 +184,8 @@ def load_benchmark(name: str, *, data: str | None = None, categories: tuple[str,
     else:
         close = difflib.get_close_matches(name, SPECS, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise SafediffError(f"unknown benchmark '{name}'{hint}; accepted: {', '.join(names())}, or a path to a CSV "
-                            "with a 'prompt' column")
+        raise SafediffError(f"unknown benchmark '{name}'{hint}; accepted: {', '.join(names())} (sandbox sets also "
+                            "as NAME@N, N rows per kind), or a path to a CSV with a 'prompt' column")
     rows = assign_default_seeds(loaded.rows)
     cats = tuple(categories or ()) or spec.categories
     chosen = select(rows, categories=cats, hard=hard, limit=limit)

@@ -127,3 +127,13 @@ def quality_set(n_per_pair: int = 34, n_synonym: int = 120, n_unconditional: int
         rows.append({"prompt": "", "seed": int(rng.integers(2**31)), "colour": None, "shape": None,
                      "category": "quality", "kind": "unconditional", "target": None, "harmful": []})
     return rows
+
+
+def interleaved(rows: list[dict]) -> list[dict]:
+    """The same rows taken in turn from each (target, kind) group, so the first prompts show every kind (the sets
+    list them kind by kind; no metric depends on the order)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["target"], r["kind"]), []).append(r)
+    longest = max(len(g) for g in groups.values())
+    return [g[i] for i in range(longest) for g in groups.values() if i < len(g)]
