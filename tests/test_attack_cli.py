@@ -35,7 +35,7 @@ def prompts_csv(tmp_path):
     ({"--target": "sandbox:no-such-guard"}, "unknown guard"),
     ({"--budget": "iterations=0"}, "must be > 0"),
     ({"--budget": "unet_forward=-3"}, "must be > 0"),
-    ({"--params": "k=two"}, "must be of type int"),
+    ({"--params": "k=two"}, "k='two' is not a valid int"),
     ({"--prompts": "MISSING"}, "not found"),
     ({"--prompts": "NOPROMPT"}, "no 'prompt' column"),
 ])

@@ -31,7 +31,7 @@ def test_simplex_projection_matches_the_sorting_algorithm():
 
 
 @pytest.mark.parametrize("text, words", [("iterations=0", "> 0"), ("seconds=-1", "> 0"), ("wings=3", "accepted"),
-                                         ("iterations=x", "number"), ("iterations", "key=value")])
+                                         ("iterations=x", "not a valid int"), ("iterations", "key=value")])
 def test_bad_budgets_are_rejected(text, words):
     with pytest.raises(SafediffError, match=words):
         Budget.parse(text)

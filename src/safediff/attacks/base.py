@@ -56,6 +56,7 @@ from safediff.concepts import Concept, resolve
 from safediff.errors import SafediffError
 from safediff.guards.base import GenerationContext, Guard, NoGuard
 from safediff.models import Conditioning, Model
+from safediff.params import comma_items, typed_fields
 
 COUNTED = ("iterations", "unet_forward", "unet_backward", "text_encoder")
 
@@ -82,19 +83,7 @@ class Budget:
     @classmethod
     def parse(cls, text: str | None, default: dict | None = None) -> "Budget":
         """``"iterations=40,unet_forward=500,seconds=60"`` on top of ``default``."""
-        values = dict(default or {})
-        names = {f.name: f.type for f in dataclasses.fields(cls)}
-        for part in [p.strip() for p in (text or "").split(",") if p.strip()]:
-            key, sep, value = part.partition("=")
-            key = key.strip().replace("-", "_")
-            if not sep or key not in names:
-                raise SafediffError(f"bad budget item '{part}'; accepted: key=value with keys "
-                                    f"{', '.join(names)} (e.g. iterations=40,seconds=60)")
-            try:
-                values[key] = float(value) if key == "seconds" else int(value)
-            except ValueError:
-                raise SafediffError(f"budget {key} must be a number, got '{value}'") from None
-        return cls(**values)
+        return cls(**{**(default or {}), **typed_fields(cls, comma_items(text), "budget")})
 
     def protocol(self) -> dict:
         return dataclasses.asdict(self)

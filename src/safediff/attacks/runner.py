@@ -12,7 +12,6 @@ succeeds; ASR = (no-attack successes + attack successes) / N.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import hashlib
 import io
 import json
@@ -23,6 +22,7 @@ from tqdm.auto import tqdm
 
 from safediff.attacks.base import Attack, AttackResult, Budget, Judge, Target
 from safediff.errors import SafediffError
+from safediff.params import comma_items, typed_fields
 from safediff.protocol import git_hash, versions, write_bytes_atomic, write_json_atomic
 
 COMPUTE_KEYS = ("iterations", "unet_forward", "unet_forward_samples", "unet_backward", "text_encoder", "seconds")
@@ -49,26 +49,7 @@ def build_attack(name: str, params: str | None = None) -> Attack:
     from safediff.registry import ATTACKS
 
     cls = ATTACKS.get(name)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    values = {}
-    for part in [p.strip() for p in (params or "").split(",") if p.strip()]:
-        key, sep, value = part.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or key not in fields:
-            raise SafediffError(f"unknown hyper-parameter '{part}' for attack '{name}'; accepted: "
-                                f"{', '.join(fields)} (as key=value,key=value)")
-        default = fields[key].default
-        try:
-            if isinstance(default, bool):
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                values[key] = value.lower() in ("true", "1")
-            else:
-                values[key] = type(default)(value) if default is not None else value
-        except ValueError:
-            raise SafediffError(f"hyper-parameter {key} must be of type {type(default).__name__}, got '{value}'"
-                                ) from None
-    return cls(**values)
+    return cls(**typed_fields(cls, comma_items(params), f"attack {name}"))
 
 
 def _png(image) -> bytes:

@@ -19,6 +19,7 @@ import torch
 
 from safediff.concepts import Concept
 from safediff.errors import SafediffError
+from safediff.params import typed_fields
 
 
 @dataclass
@@ -87,47 +88,14 @@ class Eraser:
     @classmethod
     def from_params(cls, params: dict[str, str]) -> "Eraser":
         """Build from ``key=value`` strings (the CLI's ``--param``), converting each to its field's type."""
-        fields = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("hyperparameter", True)}
-        kwargs = {}
-        for key, text in params.items():
-            if key not in fields:
-                raise SafediffError(f"unknown parameter '{key}' for eraser {cls.name}; accepted: "
-                                    + ", ".join(sorted(fields)))
-            kwargs[key] = parse_value(fields[key], text, cls.name)
-        return cls(**kwargs)
+        fields = [f for f in dataclasses.fields(cls) if f.metadata.get("hyperparameter", True)]
+        return cls(**typed_fields(cls, [f"{k}={v}" for k, v in params.items()], f"eraser {cls.name}", fields))
 
 
 def _jsonable(value):
     if isinstance(value, tuple):
         return list(value)
     return value
-
-
-def parse_value(field: dataclasses.Field, text: str, owner: str):
-    """Convert ``text`` to the type named by ``field``'s annotation (bool, int, float, str, tuple[str, ...],
-    optionally ``| None``)."""
-    kind = str(field.type).replace(" ", "")
-    optional = kind.endswith("|None")
-    kind = kind.removesuffix("|None")
-    text = text.strip()
-    if optional and text.lower() in ("none", "null", ""):
-        return None
-    try:
-        if kind == "bool":
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if kind == "int":
-            return int(text)
-        if kind == "float":
-            return float(text)
-        if kind.startswith("tuple"):
-            return tuple(w.strip() for w in text.split(",") if w.strip())
-        return text
-    except ValueError:
-        raise SafediffError(f"parameter {field.name}={text!r} of eraser {owner} is not a valid {kind}") from None
 
 
 @contextlib.contextmanager
