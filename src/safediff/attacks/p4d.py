@@ -38,7 +38,7 @@ from typing import ClassVar
 import torch
 
 from safediff.attacks.base import Attack, AttackContext, Found
-from safediff.attacks.parts import (ProjectedAdam, TokenSlots, better, finish_token_search, noise_matching,
+from safediff.attacks.parts import (ProjectedAdam, TokenSlots, finish_token_search, judge_and_keep, noise_matching,
                                     target_image_latents, vocabulary)
 
 
@@ -84,11 +84,8 @@ class P4D(Attack):
             ctx.tick(loss.item(), timestep=int(t))
             if step % self.eval_every == 0:
                 last_text = slots.text(method.project())
-                ev = ctx.evaluate(last_text)
-                if ev is None:
-                    break
-                best = better(best, ev)
-                if ev.success:
+                best, stop = judge_and_keep(ctx, best, last_text)
+                if stop:
                     break
         extra = {"initial_slot_ids": init.tolist(), "target_image": image_info,
                  "objective": "noise_matching" + (" (through guard)" if target.guarded else "")}

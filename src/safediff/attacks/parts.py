@@ -340,6 +340,13 @@ def better(best: Evaluation | None, ev: Evaluation | None) -> Evaluation | None:
     return ev if best is None or ev.success or ev.score > best.score else best
 
 
+def judge_and_keep(ctx: AttackContext, best: Evaluation | None, text: str) -> tuple[Evaluation | None, bool]:
+    """Judge ``text`` and keep the better evaluation; also whether the search should stop (a success, or no budget
+    left to judge)."""
+    ev = ctx.evaluate(text)
+    return better(best, ev), ev is None or ev.success
+
+
 def finish_token_search(ctx: AttackContext, slots: TokenSlots, ids: torch.Tensor, last_text: str | None,
                         best: Evaluation | None, extra: dict) -> Found:
     """Judge the final tokens (unless already judged or a success was found) and return the best prompt."""

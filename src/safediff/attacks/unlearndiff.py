@@ -37,7 +37,7 @@ from typing import ClassVar
 import torch
 
 from safediff.attacks.base import Attack, AttackContext, Found
-from safediff.attacks.parts import (SimplexAdam, TokenSlots, better, denoising_error, finish_token_search,
+from safediff.attacks.parts import (SimplexAdam, TokenSlots, judge_and_keep, denoising_error, finish_token_search,
                                     repeat_conditioning,
                                     target_image_latents, uniform_timesteps, vocabulary)
 
@@ -87,11 +87,8 @@ class UnlearnDiffAtk(Attack):
             if exhausted:
                 break
             last_text = slots.text(method.argmax_ids())
-            ev = ctx.evaluate(last_text)
-            if ev is None:
-                break
-            best = better(best, ev)
-            if ev.success:
+            best, stop = judge_and_keep(ctx, best, last_text)
+            if stop:
                 break
         extra = {"initial_slot_ids": initial, "target_image": image_info,
                  "objective": "denoising_error" + (" (through guard)" if guided else "")}
