@@ -37,9 +37,8 @@ from typing import ClassVar
 import torch
 
 from safediff.attacks.base import Attack, AttackContext, Found
-from safediff.attacks.parts import (SimplexAdam, TokenSlots, judge_and_keep, denoising_error, finish_token_search,
-                                    repeat_conditioning,
-                                    target_image_latents, uniform_timesteps, vocabulary)
+from safediff.attacks.parts import (SimplexAdam, TokenSlots, denoising_error, finish_token_search, judge_and_keep,
+                                    repeat_conditioning, target_image_latents, uniform_timesteps, vocabulary)
 
 
 @dataclass
