@@ -21,10 +21,17 @@ model's image of the prompt) shows red at all.
 
 Cost measured (benchmarks/results/attacks_sandbox.json, ``seconds_all_runs``): 4,330 s of attack + no-attack
 generation over the 42 (target, attack) cells on a shared 2-core CPU at load ~8, plus ~7 min for ESD-x's fit --
-well over the 10 minutes aimed at; ``--prompts 4 --targets uce,esd,sld`` is the small run. Read with care: RECE with
-its registered defaults keeps epoch 0 (its validator's choice), i.e. exactly the UCE edit, so its column equals UCE's;
-CASG with the single category ``red`` selects that category at every step, i.e. it is SLD-max, so its column equals
-SLD's.
+well over the 10 minutes aimed at; ``--prompts 4 --targets uce,esd,sld`` is the small run. Read with care: RECE
+with its registered defaults keeps epoch 0 (its validator's choice), i.e. exactly the UCE edit, so its column equals
+UCE's; CASG with the single category ``red`` selects that category at every step, i.e. it is SLD-max, so its column
+equals SLD's.
+
+``--budgets default`` runs each attack at its own default hyper-parameters and budget instead, e.g. the text-side
+attacks against UCE:
+
+    HF_HUB_OFFLINE=1 python benchmarks/attacks_sandbox.py --budgets default --targets uce \
+        --attacks concept-inversion,ring-a-bell,concept-arithmetic,mma-diffusion \
+        --out benchmarks/results/attacks_sandbox_default_budgets.json
 """
 
 from __future__ import annotations
@@ -135,6 +142,8 @@ def main() -> None:
     ap.add_argument("--targets", default="plain,uce,rece,esd,sld,casg")
     ap.add_argument("--esd", default="esd-x")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--budgets", choices=("sandbox", "default"), default="sandbox",
+                    help="'sandbox': the CPU-sized SETTINGS; 'default': each attack's own defaults")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from safediff.sandbox.benchmarks import erasure_set
@@ -147,11 +156,12 @@ def main() -> None:
     start = time.monotonic()
     all_targets = targets(args.model, erasers, out.with_suffix(".edits"), args.targets.split(","))
     setup_seconds = time.monotonic() - start
-    report = {"concept": CONCEPT, "prompts": rows, "judge": judge.protocol(), "settings": {}, "results": {},
+    report = {"concept": CONCEPT, "prompts": rows, "judge": judge.protocol(), "budgets": args.budgets, "settings": {},
+              "results": {},
               "model": args.model, "versions": versions(), "git": git_hash(), "torch_threads": args.threads,
               "setup_seconds": round(setup_seconds, 1)}
     for attack_name in args.attacks.split(","):
-        params, budget_text = SETTINGS[attack_name]
+        params, budget_text = SETTINGS[attack_name] if args.budgets == "sandbox" else ("", "")
         attack = build_attack(attack_name, params)
         budget = Budget.parse(budget_text, attack.default_budget)
         report["settings"][attack_name] = {"params": attack.config(), "budget": budget.protocol()}

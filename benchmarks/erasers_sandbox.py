@@ -15,19 +15,22 @@ and after the edit, and read by the exact sandbox detectors (``safediff.detector
   the model's own rate when the prompt leaves the attribute open, i.e. what mapping the word to the guide "" can reach.
 
 Methods: every name in ``ERASERS`` (aliases of one class run once) with its defaults, except the settings in
-``SANDBOX_SETTINGS`` (the papers' iteration counts are for SD 1.4 on a GPU; same settings as
-``benchmarks/esd_trce_sandbox.py``), plus labelled UCE variants: ``uce-2023`` (the 2023 script's edit: the word
-alone, no prompt expansion, shifted padding: the prototype's setting), ``uce-shifted`` (expanded prompts, 2023
-padding pairing), ``uce-last`` (2025 token convention, expanded prompts) and ``uce+synonyms`` (synonyms given by the
-user, for reference only: the synonym column is then not held out), and ``rece-object-hard`` (RECE's λ_reg = 1e-3
-setting for "objects hard for UCE" instead of the "object" default 0.1).
+``SANDBOX_SETTINGS`` (the papers' iteration counts are for SD 1.4 with an 860M-parameter UNet on a GPU; the sandbox
+UNet has 4.3M and each fit gets a few CPU minutes; x_t and TRCE's trajectories are sampled with 10 DDIM steps),
+plus labelled variants: ``uce-2023`` (the 2023 script's edit: the word alone, no prompt expansion, shifted padding:
+the prototype's setting), ``uce-shifted`` (expanded prompts, 2023 padding pairing), ``uce-last`` (2025 token
+convention, expanded prompts), ``uce+synonyms`` (synonyms given by the user, for reference only: the synonym column
+is then not held out), ``rece-object-hard`` (RECE's λ_reg = 1e-3 setting for "objects hard for UCE" instead of the
+"object" default 0.1) and ``trce-stage1`` (TRCE's closed-form stage alone, the paper's ablation).
 
 Resumable: edits are kept in ``OUT.edits/`` and finished entries in the JSON; a rerun skips them. Reproduce with
 
     HF_HUB_OFFLINE=1 python benchmarks/erasers_sandbox.py --concepts red \
         --methods uce,rece,uce-2023,uce-shifted,uce-last,uce+synonyms
     HF_HUB_OFFLINE=1 python benchmarks/erasers_sandbox.py --concepts triangle --methods uce,rece,uce-2023
-    HF_HUB_OFFLINE=1 python benchmarks/erasers_sandbox.py            # every registered eraser (ESD/TRCE: ~5 min each)
+    HF_HUB_OFFLINE=1 python benchmarks/erasers_sandbox.py --concepts red \
+        --methods esd-x,esd-u,esd-x-strict,trce,trce-stage1                # ~1-5 CPU-minutes each
+    HF_HUB_OFFLINE=1 python benchmarks/erasers_sandbox.py            # every registered eraser and variant
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from safediff.sampling import generate
 from safediff.sandbox.benchmarks import erasure_set
 from safediff.sandbox.world import COLOURS, SYNONYMS
 
-SANDBOX_SETTINGS = {  # as benchmarks/esd_trce_sandbox.py (its author's choices for the sandbox)
+SANDBOX_SETTINGS = {  # a few CPU minutes per fit
     "esd-x": {"iterations": 150, "lr": 1e-3, "ddim_steps": 10},
     "esd-u": {"iterations": 200, "lr": 1e-4, "ddim_steps": 10},
     "esd-x-strict": {"iterations": 150, "lr": 1e-3, "ddim_steps": 10},
@@ -60,19 +63,14 @@ VARIANTS = {  # label -> (registered eraser, settings); per-concept settings are
     "uce-last": ("uce", {"tokens": "last"}),
     "uce+synonyms": ("uce", {"also_erase": "SYNONYMS"}),
     "rece-object-hard": ("rece", {"concept_type": "object-hard"}),
+    "trce-stage1": ("trce", {**SANDBOX_SETTINGS["trce"], "stages": (1,)}),
 }
 KINDS = ("target-word", "target-synonym", "target-heldout-template")
 
 
 def method_names() -> list[str]:
-    """Registered erasers, one name per class (aliases dropped), then the labelled UCE variants."""
-    seen, names = set(), []
-    for name in ERASERS.names():
-        cls = ERASERS.get(name)
-        if cls not in seen:
-            seen.add(cls)
-            names.append(name)
-    return names + list(VARIANTS)
+    """Registered erasers (aliases left out), then the labelled variants."""
+    return ERASERS.primary_names() + list(VARIANTS)
 
 
 def settings_for(label: str, concept: str) -> tuple[str, dict]:

@@ -11,7 +11,6 @@ eager ``StableDiffusionPipeline`` at the same batch size. Runs at tiny size on a
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path

@@ -1,7 +1,6 @@
 """P4D-N / P4D-K: improve their noise-matching objective, output real tokens, respect budgets, are deterministic."""
 
 import pytest
-import torch
 
 from attack_objective_helpers import matching_probe, random_slot_ids, text_sensitive
 from attack_recipe_helpers import ROW, never_flags, red_target

@@ -1,7 +1,6 @@
 """UnlearnDiffAtk: improves its denoising objective over its budget, respects budgets exactly, is deterministic."""
 
 import pytest
-import torch
 
 from attack_objective_helpers import denoising_probe, random_slot_ids, text_sensitive
 from attack_recipe_helpers import ROW, never_flags, red_target

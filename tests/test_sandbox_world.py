@@ -6,7 +6,7 @@ import pytest
 
 from safediff.sandbox import world
 from safediff.sandbox.world import (COLOURS, HELD_OUT_TEMPLATES, PLAIN_TEMPLATES, RGB, SHAPES, SYNONYMS,
-                                    TRAIN_TEMPLATES, Scene, caption, coverage, fill, random_scene, render,
+                                    TRAIN_TEMPLATES, Scene, coverage, fill, random_scene, render,
                                     render_attributes, sample_batch, vocabulary)
 
 

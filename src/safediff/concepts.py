@@ -10,7 +10,7 @@ Anything else given by name is taken as free text (one concept whose keyword is 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from safediff.errors import SafediffError
 

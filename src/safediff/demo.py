@@ -105,17 +105,10 @@ class Stage:
 
 
 def registered_erasers() -> dict[str, tuple[str, ...]]:
-    """First name of each eraser class -> its other registered names (aliases)."""
+    """Each registered eraser's name -> its aliases (an alias runs once, under the name)."""
     from safediff.registry import ERASERS
 
-    names: dict[type, list[str]] = {}
-    for name in ERASERS.names():
-        names.setdefault(ERASERS.get(name), []).append(name)
-    firsts = {}
-    for group in names.values():
-        primary = next((n for n in group if n == ERASERS.get(n).name), group[0])
-        firsts[primary] = tuple(n for n in group if n != primary)
-    return firsts
+    return {name: ERASERS.aliases_of(name) for name in ERASERS.primary_names()}
 
 
 # ESD learning rates for a ~40-step budget on the sandbox (measured on erasure_set("red", 8): 24 target prompts):

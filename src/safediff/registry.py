@@ -13,12 +13,21 @@ from safediff.errors import SafediffError
 
 
 class Registry:
-    def __init__(self, kind: str, entries: dict[str, str]):
+    def __init__(self, kind: str, entries: dict[str, str], aliases: dict[str, str] | None = None):
         self.kind = kind
-        self._entries = dict(entries)
+        self._aliases = dict(aliases or {})  # alias -> registered name
+        self._entries = {**entries, **{alias: entries[name] for alias, name in self._aliases.items()}}
 
     def names(self) -> list[str]:
+        """Every accepted name, aliases included."""
         return sorted(self._entries)
+
+    def primary_names(self) -> list[str]:
+        """One name per implementation (aliases left out): what a benchmark of every method runs."""
+        return sorted(n for n in self._entries if n not in self._aliases)
+
+    def aliases_of(self, name: str) -> tuple[str, ...]:
+        return tuple(sorted(a for a, n in self._aliases.items() if n == name))
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries
@@ -47,10 +56,9 @@ ERASERS = Registry("eraser", {
     "rece": "safediff.erasers.rece:RECE",
     "esd-x": "safediff.erasers.esd:ESDX",
     "esd-u": "safediff.erasers.esd:ESDU",
-    "esd": "safediff.erasers.esd:ESDU",  # alias: the paper's variant for nudity and other global concepts
     "esd-x-strict": "safediff.erasers.esd:ESDXStrict",
     "trce": "safediff.erasers.trce:TRCE",
-})
+}, aliases={"esd": "esd-u"})  # the paper's variant for nudity and other global concepts
 
 ATTACKS = Registry("attack", {
     "unlearndiff": "safediff.attacks.unlearndiff:UnlearnDiffAtk",

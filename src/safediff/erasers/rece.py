@@ -28,7 +28,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
 from tqdm.auto import tqdm
 
 from safediff.concepts import I2P_CATEGORIES, Concept

@@ -18,7 +18,6 @@ safetensors file (model, EMA and flattened AdamW state; the JSON state in its me
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
