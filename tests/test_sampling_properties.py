@@ -59,3 +59,17 @@ def test_bad_settings_raise(tiny_sd, kw):
 def test_prompt_seed_count_mismatch(tiny_sd):
     with pytest.raises(SafediffError, match="seeds"):
         generate(tiny_sd, ["a", "b"], [0], progress=False)
+
+
+def test_encode_ids_routes_each_tokenizers_ids_to_its_own_encoder(tiny_sdxl):
+    a = tiny_sdxl.adapter
+    ids = [a.tokenize(["a red circle"], tok) for tok in a.tokenizers]
+    other = [a.tokenize(["a blue square"], tok) for tok in a.tokenizers]
+    same = a.encode_ids(ids)
+    assert torch.equal(same.embeds, a.encode(["a red circle"]).embeds)
+    mixed = a.encode_ids([ids[0], other[1]])  # encoder 1 reads the red prompt, encoder 2 the blue one
+    blue = a.encode(["a blue square"])
+    d1 = a.text_encoders[0].config.hidden_size
+    assert torch.equal(mixed.embeds[..., :d1], same.embeds[..., :d1])
+    assert torch.equal(mixed.embeds[..., d1:], blue.embeds[..., d1:]) and torch.equal(mixed.pooled, blue.pooled)
+    assert not torch.equal(mixed.pooled, same.pooled)

@@ -110,9 +110,12 @@ class Adapter:
         return ids
 
     def encode(self, prompts: list[str]) -> Conditioning:
+        return self.encode_ids([self.tokenize(prompts, tok) for tok in self.tokenizers])
+
+    def encode_ids(self, input_ids: list[torch.Tensor]) -> Conditioning:
+        """As ``encode``, from prepared token ids: one [B, L] tensor per tokenizer, in ``tokenizers`` order."""
         te = self.text_encoders[0]
-        ids = self.tokenize(prompts).to(te.device)
-        return Conditioning(te(ids)[0].to(self.pipe.unet.dtype))
+        return Conditioning(te(input_ids[0].to(te.device))[0].to(self.pipe.unet.dtype))
 
     def encode_negative(self, negative: list[str] | None, batch: int) -> Conditioning:
         """The unconditional branch: the negative prompts, or the empty prompt."""
@@ -167,9 +170,9 @@ class SDXLAdapter(Adapter):
         dtype = self.pipe.unet.dtype
         return Conditioning(torch.cat([out.hidden_states[-2] for out in outputs], dim=-1).to(dtype), pooled.to(dtype))
 
-    def encode(self, prompts: list[str]) -> Conditioning:
-        return self._conditioning([te(self.tokenize(prompts, tok).to(te.device), output_hidden_states=True)
-                                   for tok, te in zip(self.tokenizers, self.text_encoders)])
+    def encode_ids(self, input_ids: list[torch.Tensor]) -> Conditioning:
+        return self._conditioning([te(ids.to(te.device), output_hidden_states=True)
+                                   for ids, te in zip(input_ids, self.text_encoders)])
 
     def encode_token_embeddings(self, input_ids: list[torch.Tensor], token_embeds: list[torch.Tensor]) -> Conditioning:
         outputs = []

@@ -38,7 +38,6 @@ Interpretations:
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import math
 import weakref
@@ -95,15 +94,6 @@ def pooled(cond: Conditioning, eos: torch.Tensor) -> torch.Tensor:
     return cond.embeds[torch.arange(len(cond), device=cond.embeds.device), eos.to(cond.embeds.device)]
 
 
-def encode_token_ids(adapter: Adapter, ids: list[torch.Tensor]) -> Conditioning:
-    """The adapter's own ``encode`` run on prepared token ids, one [N, L] tensor per tokenizer (in
-    ``adapter.tokenizers`` order): a shallow copy of the adapter whose ``tokenize`` returns them."""
-    by_tokenizer = {id(t): x for t, x in zip(adapter.tokenizers, ids)}
-    view = copy.copy(adapter)
-    view.tokenize = lambda prompts, tokenizer=None: by_tokenizer[id(tokenizer or adapter.tokenizers[0])]
-    return view.encode([""] * ids[0].shape[0])
-
-
 def masked_pooled(adapter: Adapter, prompts: list[str], eos: torch.Tensor, mask_token_id: int) -> list[torch.Tensor]:
     """Per prompt b, [n_b, D]: pooled embedding of the prompt with real token i (i = 1..n_b) replaced by the mask id."""
     rows, owners, positions = [], [], []
@@ -120,7 +110,7 @@ def masked_pooled(adapter: Adapter, prompts: list[str], eos: torch.Tensor, mask_
         m = x[owner_t].clone()
         m[torch.arange(len(owners)), pos_t] = mask_token_id
         rows.append(m)
-    cond = encode_token_ids(adapter, rows)
+    cond = adapter.encode_ids(rows)
     p = pooled(cond, eos[owner_t])
     return [p[owner_t.to(p.device) == b] for b in range(len(prompts))]
 
