@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
 import json
 import logging
 import re
@@ -278,10 +279,17 @@ def _defaults_for(pipe, folder: Path | None) -> dict:
     return {"steps": 50, "guidance": 7.5, "height": size, "width": size}
 
 
+def dtype_keyword() -> str:
+    """``from_pretrained``'s dtype argument: ``dtype`` from diffusers 0.40 (which deprecates ``torch_dtype``)."""
+    from packaging.version import Version
+
+    return "dtype" if Version(importlib.metadata.version("diffusers")) >= Version("0.40.0") else "torch_dtype"
+
+
 def _load_folder_or_hub(source: str, device, dtype):
     from diffusers import DiffusionPipeline
 
-    kwargs = {"torch_dtype": dtype, "use_safetensors": True}
+    kwargs = {dtype_keyword(): dtype, "use_safetensors": True}
     try:
         pipe = DiffusionPipeline.from_pretrained(source, safety_checker=None, requires_safety_checker=False, **kwargs)
     except TypeError:  # pipelines without a safety checker (SDXL) reject those arguments
