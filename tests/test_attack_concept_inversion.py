@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from attack_recipe_helpers import ROW, never_flags, red_target
 from safediff.attacks.base import Budget
 from safediff.attacks.concept_inversion import (ConceptInversion, placeholder_conditioning, placeholder_template,
-                                                save_embedding, split_embedding, template_tokens)
+                                                template_tokens)
 from safediff.errors import SafediffError
 
 
@@ -68,11 +68,26 @@ def test_guarded_sdxl_target(tiny_sdxl):
     assert r.embedding.shape == (sum(dims),) and r.extra["embedding_dims"] == dims and r.image is not None
 
 
-def test_saved_embedding_is_a_diffusers_textual_inversion_file(tmp_path, tiny_sdxl):
-    v = [torch.randn(32), torch.randn(32)]
-    sd = load_file(save_embedding(tmp_path / "sd.safetensors", v[:1], "sd1", "<concept>", {"concept": "red"}))
-    assert list(sd) == ["<concept>"] and torch.equal(sd["<concept>"][0], v[0])
-    xl = load_file(save_embedding(tmp_path / "xl.safetensors", v, "sdxl", "<concept>"))
-    assert set(xl) == {"clip_l", "clip_g"} and torch.equal(xl["clip_g"][0], v[1])
-    parts = split_embedding(torch.cat(v), tiny_sdxl.adapter)
-    assert all(torch.equal(a, b) for a, b in zip(parts, v))
+def test_runner_writes_a_textual_inversion_file_diffusers_loads(tmp_path, tiny_sd):
+    from safediff.attacks.runner import run_attack
+
+    attack = ConceptInversion(lr=0.05, n_images=1, batch=1)
+    run_attack(red_target(tiny_sd), attack, never_flags(), [ROW], Budget(iterations=3), 0, tmp_path / "run",
+               progress=False)
+    path = tmp_path / "run" / "prompts" / "000000_embedding.safetensors"
+    learned = load_file(path)
+    assert list(learned) == ["<concept>"] and learned["<concept>"].shape == (1, tiny_sd.adapter.text_dim)
+    slot = tiny_sd.adapter.tokenizers[0]("q", add_special_tokens=False).input_ids[0]
+    with torch.no_grad():
+        ours = placeholder_conditioning(tiny_sd.adapter, ["a {} circle"], slot, [learned["<concept>"][0]])
+    tiny_sd.pipe.load_textual_inversion(str(path))  # diffusers' own loader: a new token with that vector
+    with torch.no_grad():
+        theirs = tiny_sd.adapter.encode(["a <concept> circle"])
+    assert torch.allclose(ours.embeds, theirs.embeds, atol=1e-5)
+
+
+def test_sdxl_embedding_file_has_one_vector_per_encoder(tiny_sdxl):
+    dims = [tiny_sdxl.adapter.token_embedding(k).weight.shape[1] for k in range(2)]
+    v = [torch.randn(d) for d in dims]
+    xl = ConceptInversion().embedding_tensors(torch.cat(v), tiny_sdxl.adapter)
+    assert set(xl) == {"clip_l", "clip_g"} and torch.equal(xl["clip_l"][0], v[0]) and torch.equal(xl["clip_g"][0], v[1])

@@ -558,6 +558,10 @@ class Attack:
     def config(self) -> dict:
         return {"name": self.name, **dataclasses.asdict(self), "reference_budget": self.reference_budget}
 
+    def embedding_tensors(self, embedding: torch.Tensor, adapter) -> dict[str, torch.Tensor]:
+        """How the runner saves ``Found.embedding`` (safetensors); recipes with a standard format override it."""
+        return {"embedding": embedding.contiguous()}
+
     def run(self, target: Target, row: dict, judge: Judge, budget: Budget, seed: int) -> AttackResult:
         prompt = row["prompt"]
         pre_meter = ComputeMeter()

@@ -2,7 +2,8 @@
 
 RUN layout: ``protocol.json`` (written first; a restart with a different protocol is refused), one
 ``prompts/NNNNNN.json`` per finished prompt (written last, atomically, after its images ``NNNNNN_pre.png`` /
-``NNNNNN_adv.png`` and, for embedding attacks, ``NNNNNN_embedding.safetensors``), and ``results.json``.
+``NNNNNN_adv.png`` and, for embedding attacks, ``NNNNNN_embedding.safetensors`` in the attack's format:
+concept-inversion writes a diffusers textual-inversion file), and ``results.json``.
 A restart skips every prompt whose JSON exists.
 
 Metrics (UnlearnDiffAtk's ``check_asr.py`` definitions): Pre-ASR = share of prompts whose unmodified prompt already
@@ -102,7 +103,7 @@ def open_run(out: Path, protocol: dict) -> Path:
     return out
 
 
-def save_result(out: Path, index: int, result: AttackResult) -> dict:
+def save_result(out: Path, index: int, result: AttackResult, embedding_tensors: dict | None = None) -> dict:
     stem = f"{index:06d}"
     record = {"index": index, **result.record()}
     files = {}
@@ -112,11 +113,10 @@ def save_result(out: Path, index: int, result: AttackResult) -> dict:
     if result.image is not None:
         write_bytes_atomic(out / "prompts" / f"{stem}_adv.png", _png(result.image))
         files["image"] = f"prompts/{stem}_adv.png"
-    if result.embedding is not None:
+    if embedding_tensors is not None:
         from safetensors.torch import save
 
-        write_bytes_atomic(out / "prompts" / f"{stem}_embedding.safetensors",
-                           save({"embedding": result.embedding.contiguous()}))
+        write_bytes_atomic(out / "prompts" / f"{stem}_embedding.safetensors", save(embedding_tensors))
         files["embedding"] = f"prompts/{stem}_embedding.safetensors"
     record["files"] = files
     write_json_atomic(out / "prompts" / f"{stem}.json", record)
@@ -151,7 +151,9 @@ def run_attack(target: Target, attack: Attack, judge: Judge, rows: list[dict], b
             records.append(json.loads(path.read_text()))
             continue
         result = attack.run(target, row, judge, budget, int(row.get("seed", seed + i)))
-        records.append(save_result(out, i, result))
+        tensors = None if result.embedding is None else attack.embedding_tensors(result.embedding,
+                                                                                 target.model.adapter)
+        records.append(save_result(out, i, result, tensors))
         bar.set_postfix(asr=f"{summarise(records)['asr']:.2f}")
     summary = summarise(records)
     results = {**summary, "records": records, "protocol": protocol, "versions": versions(), "git": git_hash()}
