@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from cli_helpers import run_cli
 
@@ -58,3 +59,27 @@ def test_edit_for_another_model_and_corrupt_edit_files_exit_2(tiny_folder, tmp_p
         r = run_cli("generate", "--model", spec, "--prompt", "x", "--steps", "1", "--height", "32", "--width", "32",
                     "--out", str(tmp_path / "never"))
         assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_iterative_eraser_resumes_from_its_checkpoint_next_to_out(tiny_folder, tmp_path):
+    """A fit killed after 2 of 4 iterations leaves OUT.checkpoint.safetensors; the same command resumes from it and
+    gives the edit an uninterrupted run gives, and removes the checkpoint."""
+    from safediff.concepts import resolve
+    from safediff.erasers.edit import Edit
+    from safediff.erasers.esd import ESDX
+    from safediff.models import load_pipeline
+
+    checkpoint = tmp_path / "resumed.checkpoint.safetensors"
+    ESDX(iterations=2, ddim_steps=3, checkpoint=str(checkpoint), checkpoint_every=1).fit(
+        load_pipeline(str(tiny_folder)), resolve("red"), progress=False)  # stands for the killed run
+    assert checkpoint.is_file()
+    args = ["erase", "--model", str(tiny_folder), "--method", "esd-x", "--concept", "red", "--param", "iterations=4",
+            "--param", "ddim_steps=3"]
+    assert run_cli(*args, "--out", str(tmp_path / "resumed.safetensors")).returncode == 0
+    assert run_cli(*args, "--out", str(tmp_path / "straight.safetensors")).returncode == 0
+    resumed, straight = Edit.load(tmp_path / "resumed.safetensors"), Edit.load(tmp_path / "straight.safetensors")
+    assert resumed.metadata["info"]["resumed_at_iteration"] == 2
+    assert straight.metadata["info"]["resumed_at_iteration"] is None
+    assert resumed.tensors.keys() == straight.tensors.keys()
+    assert all(torch.equal(resumed.tensors[k], straight.tensors[k]) for k in resumed.tensors)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["resumed.safetensors", "straight.safetensors"]

@@ -238,10 +238,14 @@ def erase(
     dtype: str = typer.Option("float32"),
     out: Path = typer.Option(..., help="Edit file to write (.safetensors); load it with --model SPEC+FILE."),
 ):
-    """Erase a concept from a model's weights and write the edit (only the changed tensors + its record)."""
+    """Erase a concept from a model's weights and write the edit (only the changed tensors + its record).
+
+    Iterative erasers (ESD, TRCE) checkpoint next to --out; the same command after a crash resumes where it stopped.
+    """
     import time
 
     from safediff.concepts import resolve
+    from safediff.erasers.base import fit_to_file
     from safediff.models import load_pipeline
     from safediff.registry import ERASERS
 
@@ -260,9 +264,8 @@ def erase(
     keep = None if preserve is None else [p.strip() for p in preserve.split(",") if p.strip()]
     m = load_pipeline(model, device=_device(device), dtype=_dtype(dtype))
     start = time.perf_counter()
-    edit = eraser.fit(m, concepts, preserve=keep, guide=guide)
+    edit = fit_to_file(eraser, m, concepts, out, preserve=keep, guide=guide)
     seconds = time.perf_counter() - start
-    edit.save(out)
     elements = sum(t.numel() for t in edit.tensors.values())
     typer.echo(f"{eraser.name}: erased {', '.join(c.name for c in concepts)}; {len(edit.tensors)} parameter "
                f"tensor(s) changed ({elements:,} values); {seconds:.1f} s; wrote {out}")

@@ -184,22 +184,15 @@ class Edits:
 
     def fit(self, name: str, progress: bool) -> Path:
         from safediff.concepts import resolve
+        from safediff.erasers.base import fit_to_file
         from safediff.registry import ERASERS
 
         path = self.path(name)
         if path.is_file():
             return path
         self.folder.mkdir(parents=True, exist_ok=True)
-        cls = ERASERS.get(name)
-        settings = eraser_settings(name, self.size)
-        checkpoint = None
-        if "checkpoint" in {f.name for f in dataclasses.fields(cls)}:  # ESD, TRCE: a killed fit resumes
-            checkpoint = self.folder / f"{name}-{CONCEPT}.checkpoint.safetensors"
-            settings["checkpoint"] = str(checkpoint)
-        edit = cls(**settings).fit(self.model(), resolve(CONCEPT), progress=progress)
-        edit.save(path)
-        if checkpoint is not None:
-            checkpoint.unlink(missing_ok=True)
+        eraser = ERASERS.get(name)(**eraser_settings(name, self.size))
+        fit_to_file(eraser, self.model(), resolve(CONCEPT), path, progress=progress)  # ESD, TRCE: a killed fit resumes
         return path
 
     def model(self):

@@ -13,6 +13,7 @@ import dataclasses
 import datetime
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -90,6 +91,22 @@ class Eraser:
         """Build from ``key=value`` strings (the CLI's ``--param``), converting each to its field's type."""
         fields = [f for f in dataclasses.fields(cls) if f.metadata.get("hyperparameter", True)]
         return cls(**typed_fields(cls, [f"{k}={v}" for k, v in params.items()], f"eraser {cls.name}", fields))
+
+
+def fit_to_file(eraser: Eraser, model, concepts: list[Concept], out: Path, **fit_kwargs):
+    """Fit and save the edit to ``out`` (atomically). Iterative erasers (ESD, TRCE) checkpoint to
+    ``OUT.checkpoint.safetensors`` unless given a checkpoint: the same call after a crash resumes where it stopped;
+    the checkpoint is removed once the edit is saved."""
+    out = Path(out)
+    checkpoint = None
+    if "checkpoint" in {f.name for f in dataclasses.fields(eraser)} and eraser.checkpoint is None:
+        checkpoint = out.with_name(out.name.removesuffix(".safetensors") + ".checkpoint.safetensors")
+        eraser = dataclasses.replace(eraser, checkpoint=str(checkpoint))
+    edit = eraser.fit(model, concepts, **fit_kwargs)
+    edit.save(out)
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
+    return edit
 
 
 def _jsonable(value):
