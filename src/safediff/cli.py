@@ -292,6 +292,21 @@ def demo(
     typer.echo(f"report: {Path(summary['report']).resolve()}")
 
 
+@app.command()
+def ui(
+    model: str = typer.Option("sandbox", help="Model shown first (any other can be typed in the page)."),
+    host: str = typer.Option("127.0.0.1", help="Address to serve on (127.0.0.1: this machine only)."),
+    port: int = typer.Option(7860, help="Port to serve on."),
+    device: str = typer.Option("cpu"),
+):
+    """A local web page: one prompt with and without a guard and an erasure, side by side (safediff[ui])."""
+    from safediff.ui import build_app
+
+    if not 0 < port < 65536:
+        raise SafediffError(f"port must be in 1..65535, got {port}")
+    build_app(model, _device(device)).launch(server_name=host, server_port=port)
+
+
 def _mount_subcommands() -> None:
     from safediff.sandbox.cli import app as sandbox_app
 

@@ -1,0 +1,130 @@
+"""``safediff ui``: a local web page showing what a guard and an erasure do to one prompt (``pip install
+safediff[ui]``).
+
+Give a model (``sandbox``, a hub id or a local folder, optionally ``+EDIT`` files), a prompt, a first seed and a
+number of images, and a guard with its concept. For the same seeds the page shows side by side: the base model
+without its edits (when edits are given), the model as given, and the model behind the guard (when one is chosen),
+plus the recorded protocol of every column. ``compare`` does the work (plain Python, tested without gradio);
+``build_app`` only lays out the widgets; models stay loaded between clicks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from PIL import Image
+
+from safediff.errors import SafediffError
+
+INSTALL = "pip install safediff[ui]"
+MAX_IMAGES = 8
+
+
+@dataclass
+class Column:
+    label: str
+    images: list[Image.Image]
+    settings: dict  # what sampling.generate recorded: steps, guidance, size, scheduler, guard
+
+
+@dataclass
+class Comparison:
+    prompt: str
+    seeds: list[int]
+    columns: list[Column]
+    protocol: dict
+
+
+class ModelCache:
+    """Loaded models by spec (``SPEC`` and ``SPEC+EDIT`` are two entries: an edit changes the weights)."""
+
+    def __init__(self, device: str = "cpu"):
+        self.device = device
+        self._models: dict = {}
+
+    def get(self, spec: str):
+        from safediff.models import load_pipeline
+
+        if spec not in self._models:
+            self._models[spec] = load_pipeline(spec, device=self.device)
+        return self._models[spec]
+
+
+def compare(models: ModelCache, spec: str, prompt: str, seed: int, n: int, guard: str | None = None,
+            concept: str | None = None, steps: int | None = None, guidance: float | None = None) -> Comparison:
+    """Generate ``n`` images (seeds ``seed`` … ``seed + n - 1``) per column: base model (if ``spec`` has edits),
+    ``spec``, and ``spec`` behind ``guard`` (if one is given)."""
+    from safediff.guards import build_guard
+    from safediff.protocol import git_hash, versions
+    from safediff.sampling import generate
+
+    spec = (spec or "").strip()
+    if not spec:
+        raise SafediffError("empty model; give 'sandbox', a hub id or a local diffusers folder (optionally +EDIT)")
+    if not 1 <= int(n) <= MAX_IMAGES:
+        raise SafediffError(f"images must be between 1 and {MAX_IMAGES}, got {n}")
+    guard = None if not guard or guard == "none" else guard
+    the_guard = build_guard(guard, concept or None) if guard else None
+    seeds = [int(seed) + j for j in range(int(n))]
+    base = spec.split("+")[0].strip()
+    plan = ([(f"{base} (no edits)", base, None)] if base != spec else []) + [(spec, spec, None)]
+    if the_guard is not None:
+        plan.append((f"{spec} + {guard}", spec, the_guard))
+    columns, models_used = [], {}
+    for label, model_spec, g in plan:
+        model = models.get(model_spec)
+        out = generate(model, [prompt] * len(seeds), seeds, steps=steps, guidance=guidance, guard=g, progress=False)
+        columns.append(Column(label, out.images, out.settings))
+        models_used[model_spec] = model.protocol()
+    protocol = {"prompt": prompt, "seeds": seeds, "models": models_used,
+                "columns": [{"label": c.label, "generation": c.settings} for c in columns],
+                "versions": versions(), "git": git_hash()}
+    return Comparison(prompt, seeds, columns, protocol)
+
+
+def gallery(result: Comparison) -> list[tuple[Image.Image, str]]:
+    """(image, caption) pairs, column by column: what the page's gallery shows."""
+    return [(image, f"{c.label} · seed {s}") for c in result.columns for image, s in zip(c.images, result.seeds)]
+
+
+def build_app(model: str = "sandbox", device: str = "cpu"):
+    """The gradio Blocks app (not launched)."""
+    try:
+        import gradio as gr
+    except ImportError:
+        raise SafediffError(f"the UI needs the optional extra: {INSTALL}") from None
+    from safediff.registry import GUARDS
+
+    models = ModelCache(device)
+
+    def run(spec, prompt, seed, n, guard, preset, concept, steps, guidance):
+        guard_spec = guard if guard == "none" or not preset.strip() else f"{guard}:{preset.strip()}"
+        try:
+            result = compare(models, spec, prompt, int(seed), int(n), guard_spec, concept.strip() or None,
+                             int(steps) if steps else None, float(guidance) if guidance else None)
+        except SafediffError as e:
+            raise gr.Error(str(e)) from None
+        return gr.Gallery(value=gallery(result), columns=len(result.seeds)), result.protocol  # a row per column
+
+    with gr.Blocks(title="safediff") as app:
+        gr.Markdown("## safediff — one prompt, with and without a guard and an erasure\n"
+                    "Columns: the base model without its edits (when the model names `+EDIT` files), the model as "
+                    "given, and the model behind the guard. Same seeds in every column.")
+        with gr.Row():
+            spec = gr.Textbox(model, label="model (sandbox, hub id, folder; +EDIT.safetensors applies an edit)")
+            prompt = gr.Textbox("a red circle", label="prompt")
+        with gr.Row():
+            guard = gr.Dropdown(GUARDS.names(), value="sld", label="guard")
+            preset = gr.Textbox("max", label="guard preset / options (e.g. max, or safety_scale=2000)")
+            concept = gr.Textbox("red", label="concept (preset such as sexual, i2p-all, red; a,b; or free text)")
+        with gr.Row():
+            seed = gr.Number(0, precision=0, label="first seed")
+            n = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="images per column")
+            steps = gr.Number(None, precision=0, label="steps (empty: the model's)")
+            guidance = gr.Number(None, label="guidance (empty: the model's)")
+        button = gr.Button("Generate", variant="primary")
+        images = gr.Gallery(label="images (a row per column)", columns=MAX_IMAGES, format="png", object_fit="contain",
+                            height="auto")
+        protocol = gr.JSON(label="protocol")
+        button.click(run, [spec, prompt, seed, n, guard, preset, concept, steps, guidance], [images, protocol])
+    return app
