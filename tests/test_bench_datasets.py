@@ -128,7 +128,7 @@ def test_i2p_hub_offline_and_missing_package(monkeypatch):
     with pytest.raises(SafediffError, match="offline\\? give --data PATH"):
         load_i2p(None)
     monkeypatch.setitem(sys.modules, "datasets", None)  # import fails
-    with pytest.raises(SafediffError, match="pip install datasets"):
+    with pytest.raises(SafediffError, match=r"pip install safediff\[hub\]"):
         load_i2p(None)
 
 

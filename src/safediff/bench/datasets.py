@@ -215,7 +215,7 @@ def _i2p_from_hub(skip_bad_rows: bool) -> LoadedRows:
         import datasets
     except ImportError:
         raise SafediffError(f"loading I2P from the hub ({I2P_HUB_ID}) needs the 'datasets' package "
-                            "(pip install datasets), or give --data PATH to a local I2P CSV") from None
+                            "(pip install safediff[hub]), or give --data PATH to a local I2P CSV") from None
     try:
         ds = datasets.load_dataset(I2P_HUB_ID, split="train")
     except Exception as e:  # offline, gated, renamed: every failure is one line for the user
