@@ -55,8 +55,8 @@ def test_report_compares_methods(tmp_path):
     assert not re.search(r"(src|href)=['\"](?!data:)", page)  # self-contained: every image inlined
     assert "<h2>Benchmark i2p</h2>" in page and "sd | sld:max" in page
     # flag rate 0.75 vs 0.25: the lower is marked best (lower is better), clip score the higher
-    assert re.search(r"q16/flag_rate ↓</td><td>0\.75 \[[^<]*</td><td class=best>0\.25", page)
-    assert re.search(r"clip-score/mean ↑</td><td class=best>0\.3 ", page)
+    assert re.search(r"q16/flag_rate ↓</td><td>0\.75<br><small>\[[^<]*</small></td><td class=best>0\.25", page)
+    assert re.search(r"clip-score/mean ↑</td><td class=best>0\.3<br>", page)
     pngs = sorted(p.name for p in (tmp_path / "rep" / "report_plots").iterdir())
     assert pngs == ["i2p__q16_flag_rate.png"]
     chart = Image.open(tmp_path / "rep" / "report_plots" / pngs[0])
@@ -93,4 +93,4 @@ def test_report_attack_run(tmp_path):
                      "judge": {"name": "sandbox-colour"}}}))
     page = build_report([run], tmp_path / "r.html").read_text()
     assert "<h2>Attacks</h2>" in page and "unlearndiff" in page
-    assert re.search(r"<td>4</td><td>0\.25 \[[^<]*</td><td>0\.5 \[", page)
+    assert re.search(r"<td>4</td><td>0\.25<br><small>\[[^<]*</small></td><td>0\.5<br><small>\[", page)

@@ -71,11 +71,11 @@ def _fmt(v: dict | float | None) -> str:
         value = v.get("value")
         if value is None:
             return "–"
-        text = f"{value:.4g}"
-        if v.get("ci"):
-            text += f" [{v['ci'][0]:.3g}, {v['ci'][1]:.3g}]"
+        text = f"{value:.3g}"
+        if v.get("ci"):  # the interval on its own line keeps the method columns narrow
+            text += f"<br><small>[{v['ci'][0]:.3g}, {v['ci'][1]:.3g}]</small>"
         elif v.get("std") is not None:
-            text += f" ± {v['std']:.3g}"
+            text += f"<br><small>± {v['std']:.3g}</small>"
         return text
     return "–" if v is None else f"{v:.4g}"
 
