@@ -8,25 +8,7 @@ from safediff.errors import SafediffError
 from safediff.erasers.edit import Edit
 from safediff.erasers.uce import UCE
 from safediff.sampling import generate
-
-
-def snapshot(model) -> dict[str, torch.Tensor]:
-    out = {}
-    for component in ("unet", "text_encoder", "text_encoder_2", "vae"):
-        module = getattr(model.pipe, component, None)
-        if module is not None:
-            out.update({f"{component}.{k}": v.detach().clone() for k, v in module.state_dict().items()})
-    return out
-
-
-def assert_same(a: dict, b: dict):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-
-
-def changed(a: dict, b: dict) -> set[str]:
-    return {k for k in a if not torch.equal(a[k], b[k])}
+from weight_checks import assert_same, changed, snapshot
 
 
 @pytest.fixture

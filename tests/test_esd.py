@@ -7,17 +7,9 @@ from safediff.concepts import Concept
 from safediff.errors import SafediffError
 from safediff.erasers.esd import ESD, ESDU, ESDX, ESDRun, ESDXStrict
 from safediff.registry import ERASERS
+from weight_checks import snapshot
 
 RED = [Concept("red", ("red",))]
-
-
-def state(model) -> dict[str, torch.Tensor]:
-    out = {}
-    for component in ("unet", "text_encoder", "text_encoder_2", "vae"):
-        module = getattr(model.pipe, component, None)
-        if module is not None:
-            out.update({f"{component}.{k}": v.detach().clone() for k, v in module.state_dict().items()})
-    return out
 
 
 def claimed(variant: str, name: str) -> bool:
@@ -35,7 +27,7 @@ def claimed(variant: str, name: str) -> bool:
 
 @pytest.mark.parametrize("cls", [ESDX, ESDU, ESDXStrict])
 def test_each_variant_changes_exactly_the_parameters_it_claims(tiny_sd, cls):
-    before = state(tiny_sd)
+    before = snapshot(tiny_sd)
     sha = tiny_sd.weights_sha256()
     tiny_sd.unet.conv_in.weight.requires_grad_(False)
     flags = [p.requires_grad for p in tiny_sd.unet.parameters()]
@@ -43,7 +35,7 @@ def test_each_variant_changes_exactly_the_parameters_it_claims(tiny_sd, cls):
     assert tiny_sd.weights_sha256() == sha, "fit must leave the model as it found it"
     assert [p.requires_grad for p in tiny_sd.unet.parameters()] == flags
     edit.apply(tiny_sd)
-    after = state(tiny_sd)
+    after = snapshot(tiny_sd)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     expected = {k for k in before if claimed(cls().variant, k)}
     assert changed == expected
@@ -112,7 +104,7 @@ def test_learning_rate_is_a_float_and_used_as_given(tiny_sd):
     for bad in ("abc", -1e-5):
         with pytest.raises(SafediffError):
             ESDX(lr=bad)
-    before = state(tiny_sd)
+    before = snapshot(tiny_sd)
     edit = ESDXStrict(iterations=1, lr=3e-5).fit(tiny_sd, RED, progress=False)
     step = max(float((t - before[k]).abs().max()) for k, t in edit.tensors.items())
     # Adam's first step moves every element by lr * g / (|g| + eps): the largest move is lr itself.

@@ -7,11 +7,7 @@ from safediff.erasers.closed_form import adversarial_map, kv_projections
 from safediff.erasers.prompts import build_rows
 from safediff.erasers.rece import RECE, concept_type_of
 from safediff.erasers.uce import UCE
-
-
-def snapshot(model):
-    return {f"{c}.{k}": v.clone() for c in ("unet", "text_encoder", "vae")
-            for k, v in getattr(model.pipe, c).state_dict().items()}
+from weight_checks import snapshot
 
 
 def test_adversarial_embedding_solves_the_regularised_least_squares():

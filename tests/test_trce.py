@@ -7,17 +7,11 @@ from safediff.concepts import Concept
 from safediff.errors import SafediffError
 from safediff.erasers.trce import TRCE, Stage2, eot_positions
 from safediff.registry import ERASERS
+from weight_checks import snapshot
 
 GUIDE = "a person wearing clothes"
 RED = [Concept("red", ("red",), guide=GUIDE, preserve=("green", "circle"))]
 SMALL = dict(iterations=2, trajectories=2, uncond_trajectories=2, ddim_steps=4, lr=1e-3)
-
-
-def state(model) -> dict[str, torch.Tensor]:
-    out = {}
-    for component in ("unet", "text_encoder", "vae"):
-        out.update({f"{component}.{k}": v.detach().clone() for k, v in getattr(model.pipe, component).state_dict().items()})
-    return out
 
 
 def eot_kv(model, prompt: str, index: int) -> list[torch.Tensor]:
@@ -70,12 +64,12 @@ def test_stage1_preservation_keeps_preserved_prompts_closer(tiny_sd):
 
 @pytest.mark.parametrize("stages", [(1,), (2,), (1, 2)])
 def test_stages_change_exactly_their_parameters(tiny_sd, stages):
-    before = state(tiny_sd)
+    before = snapshot(tiny_sd)
     sha = tiny_sd.weights_sha256()
     edit = TRCE(stages=stages, **SMALL).fit(tiny_sd, RED, progress=False)
     assert tiny_sd.weights_sha256() == sha, "fit must leave the model as it found it"
     edit.apply(tiny_sd)
-    after = state(tiny_sd)
+    after = snapshot(tiny_sd)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     expected = set()
     if 1 in stages:
