@@ -23,6 +23,7 @@ def test_apply_changes_only_the_edit_and_revert_is_bit_exact(tiny_sd, red_edit):
     assert changed(before, after) == set(red_edit.tensors) and red_edit.tensors
     assert tiny_sd.edits == [red_edit]
     assert tiny_sd.protocol()["edits"][0]["method"] == "uce"
+    assert red_edit.metadata["torch_threads"] == torch.get_num_threads() and red_edit.metadata["device"] == "cpu"
     red_edit.revert(tiny_sd)
     assert_same(before, snapshot(tiny_sd))
     assert tiny_sd.edits == [] and tiny_sd.weights_sha256() == tiny_sd.base_sha256

@@ -77,6 +77,9 @@ class Eraser:
             "git": git_hash(),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "fit_seconds": round(seconds, 3),
+            # CPU float reductions depend on the thread count, so a trained edit reproduces bit for bit only with it
+            "torch_threads": torch.get_num_threads(),
+            "device": str(model.device),
             "info": info,
         }
         return Edit(changed, metadata)
