@@ -21,7 +21,8 @@ plus labelled variants: ``uce-2023`` (the 2023 script's edit: the word alone, no
 the prototype's setting), ``uce-shifted`` (expanded prompts, 2023 padding pairing), ``uce-last`` (2025 token
 convention, expanded prompts), ``uce+synonyms`` (synonyms given by the user, for reference only: the synonym column
 is then not held out), ``rece-object-hard`` (RECE's λ_reg = 1e-3 setting for "objects hard for UCE" instead of the
-"object" default 0.1) and ``trce-stage1`` (TRCE's closed-form stage alone, the paper's ablation).
+"object" default 0.1), ``rece-keep`` (RECE with ``keep_erased``: the re-alignment also holds the original erase rows)
+and ``trce-stage1`` (TRCE's closed-form stage alone, the paper's ablation).
 
 Resumable: edits are kept in ``OUT.edits/`` and finished entries in the JSON; a rerun skips them. Reproduce with
 
@@ -63,6 +64,7 @@ VARIANTS = {  # label -> (registered eraser, settings); per-concept settings are
     "uce-last": ("uce", {"tokens": "last"}),
     "uce+synonyms": ("uce", {"also_erase": "SYNONYMS"}),
     "rece-object-hard": ("rece", {"concept_type": "object-hard"}),
+    "rece-keep": ("rece", {"keep_erased": True}),
     "trce-stage1": ("trce", {**SANDBOX_SETTINGS["trce"], "stages": (1,)}),
 }
 KINDS = ("target-word", "target-synonym", "target-heldout-template")

@@ -79,6 +79,21 @@ def test_realignment_maps_the_adversarial_embeddings_toward_the_guide(tiny_sd):
         assert after < 0.5 * (adversarial @ w.T - target).norm(), name
 
 
+def test_keep_erased_holds_the_original_erase_rows_at_their_erased_mapping(tiny_sd):
+    concepts = resolve("red")
+    rows = build_rows(tiny_sd, concepts, None, None, "to_end", True)
+    uce = UCE().fit(tiny_sd, concepts, progress=False)
+
+    def drift(edit):  # how far one epoch moves the erase rows' keys/values from where UCE put them
+        return sum((rows.erase.double() @ (edit.tensors[n].double() - uce.tensors[n].double()).T).norm()
+                   for n in uce.tensors)
+
+    plain = RECE(epochs=1).fit(tiny_sd, concepts, progress=False)
+    kept = RECE(epochs=1, keep_erased=True).fit(tiny_sd, concepts, progress=False)
+    assert kept.metadata["hyperparameters"]["keep_erased"] is True and kept.digest != plain.digest
+    assert drift(kept) < 0.9 * drift(plain)  # (weighted λ2 against c' at s_e, so held, not pinned)
+
+
 def test_concept_types_pick_the_readme_defaults():
     assert concept_type_of(resolve("sexual")) == "nudity"
     assert concept_type_of(resolve("violence")) == "unsafe"
