@@ -8,7 +8,7 @@ import torch
 
 from cli_helpers import run_cli
 from safediff.errors import SafediffError
-from safediff.ui import ModelCache, compare, gallery
+from safediff.ui import ModelCache, compare, panels
 
 
 @pytest.fixture
@@ -37,11 +37,11 @@ def test_columns_base_edited_and_guarded_share_seeds(tiny_folder, edited_folder)
     assert not torch.equal(base, edited) and not torch.equal(edited, guarded)
     assert r.columns[2].settings["guard"]["name"] == "sld" and r.columns[1].settings["guard"]["name"] == "none"
     assert set(r.protocol["models"]) == {str(tiny_folder), edited_folder}
-    assert [caption for _, caption in gallery(r)][:2] == [f"{tiny_folder} (no edits) · seed 3",
-                                                         f"{tiny_folder} (no edits) · seed 4"]
+    assert [c.role for c in r.columns] == ["base", "model", "guarded"] and panels(r) == r.columns
     # the same model generating alone gives the same images: columns are independent and cached models unchanged
     alone = compare(models, str(tiny_folder), "a red circle", seed=3, n=2, steps=2)
     assert [c.label for c in alone.columns] == [str(tiny_folder)] and torch.equal(pixels(alone.columns[0].images), base)
+    assert panels(alone) == [None, alone.columns[0], None]
 
 
 @pytest.mark.parametrize("kwargs, words", [

@@ -5,7 +5,8 @@ Give a model (``sandbox``, a hub id or a local folder, optionally ``+EDIT`` file
 number of images, and a guard with its concept. For the same seeds the page shows side by side: the base model
 without its edits (when edits are given), the model as given, and the model behind the guard (when one is chosen),
 plus the recorded protocol of every column. ``compare`` does the work (plain Python, tested without gradio);
-``build_app`` only lays out the widgets; models stay loaded between clicks.
+``build_app`` only lays out the widgets (its steps and guidance start at the first model's defaults); models stay
+loaded between clicks.
 """
 
 from __future__ import annotations
@@ -18,10 +19,15 @@ from safediff.errors import SafediffError
 
 INSTALL = "pip install safediff[ui]"
 MAX_IMAGES = 8
+IMAGE_ROW_PX = 300  # each panel: one row of images, this tall
+
+
+ROLES = ("base", "model", "guarded")  # base model without its edits; the model as given; the model behind the guard
 
 
 @dataclass
 class Column:
+    role: str  # one of ROLES
     label: str
     images: list[Image.Image]
     settings: dict  # what sampling.generate recorded: steps, guidance, size, scheduler, guard
@@ -67,14 +73,14 @@ def compare(models: ModelCache, spec: str, prompt: str, seed: int, n: int, guard
     the_guard = build_guard(guard, concept or None) if guard else None
     seeds = [int(seed) + j for j in range(int(n))]
     base = spec.split("+")[0].strip()
-    plan = ([(f"{base} (no edits)", base, None)] if base != spec else []) + [(spec, spec, None)]
+    plan = ([("base", f"{base} (no edits)", base, None)] if base != spec else []) + [("model", spec, spec, None)]
     if the_guard is not None:
-        plan.append((f"{spec} + {guard}", spec, the_guard))
+        plan.append(("guarded", f"{spec} + {guard}", spec, the_guard))
     columns, models_used = [], {}
-    for label, model_spec, g in plan:
+    for role, label, model_spec, g in plan:
         model = models.get(model_spec)
         out = generate(model, [prompt] * len(seeds), seeds, steps=steps, guidance=guidance, guard=g, progress=False)
-        columns.append(Column(label, out.images, out.settings))
+        columns.append(Column(role, label, out.images, out.settings))
         models_used[model_spec] = model.protocol()
     protocol = {"prompt": prompt, "seeds": seeds, "models": models_used,
                 "columns": [{"label": c.label, "generation": c.settings} for c in columns],
@@ -82,9 +88,10 @@ def compare(models: ModelCache, spec: str, prompt: str, seed: int, n: int, guard
     return Comparison(prompt, seeds, columns, protocol)
 
 
-def gallery(result: Comparison) -> list[tuple[Image.Image, str]]:
-    """(image, caption) pairs, column by column: what the page's gallery shows."""
-    return [(image, f"{c.label} · seed {s}") for c in result.columns for image, s in zip(c.images, result.seeds)]
+def panels(result: Comparison) -> list[Column | None]:
+    """The page's image panels in ``ROLES`` order (None: not shown for this comparison)."""
+    by_role = {c.role: c for c in result.columns}
+    return [by_role.get(role) for role in ROLES]
 
 
 def build_app(model: str = "sandbox", device: str = "cpu"):
@@ -96,20 +103,24 @@ def build_app(model: str = "sandbox", device: str = "cpu"):
     from safediff.registry import GUARDS
 
     models = ModelCache(device)
+    defaults = models.get(model).defaults  # the first model's sampler settings fill the form (loaded once, kept)
 
     def run(spec, prompt, seed, n, guard, preset, concept, steps, guidance):
         guard_spec = guard if guard == "none" or not preset.strip() else f"{guard}:{preset.strip()}"
         try:
             result = compare(models, spec, prompt, int(seed), int(n), guard_spec, concept.strip() or None,
-                             int(steps) if steps else None, float(guidance) if guidance else None)
+                             int(steps), float(guidance))
         except SafediffError as e:
             raise gr.Error(str(e)) from None
-        return gr.Gallery(value=gallery(result), columns=len(result.seeds)), result.protocol  # a row per column
+        shown = [gr.Gallery(visible=False) if c is None else
+                 gr.Gallery(value=[(im, f"seed {sd}") for im, sd in zip(c.images, result.seeds)], label=c.label,
+                            visible=True, columns=len(result.seeds), height=IMAGE_ROW_PX) for c in panels(result)]
+        return *shown, result.protocol
 
     with gr.Blocks(title="safediff") as app:
         gr.Markdown("## safediff — one prompt, with and without a guard and an erasure\n"
-                    "Columns: the base model without its edits (when the model names `+EDIT` files), the model as "
-                    "given, and the model behind the guard. Same seeds in every column.")
+                    "Panels: the base model without its edits (when the model names `+EDIT` files), the model as "
+                    "given, and the model behind the guard; the same seeds in each.")
         with gr.Row():
             spec = gr.Textbox(model, label="model (sandbox, hub id, folder; +EDIT.safetensors applies an edit)")
             prompt = gr.Textbox("a red circle", label="prompt")
@@ -120,11 +131,11 @@ def build_app(model: str = "sandbox", device: str = "cpu"):
         with gr.Row():
             seed = gr.Number(0, precision=0, label="first seed")
             n = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="images per column")
-            steps = gr.Number(None, precision=0, label="steps (empty: the model's)")
-            guidance = gr.Number(None, label="guidance (empty: the model's)")
+            steps = gr.Number(defaults["steps"], precision=0, label="denoising steps")
+            guidance = gr.Number(defaults["guidance"], label="guidance scale (CFG)")
         button = gr.Button("Generate", variant="primary")
-        images = gr.Gallery(label="images (a row per column)", columns=MAX_IMAGES, format="png", object_fit="contain",
-                            height="auto")
+        images = [gr.Gallery(label=label, format="png", object_fit="contain", visible=False, allow_preview=True)
+                  for label in ROLES]
         protocol = gr.JSON(label="protocol")
-        button.click(run, [spec, prompt, seed, n, guard, preset, concept, steps, guidance], [images, protocol])
+        button.click(run, [spec, prompt, seed, n, guard, preset, concept, steps, guidance], [*images, protocol])
     return app
