@@ -2,9 +2,9 @@
 safediff[ui]``).
 
 Give a model (``sandbox``, a hub id or a local folder, optionally ``+EDIT`` files), a prompt, a first seed and a
-number of images, and a guard with its concept. For the same seeds the page shows side by side: the base model
-without its edits (when edits are given), the model as given, and the model behind the guard (when one is chosen),
-plus the recorded protocol of every column. ``compare`` does the work (plain Python, tested without gradio);
+number of images, and a guard with its concept. For the same seeds the page shows one panel each for the base
+model without its edits (when edits are given), the model as given, and the model behind the guard (when one is
+chosen), plus the recorded protocol of every panel. ``compare`` does the work (plain Python, tested without gradio);
 ``build_app`` only lays out the widgets (its steps and guidance start at the first model's defaults); models stay
 loaded between clicks.
 """
