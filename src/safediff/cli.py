@@ -151,7 +151,7 @@ def bench(
     batch_size: int = typer.Option(8, help="Images per batch (part of the protocol)."),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("float32"),
-    backend: str = typer.Option("local", help="local, or ray (pip install safediff[ray])."),
+    backend: str = typer.Option("local", help="local, or ray (pip install safediff\\[ray])."),
     workers: int = typer.Option(2, help="Ray workers (backend ray)."),
     name: Optional[str] = typer.Option(None, help="Method label in the results (default: model | guard)."),
 ):
@@ -299,7 +299,7 @@ def ui(
     port: int = typer.Option(7860, help="Port to serve on."),
     device: str = typer.Option("cpu"),
 ):
-    """A local web page: one prompt with and without a guard and an erasure, side by side (safediff[ui])."""
+    """A local web page: one prompt on the base, edited and guarded model, same seeds (needs the ui extra)."""
     from safediff.ui import build_app
 
     if not 0 < port < 65536:
