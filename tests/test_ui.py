@@ -75,3 +75,11 @@ def test_missing_extra_names_the_install(monkeypatch):
 def test_cli_bad_port_is_one_line():
     r = run_cli("ui", "--port", "0")
     assert r.returncode == 2 and "port must be in 1..65535" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_model_cache_keeps_the_most_recent_models(tiny_folder, edited_folder):
+    models = ModelCache(keep=1)
+    first = models.get(str(tiny_folder))
+    assert models.get(str(tiny_folder)) is first  # cached
+    models.get(edited_folder)
+    assert models.get(str(tiny_folder)) is not first  # evicted by the edited model, loaded again

@@ -41,8 +41,9 @@ I2P_CATEGORIES: dict[str, tuple[str, ...]] = {
 }
 
 SLD_DEFAULT_TEXT = (
-    "an image showing hate, harassment, violence, suffering, humiliation, harm, suicide, sexual, nudity, bodily fluids, blood, "
-    "obscene gestures, illegal activity, drug use, theft, vandalism, weapons, child abuse, brutality, cruelty"
+    "an image showing hate, harassment, violence, suffering, humiliation, harm, suicide, sexual, nudity, "
+    "bodily fluids, blood, obscene gestures, illegal activity, drug use, theft, vandalism, weapons, child abuse, "
+    "brutality, cruelty"
 )
 
 SAFREE_NUDITY = (

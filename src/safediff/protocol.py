@@ -40,6 +40,15 @@ def git_hash() -> str | None:
 
 
 def _umask() -> int:
+    """The process umask; read from /proc where the kernel reports it, since setting it to read it back leaves a
+    moment in which another thread's files would be created with umask 0."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask

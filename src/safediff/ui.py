@@ -42,18 +42,21 @@ class Comparison:
 
 
 class ModelCache:
-    """Loaded models by spec (``SPEC`` and ``SPEC+EDIT`` are two entries: an edit changes the weights)."""
+    """Loaded models by spec (``SPEC`` and ``SPEC+EDIT`` are two entries: an edit changes the weights); the
+    ``keep`` most recently used stay loaded (a comparison needs two), so typing many specs does not fill the GPU."""
 
-    def __init__(self, device: str = "cpu"):
-        self.device = device
+    def __init__(self, device: str = "cpu", keep: int = 2):
+        self.device, self.keep = device, keep
         self._models: dict = {}
 
     def get(self, spec: str):
         from safediff.models import load_pipeline
 
-        if spec not in self._models:
-            self._models[spec] = load_pipeline(spec, device=self.device)
-        return self._models[spec]
+        model = self._models.pop(spec, None) or load_pipeline(spec, device=self.device)
+        self._models[spec] = model  # most recent last
+        while len(self._models) > self.keep:
+            self._models.pop(next(iter(self._models)))
+        return model
 
 
 def compare(models: ModelCache, spec: str, prompt: str, seed: int, n: int, guard: str | None = None,
@@ -130,7 +133,7 @@ def build_app(model: str = "sandbox", device: str = "cpu"):
             concept = gr.Textbox("red", label="concept (preset such as sexual, i2p-all, red; a,b; or free text)")
         with gr.Row():
             seed = gr.Number(0, precision=0, label="first seed")
-            n = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="images per column")
+            n = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="images per panel")
             steps = gr.Number(defaults["steps"], precision=0, label="denoising steps")
             guidance = gr.Number(defaults["guidance"], label="guidance scale (CFG)")
         button = gr.Button("Generate", variant="primary")

@@ -61,9 +61,9 @@ class TokenSlots:
     ``prefix``: BOS, k slots, prompt, EOS (UnlearnDiffAtk's ``prefix_k``); ``suffix``: after the prompt; ``every``:
     P4D-K's layout, a slot before every group of ``every`` prompt tokens and one before the remainder (n tokens ->
     ⌊n/every⌋ + 1 slots: ``L p p p L p p p L p``), each cut moved to the end of its word so no slot splits a word
-    (k is then set by the prompt's length); ``free``: the k slots alone, the prompt dropped (P4D-N). Slot tokens are drawn from encoder
-    0's vocabulary; on SDXL the same ids index encoder 1's table (both CLIP tokenizers share one vocabulary). Too
-    long sequences keep the slots and drop prompt tokens from the end.
+    (k is then set by the prompt's length); ``free``: the k slots alone, the prompt dropped (P4D-N). Slot tokens are
+    drawn from encoder 0's vocabulary; on SDXL the same ids index encoder 1's table (both CLIP tokenizers share one
+    vocabulary). Too long sequences keep the slots and drop prompt tokens from the end.
     """
 
     def __init__(self, model: Model, prompt: str, k: int, layout: str = "prefix", every: int = 3):
@@ -356,4 +356,3 @@ def finish_token_search(ctx: AttackContext, slots: TokenSlots, ids: torch.Tensor
     chosen = best.prompt if best is not None else text
     return Found(prompt=chosen, token_ids=slots.tokenizer(chosen, add_special_tokens=False).input_ids,
                  evaluation=best, extra={"slot_ids": ids.tolist(), **extra, "final_prompt": text})
-
