@@ -11,7 +11,19 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(1)
+# One thread unless OMP_NUM_THREADS says otherwise: the suite is also run at 2 threads (README, "Testing on other
+# kernels"), which changes how CPU reductions are split.
+THREADS = int(os.environ["OMP_NUM_THREADS"])
+torch.set_num_threads(THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _threads_restored():
+    """Code under test may set torch's thread count (the sandbox trainer does); every test starts at THREADS."""
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(THREADS)
+
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from float_bounds import assert_close
 from attack_recipe_helpers import ROW, never_flags, red_target
 from safediff.attacks.base import Budget
 from safediff.attacks.concept_inversion import (ConceptInversion, placeholder_conditioning, placeholder_template,
@@ -31,7 +32,8 @@ def test_placeholder_embedding_path_equals_the_text_encoder_on_ids(tiny_sd):
         mine = placeholder_conditioning(a, ["a {} circle"], slot, [a.token_embedding(0).weight[slot]])
         ref = te(full)[0]
         moved = placeholder_conditioning(a, ["a {} circle"], slot, [a.token_embedding(0).weight[slot] + 1.0])
-    assert ids[pos - 1] == slot and torch.allclose(mine.embeds, ref, atol=1e-6)
+    assert ids[pos - 1] == slot
+    assert_close(mine.embeds, ref, 1e-6)  # same shapes and kernels both ways: 0 measured
     assert not torch.allclose(moved.embeds, ref)  # the vector, not the id, is what the encoder reads
 
 
@@ -83,7 +85,7 @@ def test_runner_writes_a_textual_inversion_file_diffusers_loads(tmp_path, tiny_s
     tiny_sd.pipe.load_textual_inversion(str(path))  # diffusers' own loader: a new token with that vector
     with torch.no_grad():
         theirs = tiny_sd.adapter.encode(["a <concept> circle"])
-    assert torch.allclose(ours.embeds, theirs.embeds, atol=1e-5)
+    assert_close(ours.embeds, theirs.embeds, 1e-5)  # 0 measured
 
 
 def test_sdxl_embedding_file_has_one_vector_per_encoder(tiny_sdxl):

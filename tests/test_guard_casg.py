@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from float_bounds import BATCH_LATENTS, assert_close
 from guard_checks import count_unet_calls, pipeline_state
 
 from safediff.errors import SafediffError
@@ -37,7 +38,8 @@ def test_one_category_is_sld(tiny_sd, preset):
 
 def test_each_sample_picks_its_own_category(tiny_sd):
     """Prompt b *is* category b's text, so δ = h_b and Cauchy-Schwarz makes b the argmax for sample b."""
-    guard = build_guard("casg-sld:max", "red,blue")
+    # λ = 0 keeps SLD's mask continuous, so batch-size rounding cannot flip it (see test_guard_sld.py)
+    guard = build_guard("casg-sld:max,threshold=0", "red,blue")
     out = generate(tiny_sd, ["red", "blue"], SEEDS, steps=5, guard=guard, progress=False)
     chosen = guard.chosen_categories()
     assert chosen.shape == (2, 5)
@@ -45,9 +47,9 @@ def test_each_sample_picks_its_own_category(tiny_sd):
     assert guard.category_names == ["red", "blue"]
     # and each sample got SLD with its own category (the momentum and ε_S gathered per sample)
     for b, concept in enumerate(["red", "blue"]):
-        alone = generate(tiny_sd, [["red", "blue"][b]], [SEEDS[b]], steps=5, guard=build_guard("sld:max", concept),
+        alone = generate(tiny_sd, [["red", "blue"][b]], [SEEDS[b]], steps=5, guard=build_guard("sld:max,threshold=0", concept),
                          progress=False)
-        assert (out.latents[b] - alone.latents[0]).abs().max() <= 1e-4
+        assert_close(out.latents[b], alone.latents[0], BATCH_LATENTS)  # 2 + K branches vs 3, batch 2 vs 1
 
 
 def test_one_unet_call_of_two_plus_k_branches(tiny_sd):

@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from float_bounds import BATCH_LATENTS, assert_close
 from guard_checks import count_unet_calls, pipeline_state
 
 from safediff.concepts import Concept
@@ -132,7 +133,7 @@ def test_eos_row_is_clips_pooled_output(bow_sd):
     adapter = bow_sd.adapter
     ids = adapter.tokenize(prompts)
     ref = adapter.text_encoders[0](ids).pooler_output
-    assert torch.allclose(pooled(adapter.encode(prompts), eos_positions(adapter, prompts)), ref, atol=1e-6)
+    assert_close(pooled(adapter.encode(prompts), eos_positions(adapter, prompts)), ref, 1e-6)
 
 
 # -- trigger detection and projection ----------------------------------------------------------------------------
@@ -170,7 +171,7 @@ def test_keyword_token_is_flagged_and_projected_others_untouched(bow_sd):
     assert torch.nonzero(res.triggers[0]).flatten().tolist() == [3]  # BOS a b x: position 3
     trig, expected = reference_filter(bow_sd, "x", prompt)
     assert trig.tolist() == [False, False, True, False, False]
-    assert torch.allclose(res.filtered.embeds[0].double(), expected, atol=1e-5)
+    assert_close(res.filtered.embeds[0], expected, 1e-5)
     unchanged = torch.ones(77, dtype=torch.bool)
     unchanged[3] = False
     assert torch.equal(res.filtered.embeds[0, unchanged], cond.embeds[0, unchanged])
@@ -219,9 +220,19 @@ def test_reattend_attenuates_only_low_frequencies_that_exceed_the_original():
     assert low.sum() == 9 and low[0, 0] and low[1, 7] and not low[2, 0]
     pick = low & (f_proj.abs() > f_orig.abs())
     assert pick.any() and (low & ~pick).any()
-    assert torch.allclose(f_out[pick], 0.5 * f_proj[pick], atol=1e-4)
-    assert torch.allclose(f_out[~pick], f_proj[~pick], atol=1e-4)
+    assert_close(f_out[pick], 0.5 * f_proj[pick], 1e-4)
+    assert_close(f_out[~pick], f_proj[~pick], 1e-4)
     assert torch.equal(reattend(h_orig, h_orig, 0.5, 1), h_orig)  # nothing exceeds: bit-identical
+
+
+def test_reattend_ignores_rounding_level_excess():
+    """Features equal in exact arithmetic but rounded differently (two batch rows, two kernels) are not "exceeding":
+    otherwise a text-independent skip feature would be scaled by s or not depending on the CPU."""
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(2, 3, 8, 8, generator=g)
+    rounded = h * (1 + 3e-7)  # a few float32 ulps larger everywhere
+    assert torch.equal(reattend(rounded, h, 0.5, 1), rounded)
+    assert not torch.equal(reattend(h * 1.01, h, 0.5, 1), h * 1.01)  # a real 1 % excess is attenuated
 
 
 def test_reattention_acts_only_on_filtered_steps_and_hooks_are_removed(bow_sd):
@@ -254,11 +265,10 @@ def test_batch_sample_without_trigger_matches_its_unguarded_image(bow_sd):
     guarded = run(bow_sd, prompts, SafreeGuard([concept("x")]))
     plain = run(bow_sd, prompts)
     assert guarded.unet_batch_per_step[0] == 3
-    assert torch.allclose(guarded.latents[1], plain.latents[1], atol=1e-6)
-    assert (guarded.latents[0] - plain.latents[0]).abs().max() > 1e-4
+    assert_close(guarded.latents[1], plain.latents[1], BATCH_LATENTS)  # 3 branches vs 2
+    assert (guarded.latents[0] - plain.latents[0]).abs().max() > 1e-2  # measured 0.21
     alone = run(bow_sd, ["a x"], SafreeGuard([concept("x")]))
-    # the UNet itself differs by ~1e-5 between batch sizes (plain CFG too), hence the tolerance
-    assert torch.allclose(guarded.latents[0], alone.latents[0], atol=1e-4)
+    assert_close(guarded.latents[0], alone.latents[0], BATCH_LATENTS)  # batch 2 vs 1
 
 
 # -- variants -----------------------------------------------------------------------------------------------------
@@ -278,7 +288,7 @@ def test_casg_with_one_category_equals_safree(bow_sd):
     ours = CasgSafreeGuard([concept("x", "y")]).filter(bow_sd, prompts, cond)
     ref = SafreeGuard([concept("x", "y")]).filter(bow_sd, prompts, cond)
     assert ours.triggers.any() and torch.equal(ours.triggers, ref.triggers)
-    assert torch.allclose(ours.filtered.embeds, ref.filtered.embeds, atol=1e-6)
+    assert_close(ours.filtered.embeds, ref.filtered.embeds, 1e-6)
     assert ours.t_prime == ref.t_prime
 
 
@@ -304,7 +314,7 @@ def test_casg_projects_each_trigger_against_one_category(bow_sd, rule, expected)
     e = cond.embeds[0].double()
     for pos, k in expected.items():
         want = (eye - spaces[names[k]]) @ p_input @ e[pos]
-        assert torch.allclose(res.filtered.embeds[0, pos].double(), want, atol=1e-5)
+        assert_close(res.filtered.embeds[0, pos], want, 1e-5)
         global_proj = (eye - spaces["global"]) @ p_input @ e[pos]
         assert (want - global_proj).abs().max() > 1e-3  # not the SAFREE projection
     assert guard.subspaces(bow_sd) is spaces  # cached
@@ -325,8 +335,8 @@ def test_sdxl_runs_with_triggers_and_reattention(bow_sdxl):
         out = run(bow_sdxl, prompts, build_guard("safree", "x"))
     assert sizes[0] == 6 and out.pixels.shape == (2, 3, 32, 32)
     plain = run(bow_sdxl, prompts)
-    assert (out.latents[0] - plain.latents[0]).abs().max() > 1e-4
-    assert torch.allclose(out.latents[1], plain.latents[1], atol=1e-6)
+    assert (out.latents[0] - plain.latents[0]).abs().max() > 1e-2  # measured 0.17
+    assert_close(out.latents[1], plain.latents[1], BATCH_LATENTS)  # 3 branches vs 2
     assert pipeline_state(bow_sdxl) == before
     casg = run(bow_sdxl, prompts, build_guard("casg-safree", "x,y"))
     assert torch.isfinite(casg.pixels).all()

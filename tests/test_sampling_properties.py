@@ -5,6 +5,7 @@ import logging
 import pytest
 import torch
 
+from float_bounds import BATCH_PIXELS, assert_close
 from safediff.errors import SafediffError
 from safediff.sampling import generate
 
@@ -14,10 +15,10 @@ def test_image_depends_only_on_its_prompt_and_seed(tiny_sd):
     batch = generate(tiny_sd, ["a red circle", "a green triangle", "x"], [1, 7, 9], progress=False).pixels
     chunked = generate(tiny_sd, ["a red circle", "a green triangle", "x"], [1, 7, 9], batch_size=2,
                        progress=False).pixels
-    assert torch.allclose(alone[0], batch[1], atol=1e-5)
-    assert torch.allclose(batch, chunked, atol=1e-5)
+    assert_close(alone[0], batch[1], BATCH_PIXELS)
+    assert_close(batch, chunked, BATCH_PIXELS)
     other_seed = generate(tiny_sd, ["a green triangle"], [8], progress=False).pixels
-    assert (alone - other_seed).abs().max() > 1e-3
+    assert (alone - other_seed).abs().max() > 1e-1  # measured 0.96
 
 
 def test_one_unet_call_per_step(tiny_sd, monkeypatch):
@@ -37,7 +38,7 @@ def test_one_unet_call_per_step(tiny_sd, monkeypatch):
 def test_empty_prompt_is_unconditional(tiny_sd):
     empty = generate(tiny_sd, [""], [5], guidance=7.0, progress=False).pixels
     no_cfg = generate(tiny_sd, [""], [5], guidance=1.0, progress=False).pixels
-    assert torch.allclose(empty, no_cfg, atol=1e-5)  # ∅ + g(∅ − ∅) = ∅
+    assert_close(empty, no_cfg, BATCH_PIXELS)  # ∅ + g(∅ − ∅) = ∅; 2 branches vs 1
 
 
 def test_long_prompt_truncated_with_one_warning(tiny_sd, caplog):

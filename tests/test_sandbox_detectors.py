@@ -16,11 +16,6 @@ def as_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    torch.set_num_threads(1)
-
-
 def test_colour_is_exact_on_renders():
     images, _, scenes = sample_batch(np.random.default_rng(0), 300)
     s = SandboxColour().scores(as_tensor(images))

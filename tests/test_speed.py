@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from float_bounds import assert_close
 from safediff.errors import SafediffError
 from safediff.sampling import generate
 from safediff.speed import optimize
@@ -15,7 +16,7 @@ def test_channels_last_and_sdpa_match_eager(tiny_sd):
     ref = generate(tiny_sd, ["a red circle", "b"], [1, 2], progress=False).pixels
     optimize(tiny_sd, channels_last=True, sdpa=True)
     fast = generate(tiny_sd, ["a red circle", "b"], [1, 2], progress=False).pixels
-    assert torch.allclose(ref, fast, atol=1e-4)
+    assert_close(fast, ref, 1e-4)
 
 
 def test_unknown_compile_mode(tiny_sd):

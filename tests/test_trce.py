@@ -96,7 +96,7 @@ def test_stage2_zeroes_gradients_every_step(tiny_sd, monkeypatch):
     assert len(grads) == 3 and grads[0]
     assert sum(float(g.abs().sum()) for g in grads[0]) > 0
     for later in grads[1:]:
-        assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-12) for a, b in zip(later, grads[0]))
+        assert all(torch.equal(a, b) for a, b in zip(later, grads[0]))  # lr 0, the same draw: the same gradient
 
 
 def test_stage2_resume_is_bit_identical(tiny_sd, tmp_path, monkeypatch):

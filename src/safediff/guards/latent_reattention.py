@@ -17,6 +17,11 @@ prediction is discarded by the session). With b = 1 (SAFREE's default) the backb
 Interpretations (the released code never runs its Fourier filters, see the research notes §3):
 - "exceed" compares coefficient magnitudes; the released, unused ``SafeGuard_Low_Fourier_filter`` compares the real
   part of the difference and writes the constant s in place of the coefficient, which we do not reproduce;
+- "exceed" means by more than rounding: |F_proj| > (1 + 1e-4) |F|. Skip features that do not depend on the text (the
+  ``conv_in`` output that the last up blocks of small UNets read, e.g. the sandbox's second up block) are equal in
+  exact arithmetic, and a strict ``>`` would then scale them by s or not depending on which CPU kernel and thread
+  count computed the two batch rows (measured: up to 1.1 in the final latents of a test, between 1 and 2 threads).
+  Real differences between the filtered and the original branch are orders of magnitude above 1e-4;
 - the low-frequency window is symmetric, |u|, |v| <= tau (tau = 1, FreeU's threshold), so the edit is Hermitian and
   h' is real; FreeU's code uses the half-open window [c - tau, c + tau) after fftshift;
 - the stages are chosen by position (first two up blocks, as diffusers' FreeU ``resolution_idx`` 0 and 1), not by
@@ -48,15 +53,18 @@ def low_frequency_mask(h: int, w: int, radius: int, device) -> torch.Tensor:
     return fy[:, None] & fx[None, :]
 
 
+EXCEED_RTOL = 1e-4  # a coefficient "exceeds" the original's magnitude only by more than this relative margin
+
+
 def reattend(h_proj: torch.Tensor, h_orig: torch.Tensor, s: float, radius: int) -> torch.Tensor:
     """The LRA rule on skip features [m, C, H, W]: scale by s the low-frequency coefficients of h_proj whose
-    magnitude exceeds h_orig's. Rows with no such coefficient come back bit-identical."""
+    magnitude exceeds h_orig's (by more than ``EXCEED_RTOL``). Rows with no such coefficient come back bit-identical."""
     dtype = h_proj.dtype
     hp = h_proj.float()
     f_proj = torch.fft.fft2(hp)
     f_orig = torch.fft.fft2(h_orig.float())
     low = low_frequency_mask(hp.shape[-2], hp.shape[-1], radius, hp.device)
-    pick = low & (f_proj.abs() > f_orig.abs())
+    pick = low & (f_proj.abs() > f_orig.abs() * (1.0 + EXCEED_RTOL))
     delta = torch.where(pick, (s - 1.0) * f_proj, torch.zeros_like(f_proj))
     return (hp + torch.fft.ifft2(delta).real).to(dtype)
 
