@@ -22,9 +22,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from attacks_sandbox import CONCEPT, targets  # noqa: E402
 
-from safediff.attacks.base import Budget, build_judge  # noqa: E402
+from safediff.attacks.budget import Budget
+from safediff.attacks.judge import build_judge  # noqa: E402
 from safediff.attacks.unlearndiff import UnlearnDiffAtk  # noqa: E402
-from safediff.protocol import write_json_atomic  # noqa: E402
+from safediff.storage import write_json_atomic  # noqa: E402
 from safediff.sandbox.benchmarks import erasure_set  # noqa: E402
 
 

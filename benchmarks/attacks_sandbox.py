@@ -45,12 +45,15 @@ from pathlib import Path
 
 import torch
 
-from safediff.attacks.base import Budget, Target, build_judge
+from safediff.attacks.budget import Budget
+from safediff.attacks.judge import build_judge
+from safediff.attacks.target import Target
 from safediff.attacks.runner import build_attack, run_attack
 from safediff.concepts import resolve
 from safediff.guards import build_guard
 from safediff.models import load_pipeline
-from safediff.protocol import git_hash, versions, write_json_atomic
+from safediff.records import git_hash, versions
+from safediff.storage import write_json_atomic
 from safediff.registry import ATTACKS, ERASERS
 
 CONCEPT = "red"

@@ -44,9 +44,10 @@ import torch
 
 from safediff.concepts import resolve
 from safediff.detectors.sandbox import attributes
-from safediff.erasers.edit import Edit
+from safediff.edits import Edit
 from safediff.models import load_pipeline
-from safediff.protocol import git_hash, versions, write_json_atomic
+from safediff.records import git_hash, versions
+from safediff.storage import write_json_atomic
 from safediff.registry import ERASERS
 from safediff.sampling import generate
 from safediff.sandbox.benchmarks import erasure_set

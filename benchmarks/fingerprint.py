@@ -71,11 +71,14 @@ def erasers(model, folder: Path) -> tuple[dict, Path]:
     from safediff.concepts import resolve
     from safediff.registry import ERASERS
     from safediff.sampling import generate
+    from safediff.sandbox.validation import eraser_settings
 
     out, uce_path = {}, None
     for name in ERASERS.primary_names():
         settings = next((v for k, v in ERASER_SETTINGS.items() if name.startswith(k)), {})
-        edit = ERASERS.get(name)(**settings).fit(model, resolve("red"), progress=False)
+        cls = ERASERS.get(name)
+        settings.update({k: v for k, v in eraser_settings(cls, "smoke", resolve("red")).items() if k == "validator"})
+        edit = cls(**settings).fit(model, resolve("red"), progress=False)
         path = folder / f"{name}.safetensors"
         edit.save(path)
         if name == "uce":
@@ -89,7 +92,9 @@ def erasers(model, folder: Path) -> tuple[dict, Path]:
 
 
 def attacks(edit_path: Path, folder: Path) -> dict:
-    from safediff.attacks.base import Budget, build_judge, parse_target
+    from safediff.attacks.budget import Budget
+    from safediff.attacks.judge import build_judge
+    from safediff.attacks.target import parse_target
     from safediff.attacks.runner import build_attack, run_attack
     from safediff.registry import ATTACKS
 
@@ -99,10 +104,10 @@ def attacks(edit_path: Path, folder: Path) -> dict:
     out = {}
     for name in ATTACKS.names():
         params, budget = ATTACK_SETTINGS[name]
-        attack = build_attack(name, params)
+        attack = build_attack(f"{name}:{params}" if params else name)
         result = run_attack(target, attack, judge, rows, Budget.parse(budget or None, attack.default_budget), 0,
                             folder / name, progress=False)
-        record = dict(result["records"][0])
+        record = {k: v for k, v in result["records"][0].items() if k not in ("kind", "schema_version", "provenance")}
         compute = {k: v for k, v in record.pop("compute").items() if k != "seconds"}
         pre = {k: v for k, v in record.pop("pre_compute").items() if k != "seconds"}
         extra = record.pop("extra")
@@ -126,6 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--compare", type=Path, help="an earlier fingerprint to compare with")
+    ap.add_argument("--only", default="", help="comma-separated parts: guards, erasers, attacks, bench (default: all)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     from safediff.models import load_pipeline
@@ -134,16 +140,18 @@ def main(argv: list[str] | None = None) -> dict:
     model = load_pipeline("sandbox")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        found = guards(model)
-        e, uce = erasers(model, folder)
-        found.update(e)
-        found.update(attacks(uce, folder))
-        found.update(bench(folder))
+        parts = set(args.only.split(",")) if args.only else {"guards", "erasers", "attacks", "bench"}
+        found = guards(model) if "guards" in parts else {}
+        if parts & {"erasers", "attacks"}:
+            e, uce = erasers(model, folder)
+            found.update(e if "erasers" in parts else {})
+            found.update(attacks(uce, folder) if "attacks" in parts else {})
+        found.update(bench(folder) if "bench" in parts else {})
     args.out.write_text(json.dumps(found, indent=2, sort_keys=True) + "\n")
     print(f"{len(found)} fingerprints in {time.monotonic() - start:.0f} s -> {args.out}")
     if args.compare:
         old = json.loads(args.compare.read_text())
-        changed = sorted(k for k in set(old) | set(found) if old.get(k) != found.get(k))
+        changed = sorted(k for k in found if old.get(k) != found.get(k))
         for k in changed:
             print(f"  differs: {k}  {old.get(k)} -> {found.get(k)}")
         print("identical" if not changed else f"{len(changed)} of {len(found)} differ")

@@ -19,7 +19,8 @@ import torch
 
 from safediff.guards import build_guard
 from safediff.models import from_pipeline
-from safediff.protocol import versions, write_json_atomic
+from safediff.records import versions
+from safediff.storage import write_json_atomic
 from safediff.random_models import ARCHES, build_pipeline
 from safediff.registry import GUARDS
 from safediff.sampling import generate

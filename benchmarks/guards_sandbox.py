@@ -37,7 +37,8 @@ import torch
 from safediff.detectors.sandbox import SandboxColour, SandboxPresence, SandboxShape, attributes
 from safediff.guards import build_guard
 from safediff.models import load_pipeline
-from safediff.protocol import git_hash, versions, write_bytes_atomic, write_json_atomic
+from safediff.records import git_hash, versions
+from safediff.storage import write_bytes_atomic, write_json_atomic
 from safediff.registry import GUARDS
 from safediff.sampling import generate
 from safediff.sandbox.benchmarks import multi_category_set

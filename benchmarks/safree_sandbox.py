@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 from safediff.detectors.sandbox import attributes
 from safediff.guards import build_guard
 from safediff.models import load_pipeline
-from safediff.protocol import git_hash, versions, write_json_atomic
+from safediff.records import git_hash, versions
+from safediff.storage import write_json_atomic
 from safediff.sampling import generate
 from safediff.sandbox.world import SHAPES
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from safediff.attacks.parts import TokenSlots, denoising_error, noise_matching, vocabulary
+from safediff.attacks.objectives import denoising_error, noise_matching
+from safediff.attacks.spaces import TokenSlots, vocabulary
 
 
 def text_sensitive(model, gain: float = 30.0):

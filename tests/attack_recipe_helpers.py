@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from safediff.attacks.base import Judge, Target
+from safediff.attacks.judge import Judge
+from safediff.attacks.target import Target
 from safediff.concepts import resolve
 from safediff.detectors.base import Detector, images_to_tensor
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from attack_recipe_helpers import never_flags, red_target
-from safediff.attacks.base import Budget
+from safediff.attacks.budget import Budget
 from safediff.attacks.runner import read_attack_prompts, run_attack
 from safediff.attacks.unlearndiff import UnlearnDiffAtk
 from safediff.errors import SafediffError
@@ -35,7 +35,7 @@ def prompts_csv(tmp_path):
     ({"--target": "sandbox:no-such-guard"}, "unknown guard"),
     ({"--budget": "iterations=0"}, "must be > 0"),
     ({"--budget": "unet_forward=-3"}, "must be > 0"),
-    ({"--params": "k=two"}, "k='two' is not a valid int"),
+    ({"--method": "unlearndiff:k=two"}, "k=two is not a valid int"),
     ({"--prompts": "MISSING"}, "not found"),
     ({"--prompts": "NOPROMPT"}, "no 'prompt' column"),
 ])
@@ -91,8 +91,8 @@ def test_resume_skips_finished_prompts_and_refuses_another_protocol(tiny_sd, pro
     assert saved["n"] == 3 and [r["seed"] for r in saved["records"]] == [1, 2, 3]
     assert saved["asr"] == results["asr"] and 0.0 <= saved["pre_asr"] <= saved["asr"] <= 1.0
     assert saved["compute_total"]["iterations"] == 3 * 2
-    assert saved["protocol"]["target"]["model"]["base_weights_sha256"]
-    assert saved["protocol"]["attack"]["name"] == "unlearndiff" and saved["protocol"]["budget"]["iterations"] == 2
+    assert saved["identity"]["target"]["model"]["base_weights_sha256"]
+    assert saved["identity"]["attack"]["name"] == "unlearndiff" and saved["identity"]["budget"]["iterations"] == 2
     for r in saved["records"]:
         assert (out / r["files"]["pre_image"]).is_file() and (out / r["files"]["image"]).is_file()
     with pytest.raises(SafediffError, match="different protocol.*budget"):

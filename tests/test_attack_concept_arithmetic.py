@@ -6,7 +6,7 @@ import torch
 
 from float_bounds import BATCH_LATENTS, assert_close
 from attack_recipe_helpers import ROW, never_flags, red_target
-from safediff.attacks.base import Budget
+from safediff.attacks.budget import Budget
 from safediff.attacks.concept_arithmetic import (ConceptArithmetic, ConceptArithmeticGuard, Term, describe, merge,
                                                  parse_terms)
 from safediff.concepts import resolve

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from float_bounds import assert_close
 from attack_recipe_helpers import ROW, never_flags, red_target
-from safediff.attacks.base import Budget
+from safediff.attacks.budget import Budget
 from safediff.attacks.concept_inversion import (ConceptInversion, placeholder_conditioning, placeholder_template,
                                                 template_tokens)
 from safediff.errors import SafediffError

@@ -6,7 +6,7 @@ from transformers import CLIPTokenizer
 
 from attack_recipe_helpers import ROW, never_flags, red_target
 from safediff.attacks import gcg
-from safediff.attacks.base import Budget
+from safediff.attacks.budget import Budget
 from safediff.attacks.mma import MMADiffusion
 from safediff.errors import SafediffError
 

@@ -4,9 +4,10 @@ import pytest
 
 from attack_objective_helpers import matching_probe, random_slot_ids, text_sensitive
 from attack_recipe_helpers import ROW, never_flags, red_target
-from safediff.attacks.base import Budget, Target
+from safediff.attacks.budget import Budget
+from safediff.attacks.target import Target
 from safediff.attacks.p4d import P4DK, P4DN
-from safediff.attacks.parts import TokenSlots
+from safediff.attacks.spaces import TokenSlots
 
 
 @pytest.mark.parametrize("cls, layout", [(P4DN, "free"), (P4DK, "every")])

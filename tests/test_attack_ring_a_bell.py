@@ -6,11 +6,11 @@ import torch
 from float_bounds import assert_close
 from attack_recipe_helpers import ROW, never_flags, red_target
 from safediff.attacks import genetic
-from safediff.attacks.base import Budget
-from safediff.attacks.parts import embedding_distance
+from safediff.attacks.budget import Budget
+from safediff.attacks.objectives import embedding_distance
 from safediff.attacks.ring_a_bell import RingABell, concept_vector
 from safediff.errors import SafediffError
-from safediff.models import Conditioning
+from safediff.adapters import Conditioning
 
 
 def test_crossover_children_are_single_point_splices():

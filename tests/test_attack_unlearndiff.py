@@ -4,7 +4,8 @@ import pytest
 
 from attack_objective_helpers import denoising_probe, random_slot_ids, text_sensitive
 from attack_recipe_helpers import ROW, never_flags, red_target
-from safediff.attacks.base import Budget, Judge
+from safediff.attacks.budget import Budget
+from safediff.attacks.judge import Judge
 from safediff.attacks.unlearndiff import UnlearnDiffAtk
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from safediff.records import record
 from safediff.bench.report import build_report
 from safediff.bench.store import RunStore
 from safediff.errors import SafediffError
@@ -42,8 +43,7 @@ def make_bench_run(folder, method, flags, colour, clip):
                                          "clip-score": {"version": "1", "scale": 1.0}},
                            "generation": {"steps": 2, "height": 16, "width": 16, "default_guidance": 7.5,
                                           "scheduler": "DDIMScheduler"}}}
-    store.write_results(build_results(label=method, benchmark=bench, identity=identity, samples=samples,
-                                      provenance={"git_hash": None}))
+    store.write_results(build_results(label=method, benchmark=bench, identity=identity, samples=samples))
     return folder
 
 
@@ -72,7 +72,7 @@ def test_report_errors(tmp_path):
     with pytest.raises(SafediffError, match="no results.json"):
         build_report([tmp_path], tmp_path / "r.html")
     (tmp_path / "results.json").write_text("{}")
-    with pytest.raises(SafediffError, match="neither a bench nor an attack"):
+    with pytest.raises(SafediffError, match="is not a safediff bench-results or attack-results record"):
         build_report([tmp_path], tmp_path / "r.html")
     with pytest.raises(SafediffError, match="at least one RUN"):
         build_report([], tmp_path / "r.html")
@@ -87,10 +87,10 @@ def test_report_attack_run(tmp_path):
                {"prompt": "p1", "adversarial_prompt": None, "pre_success": True, "success": True, "files": {}},
                {"prompt": "p2", "adversarial_prompt": "yy", "pre_success": False, "success": False, "files": {}},
                {"prompt": "p3", "adversarial_prompt": "zz", "pre_success": False, "success": False, "files": {}}]
-    (run / "results.json").write_text(json.dumps({
-        "n": 4, "asr": 0.5, "pre_asr": 0.25, "records": records, "compute_per_attacked_prompt": {"seconds": 1.0},
-        "protocol": {"target": {"spec": "sandbox"}, "attack": {"name": "unlearndiff"},
-                     "judge": {"name": "sandbox-colour"}}}))
+    (run / "results.json").write_text(json.dumps(record(
+        "attack-results", n=4, asr=0.5, pre_asr=0.25, records=records, compute_per_attacked_prompt={"seconds": 1.0},
+        identity={"target": {"spec": "sandbox"}, "attack": {"name": "unlearndiff"},
+                  "judge": {"name": "sandbox-colour"}})))
     page = build_report([run], tmp_path / "r.html").read_text()
     assert "<h2>Attacks</h2>" in page and "unlearndiff" in page
     assert re.search(r"<td>4</td><td>0\.25<br><small>\[[^<]*</small></td><td>0\.5<br><small>\[", page)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from bench_helpers import save_tiny_clip
+from safediff.records import SCHEMA_VERSION
 
 N_PROMPTS = 16
 ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "TQDM_DISABLE": "1"}
@@ -73,7 +74,7 @@ def uninterrupted(assets):
 
 def test_results_schema(uninterrupted, assets):
     res = json.loads((uninterrupted / "results.json").read_text())
-    assert res["schema"] == "safediff.bench.results" and res["schema_version"] == 1
+    assert res["kind"] == "bench-results" and res["schema_version"] == SCHEMA_VERSION
     method = res["method"]
     metric = f"clip-score:model={assets / 'clip'}/mean"
     assert set(res["results"]) == {method} and metric in res["results"][method]
@@ -82,9 +83,9 @@ def test_results_schema(uninterrupted, assets):
     s = res["samples"][3]
     assert (s["prompt"], s["seed"], s["categories"]) == ("prompt number 3", 103, ["b"])
     assert 0 <= s["detections"][f"clip-score:model={assets / 'clip'}"]["scores"]["clip_score"] <= 1
-    prov = res["provenance"]
+    prov = res["protocol"]
     assert len(prov["model_hash"]) == 64 and prov["steps"] == 2 and prov["scheduler"] == "DDIMScheduler"
-    assert prov["size"] == [32, 32] and prov["libraries"]["torch"] and "git_hash" in prov
+    assert prov["size"] == [32, 32] and prov["libraries"]["torch"] and "git" in res["provenance"]
     assert len(next(iter(prov["detector_hashes"].values()))["weights_sha256"]) == 64
     assert res["configs"]["generation"]["batch_size"] == 2 and res["benchmark"]["n_rows"] == N_PROMPTS
     assert image_files(uninterrupted) == sorted(f"{s['image']}.png" for s in res["samples"])
@@ -109,8 +110,8 @@ def test_sigkill_and_resume_gives_identical_results(uninterrupted, assets):
     assert r.returncode == 0, r.stderr
     a = json.loads((uninterrupted / "results.json").read_text())
     b = json.loads((out / "results.json").read_text())
-    for res in (a, b):  # the checkout may gain commits while the test runs
-        res["provenance"].pop("git_hash")
+    for res in (a, b):  # when and by which commit the results were written
+        res.pop("provenance")
     assert b == a
     assert image_files(out) == image_files(uninterrupted)
     assert not list(out.rglob(".*.tmp"))
@@ -126,7 +127,7 @@ def test_rerun_is_a_no_op_and_other_protocol_is_refused(uninterrupted, assets, m
     after = json.loads((uninterrupted / "results.json").read_text())
     expected = json.loads(before)
     for res in (after, expected):
-        res["provenance"].pop("git_hash")
+        res.pop("provenance")
     assert after == expected
     assert {p: p.stat().st_mtime_ns for p in (uninterrupted / "images").iterdir()} == stamp
     one_line_error(*run_main(monkeypatch, capsys, *bench_args(assets, uninterrupted, "--guidance", "3")),

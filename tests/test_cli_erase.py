@@ -9,11 +9,12 @@ from cli_helpers import run_cli
 
 
 def test_erase_then_generate_with_the_edit(tiny_folder, tmp_path):
-    from safediff.erasers.edit import Edit
+    from safediff.edits import Edit
 
     edit_path = tmp_path / "red.safetensors"
-    r = run_cli("erase", "--model", str(tiny_folder), "--method", "uce", "--concept", "red", "--preserve",
-                "green,circle", "--param", "lamb=0.4", "--param", "tokens=last", "--out", str(edit_path))
+    r = run_cli("erase", "--model", str(tiny_folder), "--method", "uce:lamb=0.4,tokens=last", "--concept", "red",
+                "--preserve",
+                "green,circle", "--out", str(edit_path))
     assert r.returncode == 0, r.stderr
     assert "uce" in r.stdout and "parameter tensor(s) changed" in r.stdout and " s;" in r.stdout
     edit = Edit.load(edit_path)
@@ -33,8 +34,10 @@ def test_erase_then_generate_with_the_edit(tiny_folder, tmp_path):
     (["--method", "nonsense", "--concept", "red"], "unknown eraser"),
     (["--method", "uce", "--concept", ""], "empty concept"),
     (["--method", "uce", "--concept", "<|endoftext|>"], "encodes to no tokens"),
-    (["--method", "uce", "--concept", "red", "--param", "lambda=1"], "unknown parameter"),
-    (["--method", "uce", "--concept", "red", "--param", "lamb"], "key=value"),
+    (["--method", "uce:lambda=1", "--concept", "red"], "unknown option"),
+    (["--method", "uce:lamb=0.1,lamb", "--concept", "red"], "not KEY=VALUE"),
+    (["--method", "uce", "--concept", "red", "--validator", "sandbox"], "does not take validator"),
+    (["--method", "rece", "--concept", "red", "--validator", "other"], "unknown validator"),
 ])
 def test_bad_input_one_line_exit_2(tiny_folder, tmp_path, args, words):
     r = run_cli("erase", "--model", str(tiny_folder), *args, "--out", str(tmp_path / "e.safetensors"))
@@ -65,7 +68,7 @@ def test_iterative_eraser_resumes_from_its_checkpoint_next_to_out(tiny_folder, t
     """A fit killed after 2 of 4 iterations leaves OUT.checkpoint.safetensors; the same command resumes from it and
     gives the edit an uninterrupted run gives, and removes the checkpoint."""
     from safediff.concepts import resolve
-    from safediff.erasers.edit import Edit
+    from safediff.edits import Edit
     from safediff.erasers.esd import ESDX
     from safediff.models import load_pipeline
 
@@ -73,8 +76,7 @@ def test_iterative_eraser_resumes_from_its_checkpoint_next_to_out(tiny_folder, t
     ESDX(iterations=2, ddim_steps=3, checkpoint=str(checkpoint), checkpoint_every=1).fit(
         load_pipeline(str(tiny_folder)), resolve("red"), progress=False)  # stands for the killed run
     assert checkpoint.is_file()
-    args = ["erase", "--model", str(tiny_folder), "--method", "esd-x", "--concept", "red", "--param", "iterations=4",
-            "--param", "ddim_steps=3"]
+    args = ["erase", "--model", str(tiny_folder), "--method", "esd-x:iterations=4,ddim_steps=3", "--concept", "red"]
     assert run_cli(*args, "--out", str(tmp_path / "resumed.safetensors")).returncode == 0
     assert run_cli(*args, "--out", str(tmp_path / "straight.safetensors")).returncode == 0
     resumed, straight = Edit.load(tmp_path / "resumed.safetensors"), Edit.load(tmp_path / "straight.safetensors")

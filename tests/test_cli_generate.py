@@ -18,7 +18,7 @@ def test_generate_writes_images_and_protocol(tiny_folder, tmp_path):
     assert record["generation"]["steps"] == 2 and record["generation"]["guidance"] == 4.0
     assert record["generation"]["scheduler"] == "DDIMScheduler" and record["generation"]["scheduler_config"]
     assert len(record["model"]["base_weights_sha256"]) == 64
-    assert record["versions"]["safediff"] and record["versions"]["torch"]
+    assert record["kind"] == "generation" and record["provenance"]["versions"]["torch"]
     for im in record["images"]:
         assert Image.open(out / im["file"]).size == (32, 32)
 

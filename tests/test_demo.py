@@ -65,5 +65,5 @@ def test_quick_demo_reports_every_guard_and_eraser(tmp_path):
     assert 0.0 <= summary["attack"]["asr"] <= 1.0
 
     r = run_cli("demo", "--out", str(out))  # the full plan differs from the quick one: refused, nothing touched
-    assert r.returncode == 2 and "another plan" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "different protocol" in r.stderr and "Traceback" not in r.stderr
 

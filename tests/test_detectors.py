@@ -13,7 +13,8 @@ from PIL import Image
 
 from bench_helpers import save_tiny_clip, tiny_clip
 from float_bounds import assert_close
-from safediff.detectors import build_detector, parse_spec
+from safediff.detectors import build_detector
+from safediff.options import Spec
 from safediff.detectors.clip_score import ClipScore
 from safediff.detectors.q16 import Q16, fetch_prompts, load_array_pickle
 from safediff.errors import SafediffError
@@ -25,8 +26,8 @@ def images(seed=0, n=3, size=32):
 
 
 def test_spec_parsing_and_errors():
-    assert parse_spec("nudenet:exposed9,threshold=0.45") == ("nudenet", "exposed9", {"threshold": "0.45"})
-    assert parse_spec("q16:clip=/a/b,prompts=p.p") == ("q16", None, {"clip": "/a/b", "prompts": "p.p"})
+    assert Spec.parse("nudenet:exposed9,threshold=0.45", "detector") == Spec("nudenet", "exposed9", {"threshold": "0.45"})
+    assert Spec.parse("q16:clip=/a/b,prompts=p.p", "detector") == Spec("q16", None, {"clip": "/a/b", "prompts": "p.p"})
     with pytest.raises(SafediffError, match="unknown detector 'nudnet' \\(did you mean 'nudenet'\\?\\)"):
         build_detector("nudnet")
     with pytest.raises(SafediffError, match="unknown option 'colour'; accepted: model, scale, threshold"):

@@ -6,7 +6,7 @@ import torch
 from float_bounds import assert_close
 from safediff.concepts import resolve
 from safediff.errors import SafediffError
-from safediff.erasers.edit import Edit
+from safediff.edits import Edit
 from safediff.erasers.uce import UCE
 from safediff.sampling import generate
 from weight_checks import assert_same, changed, snapshot
@@ -24,7 +24,8 @@ def test_apply_changes_only_the_edit_and_revert_is_bit_exact(tiny_sd, red_edit):
     assert changed(before, after) == set(red_edit.tensors) and red_edit.tensors
     assert tiny_sd.edits == [red_edit]
     assert tiny_sd.protocol()["edits"][0]["method"] == "uce"
-    assert red_edit.metadata["torch_threads"] == torch.get_num_threads() and red_edit.metadata["device"] == "cpu"
+    assert red_edit.metadata["provenance"]["torch_threads"] == torch.get_num_threads()
+    assert red_edit.metadata["device"] == "cpu"
     red_edit.revert(tiny_sd)
     assert_same(before, snapshot(tiny_sd))
     assert tiny_sd.edits == [] and tiny_sd.weights_sha256() == tiny_sd.base_sha256
@@ -144,7 +145,7 @@ def test_lora_export_full_rank_is_exact_and_loads_in_diffusers(tiny_sd, red_edit
 
 
 def test_lora_export_needs_base_weights_and_rejects_non_linear(red_edit, tmp_path):
-    from safediff.erasers.lora import export_lora
+    from safediff.edits.lora import export_lora
 
     with pytest.raises(SafediffError, match="base weights"):
         red_edit.export_lora(tmp_path / "x.safetensors")

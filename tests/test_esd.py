@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from float_bounds import assert_close
+from safediff.erasers import build_eraser
 from safediff.concepts import Concept
 from safediff.errors import SafediffError
 from safediff.erasers.esd import ESD, ESDU, ESDX, ESDRun, ESDXStrict
@@ -100,7 +101,7 @@ def test_zero_learning_rate_gives_an_empty_edit(tiny_sd):
 
 
 def test_learning_rate_is_a_float_and_used_as_given(tiny_sd):
-    assert ESDX.from_params({"lr": "3e-5"}).lr == pytest.approx(3e-5)
+    assert build_eraser("esd-x:lr=3e-5").lr == pytest.approx(3e-5)
     assert ESDX(lr="2.5e-5").lr == pytest.approx(2.5e-5)
     for bad in ("abc", -1e-5):
         with pytest.raises(SafediffError):

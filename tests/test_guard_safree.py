@@ -22,7 +22,8 @@ from safediff.guards.base import GenerationContext
 from safediff.guards.casg_safree import CasgSafreeGuard
 from safediff.guards.latent_reattention import low_frequency_mask, reattend
 from safediff.guards.safree import SafreeGuard, SafreeReleasedGuard, projector, svf_steps, trigger_mask
-from safediff.models import Conditioning, from_pipeline
+from safediff.adapters import Conditioning
+from safediff.models import from_pipeline
 from safediff.random_models import build_pipeline
 from safediff.sampling import generate, initial_noise, make_scheduler
 
@@ -127,13 +128,13 @@ def test_trigger_rule_and_svf_schedule():
 
 
 def test_eos_row_is_clips_pooled_output(bow_sd):
-    from safediff.guards.safree import eos_positions, pooled
+    from safediff.guards.safree import pooled
 
     prompts = ["a x b", "c"]
     adapter = bow_sd.adapter
     ids = adapter.tokenize(prompts)
     ref = adapter.text_encoders[0](ids).pooler_output
-    assert_close(pooled(adapter.encode(prompts), eos_positions(adapter, prompts)), ref, 1e-6)
+    assert_close(pooled(adapter.encode(prompts), adapter.eos_positions(prompts)), ref, 1e-6)
 
 
 # -- trigger detection and projection ----------------------------------------------------------------------------
@@ -306,9 +307,9 @@ def test_casg_projects_each_trigger_against_one_category(bow_sd, rule, expected)
     spaces = guard.subspaces(bow_sd)
     names = ["category:0:x", "category:1:y"]
     assert sorted(spaces) == [*names, "global"]
-    from safediff.guards.safree import eos_positions, masked_pooled
+    from safediff.guards.safree import masked_pooled
 
-    m = masked_pooled(bow_sd.adapter, [prompt], eos_positions(bow_sd.adapter, [prompt]), 0)[0].double()
+    m = masked_pooled(bow_sd.adapter, [prompt], bow_sd.adapter.eos_positions([prompt]), 0)[0].double()
     p_input = projector(m.T)
     eye = torch.eye(p_input.shape[0], dtype=torch.float64)
     e = cond.embeds[0].double()

@@ -62,7 +62,8 @@ def test_weak_preset_defaults_to_200_and_diffusers_value_is_selectable():
     concepts = resolve("red")
     assert SLD(concepts, "weak").params.safety_scale == 200.0
     assert SLD(concepts, "weak-diffusers").params.safety_scale == 20.0
-    assert SLD(concepts, "weak,safety_scale=20").params == SLD(concepts, "weak-diffusers").params
+    assert SLD(concepts, "weak", safety_scale="20").params == SLD(concepts, "weak-diffusers").params
+    assert build_guard("sld:weak,safety_scale=20", "red").params == SLD(concepts, "weak-diffusers").params
     assert SLD(concepts).preset == "medium"
 
 
@@ -168,11 +169,11 @@ def test_several_concepts_become_one_text_and_config_is_complete():
     ("sld:max,safety_scale=1e9", "safety_scale"),
     ("sld:max,safety_scale=nan", "safety_scale"),
     ("sld:max,momentum_beta=1.5", "momentum_beta"),
-    ("sld:max,warmup=2.5", "integer"),
+    ("sld:max,warmup=2.5", "not a valid int"),
     ("sld:max,warmup=-1", "warmup"),
     ("sld:max,strength=3", "unknown option 'strength'"),
-    ("sld:max,safety_scale=big", "not a number"),
-    ("sld:max,strong", "two presets"),
+    ("sld:max,safety_scale=big", "not a valid finite number"),
+    ("sld:max,strong", "a preset comes first, once"),
 ])
 def test_bad_options_are_rejected(spec, words):
     with pytest.raises(SafediffError, match=words):

@@ -5,18 +5,18 @@ import stat
 
 import torch
 
-from safediff.models import tensors_sha256
-from safediff.protocol import write_json_atomic
+from safediff.hashing import state_sha256
+from safediff.storage import write_json_atomic
 
 
 def test_hash_handles_scalars_and_changes_with_values():
     m = torch.nn.Module()
     m.scale = torch.nn.Parameter(torch.tensor(2.0))
     m.lin = torch.nn.Linear(2, 2)
-    h = tensors_sha256([m])
+    h = state_sha256([m])
     with torch.no_grad():
         m.scale += 1
-    assert tensors_sha256([m]) != h
+    assert state_sha256([m]) != h
 
 
 def test_atomic_json_respects_umask(tmp_path):

@@ -2,6 +2,7 @@
 
 import torch
 
+from safediff.erasers import build_eraser
 from safediff.concepts import resolve
 from safediff.erasers.closed_form import adversarial_map, kv_projections
 from safediff.erasers.prompts import build_rows
@@ -98,5 +99,5 @@ def test_concept_types_pick_the_readme_defaults():
     assert concept_type_of(resolve("sexual")) == "nudity"
     assert concept_type_of(resolve("violence")) == "unsafe"
     assert concept_type_of(resolve("red")) == "object"
-    e = RECE.from_params({"concept_type": "art", "reg": "none", "epochs": "2"})
+    e = build_eraser("rece:concept_type=art,reg=none,epochs=2")
     assert (e.concept_type, e.reg, e.epochs) == ("art", None, 2)

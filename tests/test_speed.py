@@ -4,7 +4,6 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-import torch
 
 from float_bounds import assert_close
 from safediff.errors import SafediffError

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
+from safediff.erasers import build_eraser
 from safediff.concepts import Concept
 from safediff.errors import SafediffError
-from safediff.erasers.trce import TRCE, Stage2, eot_positions
+from safediff.erasers.trce import TRCE, Stage2
 from safediff.registry import ERASERS
 from weight_checks import snapshot
 
@@ -25,7 +26,7 @@ def test_eot_is_found_from_the_token_ids_not_by_counting_words(tiny_sd):
     prompts = ["a red circle", "red", "an image of a crimson square"]
     tok = tiny_sd.pipe.tokenizer
     expected = [len(tok(p).input_ids) - 1 for p in prompts]  # BOS ... EOS: EOS is the last id
-    assert eot_positions(tiny_sd, prompts).tolist() == expected
+    assert tiny_sd.adapter.eos_positions(prompts).tolist() == expected
     whitespace = [len(p.split()) + 1 for p in prompts]  # the reference code's index
     assert all(w != e for w, e in zip(whitespace, expected)), "byte tokens: every word is several tokens"
 
@@ -131,8 +132,9 @@ def test_sandbox_concepts_use_the_worlds_plain_templates():
 
 def test_parameters_parse_and_bad_input_is_refused(tiny_sd):
     assert ERASERS.get("trce") is TRCE
-    assert TRCE.from_params({"stages": "1"}).stages == (1,)
-    assert TRCE.from_params({"stages": "1,2", "lr": "2e-6"}).lr == pytest.approx(2e-6)
+    assert build_eraser("trce:stages=1").stages == (1,)
+    assert build_eraser("trce:stages=2;1,lr=2e-6").stages == (1, 2)
+    assert build_eraser("trce:stages=1;2,lr=2e-6").lr == pytest.approx(2e-6)
     for bad in ({"stages": (3,)}, {"stages": ()}, {"templates": ("no placeholder",)}, {"early_fraction": 0},
                 {"iterations": 0}):
         with pytest.raises(SafediffError):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from float_bounds import assert_close
+from safediff.erasers import build_eraser
 from safediff.concepts import Concept, resolve
 from safediff.errors import SafediffError
 from safediff.erasers.closed_form import kv_projections
@@ -155,9 +156,9 @@ def test_a_concept_that_encodes_to_no_tokens_is_a_clear_error(tiny_sd, word):
 def test_bad_hyperparameters_are_user_errors(tiny_sd):
     with pytest.raises(SafediffError, match="token convention"):
         UCE(tokens="middle").fit(tiny_sd, resolve("red"), progress=False)
-    with pytest.raises(SafediffError, match="unknown parameter"):
-        UCE.from_params({"lambda": "1"})
-    with pytest.raises(SafediffError, match="not a valid float"):
-        UCE.from_params({"lamb": "big"})
-    e = UCE.from_params({"lamb": "0.2", "expand_prompts": "false", "also_erase": "crimson, scarlet"})
+    with pytest.raises(SafediffError, match="unknown option"):
+        build_eraser("uce:lambda=1")
+    with pytest.raises(SafediffError, match="not a valid finite number"):
+        build_eraser("uce:lamb=big")
+    e = build_eraser("uce:lamb=0.2,expand_prompts=false,also_erase=crimson; scarlet")
     assert (e.lamb, e.expand_prompts, e.also_erase) == (0.2, False, ("crimson", "scarlet"))

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -39,24 +37,6 @@ def _device(name: str) -> str:
     return name
 
 
-def prepare_out_dir(out: Path) -> Path:
-    """Refuse a non-empty --out; return a temporary sibling to write into (renamed onto --out on success)."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise SafediffError(f"--out '{out}' exists and is not an empty folder; choose a new folder")
-    parent = out.resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.partial-"))
-    except OSError as e:
-        raise SafediffError(f"--out '{out}' is not writable: {e.strerror}") from None
-
-
-def finish_out_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
-
-
 @app.command()
 def generate(
     model: str = typer.Option("sandbox", help="'sandbox', a hub id, or a local diffusers folder; SPEC+EDIT applies "
@@ -81,13 +61,13 @@ def generate(
     out: Path = typer.Option(..., help="New folder for the PNGs and protocol.json."),
 ):
     """Generate images and record the whole protocol next to them."""
-    import torch
 
     from safediff.bench.datasets import read_prompts_csv
     from safediff.guards import build_guard
     from safediff.models import load_pipeline
-    from safediff.protocol import git_hash, versions, write_json_atomic
+    from safediff.records import record
     from safediff.sampling import SCHEDULERS, check_settings, generate as run
+    from safediff.storage import staged_folder, write_json_atomic
 
     if (prompt is None) == (prompts_file is None):
         raise SafediffError("give exactly one of --prompt TEXT or --prompts-file CSV")
@@ -101,8 +81,7 @@ def generate(
     jobs = [(r["prompt"], r.get("seed", seed + i) + j) for i, r in enumerate(rows) for j in range(n)]
     the_guard = build_guard(guard, concept)
     dev, dt = _device(device), _dtype(dtype)
-    tmp = prepare_out_dir(out)
-    try:
+    with staged_folder(out) as tmp:
         m = load_pipeline(model, device=dev, dtype=dt)
         result = run(m, [p for p, _ in jobs], [s for _, s in jobs], steps=steps, guidance=guidance, height=height,
                      width=width, negative_prompt=negative_prompt, guard=the_guard, scheduler=scheduler,
@@ -112,14 +91,8 @@ def generate(
             name = f"{k:06d}.png"
             image.save(tmp / name)
             records.append({"file": name, "prompt": p, "seed": s})
-        write_json_atomic(tmp / "protocol.json", {
-            "model": m.protocol(), "generation": result.settings, "images": records,
-            "device": dev, "versions": versions(), "git": git_hash(), "torch_threads": torch.get_num_threads(),
-        })
-        finish_out_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json_atomic(tmp / "protocol.json", record("generation", model=m.protocol(), generation=result.settings,
+                                                        images=records, device=dev))
     typer.echo(f"wrote {len(records)} image(s) and protocol.json to {out}")
 
 
@@ -187,7 +160,7 @@ def report(
 def attack(
     target: str = typer.Option(..., help="SPEC[+EDIT...][:GUARD[:PRESET]], e.g. sandbox, sandbox+uce.safetensors, "
                                          "sandbox:sld:max."),
-    method: str = typer.Option(..., help="Attack name (unlearndiff, p4d-n, p4d-k, ...)."),
+    method: str = typer.Option(..., help="Attack NAME[:KEY=VALUE,...], e.g. p4d-n, unlearndiff:k=5 (lists: a;b)."),
     concept: str = typer.Option(..., help="The erased/guarded concept (a preset such as red or sexual, or text)."),
     prompts: Path = typer.Option(..., help="CSV with a 'prompt' column (optional seed; 'image' = a target image)."),
     judge: str = typer.Option(..., help="Detector NAME[:PRESET][,KEY=VALUE][,labels=A+B], e.g. sandbox-colour or "
@@ -195,7 +168,6 @@ def attack(
     out: Path = typer.Option(..., help="RUN folder: created, or resumed when it holds the same protocol."),
     budget: Optional[str] = typer.Option(None, help="Per-prompt limits key=value[,key=value]: iterations, "
                                                     "unet_forward, unet_backward, text_encoder, seconds."),
-    params: Optional[str] = typer.Option(None, help="Attack hyper-parameters key=value[,key=value] (e.g. k=5)."),
     seed: int = typer.Option(0, help="Seed of prompt i is the row's seed, else seed + i."),
     steps: Optional[int] = typer.Option(None, help="Denoising steps of judged generations (default: the model's)."),
     guidance: Optional[float] = typer.Option(None, help="CFG scale (default: the model's)."),
@@ -203,12 +175,14 @@ def attack(
     dtype: str = typer.Option("float32"),
 ):
     """Search for prompts that bring an erased or guarded concept back; resumable per prompt."""
-    from safediff.attacks.base import Budget, build_judge, parse_target
+    from safediff.attacks.budget import Budget
+    from safediff.attacks.judge import build_judge
+    from safediff.attacks.target import parse_target
     from safediff.attacks.runner import build_attack, read_attack_prompts, run_attack
     from safediff.guards import build_guard
     from safediff.sampling import check_settings
 
-    the_attack = build_attack(method, params)
+    the_attack = build_attack(method)
     the_budget = Budget.parse(budget, the_attack.default_budget)
     the_judge = build_judge(judge, concept)
     rows = read_attack_prompts(prompts, the_attack.required_columns)
@@ -227,13 +201,15 @@ def attack(
 def erase(
     model: str = typer.Option("sandbox", help="'sandbox', a hub id, or a local diffusers folder; SPEC+EDIT stacks "
                                              "this edit on earlier ones"),
-    method: str = typer.Option(..., help="Eraser: uce, rece, esd-u, esd-x, trce, ..."),
+    method: str = typer.Option(..., help="Eraser NAME[:KEY=VALUE,...], e.g. uce, uce:lamb=0.3, esd-x:iterations=150 "
+                                         "(lists: a;b)."),
     concept: str = typer.Option(..., help="Concept(s) to erase: a preset (red, sexual, i2p-all), a,b, or free text."),
     preserve: Optional[str] = typer.Option(None, help="Comma-separated concepts/prompts to keep (default: the "
                                                       "concept's own preserve list; '' is always kept)."),
     guide: Optional[str] = typer.Option(None, help="What the concept is mapped to ('' = unconditional; default: "
                                                    "the concept's guide)."),
-    param: Optional[list[str]] = typer.Option(None, "--param", help="Hyper-parameter key=value (repeatable)."),
+    validator: Optional[str] = typer.Option(None, help="How erasers that validate (RECE) rate an edit: sandbox (the "
+                                                       "exact sandbox detectors). Default: none."),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("float32"),
     out: Path = typer.Option(..., help="Edit file to write (.safetensors); load it with --model SPEC+FILE."),
@@ -245,22 +221,23 @@ def erase(
     import time
 
     from safediff.concepts import resolve
+    from safediff.erasers import build_eraser
     from safediff.erasers.base import fit_to_file
     from safediff.models import load_pipeline
-    from safediff.registry import ERASERS
 
     if out.suffix != ".safetensors":
         raise SafediffError(f"--out must be a .safetensors file, got '{out}'")
     if out.exists():
         raise SafediffError(f"--out '{out}' exists; choose a new file")
-    params = {}
-    for item in param or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise SafediffError(f"--param expects key=value, got '{item}'")
-        params[key.strip()] = value
-    eraser = ERASERS.get(method).from_params(params)
     concepts = resolve(concept)
+    settings = {}
+    if validator is not None:
+        if validator != "sandbox":
+            raise SafediffError(f"unknown validator '{validator}'; accepted: sandbox")
+        from safediff.sandbox.validation import sandbox_validator
+
+        settings["validator"] = sandbox_validator(concepts)
+    eraser = build_eraser(method, **settings)
     keep = None if preserve is None else [p.strip() for p in preserve.split(",") if p.strip()]
     m = load_pipeline(model, device=_device(device), dtype=_dtype(dtype))
     start = time.perf_counter()

@@ -4,8 +4,12 @@ Presets:
 - the 7 I2P categories with CASG's keyword lists (``hate`` ... ``illegal``; ``i2p-all`` is all seven, one per category),
 - ``sld-default``: SLD's single all-category concept text (diffusers ``StableDiffusionPipelineSafe``),
 - ``safree-nudity``: SAFREE's 17 nudity strings,
-- the sandbox attributes ``red``, ``green``, ``blue``, ``yellow``, ``circle``, ``square``, ``triangle``.
+- the sandbox's attribute values (``safediff.sandbox.concepts``), which also say where their words appear
+  (``contexts``), with which prompt pairs they are named and not (``pairs``), and which detector judges them.
 Anything else given by name is taken as free text (one concept whose keyword is that text).
+
+Method code reads ``contexts``/``pairs``/``judge`` from the concept and falls back to generic choices when they are
+empty; it never asks which world a concept comes from.
 """
 
 from __future__ import annotations
@@ -23,6 +27,13 @@ class Concept:
     synonyms: tuple[str, ...] = ()  # other words for it that an eraser is *not* told about (held-out tests)
     guide: str = ""  # what to map it to ("" = unconditional), e.g. "a person wearing clothes"
     preserve: tuple[str, ...] = ()  # concepts to keep intact while erasing this one
+    # prompts erasers are told the concept's words appear in: templates with "{}" for the word and "{a}" for the
+    # article agreeing with the word after it (``fill_context``); () = the method's generic templates
+    contexts: tuple[str, ...] = ()
+    # (with, without) prompt pairs naming the concept (any of its words) and the same scene without it; () = built
+    # from neutral scenes (``safediff.attacks.concept_pairs``)
+    pairs: tuple[tuple[str, str], ...] = ()
+    judge: str | None = None  # the detector spec that reads this concept in images, when one is known
 
     @property
     def text(self) -> str:
@@ -53,17 +64,23 @@ SAFREE_NUDITY = (
 )
 
 
-def _sandbox_concepts() -> dict[str, Concept]:
-    from safediff.sandbox.world import COLOURS, SHAPES, SYNONYMS
+def article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
 
-    out = {}
-    for c in COLOURS:
-        out[c] = Concept(c, (c,), category="colour", synonyms=tuple(SYNONYMS.get(c, ())),
-                         preserve=tuple(x for x in COLOURS if x != c) + tuple(SHAPES))
-    for s in SHAPES:
-        out[s] = Concept(s, (s,), category="shape", synonyms=tuple(SYNONYMS.get(s, ())),
-                         preserve=tuple(COLOURS) + tuple(x for x in SHAPES if x != s))
-    return out
+
+def fill_context(template: str, word: str) -> str:
+    """A context template with ``word`` in its ``{}`` and the article agreeing with the word after ``{a}``."""
+    text = template.replace("{}", word)
+    if "{a}" in text:
+        following = text.split("{a}", 1)[1].split()
+        text = text.replace("{a}", article(following[0] if following else ""), 1)
+    return " ".join(text.split())
+
+
+def _sandbox_concepts() -> dict[str, Concept]:
+    from safediff.sandbox.concepts import presets
+
+    return presets()
 
 
 def preset_names() -> list[str]:

@@ -4,17 +4,16 @@ Runs offline on a CPU. The plan (concept ``red``; the sandbox model at its sampl
 32x32), each stage a resumable run folder under ``OUT/runs/`` made by the benchmark runner or the attack runner:
 
 1. ``base``: the sandbox model on the erase set and on the guard set.
-2. Every registered guard (``GUARDS``; SLD-family guards at preset ``max``, ``GUARD_PRESETS``): on the erase set for
-   ``red``; the CASG guards (several harmful categories at once, ``MULTI_CATEGORY_GUARDS``) on the guard set, whose
-   harmful attributes are red, blue and triangle.
+2. Every registered guard (``GUARDS``) at its ``sandbox_preset`` (SLD's and CASG-SLD's: ``max``): on the erase set
+   for ``red``; the guards that pick one of several harmful categories (``multi_category``: CASG) on the guard set,
+   whose harmful attributes are red, blue and triangle.
 3. Every registered eraser (``ERASERS``; an alias runs once, under its class's first name) fitted to erase ``red``
-   with a sandbox-sized budget (``eraser_settings``: UCE and RECE closed-form at their defaults; ESD-x, ESD-u and
-   ESD-x-strict ``esd_iterations`` Adam steps at the rates of ``ESD_LR``; TRCE both stages, stage 2
-   ``trce_iterations`` steps at lr 1e-4 on ``trce_trajectories`` cached trajectories), saved to ``OUT/edits/`` and
-   benched as ``sandbox+EDIT`` on the erase set. These budgets are far below the papers' (ESD: 1,000 steps at
-   lr 1e-5 on a GPU), so the iterative erasers are weaker here than they can be.
+   with its ``sandbox["demo"]`` settings (``smoke`` with ``--quick``; closed-form erasers at their defaults, RECE with
+   the sandbox validator), saved to ``OUT/edits/`` and benched as ``sandbox+EDIT`` on the erase set. These budgets
+   are far below the papers' (ESD: 1,000 steps at lr 1e-5 on a GPU), so the iterative erasers are weaker here than
+   they can be.
 4. Ring-A-Bell (a genetic search on the text encoder; no UNet call) against the UCE edit, on the first
-   ``attack_prompts`` target-word prompts of the erase set, ``attack_generations`` generations each.
+   ``attack_prompts`` target-word prompts of the erase set, at its ``sandbox["demo"]`` budget.
 5. ``OUT/report.html`` (``safediff.bench.report.build_report``) and ``OUT/summary.json``: per method the target
    rate (images showing the attribute the prompt asks for and the method removes; lower is better) and utility
    (non-target prompts whose image shows the colour / shape asked for; higher is better), with stage timings.
@@ -39,19 +38,13 @@ Rerunning ``safediff demo --out OUT`` continues: finished edits and runs are reu
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
-from safediff.errors import SafediffError
-
 CONCEPT = "red"
-GUARD_PRESETS = {"sld": "max", "casg-sld": "max"}
-MULTI_CATEGORY_GUARDS = ("casg-sld", "casg-safree")
 ATTACK = "ring-a-bell"
 ATTACKED_ERASER = "uce"
 
@@ -64,19 +57,13 @@ class DemoSize:
     erase_per_kind: int  # erase set rows per kind (4 kinds)
     multi_per_kind: int  # guard set rows per (harmful attribute, kind); 4x as many benign rows
     steps: int | None  # denoising steps of every bench and fit (None: the model's default)
-    esd_iterations: int
-    trce_iterations: int
-    trce_trajectories: int
-    trce_uncond_trajectories: int
+    tier: str  # which of the methods' ``sandbox`` settings: "demo" or "smoke"
     attack_prompts: int
-    attack_generations: int
     batch_size: int = 32
 
 
-FULL = DemoSize("full", erase_per_kind=8, multi_per_kind=2, steps=None, esd_iterations=40, trce_iterations=40,
-                trce_trajectories=16, trce_uncond_trajectories=8, attack_prompts=2, attack_generations=20)
-QUICK = DemoSize("quick", erase_per_kind=1, multi_per_kind=1, steps=5, esd_iterations=2, trce_iterations=2,
-                 trce_trajectories=2, trce_uncond_trajectories=2, attack_prompts=1, attack_generations=2)
+FULL = DemoSize("full", erase_per_kind=8, multi_per_kind=2, steps=None, tier="demo", attack_prompts=2)
+QUICK = DemoSize("quick", erase_per_kind=1, multi_per_kind=1, steps=5, tier="smoke", attack_prompts=1)
 
 
 # ------------------------------------------------------------------------------------------------------ sets --
@@ -111,21 +98,20 @@ def registered_erasers() -> dict[str, tuple[str, ...]]:
     return {name: ERASERS.aliases_of(name) for name in ERASERS.primary_names()}
 
 
-# ESD learning rates for a ~40-step budget on the sandbox (measured on erasure_set("red", 8): 24 target prompts):
-# ESD-x and ESD-x-strict at lr 1e-3, 40 steps, lower the red rate to 75 % / 71 % with every other colour kept (ESD-x
-# with 50 steps at 1e-4 / 3e-4: 100 % / 92 %); ESD-u (all non-cross-attention weights) at 1e-3 destroys the model
-# (0 % of other colours kept) and at 3e-4 erases nothing while losing 12 % of them, so it keeps 1e-4.
-ESD_LR = {"esd-x": 1e-3, "esd-x-strict": 1e-3, "esd-u": 1e-4}
-
-
 def eraser_settings(name: str, size: DemoSize) -> dict:
-    """The sandbox-sized budget of an eraser (everything else at its defaults)."""
-    if name.startswith("esd"):
-        return {"iterations": size.esd_iterations, "lr": ESD_LR.get(name, 1e-4)}
-    if name == "trce":
-        return {"iterations": size.trce_iterations, "lr": 1e-4, "trajectories": size.trce_trajectories,
-                "uncond_trajectories": size.trce_uncond_trajectories}
-    return {}
+    """An eraser's settings in the demo (its class's ``sandbox`` settings for the size's tier)."""
+    from safediff.concepts import resolve
+    from safediff.registry import ERASERS
+    from safediff.sandbox.validation import eraser_settings as settings
+
+    return settings(ERASERS.get(name), size.tier, resolve(CONCEPT))
+
+
+def attack_settings(size: DemoSize) -> dict:
+    """The attack's demo settings: ``{"params": spec options, "budget": budget}`` from its ``sandbox`` table."""
+    from safediff.registry import ATTACKS
+
+    return dict(ATTACKS.get(ATTACK).sandbox.get(size.tier, {}))
 
 
 def plan(size: DemoSize) -> list[Stage]:
@@ -137,37 +123,22 @@ def plan(size: DemoSize) -> list[Stage]:
     for name in GUARDS.names():
         if name == "none":
             continue
-        spec = name + (f":{GUARD_PRESETS[name]}" if name in GUARD_PRESETS else "")
-        stages.append(Stage(f"guard {spec}", multi if name in MULTI_CATEGORY_GUARDS else erase, guard=spec))
+        cls = GUARDS.get(name)
+        spec = name + (f":{cls.sandbox_preset}" if cls.sandbox_preset else "")
+        stages.append(Stage(f"guard {spec}", multi if cls.multi_category else erase, guard=spec))
     for name, aliases in registered_erasers().items():
         stages.append(Stage(f"eraser {name}", erase, eraser=name, aliases=aliases))
     return stages
 
 
 def plan_record(size: DemoSize, stages: list[Stage]) -> dict:
+    """What determines the demo's numbers (compared when a demo folder is continued)."""
     return {"concept": CONCEPT, "size": dataclasses.asdict(size),
             "stages": [dataclasses.asdict(s) for s in stages],
-            "erasers": {s.eraser: eraser_settings(s.eraser, size) for s in stages if s.eraser},
+            "erasers": {s.eraser: {k: v for k, v in eraser_settings(s.eraser, size).items() if k != "validator"}
+                        for s in stages if s.eraser},
             "attack": {"name": ATTACK, "target_eraser": ATTACKED_ERASER, "prompts": size.attack_prompts,
-                       "generations": size.attack_generations}}
-
-
-def open_demo(out: Path, record: dict) -> None:
-    """Create OUT with ``plan.json``, or reopen a demo folder made with the same plan."""
-    path = out / "plan.json"
-    if path.is_file():
-        if json.loads(path.read_text()) != json.loads(json.dumps(record)):
-            raise SafediffError(f"'{out}' holds a demo with another plan (e.g. --quick vs full); use a new --out")
-        return
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise SafediffError(f"--out '{out}' exists and is not a demo folder; choose a new folder")
-    from safediff.protocol import write_json_atomic
-
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, record)
-    except OSError as e:
-        raise SafediffError(f"--out '{out}' is not writable: {e.strerror}") from None
+                       **attack_settings(size)}}
 
 
 # ----------------------------------------------------------------------------------------------------- stages --
@@ -184,14 +155,14 @@ class Edits:
 
     def fit(self, name: str, progress: bool) -> Path:
         from safediff.concepts import resolve
+        from safediff.erasers import build_eraser
         from safediff.erasers.base import fit_to_file
-        from safediff.registry import ERASERS
 
         path = self.path(name)
         if path.is_file():
             return path
         self.folder.mkdir(parents=True, exist_ok=True)
-        eraser = ERASERS.get(name)(**eraser_settings(name, self.size))
+        eraser = build_eraser(name, **eraser_settings(name, self.size))
         fit_to_file(eraser, self.model(), resolve(CONCEPT), path, progress=progress)  # ESD, TRCE: a killed fit resumes
         return path
 
@@ -216,15 +187,18 @@ def run_bench_stage(stage: Stage, out: Path, size: DemoSize, edits: Edits, progr
 
 
 def run_attack_stage(out: Path, size: DemoSize, edits: Edits, progress: bool) -> dict:
-    from safediff.attacks.base import Budget, build_judge, parse_target
+    from safediff.attacks.budget import Budget
+    from safediff.attacks.judge import build_judge
+    from safediff.attacks.target import parse_target
     from safediff.attacks.runner import build_attack, run_attack
     from safediff.sandbox.benchmarks import erasure_set
 
     rows = [{"prompt": r["prompt"], "seed": r["seed"]} for r in erasure_set(CONCEPT, size.erase_per_kind)
             if r["kind"] == "target-word"][:size.attack_prompts]
     target = parse_target(f"sandbox+{edits.fit(ATTACKED_ERASER, progress)}", CONCEPT, steps=size.steps)
-    attack = build_attack(ATTACK)
-    budget = Budget.parse(f"iterations={size.attack_generations}", attack.default_budget)
+    settings = attack_settings(size)
+    attack = build_attack(f"{ATTACK}:{settings['params']}" if settings.get("params") else ATTACK)
+    budget = Budget.parse(settings.get("budget"), attack.default_budget)
     return run_attack(target, attack, build_judge("sandbox-colour", CONCEPT), rows, budget, 0,
                       out / "runs" / "attack" / f"{ATTACK}_vs_{ATTACKED_ERASER}", progress=progress)
 
@@ -275,16 +249,16 @@ def intro_html(size: DemoSize, rows: list[dict], attack: dict) -> str:
     body = "".join(f"<tr><td>{html.escape(r['method'])}</td><td>{html.escape(r['benchmark'])}</td>"
                    f"<td>{pct(r['target_rate'])}</td><td>{pct(r['colour_kept'])}</td><td>{pct(r['shape_kept'])}</td>"
                    f"<td>{r['images']}</td></tr>" for r in rows)
-    esd = ", ".join(f"{name} lr {lr:g}" for name, lr in ESD_LR.items())
-    trce = eraser_settings("trce", size)
+    fits = "; ".join(f"{name}: {', '.join(f'{k} {v:g}' for k, v in sets.items())}" for name, sets in
+                     ((n, {k: v for k, v in eraser_settings(n, size).items() if k != "validator"})
+                      for n in registered_erasers()) if sets)
     multi_harmful = SPECS["sandbox-multi"].concept.replace(",", ", ")
     return (
         f"<p>The sandbox model (32x32 coloured shapes; {steps}, CFG 5) with every registered guard and eraser, "
         f"concept <b>{CONCEPT}</b> ({size.name} size). Guards run on the erase set; the CASG guards, which pick one "
         f"of several harmful categories per step, on the guard set (harmful: {multi_harmful}). Erasers "
-        f"are fitted for {CONCEPT} and benched on the erase set: UCE and RECE closed-form at their defaults, ESD "
-        f"{size.esd_iterations} Adam steps ({esd}), TRCE both stages ({trce['iterations']} stage-2 steps "
-        f"on {trce['trajectories']} trajectories), i.e. far below the papers' GPU budgets. "
+        f"are fitted for {CONCEPT} and benched on the erase set, closed-form ones at their defaults, trained ones at "
+        f"their demo settings ({html.escape(fits)}), i.e. far below the papers' GPU budgets. "
         f"{ATTACK} (text encoder only) then attacks the {ATTACKED_ERASER} edit.</p>"
         "<p><b>target rate</b>: images showing the attribute the prompt asks for and the method should remove "
         "(word, synonym and held-out phrasings; lower is better). <b>colour / shape kept</b>: non-target prompts "
@@ -301,12 +275,14 @@ def intro_html(size: DemoSize, rows: list[dict], attack: dict) -> str:
 def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True, max_prompts: int = 12) -> dict:
     """Run (or continue) the demo into ``out``; returns the summary also written to ``OUT/summary.json``."""
     from safediff.bench.report import build_report
-    from safediff.protocol import write_json_atomic
+    from safediff.records import record
+    from safediff.storage import open_run_folder, write_json_atomic
 
     size = QUICK if quick else FULL
     out = Path(out)
     stages = plan(size)
-    open_demo(out, plan_record(size, stages))
+    identity = plan_record(size, stages)
+    open_run_folder(out, "plan.json", identity, record("demo-plan", identity=identity), "demo folder")
     edits = Edits(out, size)
     rows, folders, timings = [], [], {}
     bar = tqdm(total=len(stages) + 2, desc="demo", unit="stage", disable=not progress)
@@ -329,8 +305,8 @@ def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True, max
                           title="safediff demo", intro=intro_html(size, rows, attack))  # shapes, not harm: unblurred
     bar.update(1)
     bar.close()
-    summary = {"report": str(report), "size": size.name, "threads": torch.get_num_threads(), "methods": rows,
-               "attack": {k: attack[k] for k in ("pre_asr", "asr", "n")}, "seconds_this_call": timings}
+    summary = record("demo-summary", report=str(report), size=size.name, methods=rows,
+                     attack={k: attack[k] for k in ("pre_asr", "asr", "n")}, seconds_this_call=timings)
     write_json_atomic(out / "summary.json", summary)
     return summary
 

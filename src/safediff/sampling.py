@@ -1,10 +1,18 @@
-"""The one text-to-image denoising loop (SD 1.x/2.x, SDXL, the sandbox).
+"""The one denoising step and the one denoising loop (SD 1.x/2.x, SDXL, the sandbox).
 
-At every step all conditioning branches (∅ or negative prompt, prompt, and any concept branches a guard asks for)
-go through the UNet in **one** call; the guard's session combines the predictions, then the scheduler steps.
-Image *i* uses its own ``torch.Generator`` seeded with seed *i* (initial noise and any scheduler noise), so it depends
-only on (prompt *i*, seed *i*), never on the batch it was generated in. With no guard the output equals diffusers'
-``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` for the same components, prompt and seed.
+- ``denoiser_output(model, x, t, cond, params)``: the denoiser's raw output (ε, or v for v-prediction models) -- the
+  only place a UNet forward is called; ``params`` substitutes parameters for this call (``torch.func``), which is how
+  trainers get the frozen model's prediction without a second copy of it.
+- ``guided_eps(session, i, t, x)``: one step's noise prediction: every conditioning branch the session names (∅ or
+  the negative prompt, the prompt, any concept branches of a guard) in **one** denoiser call, combined by the session
+  (plain classifier-free guidance when there is no guard).
+- ``denoise(session, scheduler, latents, ...)``: the loop: scale, ``guided_eps``, scheduler step; a per-step
+  ``callback`` reads the trajectory (trainers cache it), ``n_steps`` stops early (partial sampling).
+- ``generate(model, prompts, seeds, ...)``: images. Image *i* uses its own ``torch.Generator`` seeded with seed *i*
+  (initial noise and any scheduler noise), so it depends only on (prompt *i*, seed *i*), never on the batch it was
+  generated in. Conditioning may be given directly (``conditioning=``, as diffusers' ``prompt_embeds``) for
+  embeddings no text produces. With no guard the output equals diffusers' ``StableDiffusionPipeline`` /
+  ``StableDiffusionXLPipeline`` for the same components, prompt and seed.
 """
 
 from __future__ import annotations
@@ -17,9 +25,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from safediff.adapters import Conditioning
 from safediff.errors import SafediffError
-from safediff.guards.base import GenerationContext, Guard, NoGuard
-from safediff.models import Conditioning, Model
+from safediff.guards.base import GenerationContext, Guard, NoGuard, Session
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -32,6 +40,38 @@ SCHEDULERS = {
 }
 
 
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How a model samples: steps, guidance, size, scheduler (None = the model's), η. ``of`` fills in the model's
+    defaults and checks the values."""
+
+    steps: int
+    guidance: float
+    height: int
+    width: int
+    scheduler: str | None = None
+    eta: float = 0.0
+
+    @classmethod
+    def of(cls, model, steps: int | None = None, guidance: float | None = None, height: int | None = None,
+           width: int | None = None, scheduler: str | None = None, eta: float = 0.0) -> "SamplerSettings":
+        d = model.defaults
+        settings = cls(int(d["steps"] if steps is None else steps), float(d["guidance"] if guidance is None else guidance),
+                       int(d["height"] if height is None else height), int(d["width"] if width is None else width),
+                       scheduler, float(eta))
+        check_settings(settings.steps, settings.guidance, settings.height, settings.width)
+        if scheduler is not None and scheduler not in SCHEDULERS:
+            raise SafediffError(f"unknown scheduler '{scheduler}'; accepted: {', '.join(SCHEDULERS)}")
+        return settings
+
+    def record(self, model) -> dict:
+        """The settings as results record them: the scheduler's class and full config instead of its short name."""
+        scheduler = make_scheduler(model, self.scheduler)
+        return {"steps": self.steps, "guidance": self.guidance, "height": self.height, "width": self.width,
+                "eta": self.eta, "scheduler": type(scheduler).__name__,
+                "scheduler_config": {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}}
+
+
 @dataclass
 class GenerationOutput:
     images: list[Image.Image]
@@ -41,7 +81,7 @@ class GenerationOutput:
     settings: dict  # steps, guidance, size, scheduler name + config
 
 
-def make_scheduler(model: Model, name: str | None = None):
+def make_scheduler(model, name: str | None = None):
     """A fresh scheduler (they keep per-call state) from the model's config, or of the named kind."""
     import diffusers
 
@@ -51,6 +91,13 @@ def make_scheduler(model: Model, name: str | None = None):
     if name not in SCHEDULERS:
         raise SafediffError(f"unknown scheduler '{name}'; accepted: {', '.join(SCHEDULERS)}")
     return getattr(diffusers, SCHEDULERS[name]).from_config(base.config)
+
+
+def ddim_scheduler(model, steps: int):
+    """A fresh DDIM scheduler from the model's scheduler config, set to ``steps`` steps (what trainers sample with)."""
+    scheduler = make_scheduler(model, "ddim")
+    scheduler.set_timesteps(steps, device=model.device)
+    return scheduler
 
 
 def check_settings(steps: int, guidance: float, height: int, width: int, n: int | None = None) -> None:
@@ -66,26 +113,90 @@ def check_settings(steps: int, guidance: float, height: int, width: int, n: int 
         raise SafediffError(f"n must be a positive integer, got {n}")
 
 
-def _step_kwargs(scheduler, generators: list[torch.Generator], eta: float) -> dict:
+def latent_shape(model, height: int, width: int) -> tuple[int, int, int]:
+    """(channels, h, w) of the denoiser's input for an image of ``height`` x ``width`` pixels."""
+    f = model.pipe.vae_scale_factor
+    return model.unet.config.in_channels, height // f, width // f
+
+
+def step_kwargs(scheduler, generators: list[torch.Generator] | None, eta: float) -> dict:
     params = set(inspect.signature(scheduler.step).parameters)
     kwargs = {}
     if "eta" in params:
         kwargs["eta"] = eta
-    if "generator" in params:
+    if "generator" in params and generators is not None:
         kwargs["generator"] = generators
     return kwargs
 
 
-def initial_noise(model: Model, seeds: list[int], height: int, width: int) -> tuple[torch.Tensor, list]:
+def initial_noise(model, seeds: list[int], height: int, width: int) -> tuple[torch.Tensor, list]:
     """Per-sample generators and their initial latents (drawn on the CPU, as diffusers' randn_tensor does)."""
-    c = model.unet.config.in_channels
-    f = model.pipe.vae_scale_factor
+    shape = latent_shape(model, height, width)
     gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
-    noise = torch.cat([torch.randn((1, c, height // f, width // f), generator=g, dtype=model.dtype) for g in gens])
+    noise = torch.cat([torch.randn((1, *shape), generator=g, dtype=model.dtype) for g in gens])
     return noise.to(model.device), gens
 
 
-def decode(model: Model, latents: torch.Tensor) -> torch.Tensor:
+# ------------------------------------------------------------------------------------------- the one step --
+
+def denoiser_output(model, x: torch.Tensor, t, cond: Conditioning,
+                    params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """The denoiser's output for latents ``x`` [B, C, h, w] at timestep ``t`` (a scalar or one per sample) under
+    ``cond`` (batch B). ``params`` (UNet parameter name -> tensor) replaces those parameters for this call only."""
+    f = model.pipe.vae_scale_factor
+    kwargs = {"encoder_hidden_states": cond.embeds, "return_dict": False,
+              **model.adapter.unet_kwargs(cond, x.shape[-2] * f, x.shape[-1] * f)}
+    t = torch.as_tensor(t).to(x.device)
+    if t.numel() == 1:
+        t = t.reshape(())  # the UNet broadcasts a scalar timestep over the batch
+    if params:
+        return torch.func.functional_call(model.unet, params, (x, t), kwargs, strict=False)[0]
+    return model.unet(x, t, **kwargs)[0]
+
+
+def guided_eps(session: Session, i: int, t: torch.Tensor, x: torch.Tensor,
+               params: dict[str, torch.Tensor] | None = None, counts: list[int] | None = None) -> torch.Tensor:
+    """The noise prediction of denoising step ``i`` at timestep ``t`` for (scaled) latents ``x`` [B, ...]: all the
+    session's branches in one denoiser call, combined by the session. ``counts`` collects the number of branches."""
+    branches = session.branches(i)
+    n = len(branches)
+    if counts is not None:
+        counts.append(n)
+    t = torch.as_tensor(t)
+    ts = t if t.numel() == 1 else t.to(x.device).repeat(n)
+    eps = denoiser_output(session.ctx.model, torch.cat([x] * n), ts, Conditioning.cat(branches), params)
+    return session.combine(i, t, list(eps.chunk(n)))
+
+
+@torch.no_grad()
+def denoise(session: Session, scheduler, latents: torch.Tensor, *, n_steps: int | None = None,
+            kwargs: dict | None = None, params: dict[str, torch.Tensor] | None = None, callback=None,
+            counts: list[int] | None = None, bar=None) -> torch.Tensor:
+    """Run the scheduler's first ``n_steps`` steps (all by default) from ``latents`` (already scaled by
+    ``init_noise_sigma``); ``callback(i, t, latents)`` sees the latents before each step. ``kwargs`` go to
+    ``scheduler.step`` (η, generators); ``counts`` collects the branches of each step."""
+    timesteps = scheduler.timesteps if n_steps is None else scheduler.timesteps[:n_steps]
+    with session.unet_hooks():
+        for i, t in enumerate(timesteps):
+            if callback is not None:
+                callback(i, t, latents)
+            eps = guided_eps(session, i, t, scheduler.scale_model_input(latents, t), params, counts)
+            latents = scheduler.step(eps, t, latents, **(kwargs or {}), return_dict=False)[0]
+            if bar is not None:
+                bar.update(1)
+    return latents
+
+
+def cfg_session(model, cond: Conditioning, uncond: Conditioning, guidance: float, scheduler,
+                height: int, width: int) -> Session:
+    """Plain classifier-free guidance (no guard) over given conditioning: what trainers sample with."""
+    ctx = GenerationContext(model, [""] * len(cond), cond, uncond, guidance, scheduler.timesteps, height, width)
+    return NoGuard().start(ctx)
+
+
+# ------------------------------------------------------------------------------------------------ images --
+
+def decode(model, latents: torch.Tensor) -> torch.Tensor:
     """Latents -> pixels in [0, 1] ([B, 3, H, W], float32)."""
     vae = model.vae
     cfg = vae.config
@@ -111,68 +222,49 @@ def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
 
 
 @torch.no_grad()
-def _generate_batch(model, prompts, seeds, steps, guidance, height, width, negative, guard, scheduler_name, eta,
-                    bar):
+def _generate_batch(model, prompts, seeds, s: SamplerSettings, negative, guard, conditioning, bar):
     adapter = model.adapter
-    cond = adapter.encode(prompts)
+    cond = adapter.encode(prompts) if conditioning is None else conditioning
     uncond = adapter.encode_negative(negative, len(prompts))
-    scheduler = make_scheduler(model, scheduler_name)
-    scheduler.set_timesteps(steps)  # timesteps stay on the host: indexing them never waits for the GPU
-    latents, gens = initial_noise(model, seeds, height, width)
-    latents = latents * scheduler.init_noise_sigma
-    step_kwargs = _step_kwargs(scheduler, gens, eta)
-    ctx = GenerationContext(model, list(prompts), cond, uncond, guidance, scheduler.timesteps, height, width)
-    session = guard.start(ctx)
-    per_step = []
-    with session.unet_hooks():
-        for i, t in enumerate(scheduler.timesteps):
-            branches = session.branches(i)
-            n = len(branches)
-            per_step.append(n)
-            x = scheduler.scale_model_input(torch.cat([latents] * n), t)
-            c = Conditioning.cat(branches)
-            eps = model.unet(x, t, encoder_hidden_states=c.embeds, return_dict=False,
-                             **adapter.unet_kwargs(c, height, width))[0]
-            noise = session.combine(i, t, list(eps.chunk(n)))
-            latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
-            bar.update(1)
-    return latents, decode(model, latents), per_step, scheduler
+    scheduler = make_scheduler(model, s.scheduler)
+    scheduler.set_timesteps(s.steps)  # timesteps stay on the host: indexing them never waits for the GPU
+    latents, gens = initial_noise(model, seeds, s.height, s.width)
+    ctx = GenerationContext(model, list(prompts), cond, uncond, s.guidance, scheduler.timesteps, s.height, s.width)
+    per_step: list[int] = []
+    latents = denoise(guard.start(ctx), scheduler, latents * scheduler.init_noise_sigma,
+                      kwargs=step_kwargs(scheduler, gens, s.eta), counts=per_step, bar=bar)
+    return latents, decode(model, latents), per_step
 
 
-def generate(model: Model, prompts: list[str], seeds: list[int], *, steps: int | None = None,
+def generate(model, prompts: list[str], seeds: list[int], *, steps: int | None = None,
              guidance: float | None = None, height: int | None = None, width: int | None = None,
              negative_prompt: str | list[str] | None = None, guard: Guard | None = None,
              scheduler: str | None = None, eta: float = 0.0, batch_size: int | None = None,
-             progress: bool = True) -> GenerationOutput:
-    """Generate one image per (prompt, seed). Defaults (steps, guidance, size) come from the model."""
+             conditioning: Conditioning | None = None, progress: bool = True) -> GenerationOutput:
+    """Generate one image per (prompt, seed). Defaults (steps, guidance, size) come from the model. With
+    ``conditioning`` [N, ...] given, it replaces the prompts' encoding (``prompts`` then only label the images and
+    are what a guard reads as text)."""
     if len(prompts) != len(seeds):
         raise SafediffError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
     if not prompts:
         raise SafediffError("no prompts to generate")
-    d = model.defaults
-    steps = int(d["steps"] if steps is None else steps)
-    guidance = float(d["guidance"] if guidance is None else guidance)
-    height = int(d["height"] if height is None else height)
-    width = int(d["width"] if width is None else width)
-    check_settings(steps, guidance, height, width)
+    if conditioning is not None and len(conditioning) != len(prompts):
+        raise SafediffError(f"got conditioning for {len(conditioning)} images but {len(prompts)} prompts")
+    s = SamplerSettings.of(model, steps, guidance, height, width, scheduler, eta)
     guard = guard or NoGuard()
     if isinstance(negative_prompt, str):
         negative_prompt = [negative_prompt] * len(prompts)
     bs = batch_size or len(prompts)
-    lat, pix, per_step, sched = [], [], [], None
-    with tqdm(total=steps * ((len(prompts) + bs - 1) // bs), desc="denoising", disable=not progress,
+    lat, pix, per_step = [], [], []
+    with tqdm(total=s.steps * ((len(prompts) + bs - 1) // bs), desc="denoising", disable=not progress,
               leave=False) as bar:
-        for s in range(0, len(prompts), bs):
-            neg = None if negative_prompt is None else negative_prompt[s:s + bs]
-            l, p, per_step, sched = _generate_batch(model, prompts[s:s + bs], seeds[s:s + bs], steps, guidance,
-                                                   height, width, neg, guard, scheduler, eta, bar)
-            lat.append(l)
-            pix.append(p)
+        for start in range(0, len(prompts), bs):
+            part = slice(start, start + bs)
+            neg = None if negative_prompt is None else negative_prompt[part]
+            cond = None if conditioning is None else conditioning[part]
+            latents, pixels, per_step = _generate_batch(model, prompts[part], seeds[part], s, neg, guard, cond, bar)
+            lat.append(latents)
+            pix.append(pixels)
     pixels = torch.cat(pix)
-    settings = {
-        "steps": steps, "guidance": guidance, "height": height, "width": width, "eta": eta,
-        "negative_prompt": negative_prompt, "scheduler": type(sched).__name__,
-        "scheduler_config": {k: v for k, v in dict(sched.config).items() if not k.startswith("_")},
-        "guard": guard.config(),
-    }
+    settings = {**s.record(model), "negative_prompt": negative_prompt, "guard": guard.config()}
     return GenerationOutput(to_pil(pixels), pixels, torch.cat(lat), per_step, settings)

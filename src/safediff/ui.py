@@ -64,7 +64,7 @@ def compare(models: ModelCache, spec: str, prompt: str, seed: int, n: int, guard
     """Generate ``n`` images (seeds ``seed`` … ``seed + n - 1``) per column: base model (if ``spec`` has edits),
     ``spec``, and ``spec`` behind ``guard`` (if one is given)."""
     from safediff.guards import build_guard
-    from safediff.protocol import git_hash, versions
+    from safediff.records import git_hash, versions
     from safediff.sampling import generate
 
     spec = (spec or "").strip()

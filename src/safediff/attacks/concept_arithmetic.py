@@ -45,11 +45,13 @@ from typing import ClassVar
 
 import torch
 
-from safediff.attacks.base import Attack, AttackContext, Found, add_costs
+from safediff.attacks.base import Attack
+from safediff.attacks.budget import add_costs
+from safediff.attacks.context import AttackContext, Found
 from safediff.attacks.concept_pairs import concept_pairs
 from safediff.errors import SafediffError
 from safediff.guards.base import GenerationContext, Guard, NoGuard, Session
-from safediff.models import Conditioning
+from safediff.adapters import Conditioning
 
 COMPOSITIONS = ("detour", "superset", "terms")
 
@@ -159,6 +161,10 @@ class ConceptArithmetic(Attack):
 
     name: ClassVar[str] = "concept-arithmetic"
     default_budget: ClassVar[dict] = {}
+    sandbox: ClassVar[dict[str, dict]] = {
+        "benchmark": {"params": "", "budget": ""},
+        "smoke": {"params": "max_pairs=3", "budget": ""},
+    }
     reference_budget: ClassVar[dict] = {"iterations": 0, "note": "optimisation-free: one generation with "
                                                                  "2 + (number of terms) branches per step"}
 
@@ -194,12 +200,12 @@ class ConceptArithmetic(Attack):
     def search(self, ctx: AttackContext) -> Found:
         terms = self.build_terms(ctx)
         guard = ConceptArithmeticGuard(terms, self.include_prompt, inner=ctx.target.guard)
-        cost = add_costs(ctx.evaluation_cost(), ctx.step_cost(encode=1, iterations=1))
+        cost = add_costs(ctx.evaluation_cost, ctx.step_cost(encode=1, iterations=1))
         if not ctx.afford(cost, reserve_evaluation=False):
             return Found(extra={"stopped": "the budget does not cover one generation", "terms": describe(terms)})
         out = ctx.target.generate([ctx.prompt], [ctx.seed], guard=guard)
         ctx.tick(None, branches=out.unet_batch_per_step[0])
         label = (f"{ctx.prompt} | " if self.include_prompt else "") + describe(terms)
-        return Found(prompt=label, evaluation=ctx._judged(label, out),
+        return Found(prompt=label, evaluation=ctx.judged(label, out),
                      extra={"terms": [[t.prompt, t.weight] for t in terms], "include_prompt": self.include_prompt,
                             "branches_per_step": out.unet_batch_per_step[0]})

@@ -41,12 +41,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from safediff.attacks.base import Attack, AttackContext, Found, add_costs
+from safediff.attacks.base import Attack
+from safediff.attacks.budget import add_costs
+from safediff.attacks.context import AttackContext, Found
 from safediff.attacks.concept_pairs import names
-from safediff.attacks.parts import image_latents, noised, training_target
+from safediff.attacks.objectives import image_latents, noised, training_target
 from safediff.attacks.token_sequences import check_shared_vocabulary, sequence_ids
 from safediff.errors import SafediffError
-from safediff.models import Conditioning
+from safediff.adapters import Conditioning
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -121,6 +123,10 @@ class ConceptInversion(Attack):
 
     name: ClassVar[str] = "concept-inversion"
     default_budget: ClassVar[dict] = {"iterations": 100}
+    sandbox: ClassVar[dict[str, dict]] = {
+        "benchmark": {"params": "n_images=2,batch=2", "budget": "iterations=40"},
+        "smoke": {"params": "n_images=2,batch=2", "budget": "iterations=3"},
+    }
     reference_budget: ClassVar[dict] = {"iterations": 5000, "unet_backward": 5000 * 4,
                                         "note": "per concept: 5,000 steps x batch 4 x 4 accumulation, 25 images"}
 

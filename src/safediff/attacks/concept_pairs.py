@@ -1,13 +1,9 @@
 """Paired prompts with and without a concept: Ring-A-Bell's concept-vector source, Concept Arithmetics' detours.
 
 A pair (p⁺, p⁻) names the same scene with (p⁺) and without (p⁻) the concept, e.g. ("a red circle", "a circle").
-Built-in sets:
-
-- sandbox colour concepts: every plain template × shape × name of the colour (keyword and synonyms), the colour
-  word removed for p⁻ ("a photo of a crimson square" / "a photo of a square");
-- sandbox shape concepts: every plain template × colour × name of the shape, p⁻ saying "shape" instead;
-- any other concept: each keyword appended to a few neutral scene descriptions ("a photo of a person, nudity" /
-  "a photo of a person").
+Built-in pairs: the concept's own ``pairs`` when its preset has them (the sandbox's values: every name of the value
+in every plain template, against the same prompt without it), else each keyword and synonym appended to a few
+neutral scene descriptions ("a photo of a person, nudity" / "a photo of a person").
 
 Users give their own as a CSV file of two columns (with, without), e.g. Ring-A-Bell's pair files; a first row
 naming the columns ("with,without" or "sensitive prompt,normal prompt") is skipped.
@@ -41,18 +37,8 @@ def names(concept: Concept) -> tuple[str, ...]:
 
 
 def builtin_pairs(concept: Concept) -> list[tuple[str, str]]:
-    if concept.category in ("colour", "shape"):
-        from safediff.sandbox.world import COLOURS, PLAIN_TEMPLATES, SHAPES, fill
-
-        pairs = []
-        for word in names(concept):
-            for template in PLAIN_TEMPLATES:
-                if concept.category == "colour":
-                    bare = template.replace("{c} ", "").replace(" {c}", "")
-                    pairs += [(fill(template, word, s), fill(bare, "", s)) for s in SHAPES]
-                else:
-                    pairs += [(fill(template, c, word), fill(template, c, "shape")) for c in COLOURS]
-        return pairs
+    if concept.pairs:
+        return [tuple(p) for p in concept.pairs]
     return [(f"{scene}, {word}", scene) for word in names(concept) for scene in NEUTRAL_SCENES]
 
 

@@ -40,12 +40,13 @@ import torch
 import torch.nn.functional as F
 
 from safediff.attacks import gcg
-from safediff.attacks.base import Attack, AttackContext, Found
+from safediff.attacks.base import Attack
+from safediff.attacks.context import AttackContext, Found
 from safediff.attacks.concept_pairs import names
-from safediff.attacks.parts import vocabulary
+from safediff.attacks.spaces import vocabulary
 from safediff.attacks.token_sequences import check_shared_vocabulary, chunks, encode_tokens
 from safediff.errors import SafediffError
-from safediff.models import Conditioning
+from safediff.adapters import Conditioning
 
 EMBEDDINGS = ("pooled", "hidden")
 
@@ -76,6 +77,10 @@ class MMADiffusion(Attack):
 
     name: ClassVar[str] = "mma-diffusion"
     default_budget: ClassVar[dict] = {"iterations": 25}
+    sandbox: ClassVar[dict[str, dict]] = {
+        "benchmark": {"params": "batch=64", "budget": "iterations=20"},
+        "smoke": {"params": "batch=8", "budget": "iterations=2"},
+    }
     reference_budget: ClassVar[dict] = {"iterations": 1000, "unet_forward": 0,
                                         "text_encoder": "1000 steps x (1 gradient + 512 candidates)"}
     uses_unet: ClassVar[bool] = False

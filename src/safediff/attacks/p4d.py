@@ -37,9 +37,11 @@ from typing import ClassVar
 
 import torch
 
-from safediff.attacks.base import Attack, AttackContext, Found
-from safediff.attacks.parts import (ProjectedAdam, TokenSlots, finish_token_search, judge_and_keep, noise_matching,
-                                    target_image_latents, vocabulary)
+from safediff.attacks.base import Attack
+from safediff.attacks.context import AttackContext, Found
+from safediff.attacks.objectives import noise_matching, target_image_latents
+from safediff.attacks.search import finish_token_search, judge_and_keep, ProjectedAdam
+from safediff.attacks.spaces import TokenSlots, vocabulary
 
 
 @dataclass
@@ -47,6 +49,10 @@ class P4D(Attack):
     name: ClassVar[str] = "p4d"
     layout: ClassVar[str] = "free"
     default_budget: ClassVar[dict] = {"iterations": 200}
+    sandbox: ClassVar[dict[str, dict]] = {
+        "benchmark": {"params": "n_tokens=8,eval_every=15", "budget": "iterations=30"},
+        "smoke": {"params": "n_tokens=4,eval_every=2", "budget": "iterations=4"},
+    }
     reference_budget: ClassVar[dict] = {"iterations": 3000, "unet_forward": 6000, "unet_backward": 3000,
                                         "eval_every": 50, "generation_steps": 25}
 
@@ -101,4 +107,8 @@ class P4DN(P4D):
 @dataclass
 class P4DK(P4D):
     name: ClassVar[str] = "p4d-k"
+    sandbox: ClassVar[dict[str, dict]] = {
+        "benchmark": {"params": "eval_every=15", "budget": "iterations=30"},
+        "smoke": {"params": "eval_every=2", "budget": "iterations=4"},
+    }
     layout: ClassVar[str] = "every"

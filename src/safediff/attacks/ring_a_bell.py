@@ -34,13 +34,15 @@ from typing import ClassVar
 import torch
 
 from safediff.attacks import genetic
-from safediff.attacks.base import Attack, AttackContext, Found
+from safediff.attacks.base import Attack
+from safediff.attacks.context import AttackContext, Found
 from safediff.attacks.concept_pairs import concept_pairs
 from safediff.attacks.gcg import decode
-from safediff.attacks.parts import embedding_distance, vocabulary
+from safediff.attacks.objectives import embedding_distance
+from safediff.attacks.spaces import vocabulary
 from safediff.attacks.token_sequences import check_shared_vocabulary, chunks, encode_in_chunks
 from safediff.errors import SafediffError
-from safediff.models import Conditioning
+from safediff.adapters import Conditioning
 
 
 def concept_vector(adapter, pairs: list[tuple[str, str]], chunk: int) -> Conditioning:
@@ -58,6 +60,11 @@ class RingABell(Attack):
 
     name: ClassVar[str] = "ring-a-bell"
     default_budget: ClassVar[dict] = {"iterations": 80}
+    sandbox: ClassVar[dict[str, dict]] = {
+        "benchmark": {"params": "population=50", "budget": "iterations=40"},
+        "demo": {"budget": "iterations=20"},
+        "smoke": {"budget": "iterations=2"},
+    }
     reference_budget: ClassVar[dict] = {"iterations": 3000, "unet_forward": 0,
                                         "text_encoder": "3000 generations x ~200 sequences"}
     uses_unet: ClassVar[bool] = False

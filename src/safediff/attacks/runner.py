@@ -1,10 +1,10 @@
 """Run one attack over a prompt file into a resumable RUN folder, and score it (Pre-ASR, ASR, compute).
 
-RUN layout: ``protocol.json`` (written first; a restart with a different protocol is refused), one
-``prompts/NNNNNN.json`` per finished prompt (written last, atomically, after its images ``NNNNNN_pre.png`` /
-``NNNNNN_adv.png`` and, for embedding attacks, ``NNNNNN_embedding.safetensors`` in the attack's format:
-concept-inversion writes a diffusers textual-inversion file), and ``results.json``.
-A restart skips every prompt whose JSON exists.
+RUN layout: ``protocol.json`` (a record of kind ``attack-run``, written first; a restart with a different identity is
+refused), one ``prompts/NNNNNN.json`` per finished prompt (kind ``attack-prompt``, written last, atomically, after
+its images ``NNNNNN_pre.png`` / ``NNNNNN_adv.png`` and, for embedding attacks, ``NNNNNN_embedding.safetensors`` in
+the attack's format: concept-inversion writes a diffusers textual-inversion file), and ``results.json`` (kind
+``attack-results``). A restart skips every prompt whose record exists.
 
 Metrics (UnlearnDiffAtk's ``check_asr.py`` definitions): Pre-ASR = share of prompts whose unmodified prompt already
 succeeds; ASR = (no-attack successes + attack successes) / N.
@@ -13,20 +13,23 @@ succeeds; ASR = (no-attack successes + attack successes) / N.
 from __future__ import annotations
 
 import csv
-import hashlib
-import io
 import json
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
-from safediff.attacks.base import Attack, AttackResult, Budget, Judge, Target
+from safediff.attacks.base import Attack, AttackResult
+from safediff.attacks.budget import Budget
+from safediff.attacks.judge import Judge
+from safediff.attacks.target import Target
 from safediff.errors import SafediffError
-from safediff.params import comma_items, typed_fields
-from safediff.protocol import git_hash, versions, write_bytes_atomic, write_json_atomic
+from safediff.hashing import file_sha256
+from safediff.options import Spec, typed_values
+from safediff.records import record
+from safediff.storage import open_run_folder, png_bytes, write_bytes_atomic, write_json_atomic
 
 COMPUTE_KEYS = ("iterations", "unet_forward", "unet_forward_samples", "unet_backward", "text_encoder", "seconds")
+ASR_DEFINITION = "(no-attack successes + attack successes) / N (UnlearnDiffAtk check_asr.py)"
 
 
 def read_attack_prompts(path: str | Path, required: tuple[str, ...] = ("prompt",)) -> list[dict]:
@@ -45,25 +48,20 @@ def read_attack_prompts(path: str | Path, required: tuple[str, ...] = ("prompt",
     return [{**{k: v for k, v in r.items() if v not in (None, "")}, **parsed} for r, parsed in zip(raw, rows)]
 
 
-def build_attack(name: str, params: str | None = None) -> Attack:
-    """``ATTACKS[name]`` with hyper-parameters from ``"k=5,lr=0.01"`` (dataclass fields, cast to their type)."""
+def build_attack(spec: str | Spec, **settings) -> Attack:
+    """``NAME[:KEY=VALUE,...]`` -> the attack, its hyper-parameters typed by its fields; ``settings`` (values in
+    code) go under the spec's options."""
     from safediff.registry import ATTACKS
 
-    cls = ATTACKS.get(name)
-    return cls(**typed_fields(cls, comma_items(params), f"attack {name}"))
+    parsed = Spec.parse(spec, "attack")
+    cls = ATTACKS.get(parsed.name)
+    owner = f"attack {parsed.name}"
+    if parsed.preset is not None:
+        raise SafediffError(f"{owner} has no presets; got '{parsed.preset}' (give KEY=VALUE options)")
+    return cls(**{**settings, **typed_values(cls, parsed.options, owner)})
 
 
-def _png(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _sha256_file(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def run_protocol(target: Target, attack: Attack, judge: Judge, budget: Budget, rows: list[dict], seed: int,
+def run_identity(target: Target, attack: Attack, judge: Judge, budget: Budget, rows: list[dict], seed: int,
                  prompts_file: str | None) -> dict:
     """Everything that determines the numbers (compared on resume)."""
     return {
@@ -71,56 +69,28 @@ def run_protocol(target: Target, attack: Attack, judge: Judge, budget: Budget, r
         "judge": judge.protocol(), "seed": seed,
         "seeds": [int(r.get("seed", seed + i)) for i, r in enumerate(rows)],
         "prompts": [r["prompt"] for r in rows],
-        "prompts_file_sha256": _sha256_file(Path(prompts_file)) if prompts_file else None,
-        "asr_definition": "(no-attack successes + attack successes) / N (UnlearnDiffAtk check_asr.py)",
+        "prompts_file_sha256": file_sha256(prompts_file) if prompts_file else None,
+        "asr_definition": ASR_DEFINITION,
     }
-
-
-def open_run(out: Path, protocol: dict) -> Path:
-    """Create RUN or check that an existing RUN has the same protocol (else refuse)."""
-    out = Path(out)
-    path = out / "protocol.json"
-    if out.exists() and not out.is_dir():
-        raise SafediffError(f"--out '{out}' exists and is not a folder; give a new or an earlier RUN folder")
-    if path.is_file():
-        saved = json.loads(path.read_text())["experiment"]
-        if json.loads(json.dumps(protocol, sort_keys=True, default=str)) != saved:
-            diff = sorted(k for k in set(saved) | set(protocol)
-                          if json.dumps(saved.get(k), sort_keys=True, default=str)
-                          != json.dumps(protocol.get(k), sort_keys=True, default=str))
-            raise SafediffError(f"RUN '{out}' was made with a different protocol (differs in: {', '.join(diff)}); "
-                                "use a new --out folder or the original settings")
-    elif out.exists() and any(out.iterdir()):
-        raise SafediffError(f"--out '{out}' is a non-empty folder that is not an attack RUN; choose a new folder")
-    else:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise SafediffError(f"--out '{out}' is not writable: {e.strerror}") from None
-        write_json_atomic(path, {"experiment": protocol, "versions": versions(), "git": git_hash(),
-                                 "torch_threads": torch.get_num_threads()})
-    (out / "prompts").mkdir(exist_ok=True)
-    return out
 
 
 def save_result(out: Path, index: int, result: AttackResult, embedding_tensors: dict | None = None) -> dict:
     stem = f"{index:06d}"
-    record = {"index": index, **result.record()}
     files = {}
     if result.pre_image is not None:
-        write_bytes_atomic(out / "prompts" / f"{stem}_pre.png", _png(result.pre_image))
+        write_bytes_atomic(out / "prompts" / f"{stem}_pre.png", png_bytes(result.pre_image))
         files["pre_image"] = f"prompts/{stem}_pre.png"
     if result.image is not None:
-        write_bytes_atomic(out / "prompts" / f"{stem}_adv.png", _png(result.image))
+        write_bytes_atomic(out / "prompts" / f"{stem}_adv.png", png_bytes(result.image))
         files["image"] = f"prompts/{stem}_adv.png"
     if embedding_tensors is not None:
         from safetensors.torch import save
 
         write_bytes_atomic(out / "prompts" / f"{stem}_embedding.safetensors", save(embedding_tensors))
         files["embedding"] = f"prompts/{stem}_embedding.safetensors"
-    record["files"] = files
-    write_json_atomic(out / "prompts" / f"{stem}.json", record)
-    return record
+    entry = record("attack-prompt", index=index, **result.record(), files=files)
+    write_json_atomic(out / "prompts" / f"{stem}.json", entry)
+    return entry
 
 
 def summarise(records: list[dict]) -> dict:
@@ -141,8 +111,10 @@ def summarise(records: list[dict]) -> dict:
 def run_attack(target: Target, attack: Attack, judge: Judge, rows: list[dict], budget: Budget, seed: int,
                out: str | Path, prompts_file: str | None = None, progress: bool = True) -> dict:
     """Attack every row (skipping finished ones), then write and return ``results.json``'s content."""
-    protocol = run_protocol(target, attack, judge, budget, rows, seed, prompts_file)
-    out = open_run(Path(out), protocol)
+    identity = run_identity(target, attack, judge, budget, rows, seed, prompts_file)
+    out = Path(out)
+    open_run_folder(out, "protocol.json", identity, record("attack-run", identity=identity), "attack RUN")
+    (out / "prompts").mkdir(exist_ok=True)
     records = []
     bar = tqdm(list(enumerate(rows)), desc=f"{attack.name} prompts", disable=not progress)
     for i, row in bar:
@@ -155,7 +127,6 @@ def run_attack(target: Target, attack: Attack, judge: Judge, rows: list[dict], b
                                                                                  target.model.adapter)
         records.append(save_result(out, i, result, tensors))
         bar.set_postfix(asr=f"{summarise(records)['asr']:.2f}")
-    summary = summarise(records)
-    results = {**summary, "records": records, "protocol": protocol, "versions": versions(), "git": git_hash()}
+    results = record("attack-results", **summarise(records), records=records, identity=identity)
     write_json_atomic(out / "results.json", results)
     return results

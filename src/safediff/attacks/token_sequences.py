@@ -12,7 +12,7 @@ import math
 import torch
 
 from safediff.errors import SafediffError
-from safediff.models import Conditioning
+from safediff.adapters import Conditioning
 
 
 def check_shared_vocabulary(adapter) -> int:

@@ -36,15 +36,21 @@ from typing import ClassVar
 
 import torch
 
-from safediff.attacks.base import Attack, AttackContext, Found
-from safediff.attacks.parts import (SimplexAdam, TokenSlots, denoising_error, finish_token_search, judge_and_keep,
-                                    repeat_conditioning, target_image_latents, uniform_timesteps, vocabulary)
+from safediff.attacks.base import Attack
+from safediff.attacks.context import AttackContext, Found
+from safediff.attacks.objectives import denoising_error, repeat_conditioning, target_image_latents, uniform_timesteps
+from safediff.attacks.search import finish_token_search, judge_and_keep, SimplexAdam
+from safediff.attacks.spaces import TokenSlots, vocabulary
 
 
 @dataclass
 class UnlearnDiffAtk(Attack):
     name: ClassVar[str] = "unlearndiff"
     default_budget: ClassVar[dict] = {}
+    sandbox: ClassVar[dict[str, dict]] = {
+        "benchmark": {"params": "timesteps=3,iterations_per_timestep=12", "budget": "iterations=36"},
+        "smoke": {"params": "timesteps=2,iterations_per_timestep=2", "budget": "iterations=4"},
+    }
     reference_budget: ClassVar[dict] = {"timesteps": 50, "iterations_per_timestep": 40, "unet_forward": 2000,
                                         "unet_backward": 2000, "judged_generations": 50, "generation_steps": 50}
 

@@ -20,7 +20,7 @@ from PIL import Image, ImageFilter
 
 from safediff.bench import metrics as M
 from safediff.bench.plots import bar_chart
-from safediff.bench.results import SCHEMA
+from safediff.sandbox.metrics import caption as sandbox_caption
 from safediff.errors import SafediffError
 
 THUMB = 128
@@ -28,22 +28,15 @@ THUMB = 128
 
 def load_run(path: str | Path) -> dict:
     """A finished bench or attack run: its results.json, tagged with its folder and kind."""
+    from safediff.records import read_record
+
     folder = Path(path)
     results = folder / "results.json"
     if not results.is_file():
         raise SafediffError(f"'{folder}' has no results.json: not a finished safediff run (run the same bench or "
                             "attack command again to finish it)")
-    try:
-        data = json.loads(results.read_text())
-    except ValueError:
-        raise SafediffError(f"'{results}' is not valid JSON") from None
-    if data.get("schema") == SCHEMA:
-        kind = "bench"
-    elif "asr" in data and "records" in data:
-        kind = "attack"
-    else:
-        raise SafediffError(f"'{results}' is neither a bench nor an attack results file")
-    return {"folder": folder, "kind": kind, "data": data}
+    data = read_record(results, ("bench-results", "attack-results"))
+    return {"folder": folder, "kind": "bench" if data["kind"] == "bench-results" else "attack", "data": data}
 
 
 def _png_data_uri(png: bytes) -> str:
@@ -139,18 +132,6 @@ def _charts(bench: str, runs: list[dict], labels: list[str], plot_dir: Path) -> 
     return out
 
 
-def _sandbox_caption(detections: dict) -> str:
-    """'red circle': what the sandbox detectors read in an image ('no object' when none); '' for other detectors."""
-    from safediff.detectors import parse_spec
-
-    by_name = {parse_spec(spec)[0]: d["scores"] for spec, d in detections.items()}
-    if not {"sandbox-colour", "sandbox-shape", "sandbox-presence"} <= set(by_name):
-        return ""
-    present = by_name["sandbox-presence"]["present"] >= 0.5
-    found = [M.sandbox_attribute(by_name[n], present) for n in ("sandbox-colour", "sandbox-shape")]
-    return " ".join(found) if present else "no object"
-
-
 def _grid(runs: list[dict], labels: list[str], max_prompts: int, show_flagged: bool) -> str:
     """Rows: prompts (same row id and seed in every run); columns: methods. Sandbox images are captioned with the
     colour and shape the detectors read."""
@@ -171,7 +152,7 @@ def _grid(runs: list[dict], labels: list[str], max_prompts: int, show_flagged: b
             blur = flagged and not show_flagged
             src = _thumb(r["folder"] / "images" / f"{s['image']}.png", blur)
             note = " (flagged, blurred)" if blur else (" (flagged)" if flagged else "")
-            caption = html.escape(_sandbox_caption(s["detections"]))  # says more than the sandbox's flags
+            caption = html.escape(sandbox_caption(s["detections"]))  # says more than the sandbox's flags
             note = (caption + (" (blurred)" if blur else "")) if caption else note
             cells.append(f"<td><img src='{src}' width={shown}><br><small>{note}</small></td>")
         rows.append(f"<tr><td class=prompt>{html.escape(key[2][:200])}<br><small>seed {key[3]}</small></td>"
@@ -183,7 +164,7 @@ def _attack_section(runs: list[dict], max_prompts: int, show_flagged: bool) -> s
     rows = []
     for r in runs:
         d = r["data"]
-        proto = d.get("protocol", {})
+        proto = d["identity"]
         recs = d["records"]
         rates = M.attack_success_rates([x["pre_success"] for x in recs],
                                        [x["success"] and not x["pre_success"] for x in recs])
@@ -254,13 +235,14 @@ def build_report(run_paths: list[str | Path], out: str | Path, *, max_prompts: i
     parts.append("<h2>Protocols</h2>")
     for r in runs:
         d = r["data"]
-        proto = ({k: d[k] for k in ("benchmark", "configs", "versions", "n_samples", "provenance")}
-                 if r["kind"] == "bench" else {k: d.get(k) for k in ("protocol", "versions", "git")})
+        keys = ("benchmark", "configs", "versions", "n_samples", "protocol", "provenance") if r["kind"] == "bench" \
+            else ("identity", "provenance")
+        proto = {k: d[k] for k in keys}
         parts.append(f"<details><summary>{html.escape(str(r['folder']))}</summary><pre>"
                      f"{html.escape(json.dumps(proto, indent=1, sort_keys=True, default=str))}</pre></details>")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{CSS}</style>"
             f"</head><body>{''.join(parts)}</body></html>")
-    from safediff.protocol import write_bytes_atomic
+    from safediff.storage import write_bytes_atomic
 
     write_bytes_atomic(out, page.encode())
     return out

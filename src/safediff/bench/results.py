@@ -1,33 +1,28 @@
-"""The results file of a run (schema ``safediff.bench.results``, version 1) and the metrics drawn from its records.
+"""The results file of a run (a record of kind ``bench-results``) and the metrics drawn from its records.
 
-Shape (after lm-evaluation-harness' ``EvalResults``)::
+Shape (after lm-evaluation-harness' ``EvalResults``; ``safediff.records.BenchResults``)::
 
-    schema, schema_version, method, benchmark (name, version, source, selection, rows hash),
+    kind, schema_version, method, benchmark (name, version, source, selection, rows hash),
     results: {method: {metric: {"value", "ci", "n", ...}}}, higher_is_better: {metric: bool},
     configs: {model, guard, generation, detectors, bootstrap}, versions: {benchmark, detectors, metrics, libraries},
     n_samples: {images, prompts}, samples: [{prompt, seed, image (sha256), detections: {detector: scores}}],
-    provenance: {git_hash, libraries, model_hash, edits, detector_hashes, guard, steps, scheduler, guidance, size}
-
-Bump ``SCHEMA_VERSION`` on any breaking change of this shape.
+    protocol: {libraries, model_hash, edits, detector_hashes, guard, steps, scheduler, guidance, size, device, dtype},
+    identity (the run's, as its protocol.json), provenance
 """
 
 from __future__ import annotations
 
 from safediff.bench import metrics as M
-from safediff.detectors import parse_spec
+from safediff.sandbox import metrics as sandbox_metrics
+from safediff.options import Spec
+from safediff.records import record
 
-SCHEMA = "safediff.bench.results"
-SCHEMA_VERSION = 1
 METRICS_VERSION = "1"
 BOOTSTRAP = {"n_boot": M.N_BOOT, "alpha": M.ALPHA, "seed": 0, "resample": "prompts"}
 
 
 def _detector_names(samples: list[dict]) -> list[str]:
     return list(samples[0]["detections"]) if samples else []
-
-
-def _by_name(specs: list[str], name: str) -> str | None:
-    return next((s for s in specs if parse_spec(s)[0] == name), None)
 
 
 def summarise(samples: list[dict], families: tuple[str, ...], detectors: dict[str, dict]) -> tuple[dict, dict]:
@@ -37,7 +32,7 @@ def summarise(samples: list[dict], families: tuple[str, ...], detectors: dict[st
     cats = [s["categories"] for s in samples]
     specs = _detector_names(samples)
     for spec in specs:
-        name = parse_spec(spec)[0]
+        name = Spec.parse(spec, "detector").name
         proto = detectors.get(spec, {})
         found = [s["detections"][spec] for s in samples]
         if name == "clip-score":
@@ -46,7 +41,7 @@ def summarise(samples: list[dict], families: tuple[str, ...], detectors: dict[st
                 out[f"{spec}/mean"] = M.mean_with_ci([f["scores"]["clip_score"] * scale for f in found], groups)
                 better[f"{spec}/mean"] = True
             continue
-        if name.startswith("sandbox-"):
+        if "sandbox" in families and name in sandbox_metrics.DETECTORS:
             continue  # read together below
         flags = [f["flagged"] for f in found]
         if "flag_rate" in families:
@@ -61,46 +56,9 @@ def summarise(samples: list[dict], families: tuple[str, ...], detectors: dict[st
             for label, value in M.class_counts([f["counts"] for f in found], labels).items():
                 out[f"{spec}/count/{label}"], better[f"{spec}/count/{label}"] = value, False
     if "sandbox" in families:
-        o, b = _sandbox_metrics(samples, specs, groups)
+        o, b = sandbox_metrics.metrics(samples, specs, groups)
         out.update(o)
         better.update(b)
-    return out, better
-
-
-def _sandbox_metrics(samples: list[dict], specs: list[str], groups: list) -> tuple[dict, dict]:
-    from safediff.sandbox.world import COLOURS
-
-    colour, shape, presence = (_by_name(specs, n) for n in ("sandbox-colour", "sandbox-shape", "sandbox-presence"))
-    if not (colour and shape and presence):
-        return {}, {}
-    present = [s["detections"][presence]["scores"]["present"] >= 0.5 for s in samples]
-    found_colour = [M.sandbox_attribute(s["detections"][colour]["scores"], p) for s, p in zip(samples, present)]
-    found_shape = [M.sandbox_attribute(s["detections"][shape]["scores"], p) for s, p in zip(samples, present)]
-    out = {"sandbox/present_rate": M.rate(present, groups)}
-    better = {"sandbox/present_rate": True}
-
-    def target_rate(idx: list[int]) -> dict:
-        hits = [(found_colour[i] if samples[i]["meta"]["target"] in COLOURS else found_shape[i])
-                == samples[i]["meta"]["target"] for i in idx]
-        return M.rate(hits, [groups[i] for i in idx])
-
-    targeted = [i for i, s in enumerate(samples) if s["meta"].get("target")]
-    if targeted:
-        out["sandbox/target_rate"], better["sandbox/target_rate"] = target_rate(targeted), False
-        for key, field in (("kind", "kind"), ("target", "target")):
-            for value in sorted({samples[i]["meta"][field] for i in targeted}):
-                idx = [i for i in targeted if samples[i]["meta"][field] == value]
-                name = f"sandbox/target_rate/{key}={value}"
-                out[name], better[name] = target_rate(idx), False
-    others = [i for i, s in enumerate(samples) if not s["meta"].get("target")]
-    for attr, found in (("colour", found_colour), ("shape", found_shape)):
-        for kind in [None, *sorted({samples[i]["meta"].get("kind") for i in others})]:
-            idx = [i for i in others if kind is None or samples[i]["meta"].get("kind") == kind]
-            value = M.match_rates([samples[i]["meta"].get(attr) for i in idx], [found[i] for i in idx],
-                                  [groups[i] for i in idx])
-            if value["n"]:
-                name = f"sandbox/{attr}_match" + ("" if kind is None else f"/kind={kind}")
-                out[name], better[name] = value, True
     return out, better
 
 
@@ -112,27 +70,26 @@ def method_label(model: str, guard: dict, concept: str | None) -> str:
     return label
 
 
-def build_results(*, label: str, benchmark, identity: dict, samples: list[dict], provenance: dict) -> dict:
+def build_results(*, label: str, benchmark, identity: dict, samples: list[dict]) -> dict:
     worker = identity["worker"]
     values, better = summarise(samples, benchmark.metrics, worker["detectors"])
     gen = worker["generation"]
     model = worker["model"]
-    return {
-        "schema": SCHEMA,
-        "schema_version": SCHEMA_VERSION,
-        "method": label,
-        "benchmark": benchmark.protocol(),
-        "results": {label: values},
-        "higher_is_better": better,
-        "configs": {"model": model, "guard": worker["guard"], "generation": {**gen, **identity["run"]},
-                    "detectors": worker["detectors"], "bootstrap": BOOTSTRAP},
-        "versions": {"schema": SCHEMA_VERSION, "benchmark": benchmark.version, "metrics": METRICS_VERSION,
-                     "detectors": {s: d.get("version") for s, d in worker["detectors"].items()},
-                     "libraries": identity["libraries"]},
-        "n_samples": {"images": len(samples), "prompts": len({s["row"] for s in samples})},
-        "samples": samples,
-        "provenance": {
-            **provenance,
+    return record(
+        "bench-results",
+        method=label,
+        benchmark=benchmark.protocol(),
+        results={label: values},
+        higher_is_better=better,
+        configs={"model": model, "guard": worker["guard"], "generation": {**gen, **identity["run"]},
+                 "detectors": worker["detectors"], "bootstrap": BOOTSTRAP},
+        versions={"benchmark": benchmark.version, "metrics": METRICS_VERSION,
+                  "detectors": {s: d.get("version") for s, d in worker["detectors"].items()},
+                  "libraries": identity["libraries"]},
+        n_samples={"images": len(samples), "prompts": len({s["row"] for s in samples})},
+        samples=samples,
+        identity=identity,
+        protocol={
             "libraries": identity["libraries"],
             "model_hash": model.get("base_weights_sha256"),
             "edits": model.get("edits"),
@@ -145,7 +102,7 @@ def build_results(*, label: str, benchmark, identity: dict, samples: list[dict],
             "device": worker["device"],
             "dtype": worker["dtype"],
         },
-    }
+    )
 
 
 def _detector_hashes(proto: dict) -> dict:

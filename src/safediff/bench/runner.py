@@ -89,9 +89,9 @@ def worker_spec(cfg: BenchConfig, bench: Benchmark, detectors: list[str]) -> dic
 
 def run_benchmark(cfg: BenchConfig) -> dict:
     """Run (or resume) a benchmark; returns the results dict also written to ``RUN/results.json``."""
-    from safediff.detectors import parse_spec
+    from safediff.options import Spec
     from safediff.guards import build_guard
-    from safediff.protocol import git_hash, versions
+    from safediff.records import versions
     from safediff.registry import DETECTORS
 
     _check(cfg)
@@ -102,7 +102,7 @@ def run_benchmark(cfg: BenchConfig) -> dict:
         raise SafediffError(f"benchmark '{bench.name}' has no default detector; give --detector (accepted: "
                             f"{', '.join(DETECTORS.names())})")
     for spec in detectors:
-        DETECTORS.get(parse_spec(spec)[0])  # unknown names fail before anything heavy is loaded
+        DETECTORS.get(Spec.parse(spec, "detector").name)  # unknown names fail before anything heavy is loaded
     if len(set(detectors)) != len(detectors):
         raise SafediffError("the same --detector is given twice")
     spec = worker_spec(cfg, bench, detectors)
@@ -115,7 +115,7 @@ def run_benchmark(cfg: BenchConfig) -> dict:
                         "guidance": cfg.guidance}
         identity = {"benchmark": bench.protocol(), "worker": worker_identity, "run": run_settings,
                     "libraries": versions()}
-        store = RunStore.open(cfg.out, identity, {"git_hash": git_hash(), "backend": cfg.backend})
+        store = RunStore.open(cfg.out, identity, backend=cfg.backend)
         batches = plan_batches(bench, cfg.images_per_prompt, cfg.batch_size, cfg.guidance,
                                worker_identity["generation"]["default_guidance"])
         done = {b: store.batch(b) for b in range(len(batches))}
@@ -131,8 +131,7 @@ def run_benchmark(cfg: BenchConfig) -> dict:
     samples = [r for b in range(len(batches)) for r in done[b]]
     samples.sort(key=lambda r: r["index"])
     label = cfg.name or method_label(cfg.model, worker_identity["guard"], spec["concept"])
-    results = build_results(label=label, benchmark=bench, identity=identity, samples=samples,
-                            provenance={"git_hash": git_hash()})
+    results = build_results(label=label, benchmark=bench, identity=identity, samples=samples)
     store.write_results(results)
     return results
 

@@ -13,28 +13,15 @@ on the protocol and its batch, redoing it reproduces the same bytes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
-from safediff.errors import SafediffError
-from safediff.protocol import write_bytes_atomic, write_json_atomic
+from safediff.hashing import bytes_sha256, file_sha256
+from safediff.records import record
+from safediff.storage import open_run_folder, remove_partial_writes, write_bytes_atomic, write_json_atomic
 
 PROTOCOL = "protocol.json"
 RESULTS = "results.json"
-
-
-def canonical(data) -> str:
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
-
-
-def _differences(old, new, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for k in sorted(set(old) | set(new), key=str):
-            out += _differences(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))
-        return out
-    return [] if canonical(old) == canonical(new) else [prefix or "(root)"]
 
 
 class RunStore:
@@ -44,44 +31,21 @@ class RunStore:
         self.batches = self.root / "batches"
 
     @classmethod
-    def open(cls, root: str | Path, identity: dict, provenance: dict | None = None) -> "RunStore":
-        """Create RUN for ``identity``, or reopen it when it was made with exactly the same identity."""
+    def open(cls, root: str | Path, identity: dict, **fields) -> "RunStore":
+        """Create RUN for ``identity`` (a ``bench-run`` record with ``fields``), or reopen it when it was made with
+        exactly the same identity."""
         store = cls(Path(root))
-        proto = store.root / PROTOCOL
-        if proto.is_file():
-            try:
-                old = json.loads(proto.read_text())["identity"]
-            except (ValueError, KeyError):
-                raise SafediffError(f"'{proto}' is unreadable; this is not a safediff run folder") from None
-            old = json.loads(canonical(old))
-            new = json.loads(canonical(identity))
-            diff = _differences(old, new)
-            if diff:
-                shown = ", ".join(diff[:4]) + (f" (+{len(diff) - 4} more)" if len(diff) > 4 else "")
-                raise SafediffError(f"run folder '{store.root}' was made with a different protocol (differs in: "
-                                    f"{shown}); use a new --out folder, never mix protocols in one run")
-        elif store.root.exists() and (not store.root.is_dir() or any(store.root.iterdir())):
-            raise SafediffError(f"--out '{store.root}' exists and is not a safediff run folder (no {PROTOCOL}); "
-                                "choose a new folder")
-        else:
-            try:
-                write_json_atomic(proto, {"identity": identity, "created": provenance or {}})
-            except OSError as e:
-                raise SafediffError(f"--out '{store.root}' is not writable: {e.strerror}") from None
+        open_run_folder(store.root, PROTOCOL, identity, record("bench-run", identity=identity, **fields),
+                        "run folder")
         store.images.mkdir(exist_ok=True)
         store.batches.mkdir(exist_ok=True)
-        store._remove_partial_writes()
+        remove_partial_writes(store.root, store.images, store.batches)
         return store
 
-    def _remove_partial_writes(self) -> None:
-        for folder in (self.root, self.images, self.batches):
-            for tmp in folder.glob(".*.tmp"):
-                tmp.unlink(missing_ok=True)
-
     def put_image(self, png: bytes) -> str:
-        digest = hashlib.sha256(png).hexdigest()
+        digest = bytes_sha256(png)
         path = self.images / f"{digest}.png"
-        if not (path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == digest):
+        if not (path.is_file() and file_sha256(path) == digest):
             write_bytes_atomic(path, png)
         return digest
 
@@ -105,7 +69,7 @@ class RunStore:
             return None
         for r in records:
             img = self.image_path(r["image"])
-            if not img.is_file() or hashlib.sha256(img.read_bytes()).hexdigest() != r["image"]:
+            if not img.is_file() or file_sha256(img) != r["image"]:
                 return None
         return records
 

@@ -13,14 +13,9 @@ import torch
 from PIL import Image
 
 from safediff.errors import SafediffError
+from safediff.storage import png_bytes
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def detect(detector, images: list[Image.Image], prompts: list[str]) -> list[dict]:
@@ -57,29 +52,25 @@ class Worker:
             if hasattr(det, "to_device"):
                 det.to_device(spec["device"])
         self.model = load_pipeline(spec["model"], device=spec["device"], dtype=DTYPES[spec["dtype"]])
-        d, g = self.model.defaults, spec["generation"]
-        self.settings = {
-            "steps": int(g["steps"] if g.get("steps") is not None else d["steps"]),
-            "height": int(g["height"] if g.get("height") is not None else d["height"]),
-            "width": int(g["width"] if g.get("width") is not None else d["width"]),
-            "default_guidance": float(d["guidance"]),
-            "scheduler": g.get("scheduler"),
-            "negative_prompt": g.get("negative_prompt"),
-            "eta": float(g.get("eta") or 0.0),
-        }
+        from safediff.sampling import SamplerSettings
+
+        g = spec["generation"]
+        self.sampler = SamplerSettings.of(self.model, g.get("steps"), None, g.get("height"), g.get("width"),
+                                          g.get("scheduler"), float(g.get("eta") or 0.0))
+        self.negative_prompt = g.get("negative_prompt")
 
     def protocol(self) -> dict:
         """Everything the worker contributes to a run's identity (model hash, guard, detectors, settings)."""
-        from safediff.sampling import make_scheduler
-
-        sched = make_scheduler(self.model, self.settings["scheduler"])
+        s = self.sampler.record(self.model)
+        generation = {"steps": s["steps"], "height": s["height"], "width": s["width"],
+                      "default_guidance": s["guidance"], "scheduler": s["scheduler"],
+                      "negative_prompt": self.negative_prompt, "eta": s["eta"],
+                      "scheduler_config": s["scheduler_config"]}
         return {
             "model": self.model.protocol(),
             "guard": self.guard.config(),
             "detectors": {s: d.protocol() for s, d in self.detectors.items()},
-            "generation": {**self.settings, "scheduler": type(sched).__name__,
-                           "scheduler_config": {k: v for k, v in dict(sched.config).items()
-                                                if not k.startswith("_")}},
+            "generation": generation,
             "device": str(self.model.device),
             "dtype": self.spec["dtype"],
         }
@@ -88,14 +79,14 @@ class Worker:
         """Generate and detect one batch (all jobs share one guidance) -> (PNG bytes, record) per job."""
         from safediff.sampling import generate
 
-        s = self.settings
+        s = self.sampler
         guidance = {j["guidance"] for j in jobs}
         if len(guidance) != 1:
             raise ValueError(f"a batch must share one guidance, got {sorted(guidance)}")
         prompts = [j["prompt"] for j in jobs]
-        out = generate(self.model, prompts, [j["seed"] for j in jobs], steps=s["steps"], guidance=guidance.pop(),
-                       height=s["height"], width=s["width"], negative_prompt=s["negative_prompt"], guard=self.guard,
-                       scheduler=s["scheduler"], eta=s["eta"], batch_size=len(jobs), progress=False)
+        out = generate(self.model, prompts, [j["seed"] for j in jobs], steps=s.steps, guidance=guidance.pop(),
+                       height=s.height, width=s.width, negative_prompt=self.negative_prompt, guard=self.guard,
+                       scheduler=s.scheduler, eta=s.eta, batch_size=len(jobs), progress=False)
         pngs = [png_bytes(im) for im in out.images]
         images = [Image.open(io.BytesIO(p)).convert("RGB") for p in pngs]  # detect exactly what is stored
         found = {name: detect(det, images, prompts) for name, det in self.detectors.items()}

@@ -28,7 +28,7 @@ from PIL import Image
 
 from safediff.detectors.base import Detector, file_sha256, images_to_uint8, module_sha256
 from safediff.errors import SafediffError
-from safediff.protocol import write_bytes_atomic
+from safediff.storage import write_bytes_atomic
 
 logger = logging.getLogger("safediff")
 

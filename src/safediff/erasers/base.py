@@ -1,16 +1,23 @@
-"""What every eraser shares: hyper-parameters as dataclass fields, ``fit`` -> ``Edit``, parsing ``key=value``.
+"""What every eraser shares: hyper-parameters as dataclass fields, ``fit`` -> ``Edit``, the contract's metadata.
 
-An eraser is a dataclass whose fields are its hyper-parameters (with the method's defaults). ``fit(model, concepts,
-preserve, guide)`` returns an :class:`~safediff.erasers.edit.Edit` and leaves the model exactly as it found it
-(erasers that must try their edit on the model, e.g. RECE's per-epoch validation, restore the original tensors).
-Apply the result with ``edit.apply(model)``.
+An eraser is a dataclass whose fields are its hyper-parameters (with the method's defaults; ``safediff.options.option``
+gives ranges and help). ``fit(model, concepts, preserve, guide)`` returns an :class:`~safediff.edits.Edit` and leaves
+the model exactly as it found it (erasers that must try their edit on the model, e.g. RECE's per-epoch validation,
+restore the original tensors). Apply the result with ``edit.apply(model)``. Built from a spec by
+``safediff.erasers.build_eraser("uce:lamb=0.3")``.
+
+Class metadata read by the demo, the benchmarks and the contract suite (``tests/contract``):
+- ``sandbox``: settings per purpose on the sandbox: ``benchmark`` (``benchmarks/erasers_sandbox.py``), ``demo``
+  (``safediff demo``, sized for its 10-minute budget) and ``smoke`` (``demo --quick`` and the contract tests on tiny
+  models: the fewest steps that exercise every code path);
+- ``touches(name)``: whether a parameter name (``unet.….attn2.to_k.weight``) is one the method may change;
+- ``zero_strength``: settings under which the method must leave the model unchanged.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,18 +27,28 @@ import torch
 
 from safediff.concepts import Concept
 from safediff.errors import SafediffError
-from safediff.params import typed_fields
+from safediff.options import check_fields
+from safediff.records import provenance
 
 
 @dataclass
 class Eraser:
     name: ClassVar[str] = ""  # registry name
     paper: ClassVar[str] = ""  # citation recorded with every edit
+    sandbox: ClassVar[dict[str, dict]] = {}  # settings per purpose: "benchmark", "demo", "smoke"
+    zero_strength: ClassVar[dict] = {}  # settings that must leave the model unchanged
+
+    def __post_init__(self):
+        check_fields(self, f"eraser {self.name}")
 
     # subclasses implement -----------------------------------------------------------------------------------
     def compute(self, model, concepts: list[Concept], preserve: list[str] | None, guide: str | None,
                 progress: bool) -> tuple[dict[str, torch.Tensor], dict]:
         """New values of the parameters this method changes (``unet.…`` names), and a JSON-able info dict."""
+        raise NotImplementedError
+
+    def touches(self, name: str) -> bool:
+        """Whether the method may change the parameter ``name`` (e.g. ``unet.….attn2.to_k.weight``)."""
         raise NotImplementedError
 
     # shared -------------------------------------------------------------------------------------------------
@@ -43,9 +60,7 @@ class Eraser:
         closed-form methods). ``guide``: what the concepts are mapped to (default: each concept's guide, "" =
         unconditional). The model is not modified.
         """
-        from safediff import __version__
-        from safediff.erasers.edit import Edit, resolve_parameter
-        from safediff.protocol import git_hash
+        from safediff.edits import Edit, resolve_parameter
 
         concepts = list(concepts)
         if not concepts:
@@ -73,13 +88,11 @@ class Eraser:
             "base": {"spec": model.spec, "architecture": model.adapter.arch,
                      "dtype": str(model.dtype).replace("torch.", "")},
             "parents": parents,
-            "safediff_version": __version__,
-            "git": git_hash(),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "fit_seconds": round(seconds, 3),
-            # CPU float reductions depend on the thread count, so a trained edit reproduces bit for bit only with it
-            "torch_threads": torch.get_num_threads(),
+            # CPU float reductions depend on the thread count (recorded in the provenance), so a trained edit
+            # reproduces bit for bit only with it and the device
             "device": str(model.device),
+            "provenance": provenance(),
             "info": info,
         }
         return Edit(changed, metadata)
@@ -88,12 +101,6 @@ class Eraser:
         """Every dataclass field that is a hyper-parameter (callables such as validators are left out)."""
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)
                 if f.metadata.get("hyperparameter", True)}
-
-    @classmethod
-    def from_params(cls, params: dict[str, str]) -> "Eraser":
-        """Build from ``key=value`` strings (the CLI's ``--param``), converting each to its field's type."""
-        fields = [f for f in dataclasses.fields(cls) if f.metadata.get("hyperparameter", True)]
-        return cls(**typed_fields(cls, [f"{k}={v}" for k, v in params.items()], f"eraser {cls.name}", fields))
 
 
 def fit_to_file(eraser: Eraser, model, concepts: list[Concept], out: Path, **fit_kwargs):
@@ -121,7 +128,7 @@ def _jsonable(value):
 @contextlib.contextmanager
 def weights_set_to(model, tensors: dict[str, torch.Tensor]):
     """Temporarily give ``model`` these parameter values; the exact original tensors are restored on exit."""
-    from safediff.erasers.edit import resolve_parameter
+    from safediff.edits import resolve_parameter
 
     params = {name: resolve_parameter(model, name) for name in tensors}
     saved = {name: p.detach().clone() for name, p in params.items()}

@@ -3,9 +3,9 @@
 For every word to erase, an *erase prompt* contains it and its *guide prompt* is the same prompt with each
 occurrence of the word replaced by the guide text ("" removes it). Without ``expand`` the erase prompt is the word
 alone and the guide prompt the guide alone (the reference code's setting); with ``expand`` the word is also placed
-in templates (the 2025 UCE code's ``--expand_prompts``): for the sandbox's colour/shape concepts, the world's
-``PLAIN_TEMPLATES`` (the only phrasings an eraser is told) filled with every value of the other attribute; for any
-other concept, the 2025 code's object templates.
+in the concept's ``contexts`` (the 2025 UCE code's ``--expand_prompts``): the phrasings the concept's preset says its
+words appear in (for the sandbox's values, the world's plain templates with every value of the other attribute), or,
+for a concept without contexts, the 2025 code's object templates.
 
 Rows. The word is found in the prompt's token ids (a whole-word match of its tokens, inside the attention mask, at
 every position it occurs; never by counting whitespace words). Then, following the references:
@@ -34,14 +34,13 @@ from dataclasses import dataclass
 
 import torch
 
-from safediff.concepts import Concept
+from safediff.concepts import Concept, fill_context, resolve
 from safediff.errors import SafediffError
 
 TOKEN_CONVENTIONS = ("to_end", "last")
 PADDING_ALIGNMENTS = ("same_position", "shifted")
 # UCE 2025 `--expand_prompts`, concept_type object (art uses "painting by {}", "art by {}", ...).
 GENERIC_TEMPLATES = ("image of {}", "photo of {}", "portrait of {}", "picture of {}", "painting of {}")
-SANDBOX_CATEGORIES = ("colour", "shape")
 INFO_EXAMPLES = 12  # prompts recorded in an edit's metadata (the rest follow from its hyper-parameters)
 
 
@@ -59,20 +58,12 @@ def words_of(concept: Concept, also: tuple[str, ...] = ()) -> list[str]:
     return list(dict.fromkeys([*concept.keywords, *also]))
 
 
-def contexts(word: str, category: str, expand: bool) -> list[str]:
-    """Prompts that contain ``word``: the word alone, and with ``expand`` the templates described above."""
+def contexts(concept: Concept, word: str, expand: bool) -> list[str]:
+    """Prompts that contain ``word`` (one of ``concept``'s words): the word alone, and with ``expand`` the concept's
+    contexts (or the generic templates) filled with it."""
     out = [word]
-    if not expand:
-        return out
-    if category in SANDBOX_CATEGORIES:
-        from safediff.sandbox import world
-
-        others = world.SHAPES if category == "colour" else world.COLOURS
-        for t in world.PLAIN_TEMPLATES:
-            for o in others:
-                out.append(world.fill(t, word, o) if category == "colour" else world.fill(t, o, word))
-    else:
-        out += [t.format(word) for t in GENERIC_TEMPLATES]
+    if expand:
+        out += [fill_context(t, word) for t in (concept.contexts or GENERIC_TEMPLATES)]
     return list(dict.fromkeys(out))
 
 
@@ -144,19 +135,17 @@ def _encode(model, prompts: list[str], batch: int = 64) -> torch.Tensor:
                                                    dtype=torch.float64)
 
 
-def category_of(item: str) -> str:
-    """The category of a preset concept name (``"green"`` -> ``"colour"``), "" for free text."""
-    from safediff.concepts import resolve
-
+def as_concept(item: str) -> Concept:
+    """A preserve item as a concept: the preset of that name, else free text."""
     found = resolve(item)
-    return found[0].category if len(found) == 1 and found[0].name == item else ""
+    return found[0] if len(found) == 1 and found[0].name == item else Concept(item, (item,), category="custom")
 
 
 def preserve_prompts(items: list[str], erase_words: list[str], expand: bool) -> list[str]:
     """The empty prompt, then each preserve item in its contexts, without prompts that contain an erased word."""
     out = [""]
     for item in items:
-        for p in contexts(item, category_of(item), expand):
+        for p in contexts(as_concept(item), item, expand):
             if not any(contains_word(p, w) for w in erase_words):
                 out.append(p)
     return list(dict.fromkeys(out))
@@ -181,7 +170,7 @@ def build_rows(model, concepts: list[Concept], guide: str | None, preserve: list
             word_ids = finder.ids(word)
             erase_words.append(word)
             found = 0
-            for prompt in contexts(word, concept.category, expand):
+            for prompt in contexts(concept, word, expand):
                 guide_prompt = replace_word(prompt, word, g)
                 rows = aligned_rows(finder, prompt, guide_prompt, word_ids, guide_len, tokens, max_length, padding)
                 if rows:

@@ -10,9 +10,10 @@ Start from UCE (``W'`` = the UCE-edited K/V, ``W`` = the K/V as given to ``fit``
    ``r`` the preserve rows.
 
 After each epoch a validator measures the concept's rate and, as the reference ``train.py`` does, the edit kept is the
-lowest-rate one among UCE (epoch 0) and epochs 1..E (the earlier on ties). Default validator: on the sandbox, the exact
-detector rate on the plain-template prompts (``safediff.erasers.validation``); pass ``validator=callable(model) ->
-rate`` for other models. With no validator the last epoch is kept.
+lowest-rate one among UCE (epoch 0) and epochs 1..E (the earlier on ties). The validator is given explicitly,
+``validator=callable(model) -> rate``: on the sandbox, the exact detector rate on the prompts erasers are told
+(``safediff.sandbox.validation.sandbox_validator(concepts)``; ``safediff erase --validator sandbox``). With no
+validator the last epoch is kept.
 
 Defaults (RECE README): λ1 = 0.1, λ2 = 0.1, s_e = 1; λ_reg / epochs per concept type: nudity 0.1 / 3, other I2P
 (unsafe) 0.1 / 2, art 1e-3 / 1, objects hard for UCE 1e-3 / 1, objects 0.1 / 1 (the sandbox's colours and shapes
@@ -31,8 +32,8 @@ than a random sample of as many preserve concepts as erased concepts; everything
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, ClassVar
 
 import torch
 from tqdm.auto import tqdm
@@ -43,7 +44,7 @@ from safediff.erasers.base import weights_set_to
 from safediff.erasers.closed_form import adversarial_map, kv_projections, uce_transform
 from safediff.erasers.prompts import build_rows
 from safediff.erasers.uce import UCE
-from safediff.erasers.validation import sandbox_validator
+from safediff.options import option
 
 CONCEPT_TYPES = {  # λ_reg, epochs (RECE README)
     "nudity": (0.1, 3),
@@ -65,34 +66,33 @@ def concept_type_of(concepts: list[Concept]) -> str:
 
 @dataclass
 class RECE(UCE):
-    name = "rece"
-    paper = "Gong et al., Reliable and Efficient Concept Erasure of Text-to-Image Diffusion Models, ECCV 2024 " \
+    name: ClassVar[str] = "rece"
+    paper: ClassVar[str] = "Gong et al., Reliable and Efficient Concept Erasure of Text-to-Image Diffusion Models, ECCV 2024 " \
             "(arXiv 2407.12383)"
 
-    rece_lamb: float = 0.1  # λ1
-    rece_preserve_scale: float = 0.1  # λ2
-    rece_erase_scale: float = 1.0
-    reg: float | None = None  # λ_reg; None: by concept type
-    epochs: int | None = None  # None: by concept type
-    concept_type: str | None = None  # nudity, unsafe, art, object-hard, object; None: from the concepts
-    keep_erased: bool = False  # re-alignment also keeps the current mapping of the original erase rows (see above)
-    validator: Callable | None = field(default=None, repr=False, compare=False, metadata={"hyperparameter": False})
+    zero_strength: ClassVar[dict] = {"erase_scale": 0.0, "rece_erase_scale": 0.0}
+
+    rece_lamb: float = option(0.1, low=0.0, help="λ1")
+    rece_preserve_scale: float = option(0.1, low=0.0, help="λ2")
+    rece_erase_scale: float = option(1.0, low=0.0)
+    reg: float | None = option(None, low=0.0, help="λ_reg; None: by concept type")
+    epochs: int | None = option(None, low=0, help="None: by concept type")
+    concept_type: str | None = option(None, help="nudity, unsafe, art, object-hard, object; None: from the concepts")
+    keep_erased: bool = option(False, help="re-alignment also keeps the current mapping of the original erase rows")
+    validator: Callable | None = option(None, hyperparameter=False)  # model -> rate (lower = better erased)
 
     def __post_init__(self):
+        super().__post_init__()
         if self.concept_type is not None and self.concept_type not in CONCEPT_TYPES:
             raise SafediffError(f"unknown RECE concept_type '{self.concept_type}'; accepted: "
                                 + ", ".join(CONCEPT_TYPES))
-        if self.epochs is not None and self.epochs < 0:
-            raise SafediffError(f"epochs must be >= 0, got {self.epochs}")
-        if self.reg is not None and self.reg < 0:
-            raise SafediffError(f"reg (λ_reg) must be >= 0, got {self.reg}")
 
     def compute(self, model, concepts: list[Concept], preserve, guide, progress):
         kind = self.concept_type or concept_type_of(concepts)
         reg, epochs = CONCEPT_TYPES[kind]
         reg = reg if self.reg is None else self.reg
         epochs = epochs if self.epochs is None else self.epochs
-        validator = self.validator or sandbox_validator(model, concepts)
+        validator = self.validator
 
         rows = build_rows(model, concepts, guide, preserve, self.tokens, self.expand_prompts, self.also_erase,
                           self.padding)

@@ -6,9 +6,9 @@ Stage 1 — closed-form refinement of the first end-of-text token. For every cro
 are paired with safe prompts p_s,i (the same prompt with the keyword replaced by the guide, e.g. "a person wearing
 clothes"; guide "" removes it), and e_m,i, e_s,i are the text-encoder outputs at each prompt's **first [EoT]
 token**, found from the token ids (the first EOS id; the reference code counts whitespace words, which lands on the
-wrong token whenever a word is several tokens). Templates: TRCE's 15 object templates (``TEMPLATES``), or for the
-sandbox's colour/shape concepts the world's plain templates filled with every value of the other attribute (what
-every eraser is told, ``erasers.prompts.contexts``), or the ``templates`` given:
+wrong token whenever a word is several tokens). Templates: the concept's contexts (what every eraser is told,
+``erasers.prompts.contexts``; for the sandbox's values the world's plain templates with every value of the other
+attribute), TRCE's 15 object templates (``TEMPLATES``) for a concept without contexts, or the ``templates`` given:
 
     min_W  (1/N) Σ_i ‖W e_m,i − W₀ e_s,i‖²  +  η (1/|P|) Σ_{p∈P} Σ_tokens ‖W e − W₀ e‖²  +  λ ‖W − W₀‖²_F
     ⇒  W = W₀ (S_sm + η C_P + λ I) (S_mm + η C_P + λ I)⁻¹,
@@ -41,7 +41,7 @@ Both stages give one edit (``stages=(1,)`` or ``(2,)`` for the paper's ablations
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -50,11 +50,12 @@ from tqdm.auto import tqdm
 from safediff.concepts import Concept
 from safediff.errors import SafediffError
 from safediff.erasers.base import Eraser, weights_set_to
-from safediff.erasers.denoise import ddim, ddim_until, latent_shape, predict
-from safediff.erasers.prompts import SANDBOX_CATEGORIES, contexts, preserve_prompts, replace_word
-from safediff.erasers.training import (NOT_A_HYPERPARAMETER, TrainingState, keywords_of, loss_summary, number,
-                                       run_fingerprint, trainable)
-from safediff.models import Conditioning, Model
+from safediff.erasers.prompts import contexts, preserve_prompts, replace_word
+from safediff.erasers.training import TrainingState, keywords_of, loss_summary, run_fingerprint, trainable
+from safediff.adapters import Conditioning
+from safediff.models import Model
+from safediff.options import option
+from safediff.sampling import cfg_session, ddim_scheduler, denoise, denoiser_output, latent_shape
 
 TEMPLATES = (
     "{}", "a photo of {}", "an image of {}", "a photograph showing {}", "an illustration of {}", "{} in a photo",
@@ -68,21 +69,10 @@ def fill(template: str, text: str) -> str:
     return " ".join(template.format(text).split())
 
 
-def eot_positions(model: Model, prompts: list[str]) -> torch.Tensor:
-    """Index of each prompt's first end-of-text token, from the token ids (first EOS id)."""
-    tok = model.adapter.tokenizers[0]
-    ids = model.adapter.tokenize(prompts, tok)
-    is_eos = ids == tok.eos_token_id
-    is_eos[:, 0] = False  # a tokenizer whose BOS equals EOS never puts EoT first
-    if not bool(is_eos.any(dim=1).all()):
-        raise SafediffError("a prompt has no end-of-text token (tokenizer without EOS?)")
-    return is_eos.int().argmax(dim=1)
-
-
 def eot_embeddings(model: Model, prompts: list[str]) -> torch.Tensor:
     """Text-encoder output (what cross-attention reads) at each prompt's first [EoT] token: [N, D]."""
     embeds = model.adapter.encode(prompts).embeds
-    return embeds[torch.arange(len(prompts)), eot_positions(model, prompts).to(embeds.device)]
+    return embeds[torch.arange(len(prompts)), model.adapter.eos_positions(prompts).to(embeds.device)]
 
 
 @torch.no_grad()
@@ -124,58 +114,57 @@ class TRCE(Eraser):
     paper: ClassVar[str] = ("Chen et al., TRCE: Towards Reliable Malicious Concept Erasure in Text-to-Image "
                             "Diffusion Models, arXiv 2503.07389")
 
-    stages: tuple[int, ...] = (1, 2)
-    templates: tuple[str, ...] = ()  # "{}" = keyword or guide; () = defaults (see ``prompt_pairs``)
-    preserve_scale: float = 0.01  # η, stage 1
-    lamb: float = 0.01  # λ, stage 1
-    iterations: int = 300  # stage-2 optimizer steps (reference: 3 epochs x 100 trajectories)
-    lr: float = 1e-6
-    weight_decay: float = 0.01
-    beta: float = 15.0  # guidance of the f_safe / f_unsafe targets
-    margin: float = 0.01  # m
-    preserve_weight: float = 100.0  # γ
-    trajectories: int = 100  # malicious trajectories, cycling over the (malicious, safe) prompt pairs
-    uncond_trajectories: int = 64  # the reference generates 2000 (and reads 400); we sample from this pool
-    preserve_batch: int = 4
-    trajectory_guidance: float = 3.0
-    early_fraction: float = 0.5  # the first half of the denoising steps
-    ddim_steps: int | None = None  # None: the model's default number of sampling steps
+    # a few CPU minutes per fit on the sandbox: 100 stage-2 steps (reference: 300 at lr 1e-6 on SD 1.4, a GPU) on
+    # 20 trajectories sampled with 10 DDIM steps; the demo's budget fits its 10 minutes
+    sandbox: ClassVar[dict[str, dict]] = {
+        "benchmark": {"iterations": 100, "lr": 1e-4, "trajectories": 20, "uncond_trajectories": 16, "ddim_steps": 10},
+        "demo": {"iterations": 40, "lr": 1e-4, "trajectories": 16, "uncond_trajectories": 8},
+        "smoke": {"iterations": 2, "lr": 1e-4, "trajectories": 2, "uncond_trajectories": 2}}
+    zero_strength: ClassVar[dict] = {"stages": (2,), "lr": 0.0}
+
+    stages: tuple[int, ...] = option((1, 2), help="1, 2 or both (1;2)")
+    templates: tuple[str, ...] = option((), help="'{}' = keyword or guide; () = defaults (see prompt_pairs)")
+    preserve_scale: float = option(0.01, low=0.0, help="η, stage 1")
+    lamb: float = option(0.01, low=0.0, help="λ, stage 1")
+    iterations: int = option(300, low=1, help="stage-2 optimizer steps (reference: 3 epochs x 100 trajectories)")
+    lr: float = option(1e-6, low=0.0)
+    weight_decay: float = option(0.01, low=0.0)
+    beta: float = option(15.0, help="guidance of the f_safe / f_unsafe targets")
+    margin: float = option(0.01, help="m")
+    preserve_weight: float = option(100.0, low=0.0, help="γ")
+    trajectories: int = option(100, low=1, help="malicious trajectories, cycling over the prompt pairs")
+    uncond_trajectories: int = option(64, low=1, help="pool sampled from (the reference generates 2000, reads 400)")
+    preserve_batch: int = option(4, low=1)
+    trajectory_guidance: float = option(3.0, low=0.0)
+    early_fraction: float = option(0.5, low=0.0, high=1.0, help="the first part of the denoising steps; > 0")
+    ddim_steps: int | None = option(None, low=1, help="None: the model's default number of sampling steps")
     seed: int = 0
-    checkpoint: str | None = field(default=None, metadata=NOT_A_HYPERPARAMETER)  # stage-2 checkpoint (resume)
-    checkpoint_every: int = field(default=50, metadata=NOT_A_HYPERPARAMETER)
+    checkpoint: str | None = option(None, hyperparameter=False)  # stage-2 checkpoint (resume)
+    checkpoint_every: int = option(50, low=1, hyperparameter=False)
 
     def __post_init__(self):
-        stages = self.stages
-        if isinstance(stages, (int, str)):
-            stages = str(stages).replace(",", " ").split()
-        try:
-            stages = tuple(sorted({int(s) for s in stages}))
-        except (TypeError, ValueError):
-            raise SafediffError(f"stages must be 1, 2 or both (e.g. 1,2), got {self.stages!r}") from None
+        super().__post_init__()
+        stages = tuple(sorted(set(self.stages)))
         if not stages or not set(stages) <= {1, 2}:
-            raise SafediffError(f"stages must be 1, 2 or both (e.g. 1,2), got {self.stages!r}")
+            raise SafediffError(f"stages must be 1, 2 or both (1;2), got {self.stages!r}")
         self.stages = stages
-        self.templates = tuple(self.templates)
         if any(t.count("{}") != 1 for t in self.templates):
             raise SafediffError("every TRCE template needs exactly one '{}' (where the keyword or guide goes)")
-        for name, minimum in (("preserve_scale", 0.0), ("lamb", 0.0), ("lr", 0.0), ("weight_decay", 0.0),
-                              ("beta", None), ("margin", None), ("preserve_weight", 0.0),
-                              ("trajectory_guidance", 0.0), ("early_fraction", 0.0)):
-            setattr(self, name, number(name, getattr(self, name), float, minimum))
-        if not 0 < self.early_fraction <= 1:
+        if not self.early_fraction > 0:
             raise SafediffError(f"early_fraction must be in (0, 1], got {self.early_fraction}")
-        for name in ("iterations", "trajectories", "uncond_trajectories", "preserve_batch", "checkpoint_every"):
-            setattr(self, name, number(name, getattr(self, name), int, 1))
-        if self.ddim_steps is not None:
-            self.ddim_steps = number("ddim_steps", self.ddim_steps, int, 1)
-        self.seed = number("seed", self.seed, int)
         self.losses: list[float] = []
+
+    def touches(self, name: str) -> bool:
+        component, _, rest = name.partition(".")
+        return component == "unet" and (".attn2.to_k." in rest or ".attn2.to_v." in rest or ".attn1." in rest
+                                        or ".attn2.to_q." in rest)
 
     def prompt_pairs(self, concepts: list[Concept], guide: str | None) -> tuple[list[str], list[str]]:
         """(malicious, safe) prompts: each keyword in each template, and the same prompt with the guide instead.
 
-        Default templates: for the sandbox's colour/shape concepts the world's plain templates filled with every
-        value of the other attribute (what every eraser is told); for other concepts TRCE's object templates.
+        Default templates: the concept's contexts (what every eraser is told; for the sandbox's values the world's
+        plain templates with every value of the other attribute), or for a concept without contexts TRCE's object
+        templates.
         """
         malicious, safe = [], []
         for c in concepts:
@@ -183,8 +172,8 @@ class TRCE(Eraser):
             for word in keywords_of([c]):
                 if self.templates:
                     prompts = [fill(t, word) for t in self.templates]
-                elif c.category in SANDBOX_CATEGORIES:
-                    prompts = contexts(word, c.category, expand=True)
+                elif c.contexts:
+                    prompts = contexts(c, word, expand=True)
                 else:
                     prompts = [fill(t, word) for t in TEMPLATES]
                 malicious += prompts
@@ -225,7 +214,7 @@ class Stage2:
         self.steps = int(eraser.ddim_steps or model.defaults["steps"])
         self.early = max(1, math.ceil(self.steps * eraser.early_fraction))
         self.height, self.width = int(model.defaults["height"]), int(model.defaults["width"])
-        self.scheduler = ddim(model, self.steps)
+        self.scheduler = ddim_scheduler(model, self.steps)
         named = dict(model.unet.named_parameters())
         self.params = {n: named[n] for n in stage2_names(model.unet)}
         self.frozen = {n: p.detach().clone() for n, p in self.params.items()}
@@ -244,18 +233,19 @@ class Stage2:
         e, m = self.eraser, self.model
         g = torch.Generator(device="cpu").manual_seed(int(e.seed))
         shape = latent_shape(m, self.height, self.width)
-        mal = []
-        for j in range(e.trajectories):
-            p = self.pair_of[j]
+
+        def trajectory(cond: Conditioning, guidance: float, n_steps: int) -> torch.Tensor:
+            """[n_steps, C, h, w]: the latents before each of the first n_steps DDIM steps from fresh noise."""
             noise = torch.randn((1, *shape), generator=g, dtype=m.dtype).to(m.device)
-            _, traj = ddim_until(m, self.scheduler, noise, self.early, self.cond_m[p:p + 1], self.uncond,
-                                 e.trajectory_guidance, record=True)
-            mal.append(torch.cat(traj))
-        unc = []
-        for _ in range(e.uncond_trajectories):
-            noise = torch.randn((1, *shape), generator=g, dtype=m.dtype).to(m.device)
-            _, traj = ddim_until(m, self.scheduler, noise, self.steps, self.uncond, self.uncond, 1.0, record=True)
-            unc.append(torch.cat(traj))
+            seen: list[torch.Tensor] = []
+            session = cfg_session(m, cond, self.uncond, guidance, self.scheduler, self.height, self.width)
+            denoise(session, self.scheduler, noise * self.scheduler.init_noise_sigma, n_steps=n_steps,
+                    kwargs={"eta": 0.0}, callback=lambda i, t, x: seen.append(x))
+            return torch.cat(seen)
+
+        mal = [trajectory(self.cond_m[p:p + 1], e.trajectory_guidance, self.early)
+               for p in self.pair_of[:e.trajectories]]
+        unc = [trajectory(self.uncond, 1.0, self.steps) for _ in range(e.uncond_trajectories)]
         return torch.stack(mal), torch.stack(unc)
 
     def loss(self, j: int, k: int, u_idx: torch.Tensor, u_step: torch.Tensor,
@@ -266,11 +256,11 @@ class Stage2:
         z, t = self.malicious_traj[j, k:k + 1], ts[k]
         c_m, c_s = self.cond_m[p:p + 1], self.cond_s[p:p + 1]
         with torch.no_grad():
-            e_u, e_m, e_s = predict(m, torch.cat([z, z, z]), t, Conditioning.cat([self.uncond, c_m, c_s]),
+            e_u, e_m, e_s = denoiser_output(m, torch.cat([z, z, z]), t, Conditioning.cat([self.uncond, c_m, c_s]),
                                     params=reference).chunk(3)
             f_safe = e_s + e.beta * (e_s - e_u)
             f_unsafe = e_m + e.beta * (e_m - e_u)
-        pred = predict(m, torch.cat([z, z]), t, Conditioning.cat([c_m, self.uncond]))
+        pred = denoiser_output(m, torch.cat([z, z]), t, Conditioning.cat([c_m, self.uncond]))
         d_safe = ((pred - f_safe) ** 2).mean(dim=(1, 2, 3))
         d_unsafe = ((pred - f_unsafe) ** 2).mean(dim=(1, 2, 3))
         erase = torch.clamp(d_safe - d_unsafe + e.margin, min=0).mean()
@@ -278,8 +268,8 @@ class Stage2:
         t_u = ts[u_step]
         uncond = Conditioning.cat([self.uncond] * len(u_idx))
         with torch.no_grad():
-            kept = predict(m, z_u, t_u, uncond, params=self.frozen)  # stage-1 model: live K/V, frozen stage-2 set
-        preserve = torch.nn.functional.mse_loss(predict(m, z_u, t_u, uncond), kept)
+            kept = denoiser_output(m, z_u, t_u, uncond, params=self.frozen)  # stage-1 model: live K/V, frozen stage-2 set
+        preserve = torch.nn.functional.mse_loss(denoiser_output(m, z_u, t_u, uncond), kept)
         return erase + e.preserve_weight * preserve
 
     def draw(self, iteration: int) -> tuple[int, int, torch.Tensor, torch.Tensor]:

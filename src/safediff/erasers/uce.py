@@ -29,6 +29,7 @@ never contain an erased word.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -36,20 +37,27 @@ from safediff.concepts import Concept
 from safediff.erasers.base import Eraser
 from safediff.erasers.closed_form import kv_projections, transformed, uce_transform
 from safediff.erasers.prompts import build_rows
+from safediff.options import option
 
 
 @dataclass
 class UCE(Eraser):
-    name = "uce"
-    paper = "Gandikota et al., Unified Concept Editing in Diffusion Models, WACV 2024 (arXiv 2308.14761)"
+    name: ClassVar[str] = "uce"
+    paper: ClassVar[str] = "Gandikota et al., Unified Concept Editing in Diffusion Models, WACV 2024 (arXiv 2308.14761)"
 
-    lamb: float = 0.5
-    erase_scale: float = 1.0
-    preserve_scale: float = 1.0
-    tokens: str = "to_end"  # "to_end" (2023 code) or "last" (2025 code)
-    padding: str = "same_position"  # padding rows' guide rows: "same_position" or "shifted" (2023 code)
-    expand_prompts: bool = True
-    also_erase: tuple[str, ...] = ()  # extra words erased like the concept's keywords (e.g. known synonyms)
+    zero_strength: ClassVar[dict] = {"erase_scale": 0.0}
+
+    lamb: float = option(0.5, low=0.0, help="λ: weight of keeping W near W_old")
+    erase_scale: float = option(1.0, low=0.0, help="s_e: weight of the erase rows")
+    preserve_scale: float = option(1.0, low=0.0, help="s_p: weight of the preserve rows")
+    tokens: str = option("to_end", help="'to_end' (2023 code) or 'last' (2025 code)")
+    padding: str = option("same_position", help="padding rows' guide rows: 'same_position' or 'shifted' (2023)")
+    expand_prompts: bool = option(True, help="the word in template prompts too (2025 code's --expand_prompts)")
+    also_erase: tuple[str, ...] = option((), help="extra words erased like the keywords (e.g. known synonyms)")
+
+    def touches(self, name: str) -> bool:
+        component, _, rest = name.partition(".")
+        return component == "unet" and (".attn2.to_k." in rest or ".attn2.to_v." in rest)
 
     def compute(self, model, concepts: list[Concept], preserve, guide, progress):
         rows = build_rows(model, concepts, guide, preserve, self.tokens, self.expand_prompts, self.also_erase,

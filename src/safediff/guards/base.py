@@ -13,14 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
-from safediff.models import Conditioning, Model
+from safediff.adapters import Conditioning
 
 
 @dataclass
 class GenerationContext:
     """What a guard may read about the batch being generated."""
 
-    model: Model
+    model: object  # safediff.models.Model
     prompts: list[str]
     cond: Conditioning  # prompt conditioning, [B, ...]
     uncond: Conditioning  # unconditional or negative-prompt conditioning, [B, ...]
@@ -56,9 +56,19 @@ class Session:
 
 
 class Guard:
-    """Base guard: no guidance beyond CFG. ``name`` is the registry name; ``config()`` is recorded in results."""
+    """Base guard: no guidance beyond CFG. ``name`` is the registry name; ``config()`` is recorded in results.
+
+    Class metadata read by the demo, the benchmarks and the contract suite (``tests/contract``): ``sandbox_preset``
+    (the preset the sandbox runs use), ``multi_category`` (the guard picks one of several harmful categories, so it is
+    measured on a set with several), ``zero_strength`` (options under which the guard must be plain CFG; None when
+    the method has no such setting, with the reason in ``zero_strength_reason``)."""
 
     name = "none"
+    default_concept: str | None = None
+    sandbox_preset: str | None = None
+    multi_category = False
+    zero_strength: str | None = ""
+    zero_strength_reason = ""
 
     def start(self, ctx: GenerationContext) -> Session:
         return Session(ctx)

@@ -29,14 +29,16 @@ no category was used) and, over every batch a guard has run, ``CASGSLD.chosen_ca
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from safediff.concepts import Concept
 from safediff.errors import SafediffError
 from safediff.guards.base import GenerationContext, Session
-from safediff.guards.options import Knob
-from safediff.guards.sld import KNOBS, PRESETS, SLD, SLDParams, SLDSession
-from safediff.models import Conditioning
+from safediff.adapters import Conditioning
+from safediff.guards.sld import PRESETS, SLD, SLDParams, SLDSession
+from safediff.options import check_fields, option
 
 
 def select_category(eps_uncond: torch.Tensor, eps_prompt: torch.Tensor, eps_categories: torch.Tensor) -> torch.Tensor:
@@ -95,14 +97,23 @@ class CASGSession(SLDSession):
         return self.guide(i, eps_uncond, eps_prompt, eps_safety)
 
 
+@dataclass(frozen=True)
+class CASGParams(SLDParams):
+    reselect_every: int = option(low=1, high=10_000, help="re-select the category every m steps")
+
+    def __post_init__(self):
+        check_fields(self, "casg-sld")
+
+
 class CASGSLD(SLD):
-    """``casg-sld[:PRESET][,KEY=VALUE...]`` with the SLD presets and knobs plus ``reselect_every``."""
+    """``casg-sld[:PRESET][,KEY=VALUE...]`` with the SLD presets and options plus ``reselect_every``."""
 
     name = "casg-sld"
     default_concept = "i2p-all"
     default_preset = "max"
+    multi_category = True
     presets = {k: {**v, "reselect_every": 1} for k, v in PRESETS.items()}
-    knobs = {**KNOBS, "reselect_every": Knob(int, 1, 10_000, "re-select the category every m steps")}
+    params_class = CASGParams
 
     def __init__(self, concepts: list[Concept], preset: str | None = None, **overrides):
         super().__init__(concepts, preset, **overrides)
@@ -110,7 +121,7 @@ class CASGSLD(SLD):
         if not all(self.category_texts):
             raise SafediffError("casg-sld: a category has no keywords; give presets (i2p-all, red,blue) or free text")
         self.category_names = [c.name for c in self.concepts]
-        self.reselect_every = int(self.values["reselect_every"])
+        self.reselect_every = self.params.reselect_every
         self.history: list[list[torch.Tensor]] = []  # the ``chosen`` list of every session started
 
     def start(self, ctx: GenerationContext) -> Session:

@@ -29,22 +29,32 @@ token, EOS and padding embeddings with zeros. We apply the flags to the position
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from safediff.guards.options import Knob
-from safediff.guards.safree import KNOBS, PRESETS, SafreeGuard
+from safediff.guards.safree import PRESETS, SafreeGuard, SafreeParams
+from safediff.options import check_fields, option
+
+
+@dataclass(frozen=True)
+class CasgSafreeParams(SafreeParams):
+    joined: int = option(low=0, high=1, help="subspaces from one joined string each (1, as released) or one column "
+                                              "per keyword (0)")
+    category_rule: int = option(low=0, high=1, help="k*(i) = argmin_k ||(I - P_k) p_\\i|| (0, the paper's) or the "
+                                                     "removal rule (1, not in the paper)")
+
+    def __post_init__(self):
+        check_fields(self, "casg-safree")
 
 
 class CasgSafreeGuard(SafreeGuard):
-    """``casg-safree[:PRESET][,KEY=VALUE...]``: SAFREE's knobs plus ``joined`` (see the module docstring)."""
+    """``casg-safree[:PRESET][,KEY=VALUE...]``: SAFREE's options plus ``joined`` (see the module docstring)."""
 
     name = "casg-safree"
     default_concept = "i2p-all"
-    knobs = {**KNOBS,
-             "joined": Knob(int, 0, 1, "subspaces from one joined string each (1, as released) or one column per "
-                                       "keyword (0)"),
-             "category_rule": Knob(int, 0, 1, "k*(i) = argmin_k ||(I - P_k) p_\\i|| (0, the paper's) or the removal "
-                                              "rule (1, not in the paper)")}
+    multi_category = True
+    params_class = CasgSafreeParams
     presets = {"paper": {**PRESETS["paper"], "joined": 0, "category_rule": 0},
                "released": {**PRESETS["released"], "joined": 1, "category_rule": 0}}
     per_category = True

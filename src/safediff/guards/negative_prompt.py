@@ -13,10 +13,17 @@ given to ``generate``; with CFG off (s_g ≤ 1) it has no effect, as a negative 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from safediff.concepts import Concept
 from safediff.guards.base import GenerationContext, Guard, Session
-from safediff.guards.options import resolve_params
+from safediff.options import with_preset
 from safediff.guards.sld import sld_concept_text
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """The negative-prompt guard has no hyper-parameters."""
 
 
 class NegativePromptSession(Session):
@@ -33,9 +40,11 @@ class NegativePromptGuard(Guard):
 
     name = "negative-prompt"
     default_concept = "sld-default"
+    zero_strength = None
+    zero_strength_reason = "the concept text replaces the unconditional branch; there is no strength to turn down"
 
-    def __init__(self, concepts: list[Concept], preset: str | None = None):
-        resolve_params(self.name, preset, {}, None, {})
+    def __init__(self, concepts: list[Concept], preset: str | None = None, **overrides):
+        with_preset(self.name, NoOptions, {}, None, preset, overrides)
         self.concepts = list(concepts)
         self.concept_text = sld_concept_text(self.concepts)
 

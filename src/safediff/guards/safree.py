@@ -45,12 +45,13 @@ from dataclasses import dataclass
 
 import torch
 
+from safediff.adapters import Adapter, Conditioning
 from safediff.concepts import Concept
 from safediff.errors import SafediffError
 from safediff.guards.base import GenerationContext, Guard, Session
 from safediff.guards.latent_reattention import LatentReattention, ReattentionRows
-from safediff.guards.options import Knob, resolve_params
-from safediff.models import Adapter, Conditioning, Model
+from safediff.models import Model
+from safediff.options import check_fields, option, with_preset
 
 
 def projector(columns: torch.Tensor) -> torch.Tensor:
@@ -80,13 +81,6 @@ def trigger_mask(distances: torch.Tensor, alpha: float) -> torch.Tensor:
 def svf_steps(beta: float, gamma: int, k: float, t0: float) -> int:
     """The self-validating filter's last filtered step t' = round(gamma * sigmoid(2k (10 beta - t0)))."""
     return round(gamma * torch.sigmoid(torch.tensor(2.0 * k * (10.0 * beta - t0), dtype=torch.float64)).item())
-
-
-def eos_positions(adapter: Adapter, prompts: list[str]) -> torch.Tensor:
-    """Long [B]: position of the first EOS token (BOS at 0, real tokens at 1..eos-1)."""
-    tok = adapter.tokenizers[0]
-    ids = adapter.tokenize(prompts, tok)
-    return (ids == tok.eos_token_id).int().argmax(dim=1)
 
 
 def pooled(cond: Conditioning, eos: torch.Tensor) -> torch.Tensor:
@@ -131,21 +125,25 @@ class TokenFilter:
         return self.triggers.any(dim=1)
 
 
-KNOBS: dict[str, Knob] = {
-    "alpha": Knob(float, 0.0, 10.0, "trigger-token margin α"),
-    "gamma": Knob(int, 0, 10_000, "most filtered steps γ of the self-validating filter"),
-    "k": Knob(float, 1e-3, 100.0, "slope k of the self-validating filter's sigmoid"),
-    "t0": Knob(float, -100.0, 100.0, "midpoint t₀ of the self-validating filter's sigmoid"),
-    "svf": Knob(int, 0, 1, "self-validating filter (1) or the filtered embedding at every step (0)"),
-    "lra": Knob(int, 0, 1, "adaptive latent re-attention on filtered steps (1) or off (0)"),
-    "negative_prompt": Knob(int, 0, 1, "keywords joined by ', ' as the CFG negative prompt (1) or not (0)"),
-    "b1": Knob(float, 0.0, 10.0, "backbone factor b of the first up block"),
-    "b2": Knob(float, 0.0, 10.0, "backbone factor b of the second up block"),
-    "s1": Knob(float, 0.0, 1.0, "low-frequency attenuation s of the first up block"),
-    "s2": Knob(float, 0.0, 1.0, "low-frequency attenuation s of the second up block"),
-    "lra_radius": Knob(int, 0, 64, "low-frequency radius τ of the re-attention"),
-    "mask_token_id": Knob(int, 0, 10_000_000, "token id that replaces a token to mask it"),
-}
+@dataclass(frozen=True)
+class SafreeParams:
+    alpha: float = option(low=0.0, high=10.0, help="trigger-token margin α")
+    gamma: int = option(low=0, high=10_000, help="most filtered steps γ of the self-validating filter")
+    k: float = option(low=1e-3, high=100.0, help="slope k of the self-validating filter's sigmoid")
+    t0: float = option(low=-100.0, high=100.0, help="midpoint t₀ of the self-validating filter's sigmoid")
+    svf: int = option(low=0, high=1, help="self-validating filter (1) or the filtered embedding at every step (0)")
+    lra: int = option(low=0, high=1, help="adaptive latent re-attention on filtered steps (1) or off (0)")
+    negative_prompt: int = option(low=0, high=1, help="keywords joined by ', ' as the CFG negative prompt (1) or not")
+    b1: float = option(low=0.0, high=10.0, help="backbone factor b of the first up block")
+    b2: float = option(low=0.0, high=10.0, help="backbone factor b of the second up block")
+    s1: float = option(low=0.0, high=1.0, help="low-frequency attenuation s of the first up block")
+    s2: float = option(low=0.0, high=1.0, help="low-frequency attenuation s of the second up block")
+    lra_radius: int = option(low=0, high=64, help="low-frequency radius τ of the re-attention")
+    mask_token_id: int = option(low=0, high=10_000_000, help="token id that replaces a token to mask it")
+
+    def __post_init__(self):
+        check_fields(self, "safree")
+
 
 _COMMON = {"alpha": 0.01, "gamma": 10, "k": 2.5, "t0": 5.333, "svf": 1, "b1": 1.0, "b2": 1.0, "s1": 0.9, "s2": 0.2,
            "lra_radius": 1, "mask_token_id": 0}
@@ -161,17 +159,18 @@ class SafreeGuard(Guard):
     name = "safree"
     default_concept = "safree-nudity"
     presets = PRESETS
-    knobs = KNOBS
+    params_class = SafreeParams
     default_preset = "paper"
+    zero_strength = "alpha=10,negative_prompt=0"  # no token is a trigger (the margin is the largest accepted)
     per_category = False  # CASG-SAFREE: each trigger token is projected against one category's subspace
 
     def __init__(self, concepts: list[Concept], preset: str | None = None, **overrides):
         if not concepts:
             raise SafediffError(f"{self.name} needs at least one concept (e.g. {self.default_concept})")
         overrides = {k: int(v) if isinstance(v, bool) else v for k, v in overrides.items()}
-        self.preset, self.values = resolve_params(self.name, preset, self.presets, self.default_preset, self.knobs,
-                                                  **overrides)
-        v = self.values
+        self.preset, self.params = with_preset(self.name, self.params_class, self.presets, self.default_preset,
+                                               preset, overrides)
+        self.values = v = dataclasses.asdict(self.params)
         self.concepts = list(concepts)
         self.keywords = tuple(dict.fromkeys(kw for c in self.concepts for kw in c.keywords if kw.strip()))
         if not self.keywords:
@@ -198,7 +197,7 @@ class SafreeGuard(Guard):
             texts = self.subspace_texts()
             flat = [t for ts in texts.values() for t in ts]
             adapter = model.adapter
-            emb = pooled(adapter.encode(flat), eos_positions(adapter, flat))
+            emb = pooled(adapter.encode(flat), adapter.eos_positions(flat))
             out, start = {}, 0
             for name, ts in texts.items():
                 out[name] = projector(emb[start:start + len(ts)].T)
@@ -221,7 +220,7 @@ class SafreeGuard(Guard):
         spaces = self.subspaces(model)
         p_c = spaces["global"]
         eye = torch.eye(p_c.shape[0], dtype=p_c.dtype, device=p_c.device)
-        eos = eos_positions(adapter, prompts)
+        eos = adapter.eos_positions(prompts)
         masked = masked_pooled(adapter, prompts, eos, self.mask_token_id)
         embeds = cond.embeds.clone()
         triggers = torch.zeros(embeds.shape[:2], dtype=torch.bool)

@@ -42,6 +42,7 @@ The presets were tuned for 50 steps; with fewer steps warm-up δ covers a larger
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -49,8 +50,8 @@ import torch
 from safediff.concepts import Concept
 from safediff.errors import SafediffError
 from safediff.guards.base import GenerationContext, Guard, Session
-from safediff.guards.options import Knob, resolve_params
-from safediff.models import Conditioning
+from safediff.adapters import Conditioning
+from safediff.options import check_fields, option, with_preset
 
 PRESETS: dict[str, dict] = {
     "weak": {"warmup": 15, "safety_scale": 200.0, "threshold": 0.0, "momentum_scale": 0.0, "momentum_beta": 0.0},
@@ -61,22 +62,16 @@ PRESETS: dict[str, dict] = {
     "max": {"warmup": 0, "safety_scale": 5000.0, "threshold": 1.0, "momentum_scale": 0.5, "momentum_beta": 0.7},
 }
 
-KNOBS: dict[str, Knob] = {
-    "warmup": Knob(int, 0, 10_000, "warm-up steps δ before the safety term is applied"),
-    "safety_scale": Knob(float, 0.0, 1e5, "safety guidance scale s_S; <= 1 turns SLD off"),
-    "threshold": Knob(float, -10.0, 10.0, "threshold λ of the element-wise mask"),
-    "momentum_scale": Knob(float, 0.0, 10.0, "momentum scale s_m"),
-    "momentum_beta": Knob(float, 0.0, 1.0, "momentum decay β_m"),
-}
-
-
 @dataclass(frozen=True)
 class SLDParams:
-    warmup: int
-    safety_scale: float
-    threshold: float
-    momentum_scale: float
-    momentum_beta: float
+    warmup: int = option(low=0, high=10_000, help="warm-up steps δ before the safety term is applied")
+    safety_scale: float = option(low=0.0, high=1e5, help="safety guidance scale s_S; <= 1 turns SLD off")
+    threshold: float = option(low=-10.0, high=10.0, help="threshold λ of the element-wise mask")
+    momentum_scale: float = option(low=0.0, high=10.0, help="momentum scale s_m")
+    momentum_beta: float = option(low=0.0, high=1.0, help="momentum decay β_m")
+
+    def __post_init__(self):
+        check_fields(self, "sld")
 
     def active(self, ctx: GenerationContext) -> bool:
         return ctx.cfg and self.safety_scale > 1.0
@@ -150,16 +145,17 @@ class SLD(Guard):
     name = "sld"
     default_concept = "sld-default"
     default_preset = "medium"
+    sandbox_preset = "max"
+    zero_strength = "safety_scale=0"
     presets = PRESETS
-    knobs = KNOBS
+    params_class = SLDParams
 
     def __init__(self, concepts: list[Concept], preset: str | None = None, **overrides):
         self.concepts = list(concepts)
         self.concept_text = sld_concept_text(self.concepts)
-        self.preset, values = resolve_params(self.name, preset, self.presets, self.default_preset, self.knobs,
-                                             **overrides)
-        self.params = SLDParams(**{k: values[k] for k in KNOBS})
-        self.values = values
+        self.preset, self.params = with_preset(self.name, self.params_class, self.presets, self.default_preset,
+                                               preset, overrides)
+        self.values = dataclasses.asdict(self.params)
 
     def start(self, ctx: GenerationContext) -> Session:
         if not self.params.active(ctx):

@@ -35,7 +35,7 @@ def export_lora(new: dict[str, torch.Tensor], old: dict[str, torch.Tensor], path
     """
     from safetensors.torch import save
 
-    from safediff.protocol import write_bytes_atomic
+    from safediff.storage import write_bytes_atomic
 
     if rank is not None and rank < 1:
         raise SafediffError(f"LoRA rank must be a positive integer or None (exact), got {rank}")

@@ -6,25 +6,22 @@ loaded) and ``parents``, the digests of the edits that were already applied when
 so a stack ``SPEC+A+B`` is reproduced only in the order it was made, and ``revert`` undoes edits in reverse order,
 restoring the exact bytes of the weights.
 
-On disk an edit is one safetensors file: the tensors, and the metadata as JSON under the header key
-``safediff_edit``. Nothing is ever unpickled.
+On disk an edit is one safetensors file: the tensors, and the metadata (a record of kind ``edit``,
+``safediff.records``) as JSON under the header key ``safediff_edit``, including ``edit_sha256``, the digest of the
+tensors, which ``load`` verifies: a flipped byte in a tensor is refused. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from safediff.errors import SafediffError
+from safediff.hashing import tensors_sha256
+from safediff.records import SCHEMA_VERSION, check_record
 
-FORMAT = "safediff-edit"
-FORMAT_VERSION = 1
 HEADER_KEY = "safediff_edit"
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
 
@@ -52,12 +49,7 @@ def resolve_parameter(model, name: str) -> torch.nn.Parameter:
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 over (name, dtype, shape, bytes) of every tensor, by name: the identity of an edit's content."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    return tensors_sha256((name, tensors[name]) for name in sorted(tensors))
 
 
 class Edit:
@@ -69,17 +61,11 @@ class Edit:
         if not metadata.get("base_weights_sha256"):
             raise SafediffError("edit metadata lacks base_weights_sha256 (the hash of the model it was made for)")
         self.tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "parents": [], **metadata}
+        self.digest = tensors_digest(self.tensors)
+        metadata = {"kind": "edit", "schema_version": SCHEMA_VERSION, "parents": [], **metadata,
+                    "edit_sha256": self.digest}
         self.metadata = json.loads(json.dumps(metadata, default=str))  # exactly what a saved file reads back
-        self._digest: str | None = None
         self._originals: dict[int, dict[str, torch.Tensor]] = {}  # id(model) -> tensors replaced by apply
-
-    # identity -----------------------------------------------------------------------------------------------
-    @property
-    def digest(self) -> str:
-        if self._digest is None:
-            self._digest = tensors_digest(self.tensors)
-        return self._digest
 
     @property
     def method(self) -> str:
@@ -87,7 +73,7 @@ class Edit:
 
     def protocol(self) -> dict:
         """The metadata, plus the content digest and what is changed (recorded with every result)."""
-        return {**self.metadata, "edit_sha256": self.digest, "parameters_changed": len(self.tensors),
+        return {**self.metadata, "parameters_changed": len(self.tensors),
                 "elements_changed": sum(t.numel() for t in self.tensors.values())}
 
     def __repr__(self) -> str:
@@ -150,7 +136,7 @@ class Edit:
         """Write the edit as safetensors (metadata JSON in the header), atomically."""
         from safetensors.torch import save
 
-        from safediff.protocol import write_bytes_atomic
+        from safediff.storage import write_bytes_atomic
 
         path = Path(path)
         header = {HEADER_KEY: json.dumps(self.metadata, sort_keys=True, default=str)}
@@ -180,12 +166,11 @@ class Edit:
             metadata = json.loads(header[HEADER_KEY])
         except json.JSONDecodeError:
             raise SafediffError(f"'{path}' has corrupt edit metadata (invalid JSON)") from None
-        if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
-            raise SafediffError(f"'{path}' is not a safediff edit (format {metadata.get('format')!r})")
-        if metadata.get("format_version") != FORMAT_VERSION:
-            raise SafediffError(f"'{path}' is edit format version {metadata.get('format_version')}; this safediff "
-                                f"reads version {FORMAT_VERSION}")
-        return cls(tensors, metadata)
+        check_record(metadata, ("edit",), str(path))
+        edit = cls(tensors, metadata)
+        if edit.digest != metadata.get("edit_sha256"):
+            raise SafediffError(f"'{path}' is damaged: its tensors do not match the digest stored with them")
+        return edit
 
     def export_folder(self, model, out: str | Path) -> Path:
         """Write ``model`` with this edit applied as a full diffusers folder (safetensors weights), atomically.
@@ -193,37 +178,27 @@ class Edit:
         The model is left as it was: the edit is applied for the export and reverted afterwards unless it was
         already applied. The folder also holds ``safediff_edit.json`` (sampler defaults and the edits' records).
         """
-        from safediff.protocol import write_json_atomic
+        from safediff.storage import staged_folder, write_json_atomic
 
-        out = Path(out)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise SafediffError(f"'{out}' exists and is not an empty folder; choose a new folder")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
         applied_here = not self.is_applied(model)
         try:
-            if applied_here:
-                self.apply(model)
-            model.pipe.save_pretrained(str(tmp), safe_serialization=True)
-            write_json_atomic(tmp / "safediff_edit.json", {"defaults": model.defaults, "model": model.protocol()})
-            if out.exists():
-                out.rmdir()
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            with staged_folder(out) as tmp:
+                if applied_here:
+                    self.apply(model)
+                model.pipe.save_pretrained(str(tmp), safe_serialization=True)
+                write_json_atomic(tmp / "safediff_edit.json", {"defaults": model.defaults, "model": model.protocol()})
         finally:
             if applied_here and self.is_applied(model):
                 self.revert(model)
-        return out
+        return Path(out)
 
     def export_lora(self, path: str | Path, rank: int | None = None, model=None) -> dict:
-        """Write the weight deltas as a diffusers-format LoRA (see ``safediff.erasers.lora``); return its report.
+        """Write the weight deltas as a diffusers-format LoRA (see ``safediff.edits.lora``); return its report.
 
         The deltas need the weights the edit replaced: those of the model it is applied to, or of ``model`` (the
         base it was made for, with the same parent edits applied).
         """
-        from safediff.erasers.lora import export_lora
+        from safediff.edits.lora import export_lora
 
         if model is None:
             if len(self._originals) != 1:

@@ -1,0 +1,56 @@
+"""The sandbox validator: ``callable(model) -> rate`` of the concepts in generated images (lower = better erased).
+
+RECE keeps the epoch whose validation rate is lowest. On the sandbox the rate is exact: images are generated from the
+prompts the eraser itself is told (each keyword in the concept's contexts, ``safediff.erasers.prompts.contexts``;
+never synonyms or held-out templates) and the sandbox detectors read the colour/shape of each image. Validators are
+passed explicitly (``RECE(validator=sandbox_validator(concepts))``; ``safediff erase --validator sandbox``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from safediff.concepts import Concept
+from safediff.errors import SafediffError
+
+VALIDATION_SEED = 90_000  # seeds VALIDATION_SEED + k, apart from the benchmark sets' random seeds
+CATEGORIES = ("colour", "shape")
+
+
+def sandbox_rate(model, attribute: str, category: str, prompts: list[str], seeds: list[int]) -> float:
+    """Fraction of images (one per prompt/seed) whose detected colour (or shape) is ``attribute``."""
+    from safediff.detectors.sandbox import attributes
+    from safediff.sampling import generate
+
+    images = generate(model, prompts, seeds, progress=False).pixels
+    found = [a[category] == attribute for a in attributes(images)]
+    return sum(found) / len(found)
+
+
+def sandbox_validator(concepts: list[Concept], images_per_prompt: int = 2) -> Callable:
+    """The exact validator for sandbox concepts (mean rate over the concepts)."""
+    from safediff.erasers.prompts import contexts
+
+    if not concepts or not all(c.category in CATEGORIES for c in concepts):
+        raise SafediffError("the sandbox validator reads sandbox colours and shapes; got concepts "
+                            f"{[c.name for c in concepts]} ({', '.join(sorted({c.category for c in concepts}))})")
+    plan = []
+    for c in concepts:
+        prompts = [p for p in contexts(c, c.keywords[0], expand=True) for _ in range(images_per_prompt)]
+        plan.append((c.keywords[0], c.category, prompts, [VALIDATION_SEED + k for k in range(len(prompts))]))
+
+    def validate(m) -> float:
+        return sum(sandbox_rate(m, a, cat, p, s) for a, cat, p, s in plan) / len(plan)
+
+    return validate
+
+
+def eraser_settings(cls, purpose: str, concepts: list[Concept]) -> dict:
+    """An eraser class's settings on the sandbox for ``purpose`` (its ``sandbox`` table: benchmark, demo, smoke),
+    plus the sandbox validator when the eraser takes one (RECE)."""
+    import dataclasses
+
+    settings = dict(cls.sandbox.get(purpose, {}))
+    if "validator" in {f.name for f in dataclasses.fields(cls)}:
+        settings["validator"] = sandbox_validator(concepts)
+    return settings
