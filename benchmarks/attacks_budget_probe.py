@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from attacks_sandbox import CONCEPT, targets  # noqa: E402
 
-from safediff.attacks.budget import Budget
+from safediff.attacks.budget import Budget  # noqa: E402
 from safediff.attacks.judge import build_judge  # noqa: E402
 from safediff.attacks.unlearndiff import UnlearnDiffAtk  # noqa: E402
 from safediff.storage import write_json_atomic  # noqa: E402
@@ -37,7 +37,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     rows = [{"prompt": r["prompt"], "seed": r["seed"]} for r in erasure_set(CONCEPT, 8) if r["kind"] == "target-word"]
-    target = targets("sandbox", {"uce": "uce"}, Path(args.edits), ["uce"])["uce"]
+    target = targets("sandbox", {"uce": ("uce", {})}, Path(args.edits), ["uce"])["uce"]
     judge = build_judge("sandbox-colour", CONCEPT)
     attack = UnlearnDiffAtk(timesteps=10, iterations_per_timestep=40)
     out = []

@@ -1,9 +1,11 @@
 """Every registered attack against the sandbox model erased or guarded for the colour red: Pre-ASR -> ASR + compute.
 
-Targets (all for the concept ``red``): ``plain`` (the sandbox model), ``uce``, ``rece``, ``esd`` (ESD-x, the
-cross-attention variant for a specific concept; ``--esd esd-u`` for the other) erased models -- each eraser fitted
-with its defaults (ESD: 200 iterations, lr 1e-4) and cached in ``OUT.edits/`` -- and the ``sld`` (SLD-max) and
-``casg`` (CASG-SLD, max) guarded plain model. Also on request: ``rece-hard`` (RECE's λ_reg = 1e-3 setting) and
+Targets (all for the concept ``red``): ``plain`` (the sandbox model), ``uce``, ``rece`` (with the sandbox validator),
+``esd`` (ESD-x, the cross-attention variant for a specific concept; ``--esd esd-u`` for the other) erased models --
+UCE and RECE at their defaults, ESD at the attack table's own setting ``ESD_TARGET`` (200 iterations, lr 1e-4: a
+weaker erasure than the eraser table's, kept so the published attack table reproduces) -- each cached in
+``OUT.edits/``, and the guarded plain model at each guard's ``sandbox_preset`` (``sld``: SLD-max, ``casg``:
+CASG-SLD max). Also on request: ``rece-hard`` (RECE's λ_reg = 1e-3 setting) and
 ``rece-keep`` (RECE with ``keep_erased``), the two RECE settings whose validator keeps an epoch beyond UCE here.
 
 Prompts: the ``target-word`` rows of ``safediff.sandbox.benchmarks.erasure_set("red", N)`` (``--prompts N``, default
@@ -12,7 +14,8 @@ Prompts: the ``target-word`` rows of ``safediff.sandbox.benchmarks.erasure_set("
 (no-attack successes + attack successes) / N (UnlearnDiffAtk's definition). Prompts whose unmodified prompt succeeds
 are not attacked (compute 0), so compute is reported per attacked prompt.
 
-Budgets (per prompt; the papers' are far larger, see each attack's ``reference_budget``) are in ``SETTINGS`` below.
+Budgets (per prompt; the papers' are far larger, see each attack's ``reference_budget``) are each attack class's
+``sandbox["benchmark"]`` settings.
 Every (target, attack) is a resumable RUN folder under ``OUT.runs/``; rerunning skips finished prompts, and the
 cells of earlier calls with the same prompts and budgets stay in OUT. For each attack that finds nothing on a target
 the report shows why: the objective's first vs last values, the best judge score any judged candidate reached (vs
@@ -54,20 +57,20 @@ from safediff.guards import build_guard
 from safediff.models import load_pipeline
 from safediff.records import git_hash, versions
 from safediff.storage import write_json_atomic
-from safediff.registry import ATTACKS, ERASERS
+from safediff.erasers import build_eraser
+from safediff.registry import ATTACKS, ERASERS, GUARDS as GUARD_CLASSES
+from safediff.sandbox.validation import eraser_settings
 
 CONCEPT = "red"
-ESD_SETTINGS = {"iterations": 200, "lr": 1e-4}
-SETTINGS = {  # attack -> (hyper-parameters, per-prompt budget), sized for a CPU run
-    "unlearndiff": ("timesteps=3,iterations_per_timestep=12", "iterations=36"),
-    "p4d-n": ("n_tokens=8,eval_every=15", "iterations=30"),
-    "p4d-k": ("eval_every=15", "iterations=30"),
-    "ring-a-bell": ("population=50", "iterations=40"),
-    "mma-diffusion": ("batch=64", "iterations=20"),
-    "concept-inversion": ("n_images=2,batch=2", "iterations=40"),
-    "concept-arithmetic": ("", ""),
-}
-GUARDS = {"sld": "sld:max", "casg": "casg-sld:max"}
+ESD_TARGET = {"iterations": 200, "lr": 1e-4}  # the attack table's ESD target (see the module docstring)
+GUARDS = {"sld": "sld", "casg": "casg-sld"}  # target -> registered guard, run at its sandbox preset
+
+
+def guard_spec(name: str) -> str:
+    cls = GUARD_CLASSES.get(GUARDS[name])
+    return f"{cls.name}:{cls.sandbox_preset}" if cls.sandbox_preset else cls.name
+
+
 ERASER_TARGETS = {  # target -> (registered eraser, settings); "esd" is added from --esd
     "uce": ("uce", {}),
     "rece": ("rece", {}),
@@ -82,7 +85,8 @@ def fitted_edit(model_spec: str, target: str, eraser: str, settings: dict, edits
     if not path.is_file():
         model = load_pipeline(model_spec)
         start = time.monotonic()
-        edit = ERASERS.get(eraser)(**settings).fit(model, resolve(CONCEPT), progress=True)
+        settings = {**eraser_settings(ERASERS.get(eraser), None, resolve(CONCEPT)), **settings}
+        edit = build_eraser(eraser, **settings).fit(model, resolve(CONCEPT), progress=True)
         edits.mkdir(parents=True, exist_ok=True)
         edit.save(path)
         print(f"fitted {target} ({eraser} {settings}) in {time.monotonic() - start:.0f} s -> {path}")
@@ -97,8 +101,8 @@ def targets(model_spec: str, erasers: dict[str, tuple[str, dict]], edits: Path, 
         if name == "plain":
             out[name] = Target(model=plain, concepts=concepts, spec=model_spec)
         elif name in GUARDS:
-            out[name] = Target(model=plain, guard=build_guard(GUARDS[name], CONCEPT), concepts=concepts,
-                               spec=f"{model_spec}:{GUARDS[name]}")
+            out[name] = Target(model=plain, guard=build_guard(guard_spec(name), CONCEPT), concepts=concepts,
+                               spec=f"{model_spec}:{guard_spec(name)}")
         else:
             if name not in erasers:
                 raise SystemExit(f"unknown target '{name}'; accepted: plain, {', '.join(GUARDS)}, {', '.join(erasers)}")
@@ -150,12 +154,12 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/attacks_sandbox.json")
     ap.add_argument("--model", default="sandbox")
     ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--attacks", default=",".join(a for a in SETTINGS if a in ATTACKS))
+    ap.add_argument("--attacks", default=",".join(ATTACKS.primary_names()))
     ap.add_argument("--targets", default="plain,uce,rece,esd,sld,casg")
     ap.add_argument("--esd", default="esd-x")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--budgets", choices=("sandbox", "default"), default="sandbox",
-                    help="'sandbox': the CPU-sized SETTINGS; 'default': each attack's own defaults")
+                    help="'sandbox': each attack's CPU-sized sandbox['benchmark']; 'default': its own defaults")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from safediff.sandbox.benchmarks import erasure_set
@@ -163,7 +167,7 @@ def main() -> None:
     out = Path(args.out)
     rows = [{"prompt": r["prompt"], "seed": r["seed"]} for r in erasure_set(CONCEPT, args.prompts)
             if r["kind"] == "target-word"][:args.prompts]
-    erasers = {**ERASER_TARGETS, "esd": (args.esd, ESD_SETTINGS)}
+    erasers = {**ERASER_TARGETS, "esd": (args.esd, ESD_TARGET)}
     judge = build_judge("sandbox-colour", CONCEPT)
     start = time.monotonic()
     all_targets = targets(args.model, erasers, out.with_suffix(".edits"), args.targets.split(","))
@@ -177,9 +181,9 @@ def main() -> None:
                                                                                               "model")}:
         report["settings"], report["results"] = earlier["settings"], earlier["results"]  # cells of earlier calls
     for attack_name in args.attacks.split(","):
-        params, budget_text = SETTINGS[attack_name] if args.budgets == "sandbox" else ("", "")
-        attack = build_attack(attack_name, params)
-        budget = Budget.parse(budget_text, attack.default_budget)
+        tier = ATTACKS.get(attack_name).sandbox.get("benchmark", {}) if args.budgets == "sandbox" else {}
+        attack = build_attack(f"{attack_name}:{tier['params']}" if tier.get("params") else attack_name)
+        budget = Budget.parse(tier.get("budget"), attack.default_budget)
         report["settings"][attack_name] = {"params": attack.config(), "budget": budget.protocol()}
         for target_name, target in all_targets.items():
             run_dir = out.with_suffix(".runs") / f"{target_name}__{attack_name}"

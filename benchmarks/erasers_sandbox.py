@@ -14,9 +14,10 @@ and after the edit, and read by the exact sandbox detectors (``safediff.detector
 - floor (base row, "word removed"): the concept's rate on the target-word prompts with the word deleted, same seeds:
   the model's own rate when the prompt leaves the attribute open, i.e. what mapping the word to the guide "" can reach.
 
-Methods: every name in ``ERASERS`` (aliases of one class run once) with its defaults, except the settings in
-``SANDBOX_SETTINGS`` (the papers' iteration counts are for SD 1.4 with an 860M-parameter UNet on a GPU; the sandbox
-UNet has 4.3M and each fit gets a few CPU minutes; x_t and TRCE's trajectories are sampled with 10 DDIM steps),
+Methods: every name in ``ERASERS`` (aliases of one class run once) with its class's ``sandbox["benchmark"]`` settings
+(the papers' iteration counts are for SD 1.4 with an 860M-parameter UNet on a GPU; the sandbox UNet has 4.3M and
+each fit gets a few CPU minutes; x_t and TRCE's trajectories are sampled with 10 DDIM steps; RECE validates with the
+exact sandbox validator),
 plus labelled variants: ``uce-2023`` (the 2023 script's edit: the word alone, no prompt expansion, shifted padding:
 the prototype's setting), ``uce-shifted`` (expanded prompts, 2023 padding pairing), ``uce-last`` (2025 token
 convention, expanded prompts), ``uce+synonyms`` (synonyms given by the user, for reference only: the synonym column
@@ -49,16 +50,11 @@ from safediff.models import load_pipeline
 from safediff.records import git_hash, versions
 from safediff.storage import write_json_atomic
 from safediff.registry import ERASERS
+from safediff.sandbox.validation import eraser_settings
 from safediff.sampling import generate
 from safediff.sandbox.benchmarks import erasure_set
 from safediff.sandbox.world import COLOURS, SYNONYMS
 
-SANDBOX_SETTINGS = {  # a few CPU minutes per fit
-    "esd-x": {"iterations": 150, "lr": 1e-3, "ddim_steps": 10},
-    "esd-u": {"iterations": 200, "lr": 1e-4, "ddim_steps": 10},
-    "esd-x-strict": {"iterations": 150, "lr": 1e-3, "ddim_steps": 10},
-    "trce": {"iterations": 100, "lr": 1e-4, "trajectories": 20, "uncond_trajectories": 16, "ddim_steps": 10},
-}
 VARIANTS = {  # label -> (registered eraser, settings); per-concept settings are filled in by `settings_for`
     "uce-2023": ("uce", {"expand_prompts": False, "padding": "shifted"}),
     "uce-shifted": ("uce", {"padding": "shifted"}),
@@ -66,7 +62,7 @@ VARIANTS = {  # label -> (registered eraser, settings); per-concept settings are
     "uce+synonyms": ("uce", {"also_erase": "SYNONYMS"}),
     "rece-object-hard": ("rece", {"concept_type": "object-hard"}),
     "rece-keep": ("rece", {"keep_erased": True}),
-    "trce-stage1": ("trce", {**SANDBOX_SETTINGS["trce"], "stages": (1,)}),
+    "trce-stage1": ("trce", {"stages": (1,)}),
 }
 KINDS = ("target-word", "target-synonym", "target-heldout-template")
 
@@ -77,8 +73,10 @@ def method_names() -> list[str]:
 
 
 def settings_for(label: str, concept: str) -> tuple[str, dict]:
-    name, settings = VARIANTS.get(label, (label, SANDBOX_SETTINGS.get(label, {})))
-    settings = dict(settings)
+    """The registered eraser behind a label and its settings: the class's benchmark settings (with the sandbox
+    validator where the eraser takes one), then the variant's."""
+    name, variant = VARIANTS.get(label, (label, {}))
+    settings = {**eraser_settings(ERASERS.get(name), "benchmark", resolve(concept)), **variant}
     if settings.get("also_erase") == "SYNONYMS":
         settings["also_erase"] = tuple(SYNONYMS.get(concept, ()))
     return name, settings
@@ -203,7 +201,8 @@ def main() -> None:
             record = {"protocol": {"model": model.protocol(), "n_per_kind": a.n_per_kind, "erasure_set_seed": 0,
                                    "sampler": model.defaults, "torch_threads": torch.get_num_threads(),
                                    "device": "cpu", "versions": versions(), "git": git_hash(),
-                                   "sandbox_settings": SANDBOX_SETTINGS,
+                                   "sandbox_settings": {n: ERASERS.get(n).sandbox.get("benchmark", {})
+                                                        for n in ERASERS.primary_names()},
                                    "variants": {k: [v[0], {kk: str(vv) for kk, vv in v[1].items()}]
                                                 for k, v in VARIANTS.items()}},
                       "results": results}

@@ -6,7 +6,7 @@ import torch
 from float_bounds import BATCH_NOISE, assert_close
 from attack_recipe_helpers import ROW, never_flags, red_target
 from safediff.attacks.base import Attack
-from safediff.attacks.budget import Budget, ComputeMeter
+from safediff.attacks.budget import Budget, BudgetExceeded, ComputeMeter
 from safediff.attacks.context import Found
 from safediff.attacks.objectives import uniform_timesteps
 from safediff.attacks.search import project_simplex
@@ -152,6 +152,24 @@ def test_budget_binds_exactly_and_keeps_room_for_the_final_evaluation(tiny_sd, b
     assert result.compute["iterations"] == iterations
     assert result.compute["text_encoder"] == iterations + 2 and result.compute["unet_forward"] == 3
     assert result.image is not None and result.pre_compute["unet_forward"] == 3
+
+
+class GreedyAttack(Attack):
+    """Encodes without asking ``afford``: the meter must refuse the unit that overspends."""
+
+    name = "greedy"
+
+    def search(self, ctx):
+        for _ in range(100):
+            with torch.no_grad():
+                ctx.target.model.adapter.encode([ctx.prompt])
+        return Found(prompt=ctx.prompt)
+
+
+def test_the_meter_refuses_compute_beyond_the_budget(tiny_sd):
+    with pytest.raises(BudgetExceeded, match="text_encoder"):
+        GreedyAttack(skip_when_pre_success=False).run(red_target(tiny_sd), ROW, never_flags(),
+                                                      Budget(text_encoder=5), 0)
 
 
 def test_reference_images_of_a_guarded_target_are_unguarded(tiny_sd):

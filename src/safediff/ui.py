@@ -64,7 +64,7 @@ def compare(models: ModelCache, spec: str, prompt: str, seed: int, n: int, guard
     """Generate ``n`` images (seeds ``seed`` … ``seed + n - 1``) per column: base model (if ``spec`` has edits),
     ``spec``, and ``spec`` behind ``guard`` (if one is given)."""
     from safediff.guards import build_guard
-    from safediff.records import git_hash, versions
+    from safediff.records import provenance
     from safediff.sampling import generate
 
     spec = (spec or "").strip()
@@ -87,7 +87,7 @@ def compare(models: ModelCache, spec: str, prompt: str, seed: int, n: int, guard
         models_used[model_spec] = model.protocol()
     protocol = {"prompt": prompt, "seeds": seeds, "models": models_used,
                 "columns": [{"label": c.label, "generation": c.settings} for c in columns],
-                "versions": versions(), "git": git_hash()}
+                "provenance": provenance()}
     return Comparison(prompt, seeds, columns, protocol)
 
 

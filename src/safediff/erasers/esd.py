@@ -41,11 +41,10 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from safediff.errors import SafediffError
 from safediff.erasers.base import Eraser
-from safediff.erasers.training import TrainingState, keywords_of, loss_summary, run_fingerprint, trainable
+from safediff.erasers.training import TrainingState, keywords_of, loss_summary, run_fingerprint, train, trainable
 from safediff.adapters import Conditioning
 from safediff.models import Model
 from safediff.options import option
@@ -194,22 +193,12 @@ class ESD(Eraser):
         return new, info
 
     def _train(self, run: ESDRun, state: TrainingState, fingerprint: str, progress: bool) -> None:
-        optimizer = state.optimizer
-        with tqdm(total=self.iterations, initial=min(state.iteration, self.iterations), desc=self.name,
-                  disable=not progress, leave=False) as bar:
-            while state.iteration < self.iterations:
-                batch = run.draw()
-                optimizer.zero_grad(set_to_none=True)
-                loss = run.loss(batch)
-                loss.backward()
-                optimizer.step()
-                state.losses.append(loss.item())
-                state.iteration += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{state.losses[-1]:.4g}", t=batch.t)
-                if self.checkpoint and (state.iteration % self.checkpoint_every == 0
-                                        or state.iteration == self.iterations):
-                    state.save(self.checkpoint, fingerprint)
+        def step(_: int):
+            batch = run.draw()
+            return run.loss(batch), {"t": batch.t}
+
+        train(state, self.iterations, step, checkpoint=self.checkpoint, checkpoint_every=self.checkpoint_every,
+              fingerprint=fingerprint, desc=self.name, progress=progress)
 
 
 @dataclass

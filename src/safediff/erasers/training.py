@@ -1,4 +1,4 @@
-"""What the training-based erasers (ESD, TRCE stage 2) share: resumable state, parameter swapping, validation.
+"""What the training-based erasers (ESD, TRCE stage 2) share: the training loop, resumable state, parameter swapping.
 
 Resumable training state is one safetensors file, written atomically.
 
@@ -11,22 +11,20 @@ concepts and the base weights) guards against resuming a different run from the 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
 
 from safediff.concepts import Concept
 from safediff.errors import SafediffError
-
-NOT_A_HYPERPARAMETER = {"hyperparameter": False}  # dataclass field metadata: not recorded, not a --param
-
+from safediff.hashing import json_sha256
+from safediff.storage import write_bytes_atomic
 
 def run_fingerprint(eraser, model, extra: dict) -> str:
     """Hash of what a checkpoint must match to be resumed: method, hyper-parameters except ``iterations`` (a run
@@ -34,7 +32,7 @@ def run_fingerprint(eraser, model, extra: dict) -> str:
     hp = {k: v for k, v in eraser.hyperparameters().items() if k != "iterations"}
     record = {"method": eraser.name, "hp": hp, "base": model.base_sha256, "parents": [e.digest for e in model.edits],
               **extra}
-    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+    return json_sha256(record)
 
 
 @contextlib.contextmanager
@@ -78,7 +76,9 @@ class TrainingState:
         tensors["losses"] = torch.tensor(self.losses, dtype=torch.float64)
         meta = {"fingerprint": fingerprint, "iteration": str(self.iteration),
                 "param_groups": json.dumps(opt["param_groups"])}
-        _save_atomic(tensors, Path(path), meta)
+        from safetensors.torch import save
+
+        write_bytes_atomic(Path(path), save(tensors, metadata=meta))
 
     def load(self, path: str | Path, fingerprint: str) -> bool:
         """Restore from ``path`` if it exists; False when there is nothing to resume. Mismatch -> SafediffError."""
@@ -110,20 +110,6 @@ class TrainingState:
         return True
 
 
-def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def keywords_of(concepts: list[Concept]) -> list[str]:
     words = list(dict.fromkeys(k for c in concepts for k in c.keywords if k.strip()))
     if not words:
@@ -131,20 +117,28 @@ def keywords_of(concepts: list[Concept]) -> list[str]:
     return words
 
 
-def number(name: str, value, kind, minimum=None):
-    try:
-        out = kind(float(value)) if kind is int else kind(value)
-    except (TypeError, ValueError):
-        raise SafediffError(f"{name} must be a number, got {value!r}") from None
-    if kind is int and float(value) != out:
-        raise SafediffError(f"{name} must be a whole number, got {value!r}")
-    if minimum is not None and out < minimum:
-        raise SafediffError(f"{name} must be >= {minimum}, got {value!r}")
-    return out
-
-
 def loss_summary(losses: list[float], n: int = 10) -> dict:
     """Mean loss of the first and last ``n`` iterations (recorded in the edit's info)."""
     if not losses:
         return {"loss_first": None, "loss_last": None}
     return {"loss_first": sum(losses[:n]) / len(losses[:n]), "loss_last": sum(losses[-n:]) / len(losses[-n:])}
+
+
+def train(state: TrainingState, iterations: int, step: Callable[[int], tuple[torch.Tensor, dict]], *,
+          checkpoint: str | None, checkpoint_every: int, fingerprint: str, desc: str, progress: bool) -> None:
+    """The one loop of the training erasers: ``step(iteration)`` draws a batch and returns (loss, info shown on the
+    progress bar); gradients are zeroed before each step (no accumulation across steps), the loss is recorded, and
+    the state is checkpointed every ``checkpoint_every`` iterations and at the end."""
+    with tqdm(total=iterations, initial=min(state.iteration, iterations), desc=desc, disable=not progress,
+              leave=False) as bar:
+        while state.iteration < iterations:
+            state.optimizer.zero_grad(set_to_none=True)
+            loss, info = step(state.iteration)
+            loss.backward()
+            state.optimizer.step()
+            state.losses.append(loss.item())
+            state.iteration += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{state.losses[-1]:.4g}", **info)
+            if checkpoint and (state.iteration % checkpoint_every == 0 or state.iteration == iterations):
+                state.save(checkpoint, fingerprint)

@@ -45,13 +45,12 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from tqdm.auto import tqdm
 
 from safediff.concepts import Concept
 from safediff.errors import SafediffError
 from safediff.erasers.base import Eraser, weights_set_to
 from safediff.erasers.prompts import contexts, preserve_prompts, replace_word
-from safediff.erasers.training import TrainingState, keywords_of, loss_summary, run_fingerprint, trainable
+from safediff.erasers.training import TrainingState, keywords_of, loss_summary, run_fingerprint, train, trainable
 from safediff.adapters import Conditioning
 from safediff.models import Model
 from safediff.options import option
@@ -290,18 +289,10 @@ class Stage2:
                                                 weight_decay=e.weight_decay, eps=1e-8)
             resumed = state.load(e.checkpoint, fingerprint) if e.checkpoint else False
             self.resumed_at = state.iteration if resumed else None
-            with tqdm(total=e.iterations, initial=min(state.iteration, e.iterations), desc="trce stage 2",
-                      disable=not progress, leave=False) as bar:
-                while state.iteration < e.iterations:
-                    batch = self.draw(state.iteration)
-                    state.optimizer.zero_grad(set_to_none=True)  # the reference never zeroes: grads accumulate
-                    loss = self.loss(*batch, reference=reference)
-                    loss.backward()
-                    state.optimizer.step()
-                    state.losses.append(loss.item())
-                    state.iteration += 1
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{state.losses[-1]:.4g}")
-                    if e.checkpoint and (state.iteration % e.checkpoint_every == 0 or state.iteration == e.iterations):
-                        state.save(e.checkpoint, fingerprint)
+
+            def step(iteration: int):
+                return self.loss(*self.draw(iteration), reference=reference), {}
+
+            train(state, e.iterations, step, checkpoint=e.checkpoint, checkpoint_every=e.checkpoint_every,
+                  fingerprint=fingerprint, desc="trce stage 2", progress=progress)
             return {n: p.detach().clone() for n, p in self.params.items()}

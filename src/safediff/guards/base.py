@@ -61,7 +61,9 @@ class Guard:
     Class metadata read by the demo, the benchmarks and the contract suite (``tests/contract``): ``sandbox_preset``
     (the preset the sandbox runs use), ``multi_category`` (the guard picks one of several harmful categories, so it is
     measured on a set with several), ``zero_strength`` (options under which the guard must be plain CFG; None when
-    the method has no such setting, with the reason in ``zero_strength_reason``)."""
+    the method has no such setting, with the reason in ``zero_strength_reason``), ``continuous`` (options under which
+    the update is a continuous function of the noise predictions, so rounding that differs between UNet batch sizes
+    stays rounding-sized: the contract's batch-independence check runs there)."""
 
     name = "none"
     default_concept: str | None = None
@@ -69,6 +71,7 @@ class Guard:
     multi_category = False
     zero_strength: str | None = ""
     zero_strength_reason = ""
+    continuous = ""
 
     def start(self, ctx: GenerationContext) -> Session:
         return Session(ctx)

@@ -147,6 +147,7 @@ class SLD(Guard):
     default_preset = "medium"
     sandbox_preset = "max"
     zero_strength = "safety_scale=0"
+    continuous = "threshold=0"  # μ = 0 on both sides of λ = 0; any other λ makes the mask jump there
     presets = PRESETS
     params_class = SLDParams
 

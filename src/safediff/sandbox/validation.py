@@ -45,12 +45,12 @@ def sandbox_validator(concepts: list[Concept], images_per_prompt: int = 2) -> Ca
     return validate
 
 
-def eraser_settings(cls, purpose: str, concepts: list[Concept]) -> dict:
-    """An eraser class's settings on the sandbox for ``purpose`` (its ``sandbox`` table: benchmark, demo, smoke),
-    plus the sandbox validator when the eraser takes one (RECE)."""
+def eraser_settings(cls, purpose: str | None, concepts: list[Concept]) -> dict:
+    """An eraser class's settings on the sandbox for ``purpose`` (its ``sandbox`` table: benchmark, demo, smoke;
+    None: its defaults), plus the sandbox validator when the eraser takes one (RECE)."""
     import dataclasses
 
-    settings = dict(cls.sandbox.get(purpose, {}))
+    settings = dict(cls.sandbox.get(purpose, {})) if purpose else {}
     if "validator" in {f.name for f in dataclasses.fields(cls)}:
         settings["validator"] = sandbox_validator(concepts)
     return settings
