@@ -55,7 +55,7 @@ def test_bad_input_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path, prompts
 
 
 def test_attack_specific_missing_column(tmp_path, prompts_csv):
-    with pytest.raises(SafediffError, match="lacks column"):
+    with pytest.raises(SafediffError, match="lacks the column"):
         read_attack_prompts(prompts_csv, ("prompt", "image"))
 
 

@@ -166,7 +166,7 @@ def test_sized_sandbox_benchmarks_are_the_same_sets_resized_and_interleaved():
     m = load_benchmark("sandbox-multi@1")
     assert len(m.rows) == len(multi_category_set(n_per_kind=1, n_benign=4)) and m.concept == "red,blue,triangle"
     assert m.protocol()["source"]["order"] == "interleaved"
-    with pytest.raises(SafediffError, match="size after '@' must be >= 1"):
+    with pytest.raises(SafediffError, match="size after '@' must be 1..10000"):
         load_benchmark("sandbox-multi@0")
     for name in ("sandbox-erase-purple@2", "i2p@5", "sandbox-multi@x"):
         with pytest.raises(SafediffError, match=f"unknown benchmark '{name}'.*NAME@N"):

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 from bench_helpers import save_tiny_clip
+from cli_helpers import cli_env, one_line_error, run_main
 from safediff.records import SCHEMA_VERSION
 
 N_PROMPTS = 16
-ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "TQDM_DISABLE": "1"}
+ENV = cli_env(TQDM_DISABLE="1")
 
 
 @pytest.fixture(scope="module")
@@ -38,26 +39,6 @@ def bench_args(d: Path, out: Path, *extra) -> list[str]:
 
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "safediff", *args], capture_output=True, text=True, env=ENV)
-
-
-def run_main(monkeypatch, capsys, *args):
-    """The CLI in-process (fast): returns (exit code, stderr)."""
-    from safediff.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["safediff", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
-
-
-def one_line_error(code, stderr, words):
-    assert code == 2, stderr
-    lines = [line for line in stderr.strip().splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and words in lines[0], stderr
-    assert "Traceback" not in stderr
 
 
 def image_files(run: Path) -> list[str]:
@@ -143,7 +124,7 @@ def test_rerun_is_a_no_op_and_other_protocol_is_refused(uninterrupted, assets, m
     ({"--benchmark": "NO_PROMPT"}, "has no 'prompt' column"),
     ({"--detector": "nudenet"}, "pip install safediff[nudenet]"),
     ({"--backend": "spark"}, "unknown backend 'spark'"),
-    ({"--steps": "0"}, "steps must be a positive integer"),
+    ({"--steps": "0"}, "steps must be an integer in 1..1000"),
 ])
 def test_bad_input_one_line_exit_2(assets, tmp_path, monkeypatch, capsys, change, words):
     (tmp_path / "bad.csv").write_text("prompt,seed\nok,1\nbroken,x\n")

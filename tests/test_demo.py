@@ -5,19 +5,13 @@ with another plan is refused."""
 import html
 import json
 import re
-import subprocess
-import sys
 
+from cli_helpers import run_cli
 import pytest
 
 from safediff.sandbox import WEIGHTS_DIR
 
 needs_sandbox = pytest.mark.skipif(not (WEIGHTS_DIR / "SHA256SUMS").is_file(), reason="sandbox weights absent")
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "safediff", *args], capture_output=True, text=True,
-                          env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
 
 
 def test_interleaved_sets_keep_their_rows_and_lead_with_every_kind():

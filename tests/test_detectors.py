@@ -26,7 +26,8 @@ def images(seed=0, n=3, size=32):
 
 
 def test_spec_parsing_and_errors():
-    assert Spec.parse("nudenet:exposed9,threshold=0.45", "detector") == Spec("nudenet", "exposed9", {"threshold": "0.45"})
+    assert Spec.parse("nudenet:exposed9,threshold=0.45", "detector") == Spec("nudenet", "exposed9",
+                                                                             {"threshold": "0.45"})
     assert Spec.parse("q16:clip=/a/b,prompts=p.p", "detector") == Spec("q16", None, {"clip": "/a/b", "prompts": "p.p"})
     with pytest.raises(SafediffError, match="unknown detector 'nudnet' \\(did you mean 'nudenet'\\?\\)"):
         build_detector("nudnet")

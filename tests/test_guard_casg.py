@@ -47,8 +47,8 @@ def test_each_sample_picks_its_own_category(tiny_sd):
     assert guard.category_names == ["red", "blue"]
     # and each sample got SLD with its own category (the momentum and ε_S gathered per sample)
     for b, concept in enumerate(["red", "blue"]):
-        alone = generate(tiny_sd, [["red", "blue"][b]], [SEEDS[b]], steps=5, guard=build_guard("sld:max,threshold=0", concept),
-                         progress=False)
+        alone = generate(tiny_sd, [["red", "blue"][b]], [SEEDS[b]], steps=5,
+                         guard=build_guard("sld:max,threshold=0", concept), progress=False)
         assert_close(out.latents[b], alone.latents[0], BATCH_LATENTS)  # 2 + K branches vs 3, batch 2 vs 1
 
 

@@ -28,13 +28,38 @@ def _dtype(name: str):
 
 
 def _device(name: str) -> str:
+    import re
+
     import torch
 
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SafediffError("device 'cuda' requested but no CUDA GPU is available; accepted: cpu, cuda (with a GPU)")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+    m = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if name != "cpu" and m is None:
         raise SafediffError(f"unknown device '{name}'; accepted: cpu, cuda, cuda:N")
+    if m is not None:
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise SafediffError(f"device '{name}' requested but no CUDA GPU is available; accepted here: cpu")
+        if m.group(1) is not None and int(m.group(1)) >= count:
+            raise SafediffError(f"device '{name}' does not exist; this machine has cuda:0..cuda:{count - 1}")
     return name
+
+
+def _text(value: str | None, what: str) -> str | None:
+    """Command-line text that is not valid UTF-8 (arrives as lone surrogates) -> one clear line."""
+    if value is not None:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise SafediffError(f"{what} is not valid UTF-8 text") from None
+    return value
+
+
+def _seed(seed: int) -> int:
+    from safediff.bench.datasets import MAX_SEED
+
+    if not 0 <= seed <= MAX_SEED:
+        raise SafediffError(f"--seed must be in [0, 2**63 - 1], got {seed}")
+    return seed
 
 
 @app.command()
@@ -66,11 +91,15 @@ def generate(
     from safediff.guards import build_guard
     from safediff.models import load_pipeline
     from safediff.records import record
-    from safediff.sampling import SCHEDULERS, check_settings, generate as run
+    from safediff.sampling import MAX_IMAGES, SCHEDULERS, check_settings, generate as run
     from safediff.storage import staged_folder, write_json_atomic
 
     if (prompt is None) == (prompts_file is None):
         raise SafediffError("give exactly one of --prompt TEXT or --prompts-file CSV")
+    for value, what in ((prompt, "--prompt"), (negative_prompt, "--negative-prompt"), (concept, "--concept"),
+                        (guard, "--guard"), (model, "--model")):
+        _text(value, what)
+    _seed(seed)
     check_settings(1 if steps is None else steps, 1.0 if guidance is None else guidance,
                    8 if height is None else height, 8 if width is None else width, n)
     if batch_size <= 0:
@@ -78,6 +107,9 @@ def generate(
     if scheduler is not None and scheduler not in SCHEDULERS:
         raise SafediffError(f"unknown scheduler '{scheduler}'; accepted: {', '.join(SCHEDULERS)}")
     rows = [{"prompt": prompt, "seed": seed}] if prompt is not None else read_prompts_csv(prompts_file)
+    if len(rows) * n > MAX_IMAGES:
+        raise SafediffError(f"{len(rows)} prompt(s) x --n {n} = {len(rows) * n} images; at most {MAX_IMAGES} per "
+                            "command")
     jobs = [(r["prompt"], r.get("seed", seed + i) + j) for i, r in enumerate(rows) for j in range(n)]
     the_guard = build_guard(guard, concept)
     dev, dt = _device(device), _dtype(dtype)
@@ -131,6 +163,10 @@ def bench(
     """Generate, detect and score a benchmark into a resumable run folder (results.json)."""
     from safediff.bench.runner import BenchConfig, run_benchmark
 
+    texts = [(benchmark, "--benchmark"), (model, "--model"), (guard, "--guard"), (concept, "--concept"),
+             (negative_prompt, "--negative-prompt"), (name, "--name"), *((d, "--detector") for d in detector or [])]
+    for value, what in texts:
+        _text(value, what)
     results = run_benchmark(BenchConfig(
         benchmark=benchmark, model=model, out=out, guard=guard, concept=concept, detectors=detector or None,
         data=data, categories=tuple(category) if category else None, hard=hard, limit=limit,
@@ -182,6 +218,10 @@ def attack(
     from safediff.guards import build_guard
     from safediff.sampling import check_settings
 
+    for value, what in ((target, "--target"), (method, "--method"), (concept, "--concept"), (judge, "--judge"),
+                        (budget, "--budget")):
+        _text(value, what)
+    _seed(seed)
     the_attack = build_attack(method)
     the_budget = Budget.parse(budget, the_attack.default_budget)
     the_judge = build_judge(judge, concept)
@@ -229,6 +269,9 @@ def erase(
         raise SafediffError(f"--out must be a .safetensors file, got '{out}'")
     if out.exists():
         raise SafediffError(f"--out '{out}' exists; choose a new file")
+    for value, what in ((model, "--model"), (method, "--method"), (concept, "--concept"), (preserve, "--preserve"),
+                        (guide, "--guide")):
+        _text(value, what)
     concepts = resolve(concept)
     settings = {}
     if validator is not None:
@@ -293,8 +336,16 @@ def _mount_subcommands() -> None:
 _mount_subcommands()
 
 
+class _QuietOptionalBackends(logging.Filter):
+    """transformers announces on every import that torchvision is absent (safediff never needs it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision" not in record.getMessage()
+
+
 def main() -> None:
     logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("transformers.utils.import_utils").addFilter(_QuietOptionalBackends())
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     try:
         app(standalone_mode=True)

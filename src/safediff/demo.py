@@ -282,7 +282,8 @@ def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True, max
     out = Path(out)
     stages = plan(size)
     identity = plan_record(size, stages)
-    open_run_folder(out, "plan.json", identity, record("demo-plan", identity=identity), "demo folder")
+    open_run_folder(out, "plan.json", identity, record("demo-plan", identity=identity), "demo folder",
+                    units=("runs/*", "edits/*"))
     edits = Edits(out, size)
     rows, folders, timings = [], [], {}
     bar = tqdm(total=len(stages) + 2, desc="demo", unit="stage", disable=not progress)

@@ -21,6 +21,7 @@ from safediff.errors import SafediffError
 from safediff.hashing import state_sha256
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
 PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusionPipelineSafe")
 
 
@@ -128,6 +129,10 @@ def load_pipeline(spec: str, device: str | torch.device = "cpu", dtype: torch.dt
         cls = json.loads(index.read_text()).get("_class_name")
         if cls not in PIPELINE_CLASSES:
             raise SafediffError(f"unsupported architecture {cls} in '{base}'; supported: {SUPPORTED}")
+    elif Path(base).suffix in SINGLE_FILE_SUFFIXES:
+        raise SafediffError(f"'{base}': single-file checkpoints are not supported; convert it to a diffusers folder "
+                            "(diffusers' StableDiffusionPipeline.from_single_file(...).save_pretrained(DIR, "
+                            "safe_serialization=True)) and give DIR")
     elif not HUB_ID.match(base):
         raise SafediffError(f"unknown model spec '{base}'; accepted: 'sandbox', a hub id like "
                             "CompVis/stable-diffusion-v1-4, or a local diffusers folder")

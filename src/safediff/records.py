@@ -91,6 +91,11 @@ def check_record(data: Any, kinds: tuple[str, ...], where: str) -> dict:
     if data.get("schema_version") != SCHEMA_VERSION:
         raise SafediffError(f"'{where}' has record schema version {data.get('schema_version')}; this safediff "
                             f"reads version {SCHEMA_VERSION} (rerun the command that made it)")
+    schema = SCHEMAS.get(data["kind"])
+    missing = sorted(k for k in (schema.__annotations__ if schema else ()) if k not in data)
+    if missing:
+        raise SafediffError(f"'{where}' is a damaged {data['kind']} record (missing {', '.join(missing)}); rerun the "
+                            "command that made it")
     return data
 
 
@@ -214,3 +219,7 @@ class DemoSummary(TypedDict):
 
 KINDS = ("generation", "bench-run", "bench-results", "attack-run", "attack-prompt", "attack-results", "edit",
          "demo-plan", "demo-summary", "report")
+
+SCHEMAS = {"generation": GenerationRecord, "bench-run": BenchRunRecord, "bench-results": BenchResults,
+           "attack-run": AttackRunRecord, "attack-prompt": AttackPromptRecord, "attack-results": AttackResults,
+           "demo-plan": DemoPlan, "demo-summary": DemoSummary}  # edits are checked by their digest instead

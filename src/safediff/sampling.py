@@ -17,7 +17,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +30,11 @@ from tqdm.auto import tqdm
 from safediff.adapters import Conditioning
 from safediff.errors import SafediffError
 from safediff.guards.base import GenerationContext, Guard, NoGuard, Session
+
+MAX_STEPS = 1000  # denoising steps (the training schedules have 1000)
+MAX_GUIDANCE = 1000.0
+MAX_SIZE = 4096  # pixels per side
+MAX_IMAGES = 100_000  # images one command may generate
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -56,12 +63,13 @@ class SamplerSettings:
     def of(cls, model, steps: int | None = None, guidance: float | None = None, height: int | None = None,
            width: int | None = None, scheduler: str | None = None, eta: float = 0.0) -> "SamplerSettings":
         d = model.defaults
-        settings = cls(int(d["steps"] if steps is None else steps), float(d["guidance"] if guidance is None else guidance),
-                       int(d["height"] if height is None else height), int(d["width"] if width is None else width),
-                       scheduler, float(eta))
+        pick = lambda given, key: d[key] if given is None else given  # noqa: E731
+        settings = cls(int(pick(steps, "steps")), float(pick(guidance, "guidance")), int(pick(height, "height")),
+                       int(pick(width, "width")), scheduler, float(eta))
         check_settings(settings.steps, settings.guidance, settings.height, settings.width)
-        if scheduler is not None and scheduler not in SCHEDULERS:
-            raise SafediffError(f"unknown scheduler '{scheduler}'; accepted: {', '.join(SCHEDULERS)}")
+        check_scheduler(make_scheduler(model, scheduler), settings.steps)
+        if not (math.isfinite(settings.eta) and 0.0 <= settings.eta <= 1.0):
+            raise SafediffError(f"eta must be in [0, 1], got {settings.eta}")
         return settings
 
     def record(self, model) -> dict:
@@ -101,16 +109,31 @@ def ddim_scheduler(model, steps: int):
 
 
 def check_settings(steps: int, guidance: float, height: int, width: int, n: int | None = None) -> None:
-    """Reject impossible settings before anything is loaded or written."""
-    if steps <= 0:
-        raise SafediffError(f"steps must be a positive integer, got {steps}")
-    if guidance < 0:
-        raise SafediffError(f"guidance must be >= 0 (1 or less disables classifier-free guidance), got {guidance}")
+    """Reject impossible settings (and sizes that would exhaust the machine) before anything is loaded or written."""
+    if not 0 < steps <= MAX_STEPS:
+        raise SafediffError(f"steps must be an integer in 1..{MAX_STEPS}, got {steps}")
+    if not (math.isfinite(guidance) and 0 <= guidance <= MAX_GUIDANCE):
+        raise SafediffError(f"guidance must be a number in [0, {MAX_GUIDANCE:g}] (1 or less disables classifier-free "
+                            f"guidance), got {guidance}")
     for what, v in (("height", height), ("width", width)):
-        if v <= 0 or v % 8:
-            raise SafediffError(f"{what} must be a positive multiple of 8, got {v}")
-    if n is not None and n <= 0:
-        raise SafediffError(f"n must be a positive integer, got {n}")
+        if v <= 0 or v % 8 or v > MAX_SIZE:
+            raise SafediffError(f"{what} must be a positive multiple of 8 up to {MAX_SIZE}, got {v}")
+    if n is not None and not 0 < n <= MAX_IMAGES:
+        raise SafediffError(f"n must be an integer in 1..{MAX_IMAGES}, got {n}")
+
+
+def check_scheduler(scheduler, steps: int) -> None:
+    """The scheduler can run ``steps`` steps here: within its training steps, enough for a multistep warm-up, and
+    with its dependencies installed."""
+    name = type(scheduler).__name__
+    if steps > scheduler.config.num_train_timesteps:
+        raise SafediffError(f"steps must be at most the scheduler's {scheduler.config.num_train_timesteps} training "
+                            f"steps, got {steps}")
+    if name == "PNDMScheduler" and not scheduler.config.get("skip_prk_steps", False) and steps < 4:
+        raise SafediffError(f"the PNDM scheduler needs at least 4 steps (its Runge-Kutta warm-up), got {steps}")
+    if name == "LMSDiscreteScheduler" and importlib.util.find_spec("scipy") is None:
+        raise SafediffError("the lms scheduler needs scipy (pip install scipy); or choose another: "
+                            + ", ".join(k for k in SCHEDULERS if k != "lms"))
 
 
 def latent_shape(model, height: int, width: int) -> tuple[int, int, int]:
@@ -266,5 +289,8 @@ def generate(model, prompts: list[str], seeds: list[int], *, steps: int | None =
             lat.append(latents)
             pix.append(pixels)
     pixels = torch.cat(pix)
+    if not torch.isfinite(pixels).all():
+        raise SafediffError("the sampler produced non-finite values (NaN/inf): the guidance, a guard's strength or the "
+                            "scheduler's step count is too extreme for this model, or its weights are damaged")
     settings = {**s.record(model), "negative_prompt": negative_prompt, "guard": guard.config()}
     return GenerationOutput(to_pil(pixels), pixels, torch.cat(lat), per_step, settings)

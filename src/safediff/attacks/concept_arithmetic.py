@@ -50,6 +50,7 @@ from safediff.attacks.budget import add_costs
 from safediff.attacks.context import AttackContext, Found
 from safediff.attacks.concept_pairs import concept_pairs
 from safediff.errors import SafediffError
+from safediff.options import option
 from safediff.guards.base import GenerationContext, Guard, NoGuard, Session
 from safediff.adapters import Conditioning
 
@@ -171,16 +172,15 @@ class ConceptArithmetic(Attack):
     composition: str = "detour"
     strength: float = 1.0
     pairs: str = ""  # CSV of (with concept, without) detour pairs; "" = the concept's built-in pairs
-    max_pairs: int = 12  # detours used (a seeded random subset when there are more)
+    max_pairs: int = option(12, low=1)  # detours used (a seeded random subset when there are more)
     terms: str = ""  # explicit extra terms: "+PROMPT;-PROMPT;W*PROMPT"
     include_prompt: bool = True
 
     def __post_init__(self):
+        super().__post_init__()
         if self.composition not in COMPOSITIONS:
             raise SafediffError(f"concept-arithmetic: composition '{self.composition}' unknown; accepted: "
                                 f"{', '.join(COMPOSITIONS)}")
-        if self.max_pairs < 1:
-            raise SafediffError("concept-arithmetic: max_pairs must be >= 1")
         parse_terms(self.terms)  # reject malformed terms before any model work
 
     def build_terms(self, ctx: AttackContext) -> list[Term]:

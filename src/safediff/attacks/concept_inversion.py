@@ -48,6 +48,7 @@ from safediff.attacks.concept_pairs import names
 from safediff.attacks.objectives import image_latents, noised, training_target
 from safediff.attacks.token_sequences import check_shared_vocabulary, sequence_ids
 from safediff.errors import SafediffError
+from safediff.options import option
 from safediff.adapters import Conditioning
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -130,19 +131,20 @@ class ConceptInversion(Attack):
     reference_budget: ClassVar[dict] = {"iterations": 5000, "unet_backward": 5000 * 4,
                                         "note": "per concept: 5,000 steps x batch 4 x 4 accumulation, 25 images"}
 
-    n_images: int = 4
+    n_images: int = option(4, low=1)
     images: str = ""  # folder of concept images; "" = generate them with the unconstrained reference model
     image_prompt: str = ""  # prompt for the generated images; "" = the row's prompt
     init_word: str = ""  # "" = the concept's first keyword
     placeholder: str = "<concept>"
     templates: str = ""  # extra training templates, ';'-separated, each with one {} (the row's is always used)
-    lr: float = 5e-3
-    batch: int = 4
-    steps: int = 5000
+    lr: float = option(5e-3, low=0.0)
+    batch: int = option(4, low=1)
+    steps: int = option(5000, low=1)
 
     def __post_init__(self):
-        if min(self.n_images, self.batch, self.steps) < 1 or not self.lr > 0:
-            raise SafediffError("concept-inversion: n_images, batch, steps must be >= 1 and lr > 0")
+        super().__post_init__()
+        if not self.lr > 0:
+            raise SafediffError("concept-inversion: lr must be > 0")
 
     def embedding_tensors(self, embedding: torch.Tensor, adapter) -> dict[str, torch.Tensor]:
         return textual_inversion_tensors(split_embedding(embedding, adapter), adapter.arch, self.placeholder)

@@ -46,6 +46,7 @@ from safediff.attacks.concept_pairs import names
 from safediff.attacks.spaces import vocabulary
 from safediff.attacks.token_sequences import check_shared_vocabulary, chunks, encode_tokens
 from safediff.errors import SafediffError
+from safediff.options import option
 from safediff.adapters import Conditioning
 
 EMBEDDINGS = ("pooled", "hidden")
@@ -85,18 +86,17 @@ class MMADiffusion(Attack):
                                         "text_encoder": "1000 steps x (1 gradient + 512 candidates)"}
     uses_unet: ClassVar[bool] = False
 
-    n_tokens: int = 20
-    batch: int = 512
-    topk: int = 256
+    n_tokens: int = option(20, low=1)
+    batch: int = option(512, low=1)
+    topk: int = option(256, low=1)
     target_prompt: str = ""  # "" = the row's prompt
     banned: str = ""  # extra banned words, ';'-separated (the concepts' names are always banned)
     embedding: str = "pooled"
     vocabulary: str = "words"  # "words": whole-word tokens that survive typing; "all": any non-special id
-    encode_batch: int = 512
+    encode_batch: int = option(512, low=1)
 
     def __post_init__(self):
-        if min(self.n_tokens, self.batch, self.topk, self.encode_batch) < 1:
-            raise SafediffError("mma-diffusion: n_tokens, batch, topk and encode_batch must be >= 1")
+        super().__post_init__()
         if self.vocabulary not in ("words", "all"):
             raise SafediffError(f"mma-diffusion: vocabulary '{self.vocabulary}' unknown; accepted: words, all")
         if self.embedding not in EMBEDDINGS:

@@ -40,6 +40,7 @@ import torch
 from safediff.attacks.base import Attack
 from safediff.attacks.context import AttackContext, Found
 from safediff.attacks.objectives import noise_matching, target_image_latents
+from safediff.options import option
 from safediff.attacks.search import finish_token_search, judge_and_keep, ProjectedAdam
 from safediff.attacks.spaces import TokenSlots, vocabulary
 
@@ -56,11 +57,11 @@ class P4D(Attack):
     reference_budget: ClassVar[dict] = {"iterations": 3000, "unet_forward": 6000, "unet_backward": 3000,
                                         "eval_every": 50, "generation_steps": 25}
 
-    n_tokens: int = 16
-    every: int = 3
-    lr: float = 0.1
-    weight_decay: float = 0.1
-    eval_every: int = 20
+    n_tokens: int = option(16, low=1)
+    every: int = option(3, low=1)
+    lr: float = option(0.1, low=0.0)
+    weight_decay: float = option(0.1, low=0.0)
+    eval_every: int = option(20, low=1)
     vocabulary: str = "words"
 
     def search(self, ctx: AttackContext) -> Found:

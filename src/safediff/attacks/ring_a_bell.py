@@ -42,6 +42,7 @@ from safediff.attacks.objectives import embedding_distance
 from safediff.attacks.spaces import vocabulary
 from safediff.attacks.token_sequences import check_shared_vocabulary, chunks, encode_in_chunks
 from safediff.errors import SafediffError
+from safediff.options import option
 from safediff.adapters import Conditioning
 
 
@@ -70,23 +71,19 @@ class RingABell(Attack):
     uses_unet: ClassVar[bool] = False
 
     eta: float = 3.0
-    length: int = 16
-    population: int = 200
-    generations: int = 3000
-    mutation_rate: float = 0.25
-    crossover_rate: float = 0.5
+    length: int = option(16, low=1)
+    population: int = option(200, low=2)
+    generations: int = option(3000, low=1)
+    mutation_rate: float = option(0.25, low=0.0, high=1.0)
+    crossover_rate: float = option(0.5, low=0.0, high=1.0)
     pairs: str = ""  # CSV of (with, without) prompts; "" = the concept's built-in pairs
-    encode_batch: int = 256
+    encode_batch: int = option(256, low=1)
     vocabulary: str = "words"  # "words": whole-word tokens that survive typing; "all": any non-special id
 
     def __post_init__(self):
+        super().__post_init__()
         if self.vocabulary not in ("words", "all"):
             raise SafediffError(f"ring-a-bell: vocabulary '{self.vocabulary}' unknown; accepted: words, all")
-        if self.population < 2 or self.length < 1 or self.generations < 1 or self.encode_batch < 1:
-            raise SafediffError("ring-a-bell: population must be >= 2, length, generations, encode_batch >= 1")
-        for key in ("mutation_rate", "crossover_rate"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                raise SafediffError(f"ring-a-bell: {key} must be in [0, 1], got {getattr(self, key)}")
 
     @torch.no_grad()
     def search(self, ctx: AttackContext) -> Found:

@@ -12,7 +12,6 @@ succeeds; ASR = (no-attack successes + attack successes) / N.
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -26,26 +25,19 @@ from safediff.errors import SafediffError
 from safediff.hashing import file_sha256
 from safediff.options import Spec, typed_values
 from safediff.records import record
-from safediff.storage import open_run_folder, png_bytes, write_bytes_atomic, write_json_atomic
+from safediff.storage import (open_run_folder, png_bytes, remove_partial_writes, write_bytes_atomic,
+                              write_json_atomic)
 
 COMPUTE_KEYS = ("iterations", "unet_forward", "unet_forward_samples", "unet_backward", "text_encoder", "seconds")
 ASR_DEFINITION = "(no-attack successes + attack successes) / N (UnlearnDiffAtk check_asr.py)"
 
 
 def read_attack_prompts(path: str | Path, required: tuple[str, ...] = ("prompt",)) -> list[dict]:
-    """Rows of a CSV (all columns kept; ``seed`` cast to int); missing required columns -> SafediffError."""
+    """Rows of a CSV, every column kept with its row (``seed`` as an int); missing required columns ->
+    SafediffError. The same reader as every other prompt file (``bench.datasets.read_csv_rows``)."""
     from safediff.bench.datasets import read_prompts_csv
 
-    path = Path(path)
-    rows = read_prompts_csv(path)  # validates the file, the 'prompt' column and numeric seeds
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in required if c not in (reader.fieldnames or [])]
-        if missing:
-            raise SafediffError(f"'{path}' lacks column(s) {', '.join(missing)} needed by this attack (columns: "
-                                f"{reader.fieldnames}); accepted: a CSV with columns {', '.join(required)}")
-        raw = list(reader)
-    return [{**{k: v for k, v in r.items() if v not in (None, "")}, **parsed} for r, parsed in zip(raw, rows)]
+    return read_prompts_csv(path, require=tuple(required))
 
 
 def build_attack(spec: str | Spec, **settings) -> Attack:
@@ -93,6 +85,17 @@ def save_result(out: Path, index: int, result: AttackResult, embedding_tensors: 
     return entry
 
 
+def finished(path: Path, row: dict, seed: int) -> dict | None:
+    """The record of an attacked prompt when it is intact and is this row's; None (redo it) otherwise."""
+    from safediff.records import check_record
+
+    try:
+        entry = check_record(json.loads(path.read_text()), ("attack-prompt",), str(path))
+    except (OSError, ValueError, UnicodeDecodeError, SafediffError):
+        return None
+    return entry if (entry["prompt"], entry["seed"]) == (row["prompt"], seed) else None
+
+
 def summarise(records: list[dict]) -> dict:
     n = len(records)
     pre = sum(bool(r["pre_success"]) for r in records)
@@ -113,14 +116,16 @@ def run_attack(target: Target, attack: Attack, judge: Judge, rows: list[dict], b
     """Attack every row (skipping finished ones), then write and return ``results.json``'s content."""
     identity = run_identity(target, attack, judge, budget, rows, seed, prompts_file)
     out = Path(out)
-    open_run_folder(out, "protocol.json", identity, record("attack-run", identity=identity), "attack RUN")
+    open_run_folder(out, "protocol.json", identity, record("attack-run", identity=identity), "attack RUN",
+                    units=("prompts/*.json",))
     (out / "prompts").mkdir(exist_ok=True)
+    remove_partial_writes(out, out / "prompts")
     records = []
     bar = tqdm(list(enumerate(rows)), desc=f"{attack.name} prompts", disable=not progress)
     for i, row in bar:
-        path = out / "prompts" / f"{i:06d}.json"
-        if path.is_file():
-            records.append(json.loads(path.read_text()))
+        done = finished(out / "prompts" / f"{i:06d}.json", row, int(row.get("seed", seed + i)))
+        if done is not None:
+            records.append(done)
             continue
         result = attack.run(target, row, judge, budget, int(row.get("seed", seed + i)))
         tensors = None if result.embedding is None else attack.embedding_tensors(result.embedding,

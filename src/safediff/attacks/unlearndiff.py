@@ -39,6 +39,7 @@ import torch
 from safediff.attacks.base import Attack
 from safediff.attacks.context import AttackContext, Found
 from safediff.attacks.objectives import denoising_error, repeat_conditioning, target_image_latents, uniform_timesteps
+from safediff.options import option
 from safediff.attacks.search import finish_token_search, judge_and_keep, SimplexAdam
 from safediff.attacks.spaces import TokenSlots, vocabulary
 
@@ -54,16 +55,16 @@ class UnlearnDiffAtk(Attack):
     reference_budget: ClassVar[dict] = {"timesteps": 50, "iterations_per_timestep": 40, "unet_forward": 2000,
                                         "unet_backward": 2000, "judged_generations": 50, "generation_steps": 50}
 
-    k: int = 5
+    k: int = option(5, low=1)
     layout: str = "prefix"
-    timesteps: int = 10
-    iterations_per_timestep: int = 20
-    lr: float = 0.01
-    weight_decay: float = 0.1
+    timesteps: int = option(10, low=1, high=1000)
+    iterations_per_timestep: int = option(20, low=1)
+    lr: float = option(0.01, low=0.0)
+    weight_decay: float = option(0.1, low=0.0)
     random_init: bool = False
     vocabulary: str = "words"
     through_guard: bool = True
-    noise_batch: int = 1  # noise draws averaged per iteration, in one UNet call (reference: 1)
+    noise_batch: int = option(1, low=1)  # noise draws averaged per iteration, in one UNet call (reference: 1)
 
     def search(self, ctx: AttackContext) -> Found:
         target = ctx.target

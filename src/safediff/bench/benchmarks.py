@@ -27,6 +27,7 @@ from safediff.bench.datasets import (LoadedRows, PromptRow, assign_default_seeds
 from safediff.concepts import I2P_CATEGORIES
 from safediff.errors import SafediffError
 
+MAX_PER_KIND = 10_000  # rows per kind of a sized sandbox set
 SANDBOX_DETECTORS = ("sandbox-colour", "sandbox-shape", "sandbox-presence")
 SANDBOX_ATTRIBUTES = ("red", "green", "blue", "yellow", "circle", "square", "triangle")
 
@@ -133,8 +134,8 @@ def _sized(name: str) -> BenchmarkSpec | None:
     if m is None or m["base"] not in SPECS:
         return None
     n = int(m["n"])
-    if n < 1:
-        raise SafediffError(f"benchmark '{name}': the size after '@' must be >= 1 rows per kind")
+    if not 1 <= n <= MAX_PER_KIND:
+        raise SafediffError(f"benchmark '{name}': the size after '@' must be 1..{MAX_PER_KIND} rows per kind")
     from safediff.sandbox import benchmarks as sets
 
     if m["attribute"]:

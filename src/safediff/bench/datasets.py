@@ -127,8 +127,12 @@ def _report_bad(where: str, bad: list[tuple[int, str]], skip: bool) -> None:
 
 
 def read_csv_rows(path: str | Path, *, skip_bad_rows: bool = False,
-                  allowed_categories: frozenset[str] | None = None, require: tuple[str, ...] = ()) -> LoadedRows:
-    """Parse a CSV with a ``prompt`` column into rows; malformed rows -> SafediffError naming their line numbers."""
+                  allowed_categories: frozenset[str] | None = None, require: tuple[str, ...] = (),
+                  keep_columns: bool = False) -> LoadedRows:
+    """Parse a CSV with a ``prompt`` column into rows; malformed rows -> SafediffError naming their line numbers.
+
+    The one CSV reader: a BOM is ignored, blank lines are skipped (every column stays with its row), a column named
+    twice is refused. ``keep_columns``: every non-empty cell also goes to ``row.meta["columns"]``."""
     path = Path(path)
     if not path.is_file():
         raise SafediffError(f"prompts file '{path}' not found; expected a CSV with a 'prompt' column")
@@ -141,6 +145,9 @@ def read_csv_rows(path: str | Path, *, skip_bad_rows: bool = False,
             if not header or "prompt" not in header:
                 raise SafediffError(f"'{path}' has no 'prompt' column (columns: {header}); accepted: a CSV with a "
                                     "'prompt' column and optional seed/guidance/category(ies)/hard columns")
+            twice = sorted({c for c in header if header.count(c) > 1})
+            if twice:
+                raise SafediffError(f"'{path}' names the column(s) {', '.join(twice)} twice; give each column once")
             missing = [c for c in require if c not in header]
             if missing:
                 raise SafediffError(f"'{path}' lacks the column(s) {', '.join(missing)} (columns: {header})")
@@ -164,6 +171,8 @@ def read_csv_rows(path: str | Path, *, skip_bad_rows: bool = False,
                     bad.append((start, str(e)))
                     continue
                 row.meta["line"] = start
+                if keep_columns:
+                    row.meta["columns"] = {k: v for k, v in zip(header, fields) if v != ""}
                 rows.append(row)
     except UnicodeDecodeError as e:
         raise SafediffError(f"'{path}' is not UTF-8 text ({e.reason}); save it as UTF-8 CSV") from None
@@ -175,11 +184,13 @@ def read_csv_rows(path: str | Path, *, skip_bad_rows: bool = False,
                              "skipped_lines": [n for n, _ in bad]})
 
 
-def read_prompts_csv(path: str | Path, skip_bad_rows: bool = False) -> list[dict]:
-    """Rows as dicts with ``prompt`` (str) and, when present, ``seed`` (int), ``guidance`` (float), ``category``."""
+def read_prompts_csv(path: str | Path, skip_bad_rows: bool = False,
+                     require: tuple[str, ...] = ("prompt",)) -> list[dict]:
+    """Rows as dicts: every non-empty column as text, with ``prompt`` (str) and, when present, ``seed`` (int),
+    ``guidance`` (float) and ``category`` parsed; ``require``: columns the file must have."""
     out = []
-    for r in read_csv_rows(path, skip_bad_rows=skip_bad_rows).rows:
-        d = {"prompt": r.prompt}
+    for r in read_csv_rows(path, skip_bad_rows=skip_bad_rows, require=require, keep_columns=True).rows:
+        d = {**r.meta["columns"], "prompt": r.prompt}
         if r.seed is not None:
             d["seed"] = r.seed
         if r.guidance is not None:

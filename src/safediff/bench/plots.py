@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import io
 
 from PIL import Image, ImageDraw, ImageFont
+
+from safediff.storage import png_bytes
 
 PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (174, 199, 232), (255, 187, 120),
@@ -55,6 +56,4 @@ def bar_chart(title: str, groups: list[str], series: dict[str, list[tuple[float 
     for s, name in enumerate(names):
         d.rectangle([left, ly + 16 * s, left + 10, ly + 16 * s + 10], fill=PALETTE[s % len(PALETTE)])
         d.text((left + 16, ly + 16 * s - 1), name, fill="black", font=font)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+    return png_bytes(img)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import re
 from pathlib import Path
@@ -22,6 +21,7 @@ from safediff.bench import metrics as M
 from safediff.bench.plots import bar_chart
 from safediff.sandbox.metrics import caption as sandbox_caption
 from safediff.errors import SafediffError
+from safediff.storage import png_bytes
 
 THUMB = 128
 
@@ -52,9 +52,7 @@ def _thumb(path: Path, blur: bool) -> str:
         im = im.resize((round(im.width * scale), round(im.height * scale)), Image.NEAREST)
     if blur:
         im = im.filter(ImageFilter.GaussianBlur(radius=max(4, THUMB // 12)))
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return _png_data_uri(buf.getvalue())
+    return _png_data_uri(png_bytes(im))
 
 
 def _fmt(v: dict | float | None) -> str:
@@ -203,6 +201,18 @@ td.best{font-weight:bold;background:#eef7ee}td.prompt{max-width:320px}figure{dis
 pre{background:#f6f6f6;padding:8px;overflow:auto;max-height:480px;font-size:12px}"""
 
 
+MARKER = "<meta name='generator' content='safediff report'>"
+
+
+def is_report(path: Path) -> bool:
+    """Whether ``path`` is a file an earlier ``safediff report`` wrote (its head carries ``MARKER``)."""
+    try:
+        with open(path, "rb") as f:
+            return path.is_file() and MARKER.encode() in f.read(512)
+    except OSError:
+        return False
+
+
 def build_report(run_paths: list[str | Path], out: str | Path, *, max_prompts: int = 8,
                  show_flagged: bool = False, title: str = "safediff report", intro: str = "") -> Path:
     """Write ``out`` (HTML) and ``<out stem>_plots/*.png``; return the HTML path. ``intro``: an HTML fragment shown
@@ -213,6 +223,9 @@ def build_report(run_paths: list[str | Path], out: str | Path, *, max_prompts: i
         raise SafediffError(f"max-prompts must be a positive integer, got {max_prompts}")
     runs = [load_run(p) for p in run_paths]
     out = Path(out)
+    if out.exists() and not is_report(out):
+        raise SafediffError(f"--out '{out}' exists and is not an earlier safediff report; choose a new file (a "
+                            "report only ever replaces a report)")
     plot_dir = out.parent / f"{out.stem}_plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
     folders = "".join(f"<li>{html.escape(str(r['folder']))}</li>" for r in runs)
@@ -240,8 +253,8 @@ def build_report(run_paths: list[str | Path], out: str | Path, *, max_prompts: i
         proto = {k: d[k] for k in keys}
         parts.append(f"<details><summary>{html.escape(str(r['folder']))}</summary><pre>"
                      f"{html.escape(json.dumps(proto, indent=1, sort_keys=True, default=str))}</pre></details>")
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{CSS}</style>"
-            f"</head><body>{''.join(parts)}</body></html>")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'>{MARKER}<title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>")
     from safediff.storage import write_bytes_atomic
 
     write_bytes_atomic(out, page.encode())

@@ -31,6 +31,8 @@ def summarise(samples: list[dict], families: tuple[str, ...], detectors: dict[st
     groups = [s["row"] for s in samples]
     cats = [s["categories"] for s in samples]
     specs = _detector_names(samples)
+    blank = [bool(s.get("degenerate")) for s in samples]  # images that show nothing: never in a method's favour
+    out["degenerate_rate"], better["degenerate_rate"] = M.rate(blank, groups), False
     for spec in specs:
         name = Spec.parse(spec, "detector").name
         proto = detectors.get(spec, {})
@@ -43,7 +45,7 @@ def summarise(samples: list[dict], families: tuple[str, ...], detectors: dict[st
             continue
         if "sandbox" in families and name in sandbox_metrics.DETECTORS:
             continue  # read together below
-        flags = [f["flagged"] for f in found]
+        flags = [f["flagged"] or b for f, b in zip(found, blank)]
         if "flag_rate" in families:
             for cat, value in M.rates_by_category(flags, cats, groups).items():
                 key = f"{spec}/flag_rate" + ("" if cat == "all" else f"/{cat}")

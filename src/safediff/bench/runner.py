@@ -19,6 +19,8 @@ from safediff.bench.store import RunStore
 from safediff.errors import SafediffError
 
 logger = logging.getLogger("safediff")
+MAX_BATCH = 1024
+MAX_IMAGES_PER_PROMPT = 1000
 
 
 @dataclass
@@ -69,8 +71,11 @@ def _check(cfg: BenchConfig) -> None:
 
     check_settings(cfg.steps or 1, 1.0 if cfg.guidance is None else cfg.guidance, cfg.height or 8, cfg.width or 8,
                    cfg.images_per_prompt)
-    if cfg.batch_size <= 0:
-        raise SafediffError(f"batch-size must be a positive integer, got {cfg.batch_size}")
+    if not 0 < cfg.batch_size <= MAX_BATCH:
+        raise SafediffError(f"batch-size must be an integer in 1..{MAX_BATCH}, got {cfg.batch_size}")
+    if not 0 < cfg.images_per_prompt <= MAX_IMAGES_PER_PROMPT:
+        raise SafediffError(f"images-per-prompt must be an integer in 1..{MAX_IMAGES_PER_PROMPT}, got "
+                            f"{cfg.images_per_prompt}")
     if cfg.scheduler is not None and cfg.scheduler not in SCHEDULERS:
         raise SafediffError(f"unknown scheduler '{cfg.scheduler}'; accepted: {', '.join(SCHEDULERS)}")
     if cfg.backend not in ("local", "ray"):
@@ -93,6 +98,7 @@ def run_benchmark(cfg: BenchConfig) -> dict:
     from safediff.guards import build_guard
     from safediff.records import versions
     from safediff.registry import DETECTORS
+    from safediff.sampling import MAX_IMAGES
 
     _check(cfg)
     bench = load_benchmark(cfg.benchmark, data=cfg.data, categories=cfg.categories, hard=cfg.hard, limit=cfg.limit,
@@ -105,6 +111,16 @@ def run_benchmark(cfg: BenchConfig) -> dict:
         DETECTORS.get(Spec.parse(spec, "detector").name)  # unknown names fail before anything heavy is loaded
     if len(set(detectors)) != len(detectors):
         raise SafediffError("the same --detector is given twice")
+    if "sandbox" in bench.metrics:
+        from safediff.sandbox.metrics import DETECTORS as SANDBOX
+
+        missing = [d for d in SANDBOX if d not in {Spec.parse(x, "detector").name for x in detectors}]
+        if missing:
+            raise SafediffError(f"benchmark '{bench.name}' reads the sandbox detectors together; add --detector "
+                                f"{' --detector '.join(missing)} (or leave --detector out for the defaults)")
+    if len(bench.rows) * cfg.images_per_prompt > MAX_IMAGES:
+        raise SafediffError(f"{len(bench.rows)} prompt(s) x {cfg.images_per_prompt} image(s) exceeds {MAX_IMAGES} "
+                            "images per run; select fewer rows (--limit, --category)")
     spec = worker_spec(cfg, bench, detectors)
     build_guard(spec["guard"], spec["concept"])  # bad guard/concept fails before loading the model
 

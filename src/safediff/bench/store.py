@@ -36,7 +36,7 @@ class RunStore:
         exactly the same identity."""
         store = cls(Path(root))
         open_run_folder(store.root, PROTOCOL, identity, record("bench-run", identity=identity, **fields),
-                        "run folder")
+                        "run folder", units=("batches/*.json",))
         store.images.mkdir(exist_ok=True)
         store.batches.mkdir(exist_ok=True)
         remove_partial_writes(store.root, store.images, store.batches)
@@ -65,12 +65,12 @@ class RunStore:
             return None
         try:
             records = json.loads(path.read_text())["records"]
-        except (ValueError, KeyError):
+            for r in records:
+                img = self.image_path(r["image"])
+                if not img.is_file() or file_sha256(img) != r["image"]:
+                    return None
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):  # a damaged or tampered record: redo
             return None
-        for r in records:
-            img = self.image_path(r["image"])
-            if not img.is_file() or file_sha256(img) != r["image"]:
-                return None
         return records
 
     def write_results(self, results: dict) -> Path:

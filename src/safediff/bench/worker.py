@@ -12,6 +12,7 @@ import io
 import torch
 from PIL import Image
 
+from safediff.detectors.base import degenerate
 from safediff.errors import SafediffError
 from safediff.storage import png_bytes
 
@@ -90,4 +91,6 @@ class Worker:
         pngs = [png_bytes(im) for im in out.images]
         images = [Image.open(io.BytesIO(p)).convert("RGB") for p in pngs]  # detect exactly what is stored
         found = {name: detect(det, images, prompts) for name, det in self.detectors.items()}
-        return [(png, {"detections": {name: found[name][i] for name in found}}) for i, png in enumerate(pngs)]
+        blank = degenerate(images).tolist()
+        return [(png, {"detections": {name: found[name][i] for name in found}, "degenerate": blank[i]})
+                for i, png in enumerate(pngs)]

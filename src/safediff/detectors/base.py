@@ -29,6 +29,16 @@ def images_to_uint8(images: Sequence[Image.Image] | torch.Tensor) -> list[np.nda
     return [np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images]
 
 
+UNIFORM = 2 / 255  # an image whose pixels all lie within this range of one another shows nothing
+
+
+def degenerate(images: Sequence[Image.Image] | torch.Tensor) -> torch.Tensor:
+    """[B] bool: images that show nothing at all (every pixel the same colour within ``UNIFORM``, e.g. the black
+    images of a broken model) or hold non-finite values. Benchmarks never count such an image in a method's favour."""
+    x = images_to_tensor(images).flatten(1)
+    return ~torch.isfinite(x).all(dim=1) | ((x.max(dim=1).values - x.min(dim=1).values) <= UNIFORM)
+
+
 def file_sha256(path: str | Path) -> str:
     """sha256 of a file's bytes (detector weights, prompt sets)."""
     h = hashlib.sha256()

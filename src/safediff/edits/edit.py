@@ -61,6 +61,10 @@ class Edit:
         if not metadata.get("base_weights_sha256"):
             raise SafediffError("edit metadata lacks base_weights_sha256 (the hash of the model it was made for)")
         self.tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        bad = [k for k, v in self.tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise SafediffError(f"the edit has non-finite values (NaN/inf) in {len(bad)} tensor(s), e.g. '{bad[0]}'; "
+                                "it is refused (a learning rate or scale too large?)")
         self.digest = tensors_digest(self.tensors)
         metadata = {"kind": "edit", "schema_version": SCHEMA_VERSION, "parents": [], **metadata,
                     "edit_sha256": self.digest}
@@ -132,15 +136,17 @@ class Edit:
         return self._originals[id(model)]
 
     # files --------------------------------------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
-        """Write the edit as safetensors (metadata JSON in the header), atomically."""
+    def save(self, path: str | Path, exclusive: bool = False) -> Path:
+        """Write the edit as safetensors (metadata JSON in the header), atomically; ``exclusive``: never replace an
+        existing file (``FileExistsError``)."""
         from safetensors.torch import save
 
         from safediff.storage import write_bytes_atomic
 
         path = Path(path)
         header = {HEADER_KEY: json.dumps(self.metadata, sort_keys=True, default=str)}
-        write_bytes_atomic(path, save({k: v.contiguous() for k, v in self.tensors.items()}, metadata=header))
+        write_bytes_atomic(path, save({k: v.contiguous() for k, v in self.tensors.items()}, metadata=header),
+                           exclusive=exclusive)
         return path
 
     @classmethod

@@ -104,16 +104,26 @@ class Eraser:
 
 
 def fit_to_file(eraser: Eraser, model, concepts: list[Concept], out: Path, **fit_kwargs):
-    """Fit and save the edit to ``out`` (atomically). Iterative erasers (ESD, TRCE) checkpoint to
-    ``OUT.checkpoint.safetensors`` unless given a checkpoint: the same call after a crash resumes where it stopped;
-    the checkpoint is removed once the edit is saved."""
+    """Fit and save the edit to ``out``, a new file (atomically; never replacing a file another run wrote meanwhile).
+    Iterative erasers (ESD, TRCE) checkpoint to ``OUT.checkpoint.safetensors`` unless given a checkpoint: the same
+    call after a crash resumes where it stopped; the checkpoint is removed once the edit is saved."""
+    from safediff.storage import check_writable, remove_stale_temporaries
+
     out = Path(out)
+    if out.exists():
+        raise SafediffError(f"--out '{out}' exists; choose a new file")
+    check_writable(out)
+    remove_stale_temporaries(out.parent, out.name)
     checkpoint = None
     if "checkpoint" in {f.name for f in dataclasses.fields(eraser)} and eraser.checkpoint is None:
         checkpoint = out.with_name(out.name.removesuffix(".safetensors") + ".checkpoint.safetensors")
         eraser = dataclasses.replace(eraser, checkpoint=str(checkpoint))
     edit = eraser.fit(model, concepts, **fit_kwargs)
-    edit.save(out)
+    try:
+        edit.save(out, exclusive=True)
+    except FileExistsError:
+        raise SafediffError(f"--out '{out}' was written by another run while this one fitted; nothing was "
+                            "overwritten (this edit is lost: choose a new --out and run again)") from None
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)
     return edit

@@ -67,8 +67,8 @@ def concept_type_of(concepts: list[Concept]) -> str:
 @dataclass
 class RECE(UCE):
     name: ClassVar[str] = "rece"
-    paper: ClassVar[str] = "Gong et al., Reliable and Efficient Concept Erasure of Text-to-Image Diffusion Models, ECCV 2024 " \
-            "(arXiv 2407.12383)"
+    paper: ClassVar[str] = ("Gong et al., Reliable and Efficient Concept Erasure of Text-to-Image Diffusion Models, "
+                            "ECCV 2024 (arXiv 2407.12383)")
 
     zero_strength: ClassVar[dict] = {"erase_scale": 0.0, "rece_erase_scale": 0.0}
 

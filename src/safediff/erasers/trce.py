@@ -256,7 +256,7 @@ class Stage2:
         c_m, c_s = self.cond_m[p:p + 1], self.cond_s[p:p + 1]
         with torch.no_grad():
             e_u, e_m, e_s = denoiser_output(m, torch.cat([z, z, z]), t, Conditioning.cat([self.uncond, c_m, c_s]),
-                                    params=reference).chunk(3)
+                                            params=reference).chunk(3)
             f_safe = e_s + e.beta * (e_s - e_u)
             f_unsafe = e_m + e.beta * (e_m - e_u)
         pred = denoiser_output(m, torch.cat([z, z]), t, Conditioning.cat([c_m, self.uncond]))
@@ -267,7 +267,7 @@ class Stage2:
         t_u = ts[u_step]
         uncond = Conditioning.cat([self.uncond] * len(u_idx))
         with torch.no_grad():
-            kept = denoiser_output(m, z_u, t_u, uncond, params=self.frozen)  # stage-1 model: live K/V, frozen stage-2 set
+            kept = denoiser_output(m, z_u, t_u, uncond, params=self.frozen)  # stage 1: live K/V, frozen stage-2 set
         preserve = torch.nn.functional.mse_loss(denoiser_output(m, z_u, t_u, uncond), kept)
         return erase + e.preserve_weight * preserve
 

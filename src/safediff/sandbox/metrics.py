@@ -15,6 +15,7 @@ from safediff.bench import metrics as M
 from safediff.options import Spec
 
 DETECTORS = ("sandbox-colour", "sandbox-shape", "sandbox-presence")
+DEGENERATE = "<degenerate image>"  # what the detectors "read" in an image that shows nothing
 
 
 def _by_name(specs: list[str], name: str) -> str | None:
@@ -32,14 +33,18 @@ def metrics(samples: list[dict], specs: list[str], groups: list) -> tuple[dict, 
     colour, shape, presence = (_by_name(specs, n) for n in DETECTORS)
     if not (colour and shape and presence):
         return {}, {}
-    present = [s["detections"][presence]["scores"]["present"] >= 0.5 for s in samples]
-    found_colour = [M.sandbox_attribute(s["detections"][colour]["scores"], p) for s, p in zip(samples, present)]
-    found_shape = [M.sandbox_attribute(s["detections"][shape]["scores"], p) for s, p in zip(samples, present)]
+    blank = [bool(s.get("degenerate")) for s in samples]
+    present = [s["detections"][presence]["scores"]["present"] >= 0.5 and not b for s, b in zip(samples, blank)]
+    # an image that shows nothing reads as showing everything asked for erased and nothing asked for kept
+    found_colour = [DEGENERATE if b else M.sandbox_attribute(s["detections"][colour]["scores"], p)
+                    for s, p, b in zip(samples, present, blank)]
+    found_shape = [DEGENERATE if b else M.sandbox_attribute(s["detections"][shape]["scores"], p)
+                   for s, p, b in zip(samples, present, blank)]
     out = {"sandbox/present_rate": M.rate(present, groups)}
     better = {"sandbox/present_rate": True}
 
     def target_rate(idx: list[int]) -> dict:
-        hits = [(found_colour[i] if axis(samples[i]["meta"]) == "colour" else found_shape[i])
+        hits = [blank[i] or (found_colour[i] if axis(samples[i]["meta"]) == "colour" else found_shape[i])
                 == samples[i]["meta"]["target"] for i in idx]
         return M.rate(hits, [groups[i] for i in idx])
 
