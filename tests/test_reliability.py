@@ -218,6 +218,15 @@ def test_bad_input_is_one_line(monkeypatch, capsys, tmp_path, args, words):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_scheduler_whose_dependency_is_missing_is_refused_before_loading(tiny_sd, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "scipy" else real(name, *a))
+    with pytest.raises(SafediffError, match="lms scheduler needs scipy"):
+        generate(tiny_sd, ["a"], [0], scheduler="lms", progress=False)
+
+
 def test_unwritable_edit_output_fails_before_the_fit(tiny_sd, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")

@@ -45,6 +45,7 @@ SCHEDULERS = {
     "lms": "LMSDiscreteScheduler",
     "ddpm": "DDPMScheduler",
 }
+NEEDS = {"lms": ("scipy",)}  # schedulers whose diffusers class needs an optional package
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,10 @@ def make_scheduler(model, name: str | None = None):
         return type(base).from_config(base.config)
     if name not in SCHEDULERS:
         raise SafediffError(f"unknown scheduler '{name}'; accepted: {', '.join(SCHEDULERS)}")
+    missing = [pkg for pkg in NEEDS.get(name, ()) if importlib.util.find_spec(pkg) is None]
+    if missing:
+        raise SafediffError(f"the {name} scheduler needs {', '.join(missing)} (pip install {' '.join(missing)}); or "
+                            f"choose another: {', '.join(k for k in SCHEDULERS if k not in NEEDS)}")
     return getattr(diffusers, SCHEDULERS[name]).from_config(base.config)
 
 
@@ -123,17 +128,13 @@ def check_settings(steps: int, guidance: float, height: int, width: int, n: int 
 
 
 def check_scheduler(scheduler, steps: int) -> None:
-    """The scheduler can run ``steps`` steps here: within its training steps, enough for a multistep warm-up, and
-    with its dependencies installed."""
+    """The scheduler can run ``steps`` steps: within its training steps and enough for a multistep warm-up."""
     name = type(scheduler).__name__
     if steps > scheduler.config.num_train_timesteps:
         raise SafediffError(f"steps must be at most the scheduler's {scheduler.config.num_train_timesteps} training "
                             f"steps, got {steps}")
     if name == "PNDMScheduler" and not scheduler.config.get("skip_prk_steps", False) and steps < 4:
         raise SafediffError(f"the PNDM scheduler needs at least 4 steps (its Runge-Kutta warm-up), got {steps}")
-    if name == "LMSDiscreteScheduler" and importlib.util.find_spec("scipy") is None:
-        raise SafediffError("the lms scheduler needs scipy (pip install scipy); or choose another: "
-                            + ", ".join(k for k in SCHEDULERS if k != "lms"))
 
 
 def latent_shape(model, height: int, width: int) -> tuple[int, int, int]:
