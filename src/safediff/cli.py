@@ -10,56 +10,11 @@ from typing import Optional
 
 import typer
 
+from safediff import cli_inputs as check
 from safediff.errors import SafediffError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Erase, guard, attack and benchmark concepts in text-to-image diffusion models.")
-
-DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16",
-          "bf16": "bfloat16"}
-
-
-def _dtype(name: str):
-    import torch
-
-    if name not in DTYPES:
-        raise SafediffError(f"unknown dtype '{name}'; accepted: {', '.join(DTYPES)}")
-    return getattr(torch, DTYPES[name])
-
-
-def _device(name: str) -> str:
-    import re
-
-    import torch
-
-    m = re.fullmatch(r"cuda(?::(\d+))?", name)
-    if name != "cpu" and m is None:
-        raise SafediffError(f"unknown device '{name}'; accepted: cpu, cuda, cuda:N")
-    if m is not None:
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise SafediffError(f"device '{name}' requested but no CUDA GPU is available; accepted here: cpu")
-        if m.group(1) is not None and int(m.group(1)) >= count:
-            raise SafediffError(f"device '{name}' does not exist; this machine has cuda:0..cuda:{count - 1}")
-    return name
-
-
-def _text(value: str | None, what: str) -> str | None:
-    """Command-line text that is not valid UTF-8 (arrives as lone surrogates) -> one clear line."""
-    if value is not None:
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise SafediffError(f"{what} is not valid UTF-8 text") from None
-    return value
-
-
-def _seed(seed: int) -> int:
-    from safediff.bench.datasets import MAX_SEED
-
-    if not 0 <= seed <= MAX_SEED:
-        raise SafediffError(f"--seed must be in [0, 2**63 - 1], got {seed}")
-    return seed
 
 
 @app.command()
@@ -98,8 +53,8 @@ def generate(
         raise SafediffError("give exactly one of --prompt TEXT or --prompts-file CSV")
     for value, what in ((prompt, "--prompt"), (negative_prompt, "--negative-prompt"), (concept, "--concept"),
                         (guard, "--guard"), (model, "--model")):
-        _text(value, what)
-    _seed(seed)
+        check.text(value, what)
+    check.seed(seed)
     check_settings(1 if steps is None else steps, 1.0 if guidance is None else guidance,
                    8 if height is None else height, 8 if width is None else width, n)
     if batch_size <= 0:
@@ -112,7 +67,7 @@ def generate(
                             "command")
     jobs = [(r["prompt"], r.get("seed", seed + i) + j) for i, r in enumerate(rows) for j in range(n)]
     the_guard = build_guard(guard, concept)
-    dev, dt = _device(device), _dtype(dtype)
+    dev, dt = check.device(device), check.dtype(dtype)
     with staged_folder(out) as tmp:
         m = load_pipeline(model, device=dev, dtype=dt)
         result = run(m, [p for p, _ in jobs], [s for _, s in jobs], steps=steps, guidance=guidance, height=height,
@@ -166,13 +121,14 @@ def bench(
     texts = [(benchmark, "--benchmark"), (model, "--model"), (guard, "--guard"), (concept, "--concept"),
              (negative_prompt, "--negative-prompt"), (name, "--name"), *((d, "--detector") for d in detector or [])]
     for value, what in texts:
-        _text(value, what)
+        check.text(value, what)
     results = run_benchmark(BenchConfig(
         benchmark=benchmark, model=model, out=out, guard=guard, concept=concept, detectors=detector or None,
         data=data, categories=tuple(category) if category else None, hard=hard, limit=limit,
         skip_bad_rows=skip_bad_rows, images_per_prompt=images_per_prompt, steps=steps, guidance=guidance,
         height=height, width=width, scheduler=scheduler, negative_prompt=negative_prompt, batch_size=batch_size,
-        device=_device(device), dtype=str(_dtype(dtype)).replace("torch.", ""), backend=backend, workers=workers,
+        device=check.device(device), dtype=str(check.dtype(dtype)).replace("torch.", ""), backend=backend,
+        workers=workers,
         name=name))
     n = results["n_samples"]
     typer.echo(f"{n['images']} image(s) of {n['prompts']} prompt(s); results in {out / 'results.json'}")
@@ -220,8 +176,8 @@ def attack(
 
     for value, what in ((target, "--target"), (method, "--method"), (concept, "--concept"), (judge, "--judge"),
                         (budget, "--budget")):
-        _text(value, what)
-    _seed(seed)
+        check.text(value, what)
+    check.seed(seed)
     the_attack = build_attack(method)
     the_budget = Budget.parse(budget, the_attack.default_budget)
     the_judge = build_judge(judge, concept)
@@ -230,7 +186,7 @@ def attack(
     _, _, guard_spec = target.partition(":")
     if guard_spec:
         build_guard(guard_spec, concept)  # reject an unknown guard before loading any model
-    the_target = parse_target(target, concept, device=_device(device), dtype=_dtype(dtype), steps=steps,
+    the_target = parse_target(target, concept, device=check.device(device), dtype=check.dtype(dtype), steps=steps,
                               guidance=guidance)
     results = run_attack(the_target, the_attack, the_judge, rows, the_budget, seed, out, prompts_file=str(prompts))
     typer.echo(f"{method} on {target}: Pre-ASR {results['pre_asr']:.3f} -> ASR {results['asr']:.3f} over "
@@ -271,7 +227,7 @@ def erase(
         raise SafediffError(f"--out '{out}' exists; choose a new file")
     for value, what in ((model, "--model"), (method, "--method"), (concept, "--concept"), (preserve, "--preserve"),
                         (guide, "--guide")):
-        _text(value, what)
+        check.text(value, what)
     concepts = resolve(concept)
     settings = {}
     if validator is not None:
@@ -282,7 +238,7 @@ def erase(
         settings["validator"] = sandbox_validator(concepts)
     eraser = build_eraser(method, **settings)
     keep = None if preserve is None else [p.strip() for p in preserve.split(",") if p.strip()]
-    m = load_pipeline(model, device=_device(device), dtype=_dtype(dtype))
+    m = load_pipeline(model, device=check.device(device), dtype=check.dtype(dtype))
     start = time.perf_counter()
     edit = fit_to_file(eraser, m, concepts, out, preserve=keep, guide=guide)
     seconds = time.perf_counter() - start
@@ -324,7 +280,7 @@ def ui(
 
     if not 0 < port < 65536:
         raise SafediffError(f"port must be in 1..65535, got {port}")
-    build_app(model, _device(device)).launch(server_name=host, server_port=port)
+    build_app(model, check.device(device)).launch(server_name=host, server_port=port)
 
 
 def _mount_subcommands() -> None:
