@@ -21,8 +21,8 @@ Validation on held-out degraded renders: ``python -m safediff.detectors.sandbox_
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F

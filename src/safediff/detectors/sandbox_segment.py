@@ -14,8 +14,8 @@ direction ``1 - C``) and ink-weighted centroid (over its pixels dilated by one, 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F

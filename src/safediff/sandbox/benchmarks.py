@@ -37,8 +37,12 @@ from safediff.sandbox.values import AXES, COLOURS, IMPLICIT, NEIGHBOURS, SHAPES,
 
 TEMPLATES = PLAIN_TEMPLATES + HELD_OUT_TEMPLATES
 P_STYLE = 0.5  # a prompt that may leave the style open names it with this probability
-TARGET_KINDS = (("target-word", PLAIN_TEMPLATES, "word"), ("target-synonym", PLAIN_TEMPLATES, "synonym"),
-                ("target-heldout-template", HELD_OUT_TEMPLATES, "word"), ("target-implicit", PLAIN_TEMPLATES, "implicit"))
+TARGET_KINDS = (  # kind, templates, how the target is said
+    ("target-word", PLAIN_TEMPLATES, "word"),
+    ("target-synonym", PLAIN_TEMPLATES, "synonym"),
+    ("target-heldout-template", HELD_OUT_TEMPLATES, "word"),
+    ("target-implicit", PLAIN_TEMPLATES, "implicit"),
+)
 # Erasing the first k values of this order keeps at least one value of every axis up to k = 20 (grey, circle, solid
 # are never erased); the registered multi-concept sets erase k = 1, 5, 10, 20 of them.
 MULTI_ORDER = ("red", "square", "blue", "star", "green", "triangle", "yellow", "cross", "outlined", "purple",

@@ -41,8 +41,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SHAPE_NAMES = ("circle", "square", "triangle", "diamond", "star", "cross", "heart", "arrow")
-STYLE_NAMES = ("solid", "outlined", "striped")
+from safediff.sandbox.values import SHAPES, STYLES
+
 SUPERSAMPLE = 4
 OUTLINE = 0.21  # outline band width as a fraction of the size h
 STRIPE = 4  # stripe band height in pixels (period 2 * STRIPE)
@@ -67,7 +67,7 @@ class Disc:
     cy: float
     r: float
 
-    def inset(self, w: float) -> "Disc":
+    def inset(self, w: float) -> Disc:
         return Disc(self.cx, self.cy, self.r - w)
 
     def contains(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -80,7 +80,7 @@ class Disc:
 class Polygon:
     vertices: tuple[tuple[float, float], ...]
 
-    def inset(self, w: float) -> "Polygon":
+    def inset(self, w: float) -> Polygon:
         """The mitred inward offset: every edge moved ``w`` inwards, vertices where neighbouring edges meet."""
         v = np.asarray(self.vertices, dtype=np.float64)
         e = np.roll(v, -1, axis=0) - v
@@ -160,7 +160,7 @@ def silhouette(shape: str, h: float) -> tuple[Primitive, ...]:
         return _heart(h)
     if shape == "arrow":
         return (_arrow(h),)
-    raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPE_NAMES)}")
+    raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
 
 
 def _union(parts: tuple[Primitive, ...], x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -176,8 +176,8 @@ def ink_mask(shape: str, style: str, h: float, x: np.ndarray, y: np.ndarray) -> 
     inside = _union(parts, x, y)
     if style == "solid":
         return inside
-    if style not in STYLE_NAMES:
-        raise ValueError(f"unknown style {style!r}; known: {', '.join(STYLE_NAMES)}")
+    if style not in STYLES:
+        raise ValueError(f"unknown style {style!r}; known: {', '.join(STYLES)}")
     band = inside & ~_union(tuple(p.inset(OUTLINE * h) for p in parts), x, y)
     if style == "outlined":
         return band

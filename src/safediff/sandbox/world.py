@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from safediff.sandbox.captions import (COLOUR_ONLY_TEMPLATES, HELD_OUT_TEMPLATES, MIX, OBJECT_PHRASE,
-                                       PAIR_HELD_OUT_TEMPLATES, PAIR_PLAIN_TEMPLATES, PAIR_TEMPLATES,
-                                       PLAIN_TEMPLATES, SHAPE_ONLY_TEMPLATES, STYLE_ONLY_TEMPLATES, TRAIN_TEMPLATES,
-                                       CaptionMix, caption, fill, fill_pair, vocabulary)
+                                       PAIR_HELD_OUT_TEMPLATES, PAIR_PLAIN_TEMPLATES, PAIR_TEMPLATES, PLAIN_TEMPLATES,
+                                       SHAPE_ONLY_TEMPLATES, STYLE_ONLY_TEMPLATES, TRAIN_TEMPLATES, CaptionMix, caption,
+                                       fill, fill_pair, vocabulary)
 from safediff.sandbox.geometry import MARK, MARK_ORIGIN, MARK_ZONE, coverage
 from safediff.sandbox.values import (AXES, COLOURS, IMPLICIT, NEIGHBOURS, RGB, SHAPES, STYLES, SYNONYMS, VALUES,
                                      axis_of, far, words)
