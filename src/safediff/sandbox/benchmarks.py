@@ -92,12 +92,15 @@ def _words(obj: dict, rng: np.random.Generator) -> dict[str, str]:
 
 
 def _single_prompt(obj: dict, templates: tuple[str, ...], rng: np.random.Generator) -> str:
+    """A one-object prompt from ``templates`` (shape-only or colour-only ones when the object leaves its colour or
+    shape open) that has a slot for each value the object names."""
     if obj["colour"] is None:
         templates = SHAPE_ONLY_TEMPLATES
     elif obj["shape"] is None:
         templates = COLOUR_ONLY_TEMPLATES
-    template = _pick(rng, templates)
-    return fill(template, **_words(obj, rng))
+    if obj["style"] is not None:
+        templates = tuple(t for t in templates if "{t}" in t)
+    return fill(_pick(rng, templates), **_words(obj, rng))
 
 
 def _pair(rng: np.random.Generator, first: dict, second: dict) -> tuple[str, list[dict]]:
@@ -127,7 +130,8 @@ def _target_rows(rng: np.random.Generator, value: str, n: int, pools: Pools, cat
                              erased, [value]))
     others = {**pools, own: tuple(v for v in pools[own] if v != value)}
     for _ in range(n):
-        hit, miss = _draw(rng, pools, {own: value}, target=True), _draw(rng, others, {})
+        hit = _draw(rng, pools, {own: value}, target=True)
+        miss = _draw(rng, others, {own: _pick(rng, others[own])})
         prompt, objects = _pair(rng, *((hit, miss) if rng.random() < 0.5 else (miss, hit)))
         rows.append(_row(prompt, _seed(rng), category, "two-object", objects, value, axis, erased, [value]))
     return rows
