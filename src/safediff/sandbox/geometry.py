@@ -20,7 +20,7 @@ for a polygon the mitred offset of its edges, for a disc the disc of radius ``r 
 offsets, which equals the offset of the union for the unions used here because their seams lie deeper than ``w``):
 
 - ``solid``: ink on ``S``;
-- ``outlined``: ink on the band ``S \\ S_w`` with ``w = OUTLINE * h`` (2.2 px at the smallest size, 3.6 px at the
+- ``outlined``: ink on the band ``S \\ S_w`` with ``w = OUTLINE * h`` (2.1 px at the smallest size, 3.6 px at the
   largest), white inside;
 - ``striped``: the same band plus horizontal stripes inside: ink where ``round(y / 4)`` is even, ``y`` the height
   above or below the object's centre. The stripes are 4-pixel bands with a period of 8 px (two cells of the VAE's
