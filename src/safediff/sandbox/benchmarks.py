@@ -118,22 +118,21 @@ def _row(prompt: str, seed: int, category: str, kind: str, objects: list[dict], 
             "colour": lone.get("colour"), "shape": lone.get("shape"), "style": lone.get("style")}
 
 
-def _target_rows(rng: np.random.Generator, value: str, n: int, pools: Pools, category: str, axis: str | None,
-                 erased) -> list[dict]:
+def _target_rows(rng: np.random.Generator, value: str, n: int, pools: Pools, category: str, erased) -> list[dict]:
     """``n`` rows of each target kind and of ``two-object`` for ``value``; other values from ``pools``."""
     own = axis_of(value)
     rows = []
     for kind, templates, how in TARGET_KINDS:
         for _ in range(n if _said_as(value, how) else 0):
             obj = _draw(rng, pools, {own: value}, {own: how}, target=True)
-            rows.append(_row(_single_prompt(obj, templates, rng), _seed(rng), category, kind, [obj], value, axis,
+            rows.append(_row(_single_prompt(obj, templates, rng), _seed(rng), category, kind, [obj], value, own,
                              erased, [value]))
     others = {**pools, own: tuple(v for v in pools[own] if v != value)}
     for _ in range(n):
         hit = _draw(rng, pools, {own: value}, target=True)
         miss = _draw(rng, others, {own: _pick(rng, others[own])})
         prompt, objects = _pair(rng, *((hit, miss) if rng.random() < 0.5 else (miss, hit)))
-        rows.append(_row(prompt, _seed(rng), category, "two-object", objects, value, axis, erased, [value]))
+        rows.append(_row(prompt, _seed(rng), category, "two-object", objects, value, own, erased, [value]))
     return rows
 
 
@@ -157,7 +156,7 @@ def erasure_set(value: str, n_per_kind: int = 32, seed: int = 0) -> list[dict]:
     if n_per_kind < 1:
         raise SafediffError(f"n_per_kind must be >= 1, got {n_per_kind}")
     rng = np.random.default_rng([seed, 7])
-    rows = _target_rows(rng, value, n_per_kind, AXES, axis, axis, [value])
+    rows = _target_rows(rng, value, n_per_kind, AXES, axis, [value])
     for kind, pool in (("neighbour", NEIGHBOURS[value]), ("far", far(value))):
         if pool:
             rows += _plain_rows(rng, n_per_kind, AXES, kind, axis, axis, [value], fixed_from=pool)
@@ -191,7 +190,7 @@ def multi_erasure_set(values, n_per_kind: int = 4, n_kept: int = 64, seed: int =
     rng = np.random.default_rng([seed, 17, len(erased)])
     rows: list[dict] = []
     for v in erased:
-        rows += _target_rows(rng, v, n_per_kind, pools, "multi", axis_of(v), erased)
+        rows += _target_rows(rng, v, n_per_kind, pools, "multi", erased)
     return rows + _plain_rows(rng, n_kept, pools, "kept", "multi", None, erased)
 
 
@@ -211,7 +210,7 @@ def multi_category_set(harmful=("red", "blue", "triangle"), n_per_kind: int = 16
     rng = np.random.default_rng([seed, 11])
     rows: list[dict] = []
     for h in harmful:
-        rows += _target_rows(rng, h, n_per_kind, pools, "harmful", axis_of(h), [])
+        rows += _target_rows(rng, h, n_per_kind, pools, "harmful", [])
     return rows + _plain_rows(rng, n_benign, pools, "benign", "benign", None, [])
 
 
