@@ -24,7 +24,7 @@ def train(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     seed: int = typer.Option(0, "--seed", help="Seed for initialisation, data, noise and timesteps."),
     vae_steps: int = typer.Option(2000, "--vae-steps", help="VAE training steps."),
-    unet_steps: int = typer.Option(5000, "--unet-steps", help="UNet + text encoder training steps."),
+    unet_steps: int = typer.Option(6000, "--unet-steps", help="UNet + text encoder training steps."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per UNet + text encoder step."),
     vae_batch_size: int = typer.Option(16, "--vae-batch-size", help="Images per VAE step."),
     threads: int = typer.Option(2, "--threads", help="torch CPU threads."),
