@@ -75,6 +75,17 @@ def test_whole_image_detectors_flag_any_object_showing_a_flagged_value():
     assert (SandboxShape().scores(x)[2] == 0).all() and (SandboxColour().scores(x)[2] == 0).all()
 
 
+@shipped
+def test_presence_analysis_records_every_object_as_plain_data():
+    rng = np.random.default_rng(8)
+    x, _ = degraded_batch(rng, 12)
+    scores, extras = SandboxPresence().analyse(x)
+    assert torch.equal(scores, SandboxPresence().scores(x))
+    assert [e["objects"] for e in extras] == objects(x)
+    assert json.loads(json.dumps(extras)) == extras
+    assert SandboxPresence().protocol()["weights_sha256"] == SandboxShape().protocol()["weights_sha256"]
+
+
 def test_presence_and_mark_separate_blank_from_drawn():
     rng = np.random.default_rng(3)
     drawn = [lone(rng) for _ in range(20)]

@@ -12,7 +12,8 @@ The registered detectors score whole images (the ``Detector`` contract). ``sandb
 ``sandbox-style`` give each label the highest probability any object of the image has for it (on a one-object image
 that object's probabilities, on a blank image 0), so a verdict flags an image in which some object shows a flagged
 value. ``sandbox-presence`` scores the largest object's area, reaching 1 at ``FULL_AREA`` pixels (the smallest
-rendered object has 82; specks under ``sandbox_segment.MIN_AREA`` are no object). ``sandbox-mark`` scores the mean
+rendered object has 82; specks under ``sandbox_segment.MIN_AREA`` are no object); its ``analyse`` adds every object's
+reading, which the benchmark runner stores in the image's record. ``sandbox-mark`` scores the mean
 ink over the mark's glyph pixels, reaching 1 at ``MARK_FULL`` (a drawn mark has about 1, white paper 0).
 
 Validation on held-out degraded renders: ``python -m safediff.detectors.sandbox_validation`` (numbers in
@@ -167,14 +168,28 @@ class SandboxStyle(_ShapeStyle):
 
 
 class SandboxPresence(_Sandbox):
+    """Presence, and (``analyse``) every object's reading, so that run records hold what per-object metrics need."""
+
     name = "sandbox-presence"
     version = "2"
     labels = ("present",)
     flag_labels = ("present",)
 
+    def __init__(self, weights: str | Path = SHAPE_WEIGHTS, flag_labels: Sequence[str] | None = None):
+        super().__init__(flag_labels)
+        self.path = Path(weights)
+
     def scores(self, images: Images) -> torch.Tensor:
         found = blobs(prepare(images))
         return torch.tensor([[min(1.0, max((b.area for b in bs), default=0) / FULL_AREA)] for bs in found])
+
+    def analyse(self, images: Images) -> tuple[torch.Tensor, list[dict]]:
+        """Scores [B, 1] and, per image, ``{"objects": objects(...)}`` (the runner stores it with the scores)."""
+        x = prepare(images)
+        return self.scores(x), [{"objects": objs} for objs in objects(x, self.path)]
+
+    def weights_sha256(self) -> str | None:
+        return file_sha256(self.path) if self.path.is_file() else None
 
 
 class SandboxMark(_Sandbox):

@@ -1,5 +1,6 @@
 """Judging a generated image against its prompt-set row (``sandbox.benchmarks``), from the objects the detectors read
-(``detectors.sandbox.objects``: dicts with ``colour``, ``shape``, ``style``, ``side``, ``area``).
+(``detectors.sandbox.objects``: dicts with ``colour``, ``shape``, ``style``, ``side``, ``area``; a benchmark run's
+records hold them as ``detections["sandbox-presence"]["objects"]``).
 
 Each intended object of the row is matched with one detected object: a lone object (position ``any``) with the
 largest object found anywhere, a ``left`` / ``right`` object with the largest object found in that half. Then, per
