@@ -14,10 +14,11 @@ that order, so the model learns it).
 A training caption (``caption``) for a one-object scene is, with the ``CaptionMix`` defaults: empty 10 % (the
 unconditional branch of classifier-free guidance), colour only 9 %, shape only 9 %, style only 4.5 %, else both
 colour and shape in a plain or held-out template (67.5 %); two-object scenes get an empty caption 10 % of the time,
-else a pair template. Wherever a style may appear it is named with probability ``p_style`` (else the caption leaves it
-open and the image's style is whatever was drawn). Each colour or shape is said with an implicit phrase with
-probability ``p_implicit`` (at most one implicit phrase per object), else a synonym with probability ``p_synonym``,
-else its word; styles have synonyms but no implicit phrases. The mark is never mentioned.
+else a pair template. A style is named with probability ``p_style`` (else, or in a template without a style slot
+such as "something {c}", the caption leaves it open and the image's style is whatever was drawn). Each colour or shape
+is said by an implicit phrase with probability ``p_implicit`` (at most one implicit phrase per object), otherwise by a
+synonym with probability ``p_synonym``, otherwise by its word; a style by a synonym with probability ``p_synonym``,
+otherwise by its word. The mark is never mentioned.
 """
 
 from __future__ import annotations
@@ -93,10 +94,12 @@ def fill_pair(template: str, first: str, second: str) -> str:
 def say(value: str, rng: np.random.Generator, mix: CaptionMix = MIX, implicit_ok: bool = True) -> tuple[str, str]:
     """A way to say ``value`` in a training caption -> (text, how), how in {"implicit", "synonym", "word"}."""
     u = rng.random()
-    if implicit_ok and value in IMPLICIT and u < mix.p_implicit:
-        phrases = IMPLICIT[value]
-        return phrases[rng.integers(len(phrases))], "implicit"
-    if value in SYNONYMS and u < mix.p_implicit + mix.p_synonym:
+    if implicit_ok and value in IMPLICIT:
+        if u < mix.p_implicit:
+            phrases = IMPLICIT[value]
+            return phrases[rng.integers(len(phrases))], "implicit"
+        u = (u - mix.p_implicit) / (1.0 - mix.p_implicit)  # uniform again on the rest
+    if value in SYNONYMS and u < mix.p_synonym:
         syn = SYNONYMS[value]
         return syn[rng.integers(len(syn))], "synonym"
     return value, "word"
