@@ -1,12 +1,18 @@
-"""Sandbox quality gates: does the model draw what the prompt says?
+"""Sandbox quality gates (world v2): does the model draw what the prompt says, where it says, and the mark unprompted?
 
-Generates the ``quality_set`` (every colour x shape pair in plain and held-out templates, colour synonyms, empty
-prompts) with the project's sampler at the model's default settings, reads colour/shape/presence with the exact
-sandbox detectors, prints a table, writes JSON and a sample grid PNG. Gates: colour match >= 95 %, shape >= 90 %
-on the plain prompts (>= 400 images), colour match >= 90 % with synonyms, and the unconditional samples covering every
-colour and shape.
+Generates ``safediff.sandbox.benchmarks.quality_set`` with the project's sampler at the model's default settings (any
+diffusers folder, or ``sandbox``), reads every object with the exact sandbox detectors (``objects``, ``sandbox-mark``)
+and judges each image against its row (``safediff.sandbox.scoring.judge``). Rates come with Wilson 95 % intervals; a
+gate passes when the rate itself reaches its threshold:
 
-    HF_HUB_OFFLINE=1 python benchmarks/sandbox_quality.py --model sandbox \
+- ``single`` prompts (every colour x shape x style): colour >= 95 %, each pair of neighbour colours (rows asking for
+  either, read as the one asked) >= 90 %, shape >= 90 %, style >= 90 %;
+- ``synonym`` prompts: the value said by a synonym read right >= 90 %; ``implicit`` prompts: the implied value >= 85 %;
+- ``two-object`` prompts: both objects right (every named value, each in its half) >= 80 %;
+- the mark: its share over all images within ``P_MARK`` +- 10 points (it is in no prompt);
+- ``unconditional`` (empty) prompts: every colour, shape and style appears.
+
+    HF_HUB_OFFLINE=1 python benchmarks/sandbox_quality.py --model DIR \\
         --json benchmarks/results/sandbox_quality.json --grid docs/sandbox_grid.png
 """
 
@@ -14,42 +20,117 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
-from safediff.detectors.sandbox import attributes
+from safediff.detectors.sandbox import SandboxMark, objects
 from safediff.models import load_pipeline
 from safediff.sampling import generate
 from safediff.sandbox.benchmarks import quality_set
-from safediff.sandbox.world import COLOURS, SHAPES
+from safediff.sandbox.scoring import judge
+from safediff.sandbox.world import COLOURS, NEIGHBOURS, P_MARK, SHAPES, STYLES
 
-GATES = {"colour": 0.95, "shape": 0.90, "synonym_colour": 0.90}
+GATES = {"colour": 0.95, "neighbour_pairs": 0.90, "shape": 0.90, "style": 0.90, "synonym": 0.90, "implicit": 0.85,
+         "two_object": 0.80, "mark_tolerance": 0.10}
 
 
-def _grid(images_by_row: list[list[Image.Image]], scale: int = 3, pad: int = 2) -> Image.Image:
-    w, h = images_by_row[0][0].size
-    cols = max(len(r) for r in images_by_row)
+def wilson(hits: list[bool], z: float = 1.96) -> dict:
+    """The share of hits with its Wilson score interval."""
+    n, k = len(hits), int(sum(hits))
+    if n == 0:
+        return {"value": None, "ci": None, "n": 0}
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return {"value": p, "ci": [max(0.0, centre - half), min(1.0, centre + half)], "n": n}
+
+
+def _grid(rows_of_images: list[list[Image.Image]], scale: int = 2, pad: int = 2) -> Image.Image:
+    w, h = rows_of_images[0][0].size
+    cols = max(len(r) for r in rows_of_images)
     cw, ch = w * scale + pad, h * scale + pad
-    grid = Image.new("RGB", (cols * cw + pad, len(images_by_row) * ch + pad), (128, 128, 128))
-    for i, row in enumerate(images_by_row):
+    grid = Image.new("RGB", (cols * cw + pad, len(rows_of_images) * ch + pad), (128, 128, 128))
+    for i, row in enumerate(rows_of_images):
         for j, im in enumerate(row):
             grid.paste(im.resize((w * scale, h * scale), Image.NEAREST), (pad + j * cw, pad + i * ch))
     return grid
+
+
+def measure(rows: list[dict], found: list[list[dict]], marks: list[bool]) -> dict:
+    """Every gate's rate from the rows, the objects read in their images and whether each shows the mark."""
+    judged = [judge(r, f) for r, f in zip(rows, found)]
+    by_kind = {k: [(r, j) for r, j in zip(rows, judged) if r["kind"] == k] for k in {r["kind"] for r in rows}}
+    single = by_kind.get("single", [])
+    out: dict = {axis: wilson([j[0][axis] for _, j in single]) for axis in ("colour", "shape", "style")}
+    out["per_value"] = {v: wilson([j[0][axis] for r, j in single if r[axis] == v])
+                        for axis, values in (("colour", COLOURS), ("shape", SHAPES), ("style", STYLES))
+                        for v in values}
+    pairs = sorted({tuple(sorted((a, b))) for a in COLOURS for b in NEIGHBOURS[a]})
+    out["neighbour_pairs"] = {f"{a}/{b}": wilson([j[0]["colour"] for r, j in single if r["colour"] in (a, b)])
+                              for a, b in pairs}
+    for kind in ("synonym", "implicit"):
+        out[kind] = wilson([j[0][axis] for r, j in by_kind.get(kind, [])
+                            for axis, how in r["objects"][0]["said"].items() if how == kind])
+    out["two_object"] = wilson([all(o["correct"] for o in j) for _, j in by_kind.get("two-object", [])])
+    out["two_object_each"] = wilson([o["correct"] for _, j in by_kind.get("two-object", []) for o in j])
+    out["mark"] = wilson(marks)
+    unconditional = [f for r, f in zip(rows, found) if r["kind"] == "unconditional"]
+    out["unconditional"] = {"n": len(unconditional), "present": wilson([bool(f) for f in unconditional]),
+                            **{axis: dict(Counter(o[axis] for f in unconditional for o in f))
+                               for axis in ("colour", "shape", "style")}}
+    u = out["unconditional"]
+    worst_pair = min((p["value"] for p in out["neighbour_pairs"].values() if p["n"]), default=None)
+    out["gates"] = {
+        "colour": _passes(out["colour"], GATES["colour"]),
+        "neighbour_pairs": worst_pair is not None and worst_pair >= GATES["neighbour_pairs"],
+        "shape": _passes(out["shape"], GATES["shape"]),
+        "style": _passes(out["style"], GATES["style"]),
+        "synonym": _passes(out["synonym"], GATES["synonym"]),
+        "implicit": _passes(out["implicit"], GATES["implicit"]),
+        "two_object": _passes(out["two_object"], GATES["two_object"]),
+        "mark": out["mark"]["n"] > 0 and abs(out["mark"]["value"] - P_MARK) <= GATES["mark_tolerance"],
+        "unconditional_coverage": set(u["colour"]) >= set(COLOURS) and set(u["shape"]) >= set(SHAPES)
+        and set(u["style"]) >= set(STYLES),
+    }
+    return out
+
+
+def _passes(metric: dict, threshold: float) -> bool:
+    return metric["n"] > 0 and metric["value"] >= threshold
+
+
+def _print(m: dict) -> None:
+    def line(name: str, metric: dict) -> str:
+        lo, hi = metric["ci"] or (float("nan"), float("nan"))
+        return f"{name:<22}{metric['n']:>6}{metric['value']:>9.1%}   [{lo:.1%}, {hi:.1%}]"
+
+    print(f"{'rate':<22}{'n':>6}{'value':>9}   Wilson 95 %")
+    for name in ("colour", "shape", "style", "synonym", "implicit", "two_object", "two_object_each", "mark"):
+        if m[name]["n"]:
+            print(line(name, m[name]))
+    for pair, metric in m["neighbour_pairs"].items():
+        if metric["n"]:
+            print(line(f"  colour {pair}", metric))
+    print("unconditional:", {k: m["unconditional"][k] for k in ("colour", "shape", "style")})
+    print("gates:", ", ".join(f"{k} {'PASS' if v else 'FAIL'}" for k, v in m["gates"].items()))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="sandbox", help="model spec: 'sandbox' or a diffusers folder")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--n-per-pair", type=int, default=34, help="images per colour x shape pair (12 pairs)")
-    ap.add_argument("--n-synonym", type=int, default=120, help="images from prompts with colour synonyms")
-    ap.add_argument("--n-unconditional", type=int, default=96, help="images from the empty prompt")
+    ap.add_argument("--n-per-combo", type=int, default=2, help="images per colour x shape x style (288 combos)")
+    ap.add_argument("--n-synonym", type=int, default=144)
+    ap.add_argument("--n-implicit", type=int, default=160)
+    ap.add_argument("--n-two", type=int, default=200, help="two-object prompts")
+    ap.add_argument("--n-unconditional", type=int, default=96)
+    ap.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default="benchmarks/results/sandbox_quality.json")
@@ -58,56 +139,26 @@ def main() -> None:
     torch.set_num_threads(a.threads)
 
     model = load_pipeline(a.model)
-    rows = quality_set(n_per_pair=a.n_per_pair, n_synonym=a.n_synonym, n_unconditional=a.n_unconditional,
-                       seed=a.seed)
+    rows = quality_set(a.n_per_combo, a.n_synonym, a.n_implicit, a.n_two, a.n_unconditional, a.seed)
     start = time.monotonic()
-    out = generate(model, [r["prompt"] for r in rows], [r["seed"] for r in rows], batch_size=a.batch_size)
+    out = generate(model, [r["prompt"] for r in rows], [r["seed"] for r in rows], steps=a.steps,
+                   batch_size=a.batch_size)
     seconds = time.monotonic() - start
-    found = attributes(out.pixels)
-
-    def rate(kind: str, key: str) -> tuple[float, int]:
-        pairs = [(r, f) for r, f in zip(rows, found) if r["kind"] == kind]
-        return float(np.mean([f[key] == r[key] for r, f in pairs])), len(pairs)
-
-    colour, n_plain = rate("plain", "colour")
-    shape, _ = rate("plain", "shape")
-    both = float(np.mean([f["colour"] == r["colour"] and f["shape"] == r["shape"]
-                          for r, f in zip(rows, found) if r["kind"] == "plain"]))
-    syn, n_syn = rate("synonym", "colour")
-    syn_shape, _ = rate("synonym", "shape")
-    unc = [f for r, f in zip(rows, found) if r["kind"] == "unconditional"]
-    unc_colours = Counter(f["colour"] for f in unc)
-    unc_shapes = Counter(f["shape"] for f in unc)
-    covers = all(unc_colours[c] > 0 for c in COLOURS) and all(unc_shapes[s] > 0 for s in SHAPES)
-    per_pair = {f"{c} {s}": float(np.mean([f["colour"] == c and f["shape"] == s for r, f in zip(rows, found)
-                                           if r["kind"] == "plain" and r["colour"] == c and r["shape"] == s]))
-                for c in COLOURS for s in SHAPES}
-    gates = {"colour": colour >= GATES["colour"], "shape": shape >= GATES["shape"],
-             "synonym_colour": syn >= GATES["synonym_colour"], "unconditional_coverage": covers}
-    result = {
-        "model": a.model, "settings": out.settings, "seed": a.seed, "images": len(rows), "seconds": round(seconds, 1),
-        "plain": {"n": n_plain, "colour": colour, "shape": shape, "both": both, "per_pair_both": per_pair},
-        "synonym": {"n": n_syn, "colour": syn, "shape": syn_shape},
-        "unconditional": {"n": len(unc), "present": float(np.mean([f["present"] for f in unc])),
-                          "colours": dict(unc_colours), "shapes": dict(unc_shapes)},
-        "gates": {"thresholds": GATES, "passed": gates, "all_passed": all(gates.values())},
-    }
-    print(f"{'set':<14}{'n':>5}{'colour':>9}{'shape':>9}")
-    print(f"{'plain':<14}{n_plain:>5}{colour:>9.1%}{shape:>9.1%}")
-    print(f"{'synonym':<14}{n_syn:>5}{syn:>9.1%}{syn_shape:>9.1%}")
-    print(f"unconditional {len(unc):>5}  colours {dict(unc_colours)}  shapes {dict(unc_shapes)}")
-    print("gates:", ", ".join(f"{k} {'PASS' if v else 'FAIL'}" for k, v in gates.items()))
-
+    m = measure(rows, objects(out.pixels), SandboxMark().verdict(out.pixels).tolist())
+    _print(m)
+    result = {"model": a.model, "settings": out.settings, "seed": a.seed, "images": len(rows),
+              "seconds": round(seconds, 1), "thresholds": GATES, "mark_share_in_training": P_MARK, **m,
+              "all_passed": all(m["gates"].values())}
     for path in (Path(a.json), Path(a.grid)):
         path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(a.json + ".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, a.json)
-    grid_rows = [[im for r, im in zip(rows, out.images) if r["kind"] == "plain" and r["colour"] == c
-                  and r["shape"] == s][:10] for c in COLOURS for s in SHAPES]
-    grid_rows.append([im for r, im in zip(rows, out.images) if r["kind"] == "unconditional"][:10])
+    images = list(zip(rows, out.images))
+    grid_rows = [[im for r, im in images if r["kind"] == "single" and r["colour"] == c][:12] for c in COLOURS]
+    grid_rows += [[im for r, im in images if r["kind"] == k][:12] for k in ("two-object", "implicit", "unconditional")]
     tmp_png = Path(a.grid).with_suffix(".tmp.png")
-    _grid(grid_rows).save(tmp_png)
+    _grid([r for r in grid_rows if r]).save(tmp_png)
     os.replace(tmp_png, a.grid)
 
 

@@ -54,6 +54,15 @@ def test_every_world_and_common_word_is_one_token(tok):
         assert len(ids) == 1 and tok.convert_ids_to_tokens(ids) == [w + "</w>"], w
 
 
+def test_implicit_phrases_are_one_token_per_word_and_hyphen(tok):
+    from safediff.sandbox.world import IMPLICIT
+
+    assert tok.tokenize("a tennis-ball-coloured star") == ["a</w>", "tennis</w>", "-</w>", "ball</w>", "-</w>",
+                                                          "coloured</w>", "star</w>"]
+    for phrase in (p for ps in IMPLICIT.values() for p in ps):
+        assert len(tok.tokenize(phrase)) == len(phrase.replace("-", " - ").split()), phrase
+
+
 def test_unknown_text_falls_back_to_bytes_and_round_trips(tok):
     text = "qzxv blorptastic ünïcode 42!"
     ids = tok(text).input_ids

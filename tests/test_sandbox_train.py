@@ -12,7 +12,7 @@ from safediff.sandbox.train import CHECKPOINT, RECORD, Settings, train
 
 
 def tiny(out, **kw) -> Settings:
-    base = dict(out=str(out), seed=0, vae_steps=2, unet_steps=2, batch_size=4, threads=1, tiny=True)
+    base = dict(out=str(out), seed=0, vae_steps=2, unet_steps=2, batch_size=4, vae_batch_size=4, threads=1, tiny=True)
     return Settings(**{**base, **kw})
 
 
@@ -37,9 +37,10 @@ def test_output_is_a_loadable_stable_diffusion_folder(trained):
         (pipe.tokenizer.eos_token_id, pipe.tokenizer.bos_token_id, pipe.tokenizer.pad_token_id)
     assert len(pipe.tokenizer) > 512 and (trained / "tokenizer" / "vocab.json").is_file()
     assert pipe.vae.config.scaling_factor != 0.18215  # set from the trained latents
-    image = pipe("a red circle", num_inference_steps=2, guidance_scale=5.0, height=32, width=32,
+    assert pipe.vae_scale_factor == 4 and pipe.unet.config.sample_size == 16  # 64x64 pixels, 16x16x4 latents
+    image = pipe("a red circle and a blue square", num_inference_steps=2, guidance_scale=5.0, height=64, width=64,
                  output_type="np").images
-    assert image.shape == (1, 32, 32, 3)
+    assert image.shape == (1, 64, 64, 3)
     assert not list(trained.rglob("*.bin")) and not list(trained.rglob("*.pt"))
 
 
@@ -47,7 +48,9 @@ def test_record_holds_command_seed_steps_and_sampler_defaults(trained):
     rec = json.loads((trained / RECORD).read_text())
     assert rec["seed"] == 0 and rec["steps_done"] == {"vae": 2, "unet": 2} and rec["complete"]
     assert rec["command"].startswith("safediff sandbox train --out ") and "--seed 0" in rec["command"]
-    assert rec["defaults"] == {"steps": 25, "guidance": 5.0, "height": 32, "width": 32, "scheduler": "DDIM"}
+    assert rec["defaults"] == {"steps": 25, "guidance": 5.0, "height": 64, "width": 64, "scheduler": "DDIM"}
+    assert rec["seconds_per_step"]["vae"] > 0 and rec["seconds_per_step"]["unet"] > 0
+    assert "--vae-batch-size 4" in rec["command"] and set(rec["parameters"]) == {"vae", "unet", "text_encoder"}
     assert set(rec["versions"]) >= {"torch", "diffusers", "transformers"}
     assert "unet_eps_mse" in rec["final_losses"] and "vae_mse" in rec["final_losses"]
 
@@ -88,6 +91,17 @@ def test_non_empty_or_unwritable_out_is_rejected(tmp_path):
         train(tiny(tmp_path / "file"))
     with pytest.raises(SafediffError, match="not writable"):
         train(tiny(tmp_path / "file" / "sub"))
+
+
+def test_cli_defaults_are_the_settings_defaults():
+    import inspect
+
+    from safediff.sandbox.cli import train as cli_train
+
+    defaults = {name: p.default.default for name, p in inspect.signature(cli_train).parameters.items()
+                if name != "out"}
+    settings = Settings(out="x")
+    assert all(getattr(settings, name) == value for name, value in defaults.items()), defaults
 
 
 def test_cli_reports_bad_input_as_safediff_error(tmp_path):

@@ -1,7 +1,13 @@
-"""The sandbox: a synthetic world (``world``), its tokenizer, its trainer, and the shipped model in ``weights/``.
+"""The sandbox: a synthetic world and a tiny model trained on it, with the shipped model in ``weights/``.
+
+``values`` (the attribute values and their words), ``geometry`` (shapes, styles, the mark), ``captions`` (the
+grammar) and ``world`` (scenes, rendering, training batches; the public face of the three) make the world;
+``benchmarks`` draws prompt sets from it and ``scoring`` judges images against their rows; ``tokenizer`` and
+``train`` build the model. ``docs/sandbox.md`` describes it all.
 
 The shipped weights are exactly what ``safediff sandbox train`` produced (command and seed in
-``weights/safediff_sandbox.json``); ``verify_weights()`` checks them against ``weights/SHA256SUMS`` before use.
+``weights/safediff_sandbox.json``); ``verify_weights()`` checks them against ``weights/SHA256SUMS`` before use. They
+are still the v1 world's model (32x32, 4 colours, 3 shapes) until the v2 model is trained and shipped in their place.
 """
 
 from __future__ import annotations
@@ -13,8 +19,8 @@ from safediff.errors import SafediffError
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 SUMS_FILE = "SHA256SUMS"
-RETRAIN = ("retrain it with `safediff sandbox train --out DIR` (about an hour on 2 CPU cores) and load that folder "
-           "by giving its path as the model spec, or reinstall safediff")
+RETRAIN = ("retrain it with `safediff sandbox train --out DIR` (about 150 minutes on 2 CPU cores) and load that "
+           "folder by giving its path as the model spec, or reinstall safediff")
 
 
 def sha256(path: Path) -> str:

@@ -20,12 +20,13 @@ def sandbox() -> None:
 @app.command()
 def train(
     out: str = typer.Option(..., "--out", help="New or empty directory (or one holding a checkpoint, to resume)."),
-    minutes: float = typer.Option(60.0, "--minutes", help="Wall-clock cap for this run; stops and saves early."),
+    minutes: float = typer.Option(150.0, "--minutes", help="Wall-clock cap for this run; stops and saves early."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     seed: int = typer.Option(0, "--seed", help="Seed for initialisation, data, noise and timesteps."),
-    vae_steps: int = typer.Option(1200, "--vae-steps", help="VAE training steps."),
-    unet_steps: int = typer.Option(3000, "--unet-steps", help="UNet + text encoder training steps."),
-    batch_size: int = typer.Option(32, "--batch-size"),
+    vae_steps: int = typer.Option(2000, "--vae-steps", help="VAE training steps."),
+    unet_steps: int = typer.Option(6000, "--unet-steps", help="UNet + text encoder training steps."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per UNet + text encoder step."),
+    vae_batch_size: int = typer.Option(16, "--vae-batch-size", help="Images per VAE step."),
     threads: int = typer.Option(2, "--threads", help="torch CPU threads."),
     tiny: bool = typer.Option(False, "--tiny", hidden=True, help="A minute-sized model, for tests."),
 ) -> None:
@@ -34,7 +35,7 @@ def train(
     from safediff.sandbox.train import train as run
 
     state = run(Settings(out=out, seed=seed, vae_steps=vae_steps, unet_steps=unet_steps, batch_size=batch_size,
-                         minutes=minutes, device=device, threads=threads, tiny=tiny))
+                         vae_batch_size=vae_batch_size, minutes=minutes, device=device, threads=threads, tiny=tiny))
     done = f"vae {state['vae_step']}/{vae_steps}, unet {state['unet_step']}/{unet_steps}"
     typer.echo(f"sandbox training: {done} steps in {state['seconds'] / 60:.1f} min -> {out}")
 

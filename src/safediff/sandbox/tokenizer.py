@@ -2,8 +2,10 @@
 
 Every world word and a few hundred common English words are ONE token each: the merges are learned by plain
 byte-pair encoding (Sennrich et al. 2016) on that word list, run until every word is a single symbol, in CLIP's
-format (byte-level alphabet, ``</w>`` end-of-word suffix). Any other text falls back to byte-level pieces, so no
-input is ever unknown. BOS ``<|startoftext|>``, EOS = pad = ``<|endoftext|>``, ``model_max_length`` 77.
+format (byte-level alphabet, ``</w>`` end-of-word suffix). CLIP's pre-tokenizer splits a hyphenated phrase such as
+"sky-coloured" into sky, -, coloured: three tokens, the hyphen being a single byte. Any other text falls back to
+byte-level pieces, so no input is ever unknown. BOS ``<|startoftext|>``, EOS = pad = ``<|endoftext|>``,
+``model_max_length`` 77.
 """
 
 from __future__ import annotations
