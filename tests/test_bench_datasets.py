@@ -145,15 +145,19 @@ def test_benchmark_registry(small_i2p):
 
 
 def test_sandbox_benchmarks():
-    pytest.importorskip("safediff.sandbox.benchmarks")
-    b = load_benchmark("sandbox-erase-red", limit=200)
+    b = load_benchmark("sandbox-erase-red", limit=400)
     kinds = {r.meta["kind"] for r in b.rows}
-    assert {"target-word", "target-synonym", "target-heldout-template", "non-target"} <= kinds
-    assert all(r.meta["target"] == "red" for r in b.rows if r.meta["kind"] != "non-target")
-    assert b.concept == "red" and b.detectors == ("sandbox-colour", "sandbox-shape", "sandbox-presence")
+    assert {"target-word", "target-synonym", "target-heldout-template", "target-implicit", "two-object",
+            "neighbour", "far", "other-attribute"} == kinds
+    assert all(r.meta["target"] == "red" for r in b.rows if r.meta["kind"].startswith("target-"))
+    assert all(r.meta["target"] is None for r in b.rows if r.meta["kind"] in ("neighbour", "far", "other-attribute"))
+    assert b.concept == "red" and b.detectors == ("sandbox-presence", "sandbox-mark")
     m = load_benchmark("sandbox-multi")
     assert {r.meta["target"] for r in m.rows} == {"red", "blue", "triangle", None}
     assert load_benchmark("sandbox-multi").rows_sha256() == m.rows_sha256()  # deterministic
+    k5 = load_benchmark("sandbox-erase-k5")
+    assert set(k5.concept.split(",")) == {r.meta["target"] for r in k5.rows if r.meta["target"]}
+    assert {r.meta["kind"] for r in k5.rows if not r.meta["target"]} == {"kept"}
 
 
 def test_sized_sandbox_benchmarks_are_the_same_sets_resized_and_interleaved():
@@ -161,14 +165,14 @@ def test_sized_sandbox_benchmarks_are_the_same_sets_resized_and_interleaved():
 
     b = load_benchmark("sandbox-erase-triangle@2")
     assert sorted(r.prompt for r in b.rows) == sorted(r["prompt"] for r in erasure_set("triangle", n_per_kind=2))
-    assert len({r.meta["kind"] for r in b.rows[:4]}) == 4  # interleaved: every kind first
+    assert len({r.meta["kind"] for r in b.rows[:8]}) == 8  # interleaved: every kind first
     assert b.concept == "triangle" and b.detectors == load_benchmark("sandbox-erase-triangle").detectors
     m = load_benchmark("sandbox-multi@1")
     assert len(m.rows) == len(multi_category_set(n_per_kind=1, n_benign=4)) and m.concept == "red,blue,triangle"
     assert m.protocol()["source"]["order"] == "interleaved"
     with pytest.raises(SafediffError, match="size after '@' must be 1..10000"):
         load_benchmark("sandbox-multi@0")
-    for name in ("sandbox-erase-purple@2", "i2p@5", "sandbox-multi@x"):
+    for name in ("sandbox-erase-violet@2", "i2p@5", "sandbox-multi@x"):
         with pytest.raises(SafediffError, match=f"unknown benchmark '{name}'.*NAME@N"):
             load_benchmark(name)
 

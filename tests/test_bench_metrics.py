@@ -125,33 +125,3 @@ def test_inception_needs_torch_fidelity(monkeypatch):
 
 
 # ---- metrics drawn from run records ----
-
-def _record(row, meta, colour_scores, shape_scores, present):
-    return {"row": row, "categories": [meta.get("category", "x")], "meta": meta,
-            "detections": {"sandbox-colour": {"scores": colour_scores, "flagged": True},
-                           "sandbox-shape": {"scores": shape_scores, "flagged": True},
-                           "sandbox-presence": {"scores": {"present": present}, "flagged": present >= 0.5}}}
-
-
-def test_sandbox_metrics_from_records():
-    pytest.importorskip("safediff.sandbox.world")
-    red = {"red": 0.9, "green": 0.0, "blue": 0.1, "yellow": 0.0}
-    blue = {"red": 0.1, "green": 0.0, "blue": 0.9, "yellow": 0.0}
-    circle = {"circle": 0.8, "square": 0.1, "triangle": 0.1}
-    tri = {"circle": 0.1, "square": 0.1, "triangle": 0.8}
-    samples = [
-        _record(0, {"target": "red", "kind": "target-word", "colour": "red", "shape": "circle"}, red, circle, 1.0),
-        _record(1, {"target": "red", "kind": "target-synonym", "colour": "red", "shape": "circle"}, blue, circle, 1),
-        _record(2, {"target": "triangle", "kind": "target-word", "colour": "blue", "shape": "triangle"}, blue, tri,
-                1.0),
-        _record(3, {"target": None, "kind": "non-target", "colour": "blue", "shape": "circle"}, blue, tri, 1.0),
-        _record(4, {"target": None, "kind": "non-target", "colour": "blue", "shape": "circle"}, red, circle, 0.2),
-    ]
-    out, better = summarise(samples, ("sandbox",), {})
-    assert out["sandbox/target_rate"]["value"] == pytest.approx(2 / 3)
-    assert out["sandbox/target_rate/kind=target-synonym"]["value"] == 0.0
-    assert out["sandbox/target_rate/target=triangle"]["value"] == 1.0
-    assert out["sandbox/colour_match"]["value"] == 0.5  # row 4 has no object: no colour
-    assert out["sandbox/shape_match"]["value"] == 0.0
-    assert out["sandbox/present_rate"]["value"] == 0.8
-    assert better["sandbox/target_rate"] is False and better["sandbox/colour_match"] is True

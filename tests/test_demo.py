@@ -49,7 +49,10 @@ def test_quick_demo_reports_every_guard_and_eraser(tmp_path):
         assert label in page and label in r.stdout
     assert "Attacks" in page and "ring-a-bell" in page
     # sandbox images are shown unblurred and captioned with what the detectors read
-    assert "blurred" not in page and re.search(r"<small>(red|green|blue|yellow) (circle|square|triangle)</small>", page)
+    from safediff.sandbox.values import COLOURS, SHAPES, STYLES
+
+    seen = rf"({'|'.join(COLOURS)}) ({'|'.join(STYLES)}) ({'|'.join(SHAPES)})"
+    assert "blurred" not in page and re.search(rf"<small>(no object|{seen}( \| {seen})*)( \+ mark)?</small>", page)
 
     for row in summary["methods"]:
         assert row["target_rate"] is not None and 0.0 <= row["target_rate"] <= 1.0, row

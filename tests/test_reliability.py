@@ -87,18 +87,21 @@ def test_degenerate_images_never_count_in_the_methods_favour():
     drawn[0, 0, 2:5, 2:5] = 0.2
     assert degenerate(torch.cat([black, white, drawn])).tolist() == [True, True, False]
 
-    def sample(row, target, colour, found, blank):
-        scores = {"sandbox-colour": {"red": 1.0 if found == "red" else 0.0, "blue": 1.0 if found == "blue" else 0.0},
-                  "sandbox-shape": {"circle": 1.0}, "sandbox-presence": {"present": 1.0}}
+    def sample(row, target, found, blank):
+        obj = {"colour": "red" if target else "blue", "shape": "circle", "style": None, "position": "any",
+               "target": bool(target), "said": {}}
+        seen = [{"colour": found, "shape": "circle", "style": "solid", "side": "left", "area": 100}]
         return {"row": row, "categories": ["colour"], "degenerate": blank,
-                "meta": {"target": target, "colour": colour, "shape": "circle", "kind": "k"},
-                "detections": {k: {"scores": v, "flagged": False} for k, v in scores.items()}}
+                "meta": {"target": target, "axis": "colour", "kind": "target-word" if target else "far",
+                         "objects": [obj]},
+                "detections": {"sandbox-presence": {"scores": {"present": 1.0}, "flagged": True, "objects": seen},
+                               "sandbox-mark": {"scores": {"mark": 0.0}, "flagged": False}}}
 
-    samples = [sample(0, "red", "red", "blue", True), sample(1, "red", "red", "blue", False),
-               sample(2, None, "blue", "blue", True), sample(3, None, "blue", "blue", False)]
+    samples = [sample(0, "red", "blue", True), sample(1, "red", "blue", False),
+               sample(2, None, "blue", True), sample(3, None, "blue", False)]
     values, _ = summarise(samples, ("sandbox",), {})
     assert values["sandbox/target_rate"]["value"] == 0.5  # the black target image counts as not erased
-    assert values["sandbox/colour_match"]["value"] == 0.5  # and the black non-target image as not kept
+    assert values["sandbox/kept_rate/kind=far"]["value"] == 0.5  # and the black non-target image as not kept
     assert values["degenerate_rate"]["value"] == 0.5
 
 
@@ -148,7 +151,7 @@ def test_sandbox_detectors_give_rates_or_are_refused(tmp_path):
 
     with pytest.raises(SafediffError, match="reads the sandbox detectors together"):
         run_benchmark(BenchConfig(benchmark="sandbox-erase-red@1", model="sandbox", out=tmp_path / "r",
-                                  detectors=["sandbox-colour"], progress=False))
+                                  detectors=["sandbox-presence"], progress=False))
     assert not (tmp_path / "r").exists()
     samples = [{"row": i, "categories": [], "meta": {},
                 "detections": {"sandbox-colour": {"scores": {"red": 0.9}, "flagged": i == 0}}} for i in range(2)]

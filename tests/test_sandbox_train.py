@@ -134,6 +134,6 @@ def test_shipped_weights_verify_fit_the_size_budget_and_record_their_command():
     verify_weights()
     files = [p for p in WEIGHTS_DIR.rglob("*") if p.is_file()]
     assert all(p.stat().st_size < 20 * 2**20 for p in files)
-    assert sum(p.stat().st_size for p in files) <= 25 * 2**20
+    assert sum(p.stat().st_size for p in files) <= 36 * 2**20  # room for sandbox-flux: both <= 60 MB
     rec = json.loads((WEIGHTS_DIR / RECORD).read_text())
     assert rec["command"].startswith("safediff sandbox train") and rec["steps_done"]["unet"] > 0

@@ -1,7 +1,7 @@
 """``safediff demo``: every registered guard and eraser, and one attack, on the sandbox, in one HTML report.
 
 Runs offline on a CPU. The plan (concept ``red``; the sandbox model at its sampler defaults: DDIM 25 steps, CFG 5,
-32x32), each stage a resumable run folder under ``OUT/runs/`` made by the benchmark runner or the attack runner:
+64x64), each stage a resumable run folder under ``OUT/runs/`` made by the benchmark runner or the attack runner:
 
 1. ``base``: the sandbox model on the erase set and on the guard set.
 2. Every registered guard (``GUARDS``) at its ``sandbox_preset`` (SLD's and CASG-SLD's: ``max``): on the erase set
@@ -15,8 +15,9 @@ Runs offline on a CPU. The plan (concept ``red``; the sandbox model at its sampl
 4. Ring-A-Bell (a genetic search on the text encoder; no UNet call) against the UCE edit, on the first
    ``attack_prompts`` target-word prompts of the erase set, at its ``sandbox["demo"]`` budget.
 5. ``OUT/report.html`` (``safediff.bench.report.build_report``) and ``OUT/summary.json``: per method the target
-   rate (images showing the attribute the prompt asks for and the method removes; lower is better) and utility
-   (non-target prompts whose image shows the colour / shape asked for; higher is better), with stage timings.
+   rate (images showing the value the prompt asks for and the method removes; lower is better) and what is kept
+   (neighbouring values, far values, other attributes, the other object of two-object scenes, benign prompts;
+   higher is better), with stage timings.
 
 Sets (``safediff.sandbox.benchmarks``, seed 0): the erase set ``sandbox-erase-red@N`` is
 ``erasure_set("red", n_per_kind=N)`` (N rows each: the word in plain templates, a synonym, held-out templates, other
@@ -54,7 +55,7 @@ class DemoSize:
     """How much the demo does; ``FULL`` is sized for < 10 minutes on 2 CPU cores."""
 
     name: str
-    erase_per_kind: int  # erase set rows per kind (4 kinds)
+    erase_per_kind: int  # erase set rows per kind (8 kinds for a colour)
     multi_per_kind: int  # guard set rows per (harmful attribute, kind); 4x as many benign rows
     steps: int | None  # denoising steps of every bench and fit (None: the model's default)
     tier: str  # which of the methods' ``sandbox`` settings: "demo" or "smoke"
@@ -62,7 +63,7 @@ class DemoSize:
     batch_size: int = 32
 
 
-FULL = DemoSize("full", erase_per_kind=8, multi_per_kind=2, steps=None, tier="demo", attack_prompts=2)
+FULL = DemoSize("full", erase_per_kind=5, multi_per_kind=2, steps=None, tier="demo", attack_prompts=2)
 QUICK = DemoSize("quick", erase_per_kind=1, multi_per_kind=1, steps=5, tier="smoke", attack_prompts=1)
 
 
@@ -210,29 +211,39 @@ def _value(metrics: dict, key: str) -> float | None:
     return None if v is None else v.get("value")
 
 
+COLUMNS = (  # summary column -> (heading, sandbox metric, lower is better)
+    ("target_rate", "target", "sandbox/target_rate", True),
+    ("neighbours_kept", "neighbours kept", "sandbox/kept_rate/kind=neighbour", False),
+    ("far_kept", "far kept", "sandbox/kept_rate/kind=far", False),
+    ("others_kept", "other attrs kept", "sandbox/kept_rate/kind=other-attribute", False),
+    ("other_object_kept", "other object kept", "sandbox/other_object_kept", False),
+    ("benign_kept", "benign kept", "sandbox/kept_rate/kind=benign", False),
+)
+
+
 def summary_row(stage: Stage, results: dict) -> dict:
     metrics = results["results"][results["method"]]
     return {"method": results["method"], "benchmark": stage.benchmark, "run": stage.run_folder,
             "images": results["n_samples"]["images"],
-            "target_rate": _value(metrics, "sandbox/target_rate"),
-            "colour_kept": _value(metrics, "sandbox/colour_match/kind=non-target"),
-            "shape_kept": _value(metrics, "sandbox/shape_match/kind=non-target")}
+            **{key: _value(metrics, metric) for key, _, metric, _ in COLUMNS}}
+
+
+def _pct(v, width: int = 0) -> str:
+    return ("–" if v is None else f"{100 * v:.0f}%").rjust(width)
 
 
 def format_table(rows: list[dict], attack: dict | None) -> str:
     """The summary as fixed-width text (rates in %)."""
-    def pct(v):
-        return "   –" if v is None else f"{100 * v:3.0f}%"
-
     width = max(len(r["method"]) for r in rows)
-    lines = [f"{'method':{width}s}  {'set':20s}  target  colour kept  shape kept  images",
-             f"{'':{width}s}  {'':20s}  (low)   (high)       (high)"]
+    heads = [(key, head, lower) for key, head, _, lower in COLUMNS if any(r[key] is not None for r in rows)]
+    lines = [f"{'method':{width}s}  {'set':22s}  " + "  ".join(f"{h} {'↓' if low else '↑'}" for _, h, low in heads)
+             + "  images"]
     for r in rows:
-        lines.append(f"{r['method']:{width}s}  {r['benchmark']:20s}  {pct(r['target_rate'])}    "
-                     f"{pct(r['colour_kept'])}         {pct(r['shape_kept'])}        {r['images']:4d}")
+        lines.append(f"{r['method']:{width}s}  {r['benchmark']:22s}  "
+                     + "  ".join(_pct(r[k], len(h) + 2) for k, h, _ in heads) + f"  {r['images']:6d}")
     if attack:
-        lines.append(f"{ATTACK} vs eraser {ATTACKED_ERASER}: Pre-ASR {pct(attack['pre_asr'])} -> ASR "
-                     f"{pct(attack['asr'])} over {attack['n']} prompt(s)")
+        lines.append(f"{ATTACK} vs eraser {ATTACKED_ERASER}: Pre-ASR {_pct(attack['pre_asr'])} -> ASR "
+                     f"{_pct(attack['asr'])} over {attack['n']} prompt(s)")
     return "\n".join(lines)
 
 
@@ -242,32 +253,31 @@ def intro_html(size: DemoSize, rows: list[dict], attack: dict) -> str:
 
     from safediff.bench.benchmarks import SPECS
 
-    def pct(v):
-        return "–" if v is None else f"{100 * v:.0f} %"
-
     steps = "the model's default steps (DDIM 25)" if size.steps is None else f"{size.steps} DDIM steps"
+    heads = "".join(f"<th>{h} {'↓' if low else '↑'}</th>" for _, h, _, low in COLUMNS)
     body = "".join(f"<tr><td>{html.escape(r['method'])}</td><td>{html.escape(r['benchmark'])}</td>"
-                   f"<td>{pct(r['target_rate'])}</td><td>{pct(r['colour_kept'])}</td><td>{pct(r['shape_kept'])}</td>"
-                   f"<td>{r['images']}</td></tr>" for r in rows)
+                   + "".join(f"<td>{_pct(r[k])}</td>" for k, *_ in COLUMNS) + f"<td>{r['images']}</td></tr>"
+                   for r in rows)
     fits = "; ".join(f"{name}: {', '.join(f'{k} {v:g}' for k, v in sets.items())}" for name, sets in
                      ((n, {k: v for k, v in eraser_settings(n, size).items() if k != "validator"})
                       for n in registered_erasers()) if sets)
     multi_harmful = SPECS["sandbox-multi"].concept.replace(",", ", ")
     return (
-        f"<p>The sandbox model (32x32 coloured shapes; {steps}, CFG 5) with every registered guard and eraser, "
-        f"concept <b>{CONCEPT}</b> ({size.name} size). Guards run on the erase set; the CASG guards, which pick one "
-        f"of several harmful categories per step, on the guard set (harmful: {multi_harmful}). Erasers "
-        f"are fitted for {CONCEPT} and benched on the erase set, closed-form ones at their defaults, trained ones at "
-        f"their demo settings ({html.escape(fits)}), i.e. far below the papers' GPU budgets. "
-        f"{ATTACK} (text encoder only) then attacks the {ATTACKED_ERASER} edit.</p>"
-        "<p><b>target rate</b>: images showing the attribute the prompt asks for and the method should remove "
-        "(word, synonym and held-out phrasings; lower is better). <b>colour / shape kept</b>: non-target prompts "
-        "whose image shows the colour / shape asked for (higher is better). Read by the exact sandbox detectors; "
-        "intervals are below.</p>"
-        "<table><tr><th>method</th><th>set</th><th>target rate ↓</th><th>colour kept ↑</th><th>shape kept ↑</th>"
-        f"<th>images</th></tr>{body}</table>"
-        f"<p>{ATTACK} vs eraser {ATTACKED_ERASER}: Pre-ASR {pct(attack['pre_asr'])} → ASR {pct(attack['asr'])} over "
-        f"{attack['n']} prompt(s).</p>")
+        f"<p>The sandbox model (64x64 coloured shapes in three styles, one or two objects; {steps}, CFG 5) with "
+        f"every registered guard and eraser, concept <b>{CONCEPT}</b> ({size.name} size). Guards run on the erase "
+        "set; the guards that pick one of several harmful categories per step, on the guard set (harmful: "
+        f"{multi_harmful}). Erasers are fitted for {CONCEPT} and benched on the erase set, closed-form ones at their "
+        f"defaults, trained ones at their demo settings ({html.escape(fits)}), i.e. far below the papers' GPU "
+        f"budgets. {ATTACK} (text encoder only) then attacks the {ATTACKED_ERASER} edit.</p>"
+        "<p><b>target</b>: images still showing the value the prompt asks for and the method should remove (word, "
+        "synonym, held-out template, implicit phrase, and the target object of two-object scenes; lower is "
+        "better). <b>neighbours / far / other attrs kept</b>: prompts naming a neighbouring value (orange, pink, "
+        "purple, brown for red), a far one, or none on the erased axis, whose image is drawn as asked. <b>other "
+        "object kept</b>: in two-object scenes, the other object drawn right and in its half. Read by the exact "
+        "sandbox detectors; intervals are below.</p>"
+        f"<table><tr><th>method</th><th>set</th>{heads}<th>images</th></tr>{body}</table>"
+        f"<p>{ATTACK} vs eraser {ATTACKED_ERASER}: Pre-ASR {_pct(attack['pre_asr'])} → ASR {_pct(attack['asr'])} "
+        f"over {attack['n']} prompt(s).</p>")
 
 
 # ------------------------------------------------------------------------------------------------------- main --

@@ -78,4 +78,6 @@ DETECTORS = Registry("detector", {
     "sandbox-colour": "safediff.detectors.sandbox:SandboxColour",
     "sandbox-shape": "safediff.detectors.sandbox:SandboxShape",
     "sandbox-presence": "safediff.detectors.sandbox:SandboxPresence",
+    "sandbox-style": "safediff.detectors.sandbox:SandboxStyle",
+    "sandbox-mark": "safediff.detectors.sandbox:SandboxMark",
 })

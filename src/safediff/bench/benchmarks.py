@@ -5,8 +5,10 @@
 - ``i2p-<category>`` (``sexual``, ``violence``, ...): the I2P rows of one category; ``nudenet:exposed9`` for
   sexual (plus per-class counts), else ``i2p-harmful``.
 - ``coco-utility``: COCO captions (``--data``, e.g. coco_30k_prompts.csv); ``clip-score``.
-- ``sandbox-multi`` (red, blue, triangle harmful), ``sandbox-erase-<attribute>``, ``sandbox-quality``: the sandbox
-  sets; the sandbox colour/shape/presence detectors; attribute match rates. ``sandbox-erase-<attribute>@N`` and
+- ``sandbox-multi`` (red, blue, triangle harmful), ``sandbox-erase-<value>`` (any of the 23 values),
+  ``sandbox-erase-k{1,5,10,20}`` (mass erasure), ``sandbox-quality``: the sandbox sets, read by the presence
+  detector (every object's colour, shape, style and half) and the mark detector, scored per kind by
+  ``sandbox.metrics``. ``sandbox-erase-<value>@N`` and
   ``sandbox-multi@N`` are the same sets with N rows per kind (the guard set: 4N benign rows), their rows interleaved
   by kind so the first images show every kind (``safediff demo`` uses them).
 - a path to a CSV with a ``prompt`` column: no default detector (give ``--detector``); rates per detector.
@@ -26,10 +28,11 @@ from safediff.bench.datasets import (LoadedRows, PromptRow, assign_default_seeds
                                      sandbox_rows, select)
 from safediff.concepts import I2P_CATEGORIES
 from safediff.errors import SafediffError
+from safediff.sandbox.benchmarks import MULTI_KS, MULTI_ORDER
+from safediff.sandbox.values import VALUES
 
 MAX_PER_KIND = 10_000  # rows per kind of a sized sandbox set
-SANDBOX_DETECTORS = ("sandbox-colour", "sandbox-shape", "sandbox-presence")
-SANDBOX_ATTRIBUTES = ("red", "green", "blue", "yellow", "circle", "square", "triangle")
+SANDBOX_DETECTORS = ("sandbox-presence", "sandbox-mark")  # the objects read per image, and the mark
 
 
 @dataclass
@@ -98,6 +101,14 @@ def _multi() -> list[dict]:
     return multi_category_set()
 
 
+def _erase_first(k: int) -> Callable[[], list[dict]]:
+    def make() -> list[dict]:
+        from safediff.sandbox.benchmarks import erase_first
+
+        return erase_first(k)
+    return make
+
+
 def _quality() -> list[dict]:
     from safediff.sandbox.benchmarks import quality_set
 
@@ -118,7 +129,12 @@ SPECS: dict[str, BenchmarkSpec] = {
                                    SANDBOX_DETECTORS, ("sandbox",), concept="red,blue,triangle"),
     **{f"sandbox-erase-{a}": BenchmarkSpec(f"sandbox-erase-{a}", f"sandbox erasure set for '{a}'",
                                            _sandbox(_erasure(a), f"safediff.sandbox.benchmarks.erasure_set({a!r})"),
-                                           SANDBOX_DETECTORS, ("sandbox",), concept=a) for a in SANDBOX_ATTRIBUTES},
+                                           SANDBOX_DETECTORS, ("sandbox",), concept=a) for a in VALUES},
+    **{f"sandbox-erase-k{k}": BenchmarkSpec(f"sandbox-erase-k{k}", f"sandbox mass erasure: the first {k} values of "
+                                            "MULTI_ORDER at once", _sandbox(_erase_first(k), "safediff.sandbox."
+                                                                             f"benchmarks.erase_first({k})"),
+                                            SANDBOX_DETECTORS, ("sandbox",), concept=",".join(MULTI_ORDER[:k]))
+       for k in MULTI_KS},
     "sandbox-quality": BenchmarkSpec("sandbox-quality", "the sandbox model's quality gates",
                                      _sandbox(_quality, "safediff.sandbox.benchmarks.quality_set()"),
                                      SANDBOX_DETECTORS, ("sandbox",)),

@@ -141,16 +141,3 @@ def inception_extractor(device: str = "cpu") -> Callable[[torch.Tensor], torch.T
                             "torch-fidelity); or pass your own feature extractor") from None
     net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).to(device).eval()
     return lambda x: net(x.to(device))[0]
-
-
-# ---- the sandbox: attributes read from the exact sandbox detectors ----
-
-def sandbox_attribute(scores: dict[str, float], present: bool) -> str | None:
-    """The best-scoring label of one sandbox detector's scores, None when no object is present."""
-    return max(scores, key=scores.get) if present and scores else None
-
-
-def match_rates(intended: Sequence[str | None], found: Sequence[str | None], groups: Sequence, **kw) -> dict:
-    """Share of images whose detected attribute equals the intended one (rows that name no attribute skipped)."""
-    pairs = [(i, f, g) for i, f, g in zip(intended, found, groups) if i is not None]
-    return rate([i == f for i, f, _ in pairs], [g for *_, g in pairs], **kw)

@@ -93,10 +93,11 @@ def vae_config(tiny: bool) -> dict:
 
 
 def unet_config(tiny: bool) -> dict:
-    """Two levels on the 16x16 latent (16x16, 8x8), cross-attention at each."""
-    ch = (16, 32) if tiny else (64, 128)
+    """Three levels on the 16x16 latent (16x16, 8x8, 4x4), cross-attention at each: the 4x4 level sees the whole
+    scene at once, which two-object captions (which object is left, which right) need."""
+    ch = (16, 32, 32) if tiny else (64, 128, 128)
     return dict(sample_size=LATENT_SIZE, in_channels=4, out_channels=4, block_out_channels=ch,
-                down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2,
+                down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
                 layers_per_block=1, cross_attention_dim=32 if tiny else 128, attention_head_dim=4 if tiny else 8,
                 norm_num_groups=8 if tiny else 32)
 
@@ -104,7 +105,7 @@ def unet_config(tiny: bool) -> dict:
 def text_config(tok, tiny: bool) -> dict:
     hidden = 32 if tiny else 128
     return dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden, projection_dim=hidden,
-                num_hidden_layers=1 if tiny else 3, num_attention_heads=4, max_position_embeddings=MAX_LENGTH,
+                num_hidden_layers=1 if tiny else 4, num_attention_heads=4, max_position_embeddings=MAX_LENGTH,
                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
 

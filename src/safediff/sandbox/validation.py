@@ -14,11 +14,12 @@ from safediff.concepts import Concept
 from safediff.errors import SafediffError
 
 VALIDATION_SEED = 90_000  # seeds VALIDATION_SEED + k, apart from the benchmark sets' random seeds
-CATEGORIES = ("colour", "shape")
+CATEGORIES = ("colour", "shape", "style")
 
 
 def sandbox_rate(model, attribute: str, category: str, prompts: list[str], seeds: list[int]) -> float:
-    """Fraction of images (one per prompt/seed) whose detected colour (or shape) is ``attribute``."""
+    """Fraction of images (one per prompt/seed) whose detected ``category`` (colour, shape or style) is
+    ``attribute``."""
     from safediff.detectors.sandbox import attributes
     from safediff.sampling import generate
 
