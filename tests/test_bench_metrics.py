@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from safediff.bench import metrics as M
-from safediff.bench.results import summarise
 
 
 def test_rate_and_bootstrap():
