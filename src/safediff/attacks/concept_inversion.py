@@ -172,7 +172,7 @@ class ConceptInversion(Attack):
                 seeds = torch.randint(2**31 - 1, (self.n_images,), generator=ctx.rng).tolist()
                 prompt = self.image_prompt or ctx.prompt
                 latents = target.generate([prompt] * self.n_images, seeds, model=target.reference).latents
-        n_train = model.pipe.scheduler.config.num_train_timesteps
+        n_train = model.adapter.train_timesteps
 
         def draw(n: int):
             idx = torch.randint(len(latents), (n,), generator=ctx.rng)

@@ -82,7 +82,7 @@ class P4D(Attack):
             projected = slots.embeddings_of(ids)
             e0 = projected[0].detach().requires_grad_(True)
             cond = slots.encode([e0, *[e.detach() for e in projected[1:]]])
-            t = torch.randint(0, len(model.pipe.scheduler.alphas_cumprod), (1,), generator=ctx.rng).to(model.device)
+            t = torch.randint(0, model.adapter.train_timesteps, (1,), generator=ctx.rng).to(model.device)
             noise = torch.randn(x0.shape, generator=ctx.rng).to(x0)
             loss = noise_matching(target, cond, cond_ref, x0, t, noise, prompts=[ctx.prompt])
             ctx.backward(loss, inputs=[e0])

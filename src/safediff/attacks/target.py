@@ -17,7 +17,7 @@ from safediff.adapters import Conditioning
 from safediff.attacks.budget import ComputeMeter
 from safediff.concepts import Concept, resolve
 from safediff.errors import SafediffError
-from safediff.guards.base import GenerationContext, Guard, NoGuard
+from safediff.guards.base import GenerationContext, Guard, NoGuard, start_session
 from safediff.models import Model
 from safediff.sampling import SamplerSettings, denoiser_output, generate, guided_eps, latent_shape, make_scheduler
 
@@ -115,7 +115,7 @@ class Target:
         timesteps = self.timesteps()
         ctx = GenerationContext(model, list(prompts or [""] * b), cond, self.uncond(model, b), self.guidance,
                                 timesteps, self.height, self.width)
-        session = guard.start(ctx)
+        session = start_session(guard, ctx)
         i = step_index(timesteps, t)
         with session.unet_hooks():
             return guided_eps(session, i, t, latents)
