@@ -61,6 +61,9 @@ class Adapter:
         """Which positions of ``Conditioning.embeds`` each tokenization fills (in sequence order)."""
         raise NotImplementedError
 
+    encoder_names: tuple[str, ...] = ("clip",)  # keys of a learned word's vectors (textual-inversion files)
+    pooled_encoders: tuple[int, ...] = ()  # the encoders that make ``Conditioning.pooled`` (none: no pooled vector)
+
     @property
     def search_segment(self) -> Segment:
         """The tokenization token-slot attacks search over (its encoders share the vocabulary); the other encoders

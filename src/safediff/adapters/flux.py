@@ -52,6 +52,8 @@ def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
 class FluxAdapter(FlowAdapter):
     arch = "flux"
     t5_index = 1
+    pooled_encoders = (0,)
+    encoder_names = ("clip_l", "t5")
     cfg_by_default = False
 
     @property

@@ -19,6 +19,8 @@ from safediff.adapters.flow import FlowAdapter
 
 class SD3Adapter(FlowAdapter):
     arch = "sd3"
+    pooled_encoders = (0, 1)
+    encoder_names = ("clip_l", "clip_g", "t5")
 
     @property
     def t5_index(self) -> int | None:

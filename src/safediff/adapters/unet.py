@@ -147,6 +147,8 @@ class SDXLAdapter(SD1Adapter):
     """SDXL: two encoders' penultimate hidden states concatenated; pooled embedding of the second; size time ids."""
 
     arch = "sdxl"
+    encoder_names = ("clip_l", "clip_g")
+    pooled_encoders = (1,)
 
     @property
     def tokenizers(self) -> list:
