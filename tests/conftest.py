@@ -53,6 +53,38 @@ def tiny_sdxl():
                          defaults={"steps": 3, "guidance": 5.0, "height": 32, "width": 32})
 
 
+@pytest.fixture
+def tiny_sd3():
+    from safediff.models import from_pipeline
+    from safediff.random_models import build_pipeline
+
+    return from_pipeline(build_pipeline("tiny-sd3"), spec="tiny-sd3",
+                         defaults={"steps": 3, "guidance": 5.0, "height": 32, "width": 32})
+
+
+@pytest.fixture
+def tiny_flux():
+    """FLUX.1-dev format; guidance 4 = true CFG with the empty negative prompt, so guards that steer the negative
+    branch act (FLUX's own default is 1: one branch, embedded guidance 3.5)."""
+    from safediff.models import from_pipeline
+    from safediff.random_models import build_pipeline
+
+    return from_pipeline(build_pipeline("tiny-flux"), spec="tiny-flux",
+                         defaults={"steps": 3, "guidance": 4.0, "height": 32, "width": 32, "embedded_guidance": 3.5})
+
+
+@pytest.fixture
+def tiny_flux_schnell():
+    from safediff.models import from_pipeline
+    from safediff.random_models import build_pipeline
+
+    return from_pipeline(build_pipeline("tiny-flux-schnell"), spec="tiny-flux-schnell",
+                         defaults={"steps": 3, "guidance": 4.0, "height": 32, "width": 32})
+
+
+ARCHITECTURES = ["tiny_sd", "tiny_sdxl", "tiny_sd3", "tiny_flux"]  # fixtures the contract suite runs on
+
+
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory):
     """A tiny SD-1.x pipeline saved as a local diffusers folder (what `--model DIR` reads)."""

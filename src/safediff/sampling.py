@@ -22,6 +22,7 @@ VAE scaling, the embedded guidance of distilled models) is read from ``model.ada
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import inspect
 import math
@@ -212,7 +213,9 @@ def denoise(session: Session, scheduler, latents: torch.Tensor, *, n_steps: int 
             counts: list[int] | None = None, bar=None) -> torch.Tensor:
     """Run the scheduler's first ``n_steps`` steps (all by default) from ``latents`` (already the first latents:
     ``adapter.initial_latents``); ``callback(i, t, latents)`` sees the latents before each step. ``kwargs`` go to
-    ``scheduler.step`` (η, generators); ``counts`` collects the branches of each step."""
+    ``scheduler.step`` (η, generators); ``counts`` collects the branches of each step. The scheduler given is not
+    stepped (some keep a step index), so one set-up scheduler serves many runs (trainers' trajectories)."""
+    scheduler = copy.deepcopy(scheduler)
     timesteps = scheduler.timesteps if n_steps is None else scheduler.timesteps[:n_steps]
     adapter = session.ctx.model.adapter
     with session.unet_hooks():

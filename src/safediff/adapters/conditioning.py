@@ -57,15 +57,22 @@ class Conditioning:
         return Conditioning(torch.where(m, other.embeds, self.embeds), pooled)
 
 
+def lookup_layer(text_encoder) -> torch.nn.Module:
+    """The embedding module the encoder's forward calls on its ids: CLIP's ``get_input_embeddings()``; T5's
+    ``encoder.embed_tokens``, a module of its own whose weight is tied to ``get_input_embeddings()`` (``shared``)."""
+    layer = getattr(getattr(text_encoder, "encoder", None), "embed_tokens", None)
+    return layer if isinstance(layer, torch.nn.Embedding) else text_encoder.get_input_embeddings()
+
+
 @contextlib.contextmanager
 def substituted_token_embeddings(text_encoder, embeds: torch.Tensor):
-    """While active, the encoder's token-embedding layer returns ``embeds`` [B, L, D] instead of looking ids up.
+    """While active, the encoder's token-embedding lookup returns ``embeds`` [B, L, D] instead of looking ids up.
 
-    A temporary forward hook on ``get_input_embeddings()`` (CLIP's ``embeddings.token_embedding``, T5's ``shared``);
-    gradients flow into ``embeds``; position embeddings, masks and EOS pooling (read from the real ``input_ids``) are
-    untouched.
+    A temporary forward hook on ``lookup_layer`` (CLIP's ``embeddings.token_embedding``, T5's
+    ``encoder.embed_tokens``); gradients flow into ``embeds``; position embeddings, masks and EOS pooling (read from
+    the real ``input_ids``) are untouched.
     """
-    layer = text_encoder.get_input_embeddings()
+    layer = lookup_layer(text_encoder)
 
     def hook(module, args, output):
         if output.shape != embeds.shape:

@@ -86,7 +86,7 @@ class Target:
 
     def timesteps(self) -> torch.Tensor:
         s = make_scheduler(self.model, self.scheduler)
-        s.set_timesteps(self.steps, device=self.model.device)
+        self.model.adapter.set_timesteps(s, self.steps, self.height, self.width, device=self.model.device)
         return s.timesteps
 
     def noise(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning, prompts: list[str] | None = None,

@@ -67,7 +67,8 @@ class Guard:
     the method has no such setting, with the reason in ``zero_strength_reason``), ``continuous`` (options under which
     the update is a continuous function of the noise predictions, so rounding that differs between UNet batch sizes
     stays rounding-sized: the contract's batch-independence check runs there), ``needs_cfg`` (the guard steers the
-    classifier-free-guidance branches, so it acts only when CFG is on)."""
+    classifier-free-guidance branches, so it acts only when CFG is on), ``transformer_options`` (options under which
+    a guard whose defaults read UNet features runs on SD3/FLUX, which it refuses otherwise)."""
 
     name = "none"
     default_concept: str | None = None
@@ -77,6 +78,7 @@ class Guard:
     zero_strength_reason = ""
     continuous = ""
     needs_cfg = False
+    transformer_options = ""
 
     def start(self, ctx: GenerationContext) -> Session:
         return Session(ctx)

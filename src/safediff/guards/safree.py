@@ -180,6 +180,7 @@ class SafreeGuard(Guard):
     params_class = SafreeParams
     default_preset = "paper"
     zero_strength = "alpha=10,negative_prompt=0"  # no token is a trigger (the margin is the largest accepted)
+    transformer_options = "lra=0"  # latent re-attention edits UNet skip features
     per_category = False  # CASG-SAFREE: each trigger token is projected against one category's subspace
 
     def __init__(self, concepts: list[Concept], preset: str | None = None, **overrides):
@@ -302,6 +303,7 @@ class SafreeReleasedGuard(SafreeGuard):
 
     name = "safree-released"
     default_preset = "released"
+    transformer_options = ""  # the released preset has no latent re-attention
 
 
 class SafreeSession(Session):
