@@ -76,6 +76,8 @@ class UCE(Eraser):
     also_erase: tuple[str, ...] = option((), help="extra words erased like the keywords (e.g. known synonyms)")
     layers: str = option("readers", help="'readers': the layers that read the encoder outputs; 'text-kv': the "
                                          "text K/V (SD3/FLUX: fitted on recorded text-stream inputs)")
+    probes: int = option(2, low=1, help="(x_t, t) draws the text-kv fit records the text stream at (SD3/FLUX)")
+    seed: int = option(0, help="seed of the text-kv probes' noise")
 
     def __post_init__(self):
         super().__post_init__()
