@@ -68,10 +68,9 @@ def test_contract_a_budget_too_tight_for_the_plan_is_respected(tiny_sd, name):
     assert within(result.compute, tight), (result.compute, tight)
 
 
-@pytest.mark.parametrize("arch", ["tiny_sdxl", "tiny_flux_schnell"])
 @pytest.mark.parametrize("name", NAMES)
-def test_contract_runs_on_other_models(request, arch, name):
+def test_contract_runs_on_sdxl(tiny_sdxl, name):
     attack, budget = smoke(name)
-    result = attack.run(red_target(request.getfixturevalue(arch)), ROW, never_flags(), budget, seed=1)
+    result = attack.run(red_target(tiny_sdxl), ROW, never_flags(), budget, seed=1)
     assert within(result.compute, budget)
     assert result.embedding is None or torch.isfinite(result.embedding).all()
