@@ -80,9 +80,9 @@ def test_uce_text_kv_satisfies_the_normal_equations_on_recorded_inputs(tiny_sd3)
     for ((k_name, k), (v_name, v)), (c_now, p_now) in zip(blocks, now):
         g_old = block_inputs(model, k, guides, points)
         q_old = block_inputs(model, k, kept, points)
-        n = len(plan.pairs)
-        c = torch.cat([c_now[p * n + i, list(zip(*rows))[0]] for p in range(2) for i, rows in enumerate(plan.positions)])
-        g = torch.cat([g_old[p * n + i, list(zip(*rows))[1]] for p in range(2) for i, rows in enumerate(plan.positions)])
+        n, at = len(plan.pairs), [list(zip(*rows)) for rows in plan.positions]
+        c = torch.cat([c_now[p * n + i, list(at[i][0])] for p in range(2) for i in range(n)])
+        g = torch.cat([g_old[p * n + i, list(at[i][1])] for p in range(2) for i in range(n)])
         for name, layer in ((k_name, k), (v_name, v)):
             w_old, w = layer.weight.double(), edit.tensors[name].double()
             grad = objective_gradient(w, w_old, c, g, p_now.flatten(0, 1), q_old.flatten(0, 1), 0.3, 1.0, 1.0)
@@ -119,7 +119,8 @@ def test_trce_stage_one_reads_every_segments_eot_row(tiny_sd3):
     assert torch.equal(rows[0], cond.embeds[0, eot])
     assert torch.equal(rows[2], cond.embeds[0, t5.start + 3])  # ▁a ▁red ▁circle </s>
     edit = build_eraser("trce:stages=1").fit(tiny_sd3, RED, progress=False)
-    assert set(edit.tensors) == set(reader_projections(tiny_sd3)["tokens"]) | set(reader_projections(tiny_sd3)["pooled"])
+    readers = reader_projections(tiny_sd3)
+    assert set(edit.tensors) == set(readers["tokens"]) | set(readers["pooled"])
 
 
 @pytest.mark.parametrize("fixture", ["tiny_sd3", "tiny_flux"])
@@ -129,7 +130,8 @@ def test_trained_parameter_sets_follow_the_roles(request, fixture):
     x, strict, u = ({n for n in names if is_trained(v, n)} for v in ("x", "x-strict", "u"))
     assert strict and strict <= x and not x & u
     assert all(".attn.add_k_proj." in n or ".attn.add_v_proj." in n for n in strict)
-    assert all(".attn." in n for n in x) and any("single_transformer_blocks" in n for n in x) == (fixture == "tiny_flux")
+    assert all(".attn." in n for n in x)
+    assert any("single_transformer_blocks" in n for n in x) == (fixture == "tiny_flux")
     assert not any(n.startswith(("transformer.context_embedder.", "transformer.time_text_embed.",
                                  "transformer.proj_out.")) or "_context." in n for n in u)
     assert any(".ff." in n for n in u)

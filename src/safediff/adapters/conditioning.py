@@ -25,10 +25,6 @@ class Segment:
     start: int
     length: int
 
-    @property
-    def positions(self) -> slice:
-        return slice(self.start, self.start + self.length)
-
 
 @dataclass
 class Conditioning:

@@ -34,7 +34,6 @@ _DIT_IMAGE_PROJ = re.compile(r"^transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|
 _DIT_TEXT_ONLY = re.compile(r"^transformer_blocks\.\d+\.(norm1_context|ff_context)\.")
 _DIT_OUTSIDE = ("context_embedder.", "time_text_embed.", "norm_out.", "proj_out.")
 _UNET_OUTSIDE = ("time_embedding.", "add_embedding.", "conv_norm_out.", "conv_out.")
-ROLES = ("text_kv", "text_reader", "text_attention", "image_attention", "text_conditioned")
 
 
 def roles(name: str) -> frozenset[str]:

@@ -1,10 +1,11 @@
 """An attack's budget and the meter that measures and enforces it.
 
 Compute is *measured*, not declared: forward pre-hooks on every denoiser (UNet or transformer; the units keep the
-name ``unet_*``) and text encoder of the target (and of its unconstrained reference model) count calls and samples; backward passes and iterations are counted through the
-meter. Given a ``Budget``, the meter enforces it where the compute is spent: a counted unit that would exceed its
-limit raises ``BudgetExceeded`` *before* it runs (so a recipe that forgets to ask ``afford`` fails loudly instead of
-overspending). ``seconds`` is checked by ``fits`` before each unit, so the last unit may end past it.
+name ``unet_*``) and text encoder of the target (and of its unconstrained reference model) count calls and samples;
+backward passes and iterations are counted through the meter. Given a ``Budget``, the meter enforces it where the
+compute is spent: a counted unit that would exceed its limit raises ``BudgetExceeded`` *before* it runs (so a recipe
+that forgets to ask ``afford`` fails loudly instead of overspending). ``seconds`` is checked by ``fits`` before each
+unit, so the last unit may end past it.
 """
 
 from __future__ import annotations

@@ -77,9 +77,9 @@ class SimplexAdam:
 
 
 class ProjectedAdam:
-    """Soft embeddings [k, D] (the first search encoder's space), AdamW; ``project`` snaps each to the nearest allowed vocabulary
-    token by cosine similarity; the loss is computed with the projected embeddings and its gradient applied to the
-    soft ones (PEZ's straight-through update, P4D's ``nn_project``)."""
+    """Soft embeddings [k, D] (the first search encoder's space), AdamW; ``project`` snaps each to the nearest allowed
+    vocabulary token by cosine similarity; the loss is computed with the projected embeddings and its gradient applied
+    to the soft ones (PEZ's straight-through update, P4D's ``nn_project``)."""
 
     def __init__(self, init_ids: torch.Tensor, table: torch.nn.Embedding, vocab: torch.Tensor, lr: float,
                  weight_decay: float):

@@ -1,4 +1,4 @@
-"""UCE on an MM-DiT's context key/value projections, fitted on the inputs they actually read (``UCE(layers="text-kv")``).
+"""UCE on an MM-DiT's context key/value projections, fitted on the inputs they read (``UCE(layers="text-kv")``).
 
 Why a fit on recorded inputs. In SD3/FLUX the context K/V of joint block b (``attn.add_k_proj``/``add_v_proj``) read
 ``norm1_context(h_b, temb)``: the text stream after b blocks, normalised and modulated by the timestep and pooled
