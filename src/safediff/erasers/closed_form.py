@@ -1,4 +1,4 @@
-"""The closed-form solves UCE and RECE share, over the cross-attention K/V projections that read text.
+"""The closed-form solves UCE, RECE and TRCE share, over the layers that read the text encoders' outputs.
 
 UCE's objective for one projection ``W`` (``d_out × d``), with ``c_i`` the erase rows, ``g_i`` their guide rows,
 ``v_i* = W_old g_i``, and ``c_j`` the preserve rows:
@@ -9,6 +9,13 @@ UCE's objective for one projection ``W`` (``d_out × d``), with ``c_i`` the eras
 Because every target is ``W_old`` times a text row, the left factor is ``W_old N`` with
 ``N = λ I + s_e Gᵀ C + s_p Pᵀ P`` (rows stacked in ``C``, ``G``, ``P``), so ``W = W_old · T`` with one ``d × d``
 matrix ``T = N A⁻¹``, ``A = λ I + s_e Cᵀ C + s_p Pᵀ P``, shared by all projections. It is solved once, in float64.
+
+Which layers (``adapter.text_readers()``): those whose input *is* an encoder output, so that rows computed from the
+text encoders are exactly what the layer reads. UNet models: the cross-attention K/V (``attn2.to_k``/``to_v``).
+SD3/FLUX (MM-DiT): the ``context_embedder`` (token rows) and the pooled-text embedder's first layer (pooled rows),
+one ``T`` per space; their context K/V read a text stream transformed block by block instead
+(``safediff.erasers.text_stream`` fits those on recorded inputs). A layer's bias, if any, is untouched: it adds the
+same vector to ``W c`` and ``W_old g``, so the objective is unchanged.
 """
 
 from __future__ import annotations
@@ -19,17 +26,28 @@ from safediff.errors import SafediffError
 
 
 def kv_projections(model) -> dict[str, torch.nn.Linear]:
-    """Edit-parameter name (``unet.….attn2.to_k.weight``) -> the Linear, for every K/V that reads text."""
-    return {f"unet.{name}.weight": module for name, module in model.adapter.cross_attention_kv()}
+    """Edit-parameter name (``unet.….attn2.to_k.weight``) -> the Linear, for every text K/V projection."""
+    prefix = model.adapter.denoiser_component
+    return {f"{prefix}.{name}.weight": module for name, module in model.adapter.text_kv()}
+
+
+def reader_projections(model) -> dict[str, dict[str, torch.nn.Linear]]:
+    """Per space (``tokens``, ``pooled``): edit-parameter name -> Linear of every layer reading encoder outputs."""
+    prefix = model.adapter.denoiser_component
+    return {space: {f"{prefix}.{name}.weight": m for name, m in layers}
+            for space, layers in model.adapter.text_readers().items()}
 
 
 def uce_transform(erase: torch.Tensor, guide: torch.Tensor, preserve: torch.Tensor, lamb: float,
-                  erase_scale: float, preserve_scale: float) -> torch.Tensor:
-    """``T`` (float64, ``d × d``) such that ``W_new = W_old T`` solves UCE's objective for every projection."""
+                  erase_scale: float, preserve_scale: float, preserve_target: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """``T`` (float64, ``d × d``) such that ``W_new = W_old T`` solves UCE's objective for every projection.
+    ``preserve_target``: rows whose ``W_old`` image the preserve rows must keep (default: the preserve rows)."""
     c, g, p = erase.double(), guide.double(), preserve.double()
+    q = p if preserve_target is None else preserve_target.double()
     eye = torch.eye(c.shape[1], dtype=torch.float64)
     a = lamb * eye + erase_scale * c.T @ c + preserve_scale * p.T @ p
-    n = lamb * eye + erase_scale * g.T @ c + preserve_scale * p.T @ p
+    n = lamb * eye + erase_scale * g.T @ c + preserve_scale * q.T @ p
     try:
         return torch.linalg.solve(a, n.T).T  # N A⁻¹, A symmetric
     except torch.linalg.LinAlgError:
