@@ -12,7 +12,10 @@ every position it occurs; never by counting whitespace words). Then, following t
 
 - ``tokens="to_end"`` (UCE 2023 ``train_erase.py``): the word's last token and every token after it (the following
   words, EoT, padding: through causal attention they all carry the word);
-- ``tokens="last"`` (UCE 2025 ``uce_sd_erase.py``): the word's last token only.
+- ``tokens="last"`` (UCE 2025 ``uce_sd_erase.py``): the word's last token only;
+- ``tokens="surrounding"`` (MACE's closed-form refinement, ``cfr_utils.prepare_k_v``): every token *except* the
+  word's own (the shared prefix and BOS, which meet themselves in the guide prompt, and everything after the word,
+  which through causal attention absorbs it).
 
 Erase row ``i`` is paired with guide row ``i - k·(len(word) - len(guide))``, ``k`` the number of occurrences that
 end at or before ``i``: the word's last token meets the guide's last token (the token before the word when the guide
@@ -37,7 +40,7 @@ import torch
 from safediff.concepts import Concept, fill_context, resolve
 from safediff.errors import SafediffError
 
-TOKEN_CONVENTIONS = ("to_end", "last")
+TOKEN_CONVENTIONS = ("to_end", "last", "surrounding")
 PADDING_ALIGNMENTS = ("same_position", "shifted")
 # UCE 2025 `--expand_prompts`, concept_type object (art uses "painting by {}", "art by {}", ...).
 GENERIC_TEMPLATES = ("image of {}", "photo of {}", "portrait of {}", "picture of {}", "painting of {}")
@@ -118,7 +121,13 @@ def aligned_rows(finder: WordFinder, prompt: str, guide_prompt: str, word_ids: l
         return []
     ends = [s + len(word_ids) - 1 for s in starts]
     shift = len(word_ids) - guide_len
-    rows = ends if tokens == "last" else range(ends[0], max_length)
+    if tokens == "last":
+        rows = ends
+    elif tokens == "to_end":
+        rows = range(ends[0], max_length)
+    else:  # surrounding: everything but the word's tokens
+        inside = {i for s in starts for i in range(s, s + len(word_ids))}
+        rows = [i for i in range(max_length) if i not in inside]
     pairs = []
     for i in rows:
         j = i - sum(1 for e in ends if e <= i) * shift
@@ -129,10 +138,27 @@ def aligned_rows(finder: WordFinder, prompt: str, guide_prompt: str, word_ids: l
     return pairs
 
 
-def _encode(model, prompts: list[str], batch: int = 64) -> torch.Tensor:
+def encode_prompts(model, prompts: list[str], batch: int = 64) -> torch.Tensor:
+    """[N, L, D] float64 on the CPU: the conditioning rows of every prompt (encoded ``batch`` at a time)."""
     out = [model.adapter.encode(prompts[s:s + batch]).embeds.double().cpu() for s in range(0, len(prompts), batch)]
     return torch.cat(out) if out else torch.zeros(0, model.adapter.max_length, model.adapter.text_dim,
                                                    dtype=torch.float64)
+
+
+def word_positions(finder: WordFinder, prompt: str, word: str, max_length: int) -> list[int]:
+    """Every token position of ``word`` in ``prompt``'s (padded) ids, at word boundaries inside the attention mask."""
+    enc = finder.tok(prompt, padding="max_length", max_length=max_length, truncation=True)
+    word_ids = finder.ids(word)
+    starts = finder.occurrences(enc.input_ids, sum(enc.attention_mask), word_ids)
+    return [i for s in starts for i in range(s, s + len(word_ids))]
+
+
+@torch.no_grad()
+def last_token_rows(model, prompts: list[str]) -> torch.Tensor:
+    """[N, D] float64: each prompt's row at its last token before the end-of-text token (BOS for the empty prompt):
+    SPEED's "last subject token"."""
+    positions = (model.adapter.eos_positions(prompts) - 1).clamp(min=0)
+    return encode_prompts(model, prompts)[torch.arange(len(prompts)), positions]
 
 
 def as_concept(item: str) -> Concept:
@@ -180,8 +206,8 @@ def build_rows(model, concepts: list[Concept], guide: str | None, preserve: list
             if not found:
                 raise SafediffError(f"the concept word {word!r} does not fit in the text encoder's "
                                     f"{max_length}-token window; give a shorter concept")
-    erase_emb = _encode(model, [p for p, _ in pairs_prompts])
-    guide_emb = _encode(model, [g for _, g in pairs_prompts])
+    erase_emb = encode_prompts(model, [p for p, _ in pairs_prompts])
+    guide_emb = encode_prompts(model, [g for _, g in pairs_prompts])
     e_rows, g_rows = [], []
     for k, rows in enumerate(index):
         i, j = zip(*rows)
@@ -192,7 +218,7 @@ def build_rows(model, concepts: list[Concept], guide: str | None, preserve: list
     else:
         items = [p.strip() for p in preserve if p.strip()]
     kept = preserve_prompts(items, erase_words, expand)
-    preserve_emb = _encode(model, kept).reshape(-1, model.adapter.text_dim)
+    preserve_emb = encode_prompts(model, kept).reshape(-1, model.adapter.text_dim)
     info = {"token_convention": tokens, "padding": padding, "expand_prompts": expand, "erase_words": erase_words,
             "prompts": {"erase": len(pairs_prompts), "preserve": len(kept)},
             "rows": {"erase": sum(len(r) for r in index), "preserve": len(kept) * max_length},
