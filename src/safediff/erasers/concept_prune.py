@@ -40,6 +40,29 @@ from safediff.sampling import cfg_session, denoise, initial_noise, make_schedule
 FFN_OUT = ".ff.net.2"
 
 
+def evenly(items: list, n: int | None) -> list:
+    """At most ``n`` of ``items``, evenly spaced (all of them when ``n`` is None or not smaller)."""
+    if n is None or n >= len(items):
+        return items
+    return [items[round(i * (len(items) - 1) / max(1, n - 1))] for i in range(n)]
+
+
+def skilled(weight_abs: torch.Tensor, on: torch.Tensor, off: torch.Tensor, skill_ratio: float,
+            select_ratio: float) -> torch.Tensor:
+    """Bool [d, d_ff]: the weights to prune, from ``|W|`` and the column norms [T, d_ff] of the concept (``on``) and
+    base (``off``) activations: skilled at step t when among the ``⌊ρ d_ff⌋`` largest WANDA scores of their row and
+    above the base score; pruned when skilled at more than ``τ T`` steps."""
+    k = int(skill_ratio * weight_abs.shape[1])
+    counts = torch.zeros(weight_abs.shape, dtype=torch.int32)
+    for t in range(len(on)):
+        s_on, s_off = weight_abs * on[t], weight_abs * off[t]
+        top = torch.zeros(weight_abs.shape, dtype=torch.bool)
+        if k:
+            top.scatter_(1, s_on.topk(k, dim=1).indices, True)
+        counts += (top & (s_on > s_off)).int()
+    return counts > select_ratio * len(on)
+
+
 def ffn_layers(unet) -> dict[str, torch.nn.Linear]:
     """The feed-forward output Linear of every transformer block, by module name (sorted, as the reference)."""
     return dict(sorted((n, m) for n, m in unet.named_modules()
@@ -77,8 +100,10 @@ class ConceptPrune(Eraser):
     name: ClassVar[str] = "concept-prune"
     paper: ClassVar[str] = ("Chavhan et al., ConceptPrune: Concept Editing in Diffusion Models via Skilled Neuron "
                             "Pruning, ICLR 2025 (arXiv 2405.19237)")
-    # the sandbox fits generate every context pair once (2 x 32 x 25 UNet batches for a colour): about a CPU minute
-    sandbox: ClassVar[dict[str, dict]] = {"benchmark": {}, "demo": {"max_prompts": 8},
+    # each fit generates its prompt pairs once: with all 33 context pairs of a colour, 74 CPU-seconds (1 thread) on
+    # random weights of the v2 sandbox architecture (7.0M-parameter UNet, 25 steps); 8 evenly spaced pairs, about
+    # 18 s per concept (6 CPU-minutes for 20 concepts)
+    sandbox: ClassVar[dict[str, dict]] = {"benchmark": {"max_prompts": 8}, "demo": {"max_prompts": 4},
                                           "smoke": {"max_prompts": 2, "steps": 2}}
     zero_strength: ClassVar[dict] = {"skill_ratio": 0.0}
 
@@ -87,7 +112,7 @@ class ConceptPrune(Eraser):
     steps: int | None = option(None, low=1, help="denoising steps T (None: the model's default)")
     guidance: float | None = option(None, low=0.0, help="CFG scale of the generations (None: the model's default)")
     expand_prompts: bool = option(True, help="the word in the concept's contexts (off: the word alone)")
-    max_prompts: int | None = option(None, low=1, help="at most this many prompt pairs per keyword")
+    max_prompts: int | None = option(None, low=1, help="at most this many prompt pairs per keyword (evenly spaced)")
     batch: int = option(16, low=1, help="prompt pairs generated together")
     seed: int = 0
 
@@ -101,7 +126,7 @@ class ConceptPrune(Eraser):
         for c in concepts:
             g = c.guide if guide is None else guide
             for word in keywords_of([c]):
-                prompts = contexts(c, word, self.expand_prompts)[:self.max_prompts]
+                prompts = evenly(contexts(c, word, self.expand_prompts), self.max_prompts)
                 target += prompts
                 base += [replace_word(p, word, g) for p in prompts]
         return target, base
@@ -135,16 +160,8 @@ class ConceptPrune(Eraser):
             target, base = self.prompt_pairs([concept], guide)
             on, off = (self.activations(model, p, steps, guidance) for p in (target, base))
             for name, layer in ffn_layers(model.unet).items():
-                w = layer.weight.detach().abs().double().cpu()
-                k = int(self.skill_ratio * w.shape[1])
-                counts = torch.zeros(w.shape, dtype=torch.int32)
-                for t in range(steps):
-                    s_on, s_off = w * on.norms(name)[t], w * off.norms(name)[t]
-                    top = torch.zeros(w.shape, dtype=torch.bool)
-                    if k:
-                        top.scatter_(1, s_on.topk(k, dim=1).indices, True)
-                    counts += (top & (s_on > s_off)).int()
-                pruned = counts > self.select_ratio * steps
+                pruned = skilled(layer.weight.detach().abs().double().cpu(), on.norms(name), off.norms(name),
+                                 self.skill_ratio, self.select_ratio)
                 masks[name] = masks.get(name, torch.zeros_like(pruned)) | pruned
         total = 0
         for name, layer in ffn_layers(model.unet).items():

@@ -81,8 +81,9 @@ class ConceptData:
 class MACE(Eraser):
     name: ClassVar[str] = "mace"
     paper: ClassVar[str] = "Lu et al., MACE: Mass Concept Erasure in Diffusion Models, CVPR 2024 (arXiv 2403.06135)"
-    # sandbox: a few CPU seconds per concept and 50 steps (the reference's; its lr 1e-5 is for SD 1.4 and moves
-    # the 4.3M-parameter sandbox UNet's attention too little, hence 1e-3)
+    # sandbox: 50 LoRA steps per concept (the reference's), 7 CPU-seconds per concept (1 thread) on random weights of
+    # the v2 sandbox architecture (7.0M-parameter UNet); lr 1e-3 instead of the reference's 1e-5 (sized for SD 1.4),
+    # a guess to be checked once the v2 weights are trained
     sandbox: ClassVar[dict[str, dict]] = {"benchmark": {"lr": 1e-3}, "demo": {"lr": 1e-3, "iterations": 20},
                                           "smoke": {"iterations": 2, "n_images": 1}}
     zero_strength: ClassVar[dict] = {"erase_scale": 0.0, "lr": 0.0}

@@ -83,7 +83,8 @@ class RealEra(Eraser):
     name: ClassVar[str] = "realera"
     paper: ClassVar[str] = ("Liu et al., RealEra: Semantic-level Concept Erasure via Neighbor-Concept Mining, "
                             "arXiv 2410.09140 (ICLR 2025 submission, withdrawn; no public code)")
-    # sandbox: 100 LoRA steps with x_t from 10 DDIM steps, a couple of CPU minutes
+    # sandbox: 100 LoRA steps with x_t from 10 DDIM steps, 47 CPU-seconds (1 thread) for one concept on random
+    # weights of the v2 sandbox architecture (7.0M-parameter UNet); lr 1e-3 is a guess to be checked on the v2 weights
     sandbox: ClassVar[dict[str, dict]] = {"benchmark": {"iterations": 100, "lr": 1e-3, "ddim_steps": 10},
                                           "demo": {"iterations": 30, "lr": 1e-3, "ddim_steps": 10},
                                           "smoke": {"iterations": 2, "neighbours": 1, "beyond": 1}}
