@@ -114,6 +114,7 @@ class MACE(Eraser):
         return component == "unet" and (".attn2.to_k." in rest or ".attn2.to_v." in rest)
 
     # data ---------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
     def concept_data(self, model, concept: Concept, index: int) -> ConceptData:
         finder = WordFinder(model.adapter.tokenizers[0])
         eos = finder.tok.eos_token_id
