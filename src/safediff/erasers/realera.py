@@ -121,6 +121,7 @@ class RealEra(Eraser):
         if not self.neighbour_distance < self.beyond_distance:
             raise SafediffError("realera: beyond_distance must exceed neighbour_distance (beyond-concept rows lie "
                                 "outside the neighbourhood)")
+        self.losses: list[float] = []  # the last fit's noise-alignment losses
 
     def touches(self, name: str) -> bool:
         component, _, rest = name.partition(".")
@@ -146,6 +147,7 @@ class RealEra(Eraser):
         aligned = transformed(weights, t)
         run = NoiseAlignment(self, model, concepts, guide, aligned, generator)
         new, losses, resumed_at = run.train(progress)
+        self.losses = losses
         info = {**rows.info, "mined_neighbours": len(near), "beyond_rows": len(far), "matrices": len(new),
                 "noise_alignment_pairs": len(run.pairs), "ddim_steps": run.steps, "resumed_at_iteration": resumed_at,
                 **loss_summary(losses)}
