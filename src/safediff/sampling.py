@@ -254,6 +254,20 @@ def decode(model, latents: torch.Tensor) -> torch.Tensor:
     return (image.float() / 2 + 0.5).clamp(0, 1)
 
 
+@torch.no_grad()
+def encode(model, pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels in [0, 1] ([B, 3, H, W]) -> latents as the denoiser reads them (the VAE posterior's mode, scaled; the
+    inverse of ``decode``)."""
+    vae = model.vae
+    cfg = vae.config
+    latents = vae.encode((pixels * 2 - 1).to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
+    if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
+        mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1).to(latents)
+        std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1).to(latents)
+        return ((latents - mean) * cfg.scaling_factor / std).to(model.dtype)
+    return (latents * cfg.scaling_factor).to(model.dtype)
+
+
 def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
     arr = (pixels.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
     return [Image.fromarray(a) for a in arr]

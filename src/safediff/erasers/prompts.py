@@ -12,7 +12,10 @@ every position it occurs; never by counting whitespace words). Then, following t
 
 - ``tokens="to_end"`` (UCE 2023 ``train_erase.py``): the word's last token and every token after it (the following
   words, EoT, padding: through causal attention they all carry the word);
-- ``tokens="last"`` (UCE 2025 ``uce_sd_erase.py``): the word's last token only.
+- ``tokens="last"`` (UCE 2025 ``uce_sd_erase.py``): the word's last token only;
+- ``tokens="surrounding"`` (MACE's closed-form refinement, ``cfr_utils.prepare_k_v``): every token *except* the
+  word's own (the shared prefix and BOS, which meet themselves in the guide prompt, and everything after the word,
+  which through causal attention absorbs it).
 
 Erase row ``i`` is paired with guide row ``i - k·(len(word) - len(guide))``, ``k`` the number of occurrences that
 end at or before ``i``: the word's last token meets the guide's last token (the token before the word when the guide
@@ -44,7 +47,7 @@ from safediff.concepts import Concept, fill_context, resolve
 from safediff.errors import SafediffError
 from safediff.tokens import WORD_END, WORD_START, marks_word_start
 
-TOKEN_CONVENTIONS = ("to_end", "last")
+TOKEN_CONVENTIONS = ("to_end", "last", "surrounding")
 PADDING_ALIGNMENTS = ("same_position", "shifted")
 # UCE 2025 `--expand_prompts`, concept_type object (art uses "painting by {}", "art by {}", ...).
 GENERIC_TEMPLATES = ("image of {}", "photo of {}", "portrait of {}", "picture of {}", "painting of {}")
@@ -133,7 +136,13 @@ def aligned_rows(finder: WordFinder, prompt: str, guide_prompt: str, word_ids: l
         return []
     ends = [s + len(word_ids) - 1 for s in starts]
     shift = len(word_ids) - guide_len
-    rows = ends if tokens == "last" else range(ends[0], max_length)
+    if tokens == "last":
+        rows = ends
+    elif tokens == "to_end":
+        rows = range(ends[0], max_length)
+    else:  # surrounding: everything but the word's tokens
+        inside = {i for s in starts for i in range(s, s + len(word_ids))}
+        rows = [i for i in range(max_length) if i not in inside]
     pairs = []
     for i in rows:
         j = i - sum(1 for e in ends if e <= i) * shift
@@ -145,7 +154,7 @@ def aligned_rows(finder: WordFinder, prompt: str, guide_prompt: str, word_ids: l
     return pairs
 
 
-def _encode(model, prompts: list[str], batch: int = 64) -> tuple[torch.Tensor, torch.Tensor | None]:
+def encode_with_pooled(model, prompts: list[str], batch: int = 64) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token rows [N, L, D] and pooled vectors [N, P] (None when the model has none) of the prompts, float64."""
     parts = [model.adapter.encode(prompts[s:s + batch]) for s in range(0, len(prompts), batch)]
     if not parts:
@@ -153,6 +162,27 @@ def _encode(model, prompts: list[str], batch: int = 64) -> tuple[torch.Tensor, t
     embeds = torch.cat([c.embeds.double().cpu() for c in parts])
     pooled = None if parts[0].pooled is None else torch.cat([c.pooled.double().cpu() for c in parts])
     return embeds, pooled
+
+
+def encode_prompts(model, prompts: list[str], batch: int = 64) -> torch.Tensor:
+    """[N, L, D] float64 on the CPU: the token rows of every prompt (encoded ``batch`` at a time)."""
+    return encode_with_pooled(model, prompts, batch)[0]
+
+
+def word_positions(finder: WordFinder, prompt: str, word: str, max_length: int) -> list[int]:
+    """Every token position of ``word`` in ``prompt``'s (padded) ids, at word boundaries inside the attention mask."""
+    enc = finder.tok(prompt, padding="max_length", max_length=max_length, truncation=True)
+    word_ids = finder.ids(word)
+    starts = finder.occurrences(enc.input_ids, sum(enc.attention_mask), word_ids)
+    return [i for s in starts for i in range(s, s + len(word_ids))]
+
+
+@torch.no_grad()
+def last_token_rows(model, prompts: list[str]) -> torch.Tensor:
+    """[N, D] float64: each prompt's row at its last token before the end-of-text token (BOS for the empty prompt):
+    SPEED's "last subject token"."""
+    positions = (model.adapter.eos_positions(prompts) - 1).clamp(min=0)
+    return encode_prompts(model, prompts)[torch.arange(len(prompts)), positions]
 
 
 def as_concept(item: str) -> Concept:
@@ -233,14 +263,14 @@ def build_rows(model, concepts: list[Concept], guide: str | None, preserve: list
     prompt); ``Rows.pooled``: the same prompts' pooled vectors, one per prompt, for models whose pooled vector is read
     by a layer of its own (SD3, FLUX)."""
     plan = plan_rows(model, concepts, guide, preserve, tokens, expand, also_erase, padding)
-    erase_emb, erase_pooled = _encode(model, [p for p, _ in plan.pairs])
-    guide_emb, guide_pooled = _encode(model, [g for _, g in plan.pairs])
+    erase_emb, erase_pooled = encode_with_pooled(model, [p for p, _ in plan.pairs])
+    guide_emb, guide_pooled = encode_with_pooled(model, [g for _, g in plan.pairs])
     e_rows, g_rows = [], []
     for k, rows in enumerate(plan.positions):
         i, j = zip(*rows)
         e_rows.append(erase_emb[k, list(i)])
         g_rows.append(guide_emb[k, list(j)])
-    preserve_emb, preserve_pooled = _encode(model, plan.kept)
+    preserve_emb, preserve_pooled = encode_with_pooled(model, plan.kept)
     pooled = None
     if "pooled" in model.adapter.text_readers():
         pooled = Rows(erase_pooled, guide_pooled, preserve_pooled, plan.info)
