@@ -35,5 +35,12 @@ def adapter_for(pipe, cache_text: bool = False) -> Adapter:
     raise SafediffError(f"unsupported architecture {name}; supported: {SUPPORTED}")
 
 
+def require_arch(kind: str, name: str, archs: tuple[str, ...], reason: str, adapter: Adapter) -> None:
+    """Refuse, in one line, a method that declares the architectures it runs on (``archs``: ``Adapter.arch`` values;
+    empty: every one) when ``adapter`` is not among them; ``reason`` says why and what to use instead."""
+    if archs and adapter.arch not in archs:
+        raise SafediffError(f"{kind} {name} runs on {'/'.join(archs)} models, not {adapter.arch}: {reason}")
+
+
 __all__ = ["Adapter", "Conditioning", "DenoiserCall", "PIPELINE_CLASSES", "SUPPORTED", "Segment", "adapter_for",
-           "substituted_token_embeddings"]
+           "require_arch", "substituted_token_embeddings"]

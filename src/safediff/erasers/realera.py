@@ -46,7 +46,7 @@ from safediff.erasers.low_rank import LowRankDeltas
 from safediff.erasers.prompts import WordFinder, build_rows, contexts, replace_word, word_positions
 from safediff.erasers.training import TrainingState, keywords_of, loss_summary, run_fingerprint, train, trainable
 from safediff.options import option
-from safediff.sampling import cfg_session, ddim_scheduler, denoise, denoiser_output, latent_shape
+from safediff.sampling import cfg_session, denoise, denoiser_output, latent_shape, trajectory_scheduler
 
 DRAWS_PER_ROUND = 8  # candidates per wanted sample and round of the rejection sampler
 ROUNDS = 20
