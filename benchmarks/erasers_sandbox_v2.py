@@ -105,7 +105,7 @@ class Measurement:
                       "hyperparameters": edit.metadata["hyperparameters"], "fit_seconds": edit.metadata["fit_seconds"],
                       "edit_sha256": edit.digest, "values_changed": sum(t.numel() for t in edit.tensors.values()),
                       "info": {k: v for k, v in edit.metadata.get("info", {}).items()
-                               if k in ("masks", "pruned_share_of_unet", "chosen_epoch", "mined_neighbours")}}
+                               if k in ("masks", "pruned_share_of_denoiser", "chosen_epoch", "mined_neighbours")}}
 
     def entry(self, name: str, target: str) -> dict:
         """Fit (erasers) and bench one method on one target; the entry ``results.json`` keeps."""

@@ -63,7 +63,7 @@ def test_evenly_spaced_prompts():
 def test_edit_zeroes_ffn_output_weights_only(tiny_sd):
     eraser = ConceptPrune(skill_ratio=0.1, max_prompts=3, steps=3)
     edit = eraser.fit(tiny_sd, resolve("red"), progress=False)
-    layers = {f"unet.{n}.weight": m for n, m in ffn_layers(tiny_sd.unet).items()}
+    layers = {f"unet.{n}.weight": m for n, m in ffn_layers(tiny_sd.denoiser).items()}
     assert edit.tensors and set(edit.tensors) <= set(layers)
     for name, new in edit.tensors.items():
         old = layers[name].weight.detach()

@@ -74,7 +74,7 @@ def test_refinement_rows_surround_the_word(tiny_sd):
 
 def test_attention_probabilities_reproduce_the_block_output(tiny_sd):
     """The probabilities the hook computes, times the values, through to_out: the block's own output."""
-    block = next(m for n, m in tiny_sd.unet.named_modules() if n.endswith("attn2"))
+    block = next(m for n, m in tiny_sd.denoiser.named_modules() if n.endswith("attn2"))
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(2, 16, block.to_q.in_features, generator=g)
     context = torch.randn(2, 77, block.to_k.in_features, generator=g)
@@ -84,7 +84,7 @@ def test_attention_probabilities_reproduce_the_block_output(tiny_sd):
     with torch.no_grad():
         assert torch.allclose(block.to_out[0](mixed), block(hidden, encoder_hidden_states=context), atol=1e-5)
     seen = []
-    with cross_attention(tiny_sd.unet, lambda b, p: seen.append(p.shape)):
+    with cross_attention(tiny_sd.denoiser, lambda b, p: seen.append(p.shape)):
         block(hidden, encoder_hidden_states=context)
     assert seen == [probs.shape] and not block._forward_pre_hooks
 
@@ -94,7 +94,7 @@ def test_lora_stage_lowers_the_attention_inside_the_mask(tiny_sd):
     eraser = MACE(iterations=25, lr=0.05, rank=2, n_images=1, expand_prompts=False, use_pooler=False,
                   masks=sandbox_mask_provider(RED))
     data = eraser.concept_data(tiny_sd, RED[0], 0)
-    refined = {f"unet.{n}.weight": m.weight.detach() for n, m in tiny_sd.adapter.cross_attention_kv()}
+    refined = {f"unet.{n}.weight": m.weight.detach() for n, m in tiny_sd.adapter.text_kv()}
     deltas, run = eraser.train_loras(tiny_sd, RED, [data], refined, progress=False)
     g = torch.Generator().manual_seed(0)
     x_t = torch.randn(data.latents.shape, generator=g)

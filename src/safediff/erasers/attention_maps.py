@@ -1,4 +1,5 @@
-"""Cross-attention probabilities read during a UNet call, and concept masks drawn from them.
+"""Cross-attention probabilities read during a UNet call, and concept masks drawn from them (UNet models only: an
+MM-DiT has no separate text cross-attention).
 
 ``cross_attention(unet, sink)`` adds a forward pre-hook to every text cross-attention block (``attn2``) for the
 duration of a ``with`` block; each call's attention probabilities ``softmax(q kᵀ / √d)`` ([B·heads, N, L]: query
@@ -94,7 +95,7 @@ def attention_masks(model, prompts: list[str], positions: list[list[int]], seeds
             up = F.interpolate(prompt_rows.reshape(1, 1, h, w).float(), size=(lh, lw), mode="bilinear")
             total.add_(up[0, 0].double().cpu())
 
-        with cross_attention(model.unet, sink):
+        with cross_attention(model.denoiser, sink):
             image = generate(model, [prompt], [seed], progress=False).pixels
         mask = total / total.max().clamp_min(torch.finfo(torch.float64).tiny) > threshold
         pixels.append(image.cpu())

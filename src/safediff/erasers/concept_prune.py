@@ -2,7 +2,8 @@
 reference code ruchikachavhan/concept-prune ``wanda/wanda.py``, ``wanda/save_union_over_time.py``). Training-free,
 multi-concept (the union of every concept's skilled neurons, as the reference's ``multi_concept_union``).
 
-For every feed-forward output layer ``W`` (``ff.net.2``: d × d_ff, after the GEGLU) of the UNet's transformer blocks:
+For every feed-forward output layer ``W`` (``ff.net.2``: d × d_ff, after the GEGLU) of the UNet's transformer blocks
+(SD3/FLUX: of the image stream's feed-forward in every joint block, see below):
 
 1. Activations. Generate from paired prompts with the same seeds: *concept* prompts (each keyword in the concept's
    contexts, ``erasers.prompts.contexts``) and *base* prompts (the same with the word replaced by the guide, "" by
@@ -18,7 +19,14 @@ For every feed-forward output layer ``W`` (``ff.net.2``: d × d_ff, after the GE
 Defaults: ρ = 0.01 (reference config), τ = 0 (union; the reference passes τ on its command line and its value for
 each experiment could not be read), T = the model's default number of sampling steps (the reference: its pipeline's
 50), one image per prompt pair. The edit records the fraction of the FFN weights it zeroes (the paper: ~0.12 % of
-all UNet weights).
+all UNet weights; ``pruned_share_of_denoiser``).
+
+SD3 / FLUX (MM-DiT; not in the paper, which prunes SD 1.4's UNet). The same rule on the image stream's feed-forward
+output ``transformer_blocks.N.ff.net.2`` of every joint block (GELU in place of GEGLU), the counterpart of the UNet
+blocks' FFN: it reads the image tokens only. Not pruned: the text stream's ``ff_context`` (it reads text tokens, which
+are the same for every image of a prompt) and FLUX's single-stream blocks, whose MLP output is fused with the
+attention output in one ``proj_out`` over text and image tokens alike. Generation uses the model's own sampler
+(flow-matching Euler; on FLUX.1 dev its embedded guidance and no negative branch by default).
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from safediff.erasers.base import Eraser
 from safediff.erasers.prompts import contexts, replace_word
 from safediff.erasers.training import keywords_of
 from safediff.options import option
-from safediff.sampling import cfg_session, denoise, initial_noise, make_scheduler
+from safediff.sampling import cfg_session, denoise, initial_noise, make_scheduler, step_kwargs
 
 FFN_OUT = ".ff.net.2"
 
@@ -63,9 +71,10 @@ def skilled(weight_abs: torch.Tensor, on: torch.Tensor, off: torch.Tensor, skill
     return counts > select_ratio * len(on)
 
 
-def ffn_layers(unet) -> dict[str, torch.nn.Linear]:
-    """The feed-forward output Linear of every transformer block, by module name (sorted, as the reference)."""
-    return dict(sorted((n, m) for n, m in unet.named_modules()
+def ffn_layers(denoiser) -> dict[str, torch.nn.Linear]:
+    """The feed-forward output Linear of every transformer block (MM-DiT: the image stream's), by module name (sorted,
+    as the reference)."""
+    return dict(sorted((n, m) for n, m in denoiser.named_modules()
                        if n.endswith(FFN_OUT) and isinstance(m, torch.nn.Linear)))
 
 
@@ -118,7 +127,7 @@ class ConceptPrune(Eraser):
 
     def touches(self, name: str) -> bool:
         component, _, rest = name.partition(".")
-        return component == "unet" and rest.endswith(FFN_OUT[1:] + ".weight")
+        return component in ("unet", "transformer") and f".{rest}".endswith(FFN_OUT + ".weight")
 
     def prompt_pairs(self, concepts: list[Concept], guide: str | None) -> tuple[list[str], list[str]]:
         """(concept prompts, base prompts): each keyword in its contexts, and the same with the guide instead."""
@@ -134,7 +143,7 @@ class ConceptPrune(Eraser):
     @torch.no_grad()
     def activations(self, model, prompts: list[str], steps: int, guidance: float) -> ColumnNorms:
         """Column norms of every FFN output layer's inputs at every step, over images of ``prompts`` (seed + k)."""
-        layers = ffn_layers(model.unet)
+        layers = ffn_layers(model.denoiser)
         norms = ColumnNorms(layers, steps)
         height, width = int(model.defaults["height"]), int(model.defaults["width"])
         adapter = model.adapter
@@ -142,38 +151,38 @@ class ConceptPrune(Eraser):
             for start in range(0, len(prompts), self.batch):
                 part = prompts[start:start + self.batch]
                 scheduler = make_scheduler(model)
-                scheduler.set_timesteps(steps)
-                latents, _ = initial_noise(model, [self.seed + start + k for k in range(len(part))], height, width)
+                adapter.set_timesteps(scheduler, steps, height, width)
+                noise, _ = initial_noise(model, [self.seed + start + k for k in range(len(part))], height, width)
                 session = cfg_session(model, adapter.encode(part), adapter.encode_negative(None, len(part)),
                                       guidance, scheduler, height, width)
-
-                denoise(session, scheduler, latents * scheduler.init_noise_sigma, kwargs={"eta": 0.0},
-                        callback=lambda i, t, x: setattr(norms, "step", i))
+                denoise(session, scheduler, adapter.initial_latents(scheduler, noise),
+                        kwargs=step_kwargs(scheduler, None, 0.0), callback=lambda i, t, x: setattr(norms, "step", i))
         return norms
 
     def compute(self, model, concepts: list[Concept], preserve, guide, progress):
         steps = int(self.steps or model.defaults["steps"])
+        prefix, denoiser = model.adapter.denoiser_component, model.denoiser
         guidance = float(model.defaults["guidance"] if self.guidance is None else self.guidance)
         out, info_layers = {}, {}
         masks: dict[str, torch.Tensor] = {}
         for concept in concepts:  # one concept's skilled neurons at a time, then their union
             target, base = self.prompt_pairs([concept], guide)
             on, off = (self.activations(model, p, steps, guidance) for p in (target, base))
-            for name, layer in ffn_layers(model.unet).items():
+            for name, layer in ffn_layers(denoiser).items():
                 pruned = skilled(layer.weight.detach().abs().double().cpu(), on.norms(name), off.norms(name),
                                  self.skill_ratio, self.select_ratio)
                 masks[name] = masks.get(name, torch.zeros_like(pruned)) | pruned
         total = 0
-        for name, layer in ffn_layers(model.unet).items():
+        for name, layer in ffn_layers(denoiser).items():
             if masks[name].any():
                 w = layer.weight.detach()
-                out[f"unet.{name}.weight"] = torch.where(masks[name].to(w.device), torch.zeros_like(w), w)
+                out[f"{prefix}.{name}.weight"] = torch.where(masks[name].to(w.device), torch.zeros_like(w), w)
             info_layers[name] = round(float(masks[name].double().mean()), 6)
             total += int(masks[name].sum())
-        n_ffn = sum(m.weight.numel() for m in ffn_layers(model.unet).values())
-        n_unet = sum(p.numel() for p in model.unet.parameters())
+        n_ffn = sum(m.weight.numel() for m in ffn_layers(denoiser).values())
+        n_all = sum(p.numel() for p in denoiser.parameters())
         info = {"keywords": keywords_of(concepts), "steps": steps, "guidance": guidance,
                 "prompt_pairs": len(self.prompt_pairs(concepts, guide)[0]), "pruned_weights": total,
-                "pruned_share_of_ffn": total / n_ffn, "pruned_share_of_unet": total / n_unet,
+                "pruned_share_of_ffn": total / n_ffn, "pruned_share_of_denoiser": total / n_all,
                 "pruned_share_per_layer": info_layers}
         return out, info

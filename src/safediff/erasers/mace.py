@@ -23,6 +23,13 @@ Three stages on the cross-attention projections that read text (``attn2.to_k`` /
 
 The edit is W* (dense: every LoRA is merged), so it is saved, stacked, reverted and exported like the others.
 
+Architectures: UNet models (SD 1.x/2.x, SDXL) only. Stage 2's loss reads the cross-attention map of image queries
+over the text tokens, softmax over the text alone, of every ``attn2``; an MM-DiT (SD3, FLUX) has no such layer: its
+joint attention normalises over text and image tokens together (with rotary positions on FLUX), and the
+projections stage 1 and 3 solve for (the text K/V) read a text stream transformed block by block, not the encoder
+rows the closed forms are written over. On SD3/FLUX ``fit`` refuses; use ``uce`` (several concepts at once, closed
+form on the layers that read the encoders) or ``speed``.
+
 Masks (``masks``: a provider ``(concept, n, seed, height, width) -> MaskedImages``). On the sandbox the caller passes
 ``safediff.sandbox.masks.sandbox_mask_provider`` (exact: the world renders the concept's object; ``safediff erase``
 and the benchmark scripts do through ``sandbox.validation.eraser_settings``). Without one, ``n_images`` images are
@@ -45,6 +52,7 @@ from typing import Callable, ClassVar
 
 import torch
 
+from safediff.adapters.roles import has_role
 from safediff.concepts import Concept
 from safediff.errors import SafediffError
 from safediff.erasers.attention_maps import MaskedImages, attention_masks, cross_attention, resized_mask
@@ -87,6 +95,10 @@ class MACE(Eraser):
     sandbox: ClassVar[dict[str, dict]] = {"benchmark": {"lr": 1e-3}, "demo": {"lr": 1e-3, "iterations": 20},
                                           "smoke": {"iterations": 2, "n_images": 1}}
     zero_strength: ClassVar[dict] = {"erase_scale": 0.0, "lr": 0.0}
+    archs: ClassVar[tuple[str, ...]] = ("sd1", "sd2", "sdxl")
+    archs_reason: ClassVar[str] = ("its LoRA loss reads UNet cross-attention maps (softmax of image queries over the "
+                                   "text tokens alone), which an MM-DiT's joint attention does not have; use uce or "
+                                   "speed instead")
 
     lamb: float = option(1e3, low=0.0, help="λ of the refinement and of the fusion (reference object configs)")
     erase_scale: float = option(1.0, low=0.0, help="s_e: weight of the refinement's mapped rows")
@@ -110,8 +122,7 @@ class MACE(Eraser):
     checkpoint_every: int = option(50, low=1, hyperparameter=False)
 
     def touches(self, name: str) -> bool:
-        component, _, rest = name.partition(".")
-        return component == "unet" and (".attn2.to_k." in rest or ".attn2.to_v." in rest)
+        return name.startswith("unet.") and has_role(name, "text_kv")
 
     # data ---------------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -155,7 +166,7 @@ class MACE(Eraser):
             inside = resized_mask(mask, probs.shape[1], lh, lw)[0]
             terms.append(probs[:, inside][:, :, pos].norm())
 
-        with cross_attention(model.unet, sink):
+        with cross_attention(model.denoiser, sink):
             denoiser_output(model, x_t, t, data.conditioning[j], params=params)
         return torch.stack(terms).sum() if terms else x_t.new_zeros(())
 
@@ -215,7 +226,7 @@ class MACE(Eraser):
             "iterations": self.iterations, "concepts": [c.name for c in concepts],
             "data": tensors_sha256([(f"{k}", torch.cat([d.latents.flatten(), d.masks.flatten().float()]))
                                     for k, d in enumerate(data)])})
-        with trainable(model.unet, {}, {}), torch.enable_grad():
+        with trainable(model.denoiser, {}, {}), torch.enable_grad():
             state.optimizer = torch.optim.AdamW(list(lora.params.values()), lr=self.lr, betas=(0.9, 0.999),
                                                 weight_decay=self.weight_decay, eps=1e-8)
             resumed = state.load(self.checkpoint, fingerprint) if self.checkpoint else False

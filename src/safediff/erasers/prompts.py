@@ -177,12 +177,19 @@ def word_positions(finder: WordFinder, prompt: str, word: str, max_length: int) 
     return [i for s in starts for i in range(s, s + len(word_ids))]
 
 
+def last_token_positions(adapter, prompts: list[str]) -> list[torch.Tensor]:
+    """Per segment (``adapter.segments``), long [N]: each prompt's last token before the end-of-text token, as a
+    position of ``Conditioning.embeds`` (the segment's BOS for the empty prompt; its EOS where it has no BOS, T5)."""
+    return [(adapter.eos_positions(prompts, s) - 1).clamp(min=s.start) for s in adapter.segments]
+
+
 @torch.no_grad()
 def last_token_rows(model, prompts: list[str]) -> torch.Tensor:
-    """[N, D] float64: each prompt's row at its last token before the end-of-text token (BOS for the empty prompt):
-    SPEED's "last subject token"."""
-    positions = (model.adapter.eos_positions(prompts) - 1).clamp(min=0)
-    return encode_prompts(model, prompts)[torch.arange(len(prompts)), positions]
+    """[N·S, D] float64: each prompt's row at its last token before the end-of-text token (BOS for the empty prompt):
+    SPEED's "last subject token", in each of the S segments (SD3: CLIP then T5), segment by segment."""
+    embeds = encode_prompts(model, prompts)
+    return torch.cat([embeds[torch.arange(len(prompts)), positions]
+                      for positions in last_token_positions(model.adapter, prompts)])
 
 
 def as_concept(item: str) -> Concept:

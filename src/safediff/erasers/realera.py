@@ -9,24 +9,32 @@ concepts that would otherwise regenerate it (concept residue) and are erased wit
 perturbations that land *outside* that neighbourhood are kept where they were, so the wider erasure stays local.
 
 1. Closed-form cross-attention alignment, for every ``attn2.to_k`` / ``to_v`` ``W`` (UCE's solve,
-   ``closed_form.uce_transform``):
+   ``closed_form.uce_transform``; SD3/FLUX: the layers reading the encoder outputs, see below):
        min_W  s_e Σ_{e ∈ E ∪ N(E)} ‖W e − W₀ g_e‖² + s_p Σ_{p ∈ P} ‖W p − W₀ p‖² + s_b Σ_{b ∈ B(E)} ‖W b − W₀ b‖²
               + λ ‖W − W₀‖²
    with ``g_e`` the guide row paired with e (its neighbours share it), P the preserve rows (the empty prompt always),
    N(E) the mined neighbours and B(E) the beyond-concept rows. (A row weighted w enters the solve as √w times the
    row, since its target is its own image under W₀.)
-2. Prediction-noise alignment with a LoRA (rank r on the same K/V, on top of step 1; ``erasers.low_rank``):
+2. Prediction-noise alignment with a LoRA (rank r on the same layers, on top of step 1; ``erasers.low_rank``):
        L = ‖ε_θ(x_t, c_N) − ε₀(x_t, c_g)‖² + β ‖ε_θ(x_t, c_B) − ε₀(x_t, c_B)‖²
    where ``c_N`` is a concept prompt's conditioning with its concept rows moved to fresh neighbours, ``c_B`` the same
-   moved beyond the neighbourhood, ``c_g`` the guide prompt's, ε₀ the model as given to ``fit`` and x_t drawn as ESD
-   does (partial DDIM sampling of the concept prompt with the given model, CFG ``start_guidance``; t in the last
-   step's bin is not resampled here: t is that step's timestep). The LoRA is merged: the edit is ``W₁ + B A``.
+   moved beyond the neighbourhood, ``c_g`` the guide prompt's, ε₀ the model as given to ``fit`` (ε: the denoiser's
+   output, the velocity on SD3/FLUX) and x_t drawn as ESD does (partial sampling of the concept prompt with the
+   given model and ``sampling.trajectory_scheduler``: DDIM on UNet models, flow-matching Euler on SD3/FLUX; CFG
+   ``start_guidance``; t is the last step's timestep). The LoRA is merged: the edit is ``W₁ + B A``.
 
 Our readings of what the paper leaves open: distances are relative to ‖e‖ (``d = ‖η‖/‖e‖``); η is drawn as a
 uniformly random direction at a radius uniform in [0, D₁] (neighbours, kept when the cosine falls in [S₁, S₂]) or in
 (D₁, D_b] (beyond-concept rows); each concept row gets ``neighbours`` and ``beyond`` samples; the LoRA sits on the
 cross-attention K/V; defaults D₁ = 0.3, [S₁, S₂] = [0.95, 0.99], D_b = 0.6, UCE's λ, s_e, s_p, s_b = 1, rank 4,
 lr 1e-4, 200 steps, β = 1.
+
+SD3 / FLUX (MM-DiT). Both stages act on the layers that read the encoder outputs (``adapter.text_readers()``, as
+``UCE(layers="readers")``): ``context_embedder`` (token rows: concept rows, their neighbours and beyond-concept rows
+in every segment the word is found in, SD3's CLIP and T5, FLUX's T5) and the pooled embedder's first layer (pooled
+rows, one per prompt, mined the same way); their inputs are exactly the rows mined, where the joint blocks' K/V read
+a text stream transformed block by block. The noise stage moves the token rows only (the pooled vector is the
+prompt's), and its LoRA sits on both layers. On UNet models the readers are the cross-attention K/V, as above.
 """
 
 from __future__ import annotations
@@ -41,12 +49,13 @@ from safediff.adapters import Conditioning
 from safediff.concepts import Concept
 from safediff.errors import SafediffError
 from safediff.erasers.base import Eraser
-from safediff.erasers.closed_form import kv_projections, transformed, uce_transform
+from safediff.adapters.roles import has_role
+from safediff.erasers.closed_form import reader_projections, transformed, uce_transform
 from safediff.erasers.low_rank import LowRankDeltas
 from safediff.erasers.prompts import WordFinder, build_rows, contexts, replace_word, word_positions
 from safediff.erasers.training import TrainingState, keywords_of, loss_summary, run_fingerprint, train, trainable
 from safediff.options import option
-from safediff.sampling import cfg_session, denoise, denoiser_output, latent_shape, trajectory_scheduler
+from safediff.sampling import cfg_session, denoise, denoiser_output, latent_shape, step_kwargs, trajectory_scheduler
 
 DRAWS_PER_ROUND = 8  # candidates per wanted sample and round of the rejection sampler
 ROUNDS = 20
@@ -124,8 +133,7 @@ class RealEra(Eraser):
         self.losses: list[float] = []  # the last fit's noise-alignment losses
 
     def touches(self, name: str) -> bool:
-        component, _, rest = name.partition(".")
-        return component == "unet" and (".attn2.to_k." in rest or ".attn2.to_v." in rest)
+        return has_role(name, "text_reader")
 
     def mined(self, rows: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(neighbours [N·n, D], beyond-concept rows [N·m, D]) of the concept rows."""
@@ -138,17 +146,23 @@ class RealEra(Eraser):
     def compute(self, model, concepts: list[Concept], preserve, guide, progress):
         generator = torch.Generator().manual_seed(int(self.seed))
         rows = build_rows(model, concepts, guide, preserve, self.tokens, self.expand_prompts)
-        near, far = self.mined(rows.erase, generator)
-        erase = torch.cat([rows.erase, near])
-        guides = torch.cat([rows.guide, rows.guide.repeat_interleave(self.neighbours, dim=0)])
-        keep = torch.cat([self.preserve_scale ** 0.5 * rows.preserve, self.beyond_scale ** 0.5 * far])
-        t = uce_transform(erase, guides, keep, self.lamb, self.erase_scale, 1.0)
-        weights = {name: m.weight.detach() for name, m in kv_projections(model).items()}
-        aligned = transformed(weights, t)
+        aligned, mined = {}, {}
+        for space, layers in reader_projections(model).items():  # UNet: the cross-attention K/V (tokens)
+            r = rows.space(space)
+            near, far = self.mined(r.erase, generator)
+            erase = torch.cat([r.erase, near])
+            guides = torch.cat([r.guide, r.guide.repeat_interleave(self.neighbours, dim=0)])
+            keep = torch.cat([self.preserve_scale ** 0.5 * r.preserve, self.beyond_scale ** 0.5 * far])
+            t = uce_transform(erase, guides, keep, self.lamb, self.erase_scale, 1.0)
+            aligned.update(transformed({name: m.weight.detach() for name, m in layers.items()}, t))
+            mined[space] = (len(near), len(far))
         run = NoiseAlignment(self, model, concepts, guide, aligned, generator)
         new, losses, resumed_at = run.train(progress)
         self.losses = losses
-        info = {**rows.info, "mined_neighbours": len(near), "beyond_rows": len(far), "matrices": len(new),
+        near, far = mined["tokens"]
+        pooled = {"mined_neighbours_pooled": mined["pooled"][0], "beyond_rows_pooled": mined["pooled"][1]} \
+            if "pooled" in mined else {}
+        info = {**rows.info, "mined_neighbours": near, "beyond_rows": far, **pooled, "matrices": len(new),
                 "noise_alignment_pairs": len(run.pairs), "ddim_steps": run.steps, "resumed_at_iteration": resumed_at,
                 **loss_summary(losses)}
         return new, info
@@ -160,27 +174,32 @@ class NoiseAlignment:
     def __init__(self, eraser: RealEra, model, concepts: list[Concept], guide: str | None,
                  aligned: dict[str, torch.Tensor], generator: torch.Generator):
         self.eraser, self.model, self.generator = eraser, model, generator
-        finder = WordFinder(model.adapter.tokenizers[0])
+        segments = [(s, WordFinder(model.adapter.tokenizers[s.encoders[0]])) for s in model.adapter.segments]
         self.pairs, self.positions = [], []
         for c in concepts:
             g = c.guide if guide is None else guide
             for word in keywords_of([c]):
                 for p in contexts(c, word, eraser.expand_prompts):
-                    pos = word_positions(finder, p, word, model.adapter.max_length)
-                    if pos:
+                    rows = []  # the concept rows in every segment (SD3: CLIP and T5), as positions of the embeds
+                    for seg, finder in segments:
+                        pos = word_positions(finder, p, word, seg.length)
+                        if pos:
+                            last = pos[-1]
+                            span = range(last, seg.length) if eraser.tokens == "to_end" else [last]
+                            rows += [seg.start + i for i in span]
+                    if rows:
                         self.pairs.append((p, replace_word(p, word, g)))
-                        last = pos[-1]
-                        to_end = eraser.tokens == "to_end"
-                        self.positions.append(list(range(last, model.adapter.max_length)) if to_end else [last])
+                        self.positions.append(rows)
         with torch.no_grad():
             self.cond = [model.adapter.encode([p]) for p, _ in self.pairs]
             self.guide_cond = [model.adapter.encode([g]) for _, g in self.pairs]
             self.uncond = model.adapter.encode_negative(None, 1)
         self.steps = int(eraser.ddim_steps or model.defaults["steps"])
         self.height, self.width = int(model.defaults["height"]), int(model.defaults["width"])
-        self.scheduler = ddim_scheduler(model, self.steps)
-        self.unet_names = {name: name.removeprefix("unet.") for name in aligned}
-        self.base = {self.unet_names[n]: w for n, w in aligned.items()}
+        self.scheduler = trajectory_scheduler(model, self.steps, self.height, self.width)
+        prefix = model.adapter.denoiser_component + "."
+        self.denoiser_names = {name: name.removeprefix(prefix) for name in aligned}
+        self.base = {self.denoiser_names[n]: w for n, w in aligned.items()}
         self.lora = LowRankDeltas(self.base, eraser.rank, generator)
 
     def moved(self, j: int, radius: tuple[float, float], cosine: tuple[float, float]) -> Conditioning:
@@ -193,14 +212,14 @@ class NoiseAlignment:
         return Conditioning(embeds, cond.pooled)
 
     def draw(self) -> tuple[int, torch.Tensor, int]:
-        """(prompt pair j, x_t, t): x_t after a uniform number of DDIM steps of prompt j with the given model."""
+        """(prompt pair j, x_t, t): x_t after a uniform number of sampling steps of prompt j with the given model."""
         e, m, g = self.eraser, self.model, self.generator
         j = int(torch.randint(len(self.pairs), (1,), generator=g))
         step = int(torch.randint(self.steps, (1,), generator=g))
         noise = torch.randn((1, *latent_shape(m, self.height, self.width)), generator=g, dtype=m.dtype).to(m.device)
         session = cfg_session(m, self.cond[j], self.uncond, e.start_guidance, self.scheduler, self.height, self.width)
-        x = denoise(session, self.scheduler, noise * self.scheduler.init_noise_sigma, n_steps=step,
-                    kwargs={"eta": 0.0})
+        x = denoise(session, self.scheduler, m.adapter.initial_latents(self.scheduler, noise), n_steps=step,
+                    kwargs=step_kwargs(self.scheduler, None, 0.0))
         return j, x, int(self.scheduler.timesteps[step])
 
     def loss(self, iteration: int):
@@ -219,11 +238,11 @@ class NoiseAlignment:
         e = self.eraser
         state = TrainingState(self.lora.params, None, {"training": self.generator}, losses=[])
         fingerprint = run_fingerprint(e, self.model, {"pairs": self.pairs})
-        with trainable(self.model.unet, {}, {}), torch.enable_grad():
+        with trainable(self.model.denoiser, {}, {}), torch.enable_grad():
             state.optimizer = torch.optim.Adam(list(self.lora.params.values()), lr=e.lr)
             resumed = state.load(e.checkpoint, fingerprint) if e.checkpoint else False
             resumed_at = state.iteration if resumed else None
             train(state, e.iterations, self.loss, checkpoint=e.checkpoint, checkpoint_every=e.checkpoint_every,
                   fingerprint=fingerprint, desc="realera lora", progress=progress)
-        merged = {n: (self.base[u] + self.lora.delta(0, u)).detach() for n, u in self.unet_names.items()}
+        merged = {n: (self.base[u] + self.lora.delta(0, u)).detach() for n, u in self.denoiser_names.items()}
         return merged, list(state.losses), resumed_at

@@ -1,8 +1,8 @@
 """SPEED: Scalable, Precise, and Efficient Concept Erasure (Li, Wang, Hu, Jiang, Liang, Hao, Ma, Feng; ICLR 2026,
 arXiv 2503.07392; reference code Ouxiang-Li/SPEED ``train_erase_null.py``). Multi-concept: every concept at once.
 
-Closed-form null-space editing of the cross-attention projections that read text. For each edited projection ``W``
-(by default ``attn2.to_v`` only, as the reference scripts' ``--params V``), with ``C_t`` the target rows (each
+Closed-form null-space editing of the projections that read text. For each edited projection ``W`` (UNet models:
+by default ``attn2.to_v`` only, as the reference scripts' ``--params V``), with ``C_t`` the target rows (each
 concept word's last token), ``C_a`` the anchor rows paired with them (the guide's; guide "" -> BOS, exactly as
 UCE's pairing) and ``S_tt = mean c_t c_tᵀ``, ``S_at = mean c_a c_tᵀ``:
 
@@ -29,6 +29,15 @@ Deviations: the DPA copies are filtered against the mean over all copies of a la
 of 8 rows); the k-means of IEC is Lloyd's algorithm from evenly spaced rows (the reference: random initialisation).
 Retain rows come from the concepts' preserve lists (``erasers.prompts.preserve_prompts``; the empty prompt's row is
 BOS, an invariant anyway) instead of the reference's per-task CSVs.
+
+SD3 / FLUX (MM-DiT; not in the paper, which edits SD 1.4's cross-attention). The rule is a least-squares edit over
+rows the layer reads, so it is applied where the rows are the layer's inputs: ``context_embedder``, the one layer
+that reads the encoders' token rows (as ``UCE(layers="readers")``); the joint blocks' context K/V read a text stream
+transformed block by block (see ``erasers.uce``), so ``params`` has no meaning there and is ignored. Target, anchor
+and retain rows are taken in every segment (SD3: the CLIP and the T5 tokens; FLUX: T5), the invariants are the empty
+prompt's first row (SD3: CLIP's BOS; FLUX: T5 has no BOS, its EOS) and 3 k-means centres of its others. The pooled
+vector's embedder (``time_text_embed.text_embedder``) is not edited: SPEED has no pooled rows; to erase through it
+too, use UCE.
 """
 
 from __future__ import annotations
@@ -41,11 +50,12 @@ import torch
 from safediff.concepts import Concept
 from safediff.errors import SafediffError
 from safediff.erasers.base import Eraser
-from safediff.erasers.closed_form import kv_projections, null_space_delta, null_space_projector
-from safediff.erasers.prompts import encode_prompts, build_rows, last_token_rows, preserve_prompts
+from safediff.erasers.closed_form import kv_projections, null_space_delta, null_space_projector, reader_projections
+from safediff.erasers.prompts import build_rows, encode_prompts, last_token_rows, preserve_prompts
 from safediff.options import option
 
-PARAMS = {"V": (".attn2.to_v.",), "K": (".attn2.to_k.",), "KV": (".attn2.to_k.", ".attn2.to_v.")}
+PARAMS = {"V": (".attn2.to_v.",), "K": (".attn2.to_k.",), "KV": (".attn2.to_k.", ".attn2.to_v.")}  # UNet models
+DIT_READER = "context_embedder."  # MM-DiT: the layer reading the encoders' token rows
 N_CLUSTERS = 3  # k-means centres of the empty prompt's EOS/padding rows (reference)
 KMEANS_ITERATIONS = 20
 
@@ -94,7 +104,16 @@ class SPEED(Eraser):
 
     def touches(self, name: str) -> bool:
         component, _, rest = name.partition(".")
+        if component == "transformer":
+            return rest.startswith(DIT_READER)
         return component == "unet" and any(p in rest for p in PARAMS[self.params])
+
+    def projections(self, model) -> dict[str, torch.nn.Linear]:
+        """The edited Linears by edit-parameter name: UNet ``params`` among the cross-attention K/V; MM-DiT the layer
+        reading the token rows (``context_embedder``)."""
+        if model.adapter.text_stream_is_encoder_output():
+            return {name: m for name, m in kv_projections(model).items() if self.touches(name)}
+        return reader_projections(model)["tokens"]
 
     def compute(self, model, concepts: list[Concept], preserve, guide, progress):
         rows = build_rows(model, concepts, guide, [], "last", self.expand_prompts, self.also_erase)
@@ -108,9 +127,7 @@ class SPEED(Eraser):
         generator = torch.Generator().manual_seed(int(self.seed))
         eye = torch.eye(s_tt.shape[0], dtype=torch.float64)
         out, sizes = {}, []
-        for name, module in kv_projections(model).items():
-            if not self.touches(name):
-                continue
+        for name, module in self.projections(model).items():
             w = module.weight.detach().double().cpu()
             initial = w @ (s_at - s_tt) @ torch.linalg.inv(eye + s_tt)
             priors = above_mean(retain, initial) if self.filter else retain

@@ -22,6 +22,17 @@ Defaults (the reference's): a = 100, b = 0.93, c = 2, decomp_timestep = 0. Value
 for the duration of the denoising loop (``Session.unet_hooks``), removed afterwards; with c = 0 no hook is installed
 (plain classifier-free guidance, bit for bit). Each row of the batch is decomposed on its own, so batch members are
 independent.
+
+Where (``space``). ``values`` (the paper, default): the outputs of the cross-attention value projections
+``attn2.to_v``, which read the encoder rows, so ``t_k = W_v e_k`` is the value the keyword's row would give. SD3/FLUX
+(MM-DiT) have no such layer: their context value projections ``attn.add_v_proj`` read the text stream after k
+blocks (normalised, modulated by the timestep, mixed with the image by joint attention), for which the encoder row
+e_k gives no target; ``space=values`` is refused there in one line. ``readers`` (our port, not in the paper): the
+same rule on the outputs of every layer that reads the encoders' token rows (``adapter.text_readers()["tokens"]``:
+MM-DiT ``context_embedder``, whose output is the text stream every block reads; UNet models: ``attn2.to_k`` and
+``to_v``, keys decomposed too), with ``t_k = W e_k + b``, ``e_k`` the keyword's last-token row in every segment
+(SD3: CLIP and T5; FLUX: T5), and every segment's BOS position left as it is (T5 has none). This is the
+``transformer_options`` the guard contract runs SD3/FLUX with.
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ from safediff.errors import SafediffError
 from safediff.guards.base import GenerationContext, Guard, Session
 from safediff.options import check_fields, option, with_preset
 
+SPACES = ("values", "readers")
 BASIS_RTOL = 1e-6  # a Gram–Schmidt vector this much shorter than the longest target is dropped (collinear targets)
 
 
@@ -46,12 +58,16 @@ class AdaVDParams:
     b: float = option(low=-1.0, high=1.0, help="cosine b at which σ reaches c/2")
     c: float = option(low=0.0, high=10.0, help="shift scale c (the largest σ); 0 = off")
     decomp_timestep: int = option(low=0, high=10_000, help="values are decomposed at timesteps t > this")
+    space: str = option("values", help="'values': cross-attention values (the paper; UNet models); 'readers': the "
+                                       "outputs of the layers reading the encoder rows (SD3/FLUX: context_embedder)")
 
     def __post_init__(self):
         check_fields(self, "adavd")
+        if self.space not in SPACES:
+            raise SafediffError(f"adavd: unknown space {self.space!r}; accepted: {', '.join(SPACES)}")
 
 
-PRESETS = {"paper": {"a": 100.0, "b": 0.93, "c": 2.0, "decomp_timestep": 0}}
+PRESETS = {"paper": {"a": 100.0, "b": 0.93, "c": 2.0, "decomp_timestep": 0, "space": "values"}}
 
 
 def shift_factor(cos: torch.Tensor, p: AdaVDParams) -> torch.Tensor:
@@ -71,8 +87,10 @@ def gram_schmidt(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return g, norms > BASIS_RTOL * t.norm(dim=1).max()
 
 
-def decompose(values: torch.Tensor, targets: torch.Tensor, p: AdaVDParams) -> torch.Tensor:
-    """The AdaVD rule on ``values`` [B, L, D] for ``targets`` [n, D] (module docstring); position 0 unchanged."""
+def decompose(values: torch.Tensor, targets: torch.Tensor, p: AdaVDParams, fixed: tuple[int, ...] = (0,)
+              ) -> torch.Tensor:
+    """The AdaVD rule on ``values`` [B, L, D] for ``targets`` [n, D] (module docstring); the positions ``fixed``
+    (BOS) unchanged."""
     v, t = values.float(), targets.float()
     g, keep = gram_schmidt(targets)
     u = (g @ targets.double()).float()
@@ -80,18 +98,32 @@ def decompose(values: torch.Tensor, targets: torch.Tensor, p: AdaVDParams) -> to
     sigma = shift_factor(cos, p)
     weight = (v @ u.T) / (u * u).sum(1).clamp_min(torch.finfo(torch.float32).tiny)  # [B, L, n]: vᵀu_i / u_iᵀu_i
     weight = torch.where(keep.to(weight.device), weight, torch.zeros_like(weight))
-    weight[:, 0] = 0.0
+    weight[:, list(fixed)] = 0.0
     erased = ((weight @ g.float()) * sigma) @ t  # Σ_i w_i Σ_j G_ij σ_j t_j
     return (v - erased).to(values.dtype)
 
 
+def hooked_layers(adapter, space: str) -> list[torch.nn.Linear]:
+    """The Linears whose outputs are decomposed: ``values``: every ``attn2.to_v``; ``readers``: the layers reading
+    the encoders' token rows."""
+    if space == "values":
+        return [m for n, m in adapter.text_kv() if n.endswith("to_v")]
+    return [m for _, m in adapter.text_readers()["tokens"]]
+
+
+def bos_positions(adapter) -> tuple[int, ...]:
+    """Positions of ``Conditioning.embeds`` holding a begin-of-text token (each segment's first, where it has one)."""
+    return tuple(s.start for s in adapter.segments if adapter.bos_offset(s.encoders[0]))
+
+
 class AdaVDSession(Session):
-    """Hooks on every ``attn2.to_v``: each call's output values are decomposed against that layer's targets."""
+    """Hooks on every hooked layer (``hooked_layers``): each call's outputs are decomposed against its targets."""
 
     def __init__(self, ctx: GenerationContext, params: AdaVDParams, rows: torch.Tensor):
         super().__init__(ctx)
         self.params = params
         self.rows = rows  # [n, D] keyword rows e_k
+        self.fixed = bos_positions(ctx.model.adapter)
         self.step = 0
 
     def branches(self, i: int):
@@ -111,10 +143,9 @@ class AdaVDSession(Session):
             if id(module) not in targets:  # t_k = W_v e_k, once per layer and session
                 e = self.rows.to(device=module.weight.device, dtype=module.weight.dtype)
                 targets[id(module)] = torch.nn.functional.linear(e, module.weight, module.bias)
-            return decompose(output, targets[id(module)], self.params)
+            return decompose(output, targets[id(module)], self.params, self.fixed)
 
-        handles = [m.register_forward_hook(hook) for n, m in self.ctx.model.adapter.cross_attention_kv()
-                   if n.endswith("to_v")]
+        handles = [m.register_forward_hook(hook) for m in hooked_layers(self.ctx.model.adapter, self.params.space)]
         try:
             yield
         finally:
@@ -131,6 +162,7 @@ class AdaVD(Guard):
     zero_strength = "c=0"
     presets = PRESETS
     params_class = AdaVDParams
+    transformer_options = "space=readers"  # MM-DiT context value projections do not read the encoder rows
 
     def __init__(self, concepts: list[Concept], preset: str | None = None, **overrides):
         self.concepts = list(concepts)
@@ -141,12 +173,19 @@ class AdaVD(Guard):
                                                preset, overrides)
 
     def keyword_rows(self, adapter) -> torch.Tensor:
-        """[n, D]: each keyword's conditioning row at its last token, in the prompt made of the keyword alone."""
+        """[n·S, D]: each keyword's conditioning row at its last token, in the prompt made of the keyword alone, in
+        each of the S segments (SD3: CLIP, then T5)."""
         cond = adapter.encode(self.keywords).embeds
-        last = (adapter.eos_positions(self.keywords) - 1).clamp(min=0).to(cond.device)
-        return cond[torch.arange(len(self.keywords), device=cond.device), last]
+        index = torch.arange(len(self.keywords), device=cond.device)
+        return torch.cat([cond[index, (adapter.eos_positions(self.keywords, s) - 1).clamp(min=s.start).to(cond.device)]
+                          for s in adapter.segments])
 
     def start(self, ctx: GenerationContext) -> Session:
+        arch = ctx.model.adapter.arch
+        if self.params.space == "values" and not ctx.model.adapter.text_stream_is_encoder_output():
+            raise SafediffError(f"adavd: space=values decomposes cross-attention values of the encoder rows, which the "
+                                f"{arch} transformer does not have (its context values read a text stream transformed "
+                                f"block by block); use adavd:paper,{self.transformer_options}")
         if self.params.c == 0.0:
             return Session(ctx)
         return AdaVDSession(ctx, self.params, self.keyword_rows(ctx.model.adapter))
