@@ -60,10 +60,15 @@ def test_evenly_spaced_prompts():
     assert evenly(list(range(10)), 4) == [0, 3, 6, 9] and evenly([1, 2], 5) == [1, 2] and evenly([1, 2], None) == [1, 2]
 
 
-def test_edit_zeroes_ffn_output_weights_only(tiny_sd):
+@pytest.mark.parametrize("arch", ["tiny_sd", "tiny_sd3", "tiny_flux"])
+def test_edit_zeroes_ffn_output_weights_only(request, arch):
+    """UNet: the transformer blocks' FFN outputs; SD3/FLUX: the joint blocks' image-stream FFN outputs."""
+    model = request.getfixturevalue(arch)
     eraser = ConceptPrune(skill_ratio=0.1, max_prompts=3, steps=3)
-    edit = eraser.fit(tiny_sd, resolve("red"), progress=False)
-    layers = {f"unet.{n}.weight": m for n, m in ffn_layers(tiny_sd.denoiser).items()}
+    edit = eraser.fit(model, resolve("red"), progress=False)
+    prefix = model.adapter.denoiser_component
+    layers = {f"{prefix}.{n}.weight": m for n, m in ffn_layers(model.denoiser).items()}
+    assert layers and all(".ff_context." not in n and "single_" not in n for n in layers)
     assert edit.tensors and set(edit.tensors) <= set(layers)
     for name, new in edit.tensors.items():
         old = layers[name].weight.detach()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from safediff.concepts import resolve
-from safediff.erasers.closed_form import kv_projections, null_space_delta, null_space_projector
+from safediff.erasers.closed_form import kv_projections, null_space_delta, null_space_projector, reader_projections
 from safediff.erasers.prompts import build_rows, encode_prompts, last_token_rows, preserve_prompts
 from safediff.erasers.speed import SPEED, kmeans
 from safediff.errors import SafediffError
@@ -80,17 +80,21 @@ def test_kmeans_is_deterministic_and_finds_separated_clusters():
     assert sorted(round(float(c.mean())) for c in centres) == [0, 5, 10]
 
 
-def test_fit_keeps_retained_concepts_and_invariants_and_moves_the_concept(tiny_sd):
-    """No filtering or augmentation, a tiny threshold: every retain row and every invariant keeps its value."""
+@pytest.mark.parametrize("arch", ["tiny_sd", "tiny_sd3", "tiny_flux"])
+def test_fit_keeps_retained_concepts_and_invariants_and_moves_the_concept(request, arch):
+    """No filtering or augmentation, a tiny threshold: every retain row and every invariant keeps its value (UNet:
+    the cross-attention K/V; SD3/FLUX: the context embedder, over every segment's rows)."""
+    model = request.getfixturevalue(arch)
     concepts = resolve("red")
     eraser = SPEED(params="KV", filter=False, n_aug=0, threshold=1e-10)
-    edit = eraser.fit(tiny_sd, concepts, progress=False)
-    rows = build_rows(tiny_sd, concepts, None, [], "last", False)
+    edit = eraser.fit(model, concepts, progress=False)
+    rows = build_rows(model, concepts, None, [], "last", False)
     kept = preserve_prompts(list(concepts[0].preserve), ["red"], False)
-    retain = last_token_rows(tiny_sd, kept)
-    empty = encode_prompts(tiny_sd, [""])[0]
+    retain = last_token_rows(model, kept)
+    assert len(retain) == len(kept) * len(model.adapter.segments)
+    empty = encode_prompts(model, [""])[0]
     invariants = torch.cat([empty[:1], kmeans(empty[1:], 3)])
-    projections = kv_projections(tiny_sd)
+    projections = kv_projections(model) if arch == "tiny_sd" else reader_projections(model)["tokens"]
     assert set(edit.tensors) == set(projections)
     for name, module in projections.items():
         old, new = module.weight.detach().double(), edit.tensors[name].double()
@@ -99,6 +103,13 @@ def test_fit_keeps_retained_concepts_and_invariants_and_moves_the_concept(tiny_s
         assert (invariants @ delta.T).abs().max() <= 1e-4 * (invariants @ old.T).abs().max(), name
         target = rows.guide @ old.T
         assert (rows.erase @ new.T - target).norm() < (rows.erase @ old.T - target).norm(), name
+
+
+def test_on_a_transformer_it_edits_the_context_embedder_only(tiny_sd3):
+    edit = SPEED(params="V").fit(tiny_sd3, resolve("red"), progress=False)
+    assert set(edit.tensors) == {"transformer.context_embedder.weight"}
+    assert SPEED().touches("transformer.context_embedder.weight")
+    assert not SPEED().touches("transformer.transformer_blocks.0.attn.add_v_proj.weight")
 
 
 def test_default_edits_values_only_and_takes_many_concepts(tiny_sd):

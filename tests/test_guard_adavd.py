@@ -5,7 +5,7 @@ import torch
 
 from guard_checks import pipeline_state
 from safediff.guards import build_guard
-from safediff.guards.adavd import AdaVDParams, decompose, gram_schmidt, shift_factor
+from safediff.guards.adavd import AdaVDParams, bos_positions, decompose, gram_schmidt, hooked_layers, shift_factor
 from safediff.errors import SafediffError
 from safediff.sampling import generate
 
@@ -72,6 +72,38 @@ def test_guard_changes_values_only_during_the_loop_and_skips_late_timesteps(tiny
     assert torch.equal(skipped.latents, plain.latents)  # every timestep <= 999: nothing decomposed
 
 
+def test_fixed_positions_are_left_alone():
+    g = torch.Generator().manual_seed(2)
+    t, v = torch.randn(1, 8, generator=g), torch.randn(2, 6, 8, generator=g)
+    v[:, 3] = 2.0 * t[0]
+    unit = AdaVDParams(a=0.0, b=0.0, c=2.0, decomp_timestep=0)  # σ ≡ 1: every other position is projected
+    got = decompose(v, t, unit, fixed=(0, 3))
+    assert torch.equal(got[:, [0, 3]], v[:, [0, 3]])
+    assert (got[:, [1, 2, 4, 5]] @ t[0]).abs().max() < 1e-4 * (v @ t[0]).abs().max()
+    assert (decompose(v, t, unit, fixed=())[:, 0] @ t[0]).abs().max() < 1e-4 * (v @ t[0]).abs().max()
+
+
+def test_on_a_transformer_readers_space_hooks_the_context_embedder_and_keeps_bos(tiny_sd3, tiny_flux):
+    """SD3/FLUX: ``space=readers`` decomposes the context embedder's output (SD3 keeps CLIP's BOS at 0; FLUX's T5
+    has no BOS); UNet readers are the cross-attention K and V."""
+    for model in (tiny_sd3, tiny_flux):
+        assert hooked_layers(model.adapter, "readers") == [model.denoiser.context_embedder]
+    assert bos_positions(tiny_sd3.adapter) == (0,) and bos_positions(tiny_flux.adapter) == ()
+    seen = []
+    handle = tiny_sd3.denoiser.context_embedder.register_forward_hook(lambda m, a, out: seen.append(out.clone()))
+    try:
+        plain = generate(tiny_sd3, ["a red circle"], [5], steps=3, progress=False)
+        n_plain = len(seen)
+        guarded = generate(tiny_sd3, ["a red circle"], [5], steps=3, progress=False,
+                           guard=build_guard("adavd:paper,space=readers,b=0.5", "red"))
+    finally:
+        handle.remove()
+    assert (guarded.latents - plain.latents).abs().max() > 1e-3
+    assert len(seen) == 2 * n_plain
+    with pytest.raises(SafediffError, match="space=readers"):
+        generate(tiny_sd3, ["a red circle"], [5], steps=2, guard=build_guard("adavd", "red"), progress=False)
+
+
 def test_config_and_bad_options():
     g = build_guard("adavd", "red,circle")
     assert g.config()["keywords"] == ["red", "circle"] and g.config()["c"] == 2.0
@@ -79,3 +111,5 @@ def test_config_and_bad_options():
         build_guard("adavd:paper,c=-1", "red")
     with pytest.raises(SafediffError):
         build_guard("adavd:strong", "red")
+    with pytest.raises(SafediffError, match="space"):
+        build_guard("adavd:paper,space=keys", "red")
