@@ -1,4 +1,10 @@
-"""What the training-based erasers (ESD, TRCE stage 2) share: the training loop, resumable state, parameter swapping.
+"""What the training-based erasers share: the training loop, resumable state, parameter swapping, x_t draws.
+
+- ``train``: the one loop (zeroed gradients, optional gradient clipping and learning-rate factor per iteration,
+  periodic checkpoints); ``TrainingState``: what it owns, saved and resumed bit-identically;
+- ``draw_partial``: x_t by partial DDIM sampling from noise, at a random step, with the DDPM timestep drawn in that
+  step's bin (ESD's sampling, shared by the erasers that train on the model's own trajectories);
+- ``cosine_restarts``: diffusers' cosine schedule with hard restarts and linear warm-up, as a factor per iteration.
 
 Resumable training state is one safetensors file, written atomically.
 
@@ -12,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -25,6 +32,7 @@ from safediff.concepts import Concept
 from safediff.errors import SafediffError
 from safediff.hashing import json_sha256
 from safediff.storage import write_bytes_atomic
+
 
 def run_fingerprint(eraser, model, extra: dict) -> str:
     """Hash of what a checkpoint must match to be resumed: method, hyper-parameters except ``iterations`` (a run
@@ -125,16 +133,27 @@ def loss_summary(losses: list[float], n: int = 10) -> dict:
 
 
 def train(state: TrainingState, iterations: int, step: Callable[[int], tuple[torch.Tensor, dict]], *,
-          checkpoint: str | None, checkpoint_every: int, fingerprint: str, desc: str, progress: bool) -> None:
+          checkpoint: str | None, checkpoint_every: int, fingerprint: str, desc: str, progress: bool,
+          max_grad_norm: float | None = None, lr_factor: Callable[[int], float] | None = None) -> None:
     """The one loop of the training erasers: ``step(iteration)`` draws a batch and returns (loss, info shown on the
-    progress bar); gradients are zeroed before each step (no accumulation across steps), the loss is recorded, and
-    the state is checkpointed every ``checkpoint_every`` iterations and at the end."""
+    progress bar); gradients are zeroed before each step (no accumulation across steps), clipped to a total norm of
+    ``max_grad_norm`` when given, each parameter group's learning rate is its initial one times
+    ``lr_factor(iteration)`` when given, the loss is recorded, and the state is checkpointed every
+    ``checkpoint_every`` iterations and at the end."""
+    for group in state.optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    params = [p for group in state.optimizer.param_groups for p in group["params"]]
     with tqdm(total=iterations, initial=min(state.iteration, iterations), desc=desc, disable=not progress,
               leave=False) as bar:
         while state.iteration < iterations:
             state.optimizer.zero_grad(set_to_none=True)
+            if lr_factor is not None:
+                for group in state.optimizer.param_groups:
+                    group["lr"] = group["initial_lr"] * lr_factor(state.iteration)
             loss, info = step(state.iteration)
             loss.backward()
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             state.optimizer.step()
             state.losses.append(loss.item())
             state.iteration += 1
@@ -142,3 +161,44 @@ def train(state: TrainingState, iterations: int, step: Callable[[int], tuple[tor
             bar.set_postfix(loss=f"{state.losses[-1]:.4g}", **info)
             if checkpoint and (state.iteration % checkpoint_every == 0 or state.iteration == iterations):
                 state.save(checkpoint, fingerprint)
+
+
+def cosine_restarts(warmup: int, total: int, cycles: int) -> Callable[[int], float]:
+    """The learning-rate factor of iteration i under diffusers' ``cosine_with_restarts`` schedule (as the scheduler
+    has been stepped i times): i/warmup during the warm-up, then ½(1 + cos(π ((cycles·p) mod 1))) with p the share
+    of the remaining iterations done; 0 from ``total`` on."""
+    def factor(i: int) -> float:
+        if i < warmup:
+            return i / max(1, warmup)
+        p = (i - warmup) / max(1, total - warmup)
+        return 0.0 if p >= 1.0 else 0.5 * (1.0 + math.cos(math.pi * ((cycles * p) % 1.0)))
+    return factor
+
+
+def timestep_bin(scheduler, i: int) -> tuple[int, int]:
+    """DDPM timesteps [lo, hi) that DDIM step ``i`` stands for: from its own timestep up to the previous step's.
+
+    With 50 DDIM steps over 1000 training steps this is the reference code's 20-wide bin around the step.
+    """
+    ts = scheduler.timesteps
+    lo = int(ts[i])
+    hi = int(ts[i - 1]) if i > 0 else int(scheduler.config.num_train_timesteps)
+    return lo, max(hi, lo + 1)
+
+
+def draw_partial(model, scheduler, steps: int, generator: torch.Generator, cond, uncond, guidance: float,
+                 height: int, width: int, params: dict[str, torch.Tensor] | None = None) -> tuple[int, int, torch.Tensor]:
+    """(DDIM step i, DDPM timestep t, x_t): i uniform in [0, steps), t uniform in i's bin (``timestep_bin``), and x_t
+    the latents after i DDIM steps (η = 0, classifier-free guidance ``guidance`` on ``cond``) from Gaussian noise;
+    every random number from ``generator``, in that order. ``params`` replaces UNet parameters while sampling."""
+    from safediff.sampling import cfg_session, denoise, latent_shape
+
+    step = int(torch.randint(steps, (1,), generator=generator))
+    lo, hi = timestep_bin(scheduler, step)
+    t = int(torch.randint(lo, hi, (1,), generator=generator))
+    shape = latent_shape(model, height, width)
+    noise = torch.randn((1, *shape), generator=generator, dtype=model.dtype).to(model.device)
+    session = cfg_session(model, cond, uncond, guidance, scheduler, height, width)
+    x = denoise(session, scheduler, noise * scheduler.init_noise_sigma, n_steps=step, kwargs={"eta": 0.0},
+                params=params)
+    return step, t, x
