@@ -49,6 +49,7 @@ GUARDS = Registry("guard", {
     "safree": "safediff.guards.safree:SafreeGuard",
     "safree-released": "safediff.guards.safree:SafreeReleasedGuard",
     "casg-safree": "safediff.guards.casg_safree:CasgSafreeGuard",
+    "spm": "safediff.guards.spm:SPMGuard",
 })
 
 ERASERS = Registry("eraser", {
@@ -58,6 +59,7 @@ ERASERS = Registry("eraser", {
     "esd-u": "safediff.erasers.esd:ESDU",
     "esd-x-strict": "safediff.erasers.esd:ESDXStrict",
     "trce": "safediff.erasers.trce:TRCE",
+    "spm": "safediff.erasers.spm:SPM",
 }, aliases={"esd": "esd-u"})  # the paper's variant for nudity and other global concepts
 
 ATTACKS = Registry("attack", {

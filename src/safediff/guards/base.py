@@ -63,7 +63,8 @@ class Guard:
     measured on a set with several), ``zero_strength`` (options under which the guard must be plain CFG; None when
     the method has no such setting, with the reason in ``zero_strength_reason``), ``continuous`` (options under which
     the update is a continuous function of the noise predictions, so rounding that differs between UNet batch sizes
-    stays rounding-sized: the contract's batch-independence check runs there)."""
+    stays rounding-sized: the contract's batch-independence check runs there), ``edit_from`` (the registered eraser
+    whose edits the guard applies, given in its ``edit`` option, e.g. SPM's membrane; None for most guards)."""
 
     name = "none"
     default_concept: str | None = None
@@ -72,6 +73,7 @@ class Guard:
     zero_strength: str | None = ""
     zero_strength_reason = ""
     continuous = ""
+    edit_from: str | None = None
 
     def start(self, ctx: GenerationContext) -> Session:
         return Session(ctx)
