@@ -60,7 +60,13 @@ ERASERS = Registry("eraser", {
     "esd-x-strict": "safediff.erasers.esd:ESDXStrict",
     "trce": "safediff.erasers.trce:TRCE",
     "spm": "safediff.erasers.spm:SPM",
-}, aliases={"esd": "esd-u"})  # the paper's variant for nudity and other global concepts
+    "concept-ablation": "safediff.erasers.concept_ablation:ConceptAblation",
+    "forget-me-not": "safediff.erasers.forget_me_not:ForgetMeNot",
+    "all-but-one": "safediff.erasers.all_but_one:AllButOne",
+    "ticoe": "safediff.erasers.ticoe:TICoE",
+    "safegen": "safediff.erasers.safegen:SafeGen",
+}, aliases={"esd": "esd-u",  # the paper's variant for nudity and other global concepts
+            "ca": "concept-ablation", "fmn": "forget-me-not"})  # the names the literature tables use
 
 ATTACKS = Registry("attack", {
     "unlearndiff": "safediff.attacks.unlearndiff:UnlearnDiffAtk",

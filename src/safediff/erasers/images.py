@@ -15,6 +15,7 @@ And the forward process the trainers share: ``noised`` (q(x_t | x_0) = √ᾱ_t 
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +91,17 @@ def encode_images(model, images: np.ndarray, batch: int = 16) -> torch.Tensor:
             z = z * cfg.scaling_factor
         out.append(z.to(model.dtype))
     return torch.cat(out)
+
+
+def image_latents(model, folder: str | None, prompts: list[str], seeds: list[int],
+                  steps: int | None = None) -> tuple[torch.Tensor, dict]:
+    """x_0 [N, C, h, w] and where they came from: the first ``len(prompts)`` images of ``folder`` (recorded with
+    their sha256), or without a folder the model's samples of ``prompts[i]`` with ``seeds[i]``."""
+    if folder:
+        pixels = folder_images(folder, len(prompts))
+        return encode_images(model, pixels), {"source": "folder", "images": len(pixels),
+                                              "images_sha256": hashlib.sha256(pixels.tobytes()).hexdigest()}
+    return generated_latents(model, prompts, seeds, steps), {"source": "generated", "images": len(prompts)}
 
 
 def noised(scheduler, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

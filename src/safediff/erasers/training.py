@@ -1,7 +1,8 @@
 """What the training-based erasers share: the training loop, resumable state, parameter swapping, x_t draws.
 
 - ``train``: the one loop (zeroed gradients, optional gradient clipping and learning-rate factor per iteration,
-  periodic checkpoints); ``TrainingState``: what it owns, saved and resumed bit-identically;
+  periodic checkpoints); ``TrainingState``: what it owns, saved and resumed bit-identically; ``fit_unet``: the loop
+  around a set of UNet parameters (and side tensors), from checkpoint to trained values, the UNet restored;
 - ``draw_partial``: x_t by partial DDIM sampling from noise, at a random step, with the DDPM timestep drawn in that
   step's bin (ESD's sampling, shared by the erasers that train on the model's own trajectories);
 - ``cosine_restarts``: diffusers' cosine schedule with hard restarts and linear warm-up, as a factor per iteration.
@@ -202,3 +203,30 @@ def draw_partial(model, scheduler, steps: int, generator: torch.Generator, cond,
     x = denoise(session, scheduler, noise * scheduler.init_noise_sigma, n_steps=step, kwargs={"eta": 0.0},
                 params=params)
     return step, t, x
+
+
+def fit_unet(eraser, model, params: dict[str, torch.nn.Parameter], make_optimizer: Callable[[], torch.optim.Optimizer],
+             step: Callable[[int], tuple[torch.Tensor, dict]], generators: dict[str, torch.Generator], extra: dict,
+             progress: bool, side: dict[str, torch.Tensor] | None = None, max_grad_norm: float | None = None,
+             lr_factor: Callable[[int], float] | None = None, frozen: dict[str, torch.Tensor] | None = None
+             ) -> tuple[dict[str, torch.Tensor], TrainingState, int | None]:
+    """Train the UNet parameters ``params`` (names as in ``unet.named_parameters()``) and the ``side`` tensors (e.g. a
+    module trained alongside, checkpointed but not part of the edit) with ``train``, resuming from
+    ``eraser.checkpoint`` when it exists (its fingerprint: ``run_fingerprint(eraser, model, extra)``). Returns the
+    trained values (``unet.``-prefixed), the state and the iteration resumed at (None for a fresh run); the UNet gets
+    its original parameter values (``frozen``, copied here unless the caller holds them) and ``requires_grad`` flags
+    back."""
+    frozen = frozen if frozen is not None else {n: p.detach().clone() for n, p in params.items()}
+    state = TrainingState({**params, **(side or {})}, None, generators, losses=[])
+    fingerprint = run_fingerprint(eraser, model, extra)
+    with trainable(model.unet, params, frozen), torch.enable_grad():
+        for t in (side or {}).values():
+            t.requires_grad_(True)
+        state.optimizer = make_optimizer()
+        resumed = state.load(eraser.checkpoint, fingerprint) if eraser.checkpoint else False
+        resumed_at = state.iteration if resumed else None
+        train(state, eraser.iterations, step, checkpoint=eraser.checkpoint, checkpoint_every=eraser.checkpoint_every,
+              fingerprint=fingerprint, desc=eraser.name, progress=progress, max_grad_norm=max_grad_norm,
+              lr_factor=lr_factor)
+        new = {f"unet.{n}": p.detach().clone() for n, p in params.items()}
+    return new, state, resumed_at
