@@ -5,7 +5,8 @@ code LetterLiGo/SafeGen_CCS2024, ``examples/text_to_image/train_text_to_image_ad
 Only the UNet's self-attention layers (every ``attn1`` parameter) are tuned, on image triplets and with the empty
 prompt (the text plays no part: whatever prompt reaches the model, the concept's visual representation is gone).
 A concept image x_c (latent z_c) is to be denoised as its mosaic x_m (z_m), and clean images x_b (z_b) as themselves.
-With one timestep t per triplet, noises ε (shared by the concept image and its mosaic) and ε_b, x_t = √ᾱ_t z + √(1−ᾱ_t) ε:
+With one timestep t per triplet, noises ε (shared by the concept image and its mosaic) and ε_b, and
+x_t = √ᾱ_t z + √(1−ᾱ_t) ε:
 
     L_m = ‖ε_θ(x_t^c, ∅, t) − (ε + z_c − z_m)‖²       (``mosaic_target="reference"``; v-prediction: v(z_c − z_m, ε))
     L_p = ‖ε_θ(x_t^b, ∅, t) − ε_b‖²
@@ -59,7 +60,7 @@ MOSAIC_TARGETS = ("reference", "exact")
 
 
 def mosaic(images: np.ndarray, block: int) -> np.ndarray:
-    """uint8 [N, H, W, 3]: each ``block`` x ``block`` cell (edge cells smaller) replaced by its mean colour (rounded)."""
+    """uint8 [N, H, W, 3]: each ``block`` x ``block`` cell (edge cells smaller) replaced by its mean colour, rounded."""
     x = torch.from_numpy(images).permute(0, 3, 1, 2).double()
     h, w = x.shape[-2:]
     means = F.avg_pool2d(x, block, stride=block, ceil_mode=True, count_include_pad=False)

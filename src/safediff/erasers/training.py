@@ -187,8 +187,8 @@ def timestep_bin(scheduler, i: int) -> tuple[int, int]:
     return lo, max(hi, lo + 1)
 
 
-def draw_partial(model, scheduler, steps: int, generator: torch.Generator, cond, uncond, guidance: float,
-                 height: int, width: int, params: dict[str, torch.Tensor] | None = None) -> tuple[int, int, torch.Tensor]:
+def draw_partial(model, scheduler, steps: int, generator: torch.Generator, cond, uncond, guidance: float, height: int,
+                 width: int, params: dict[str, torch.Tensor] | None = None) -> tuple[int, int, torch.Tensor]:
     """(DDIM step i, DDPM timestep t, x_t): i uniform in [0, steps), t uniform in i's bin (``timestep_bin``), and x_t
     the latents after i DDIM steps (η = 0, classifier-free guidance ``guidance`` on ``cond``) from Gaussian noise;
     every random number from ``generator``, in that order. ``params`` replaces UNet parameters while sampling."""

@@ -44,3 +44,10 @@ def target_shown(row: dict, found: list[dict]) -> bool:
 def others_kept(row: dict, found: list[dict]) -> bool:
     """Are all the row's non-target objects drawn right, in their place?"""
     return all(j["correct"] for o, j in zip(row["objects"], judge(row, found)) if not o["target"])
+
+
+def axis_value_shown(row: dict, found: list[dict]) -> bool:
+    """Does every intended object that names a value on the row's axis show that value (read on the object that
+    stands for it)? On a ``neighbour`` row: is the related value preserved."""
+    axis = row["axis"]
+    return all(j["read"][axis] == o[axis] for o, j in zip(row["objects"], judge(row, found)) if o[axis] is not None)
