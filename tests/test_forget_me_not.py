@@ -1,6 +1,7 @@
 """Forget-Me-Not (Zhang et al., 2023) on tiny random models: the concept's token positions, the recorded attention
-against an independent softmax(QKᵀ) recomputation, the loss against the reference's masked-select norm, attention to
-the concept falling after the fit, the processors restored, a folder of images."""
+against an independent softmax(QKᵀ) recomputation, the loss against the reference's masked-select norm, the first
+step's loss recomputed from every layer's softmax(QKᵀ), attention to the concept falling after the fit, the
+processors restored, a folder of images."""
 
 import numpy as np
 import pytest
@@ -71,6 +72,35 @@ def test_recorded_probabilities_are_the_attention_softmax_and_the_output_is_unch
     expected = (q @ k.transpose(1, 2) * first.scale).softmax(-1)
     assert torch.allclose(records[0][0], expected, atol=1e-6) and records[0][1] == h
 
+
+
+def test_first_loss_recomputed_from_every_cross_attention_softmax(tiny_sd):
+    """One step: its loss against softmax(QKᵀ·scale) of every attn2, recomputed from the layer's inputs, at the
+    prompt's "red" tokens and first end-of-text token (positions found here from the token ids)."""
+    tok, calls = tiny_sd.adapter.tokenizers[0], []
+
+    def recompute(m, args, kwargs):
+        b, n, _ = args[0].shape
+        q = m.to_q(args[0]).view(b, n, m.heads, -1).transpose(1, 2)
+        k = m.to_k(kwargs["encoder_hidden_states"]).view(b, -1, m.heads, q.shape[-1]).transpose(1, 2)
+        calls.append((q @ k.transpose(-1, -2) * m.scale).softmax(-1).detach())
+
+    attn2 = [m for n, m in tiny_sd.unet.named_modules() if n.endswith("attn2")]
+    hooks = [m.register_forward_pre_hook(recompute, with_kwargs=True) for m in attn2]
+    try:
+        eraser = ForgetMeNot(iterations=1, lr=1e-3, batch=1, n_images=1)
+        eraser.fit(tiny_sd, [Concept("red", ("red",), contexts=("a {} circle",))], progress=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    step = calls[-len(attn2):]  # the last UNet forward is the one training step (before it, the image's sampling)
+    ids = tok("a red circle", padding="max_length", max_length=77).input_ids
+    red = tok("red", add_special_tokens=False).input_ids
+    starts = [i for i in range(1, 77 - len(red)) if ids[i:i + len(red)] == red]
+    keep = [s + j for s in starts for j in range(len(red))] + [ids.index(tok.eos_token_id, 1)]
+    assert len(starts) == 1 and all(a.shape[0] == 1 for a in step)
+    total = sum(float(a[..., keep].pow(2).sum()) for a in step)
+    assert eraser.losses[0] == pytest.approx(total ** 0.5, rel=1e-5)
 
 def test_attention_to_the_concept_falls_after_the_fit(tiny_sd):
     concept = [Concept("red", ("red",), contexts=("a {} circle",))]

@@ -79,10 +79,11 @@ class ConceptAblation(Eraser):
     paper: ClassVar[str] = ("Kumari et al., Ablating Concepts in Text-to-Image Diffusion Models, ICCV 2023 "
                             "(arXiv 2303.13516)")
     # benchmark: 150 steps of batch 4 (~0.25 s each on the 4.3M-parameter sandbox UNet at 16x16 latents on one CPU
-    # core, measured on its architecture with random weights) after sampling 64 anchor images (~10 s), i.e. about a
-    # CPU-minute; lr 1e-4 because the sandbox's K/V are small and 100 steps at 1.6e-5 barely move them
+    # core, measured on its architecture with random weights) after sampling 64 anchor images at 10 DDIM steps (the
+    # step count of ESD's benchmark x_t draws; ~4 s), i.e. about a CPU-minute; lr 1e-4 because the sandbox's K/V are
+    # small and 100 steps at 1.6e-5 barely move them
     sandbox: ClassVar[dict[str, dict]] = {
-        "benchmark": {"iterations": 150, "lr": 1e-4, "batch": 4, "n_images": 64},
+        "benchmark": {"iterations": 150, "lr": 1e-4, "batch": 4, "n_images": 64, "image_steps": 10},
         "demo": {"iterations": 60, "lr": 1e-4, "batch": 4, "n_images": 32},
         "smoke": {"iterations": 2, "lr": 1e-3, "batch": 2, "n_images": 2}}
     zero_strength: ClassVar[dict] = {"lr": 0.0}

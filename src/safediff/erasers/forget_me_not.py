@@ -7,6 +7,9 @@ cross-attention probabilities of layer l (softmax over the text positions, every
 
     L = ‖ (A^l[b, h, q, k])_{l, b, h, q, k ∈ K_b} ‖_2        (the Frobenius norm of all of them together)
 
+(the paper: minimise the L2 norm of the attention maps of the concept's tokens; the reference: the norm of every
+layer's masked attention probabilities concatenated, the same quantity; nothing else enters the loss).
+
 K_b: the positions of the concept's tokens in prompt b (every occurrence of the keyword's tokens) and, with
 ``use_pooler`` (the reference config's default), the prompt's first end-of-text token. AdamW (lr 2e-6, weight
 decay 0.01), gradients clipped to norm 1, batch 1, 35 steps, every UNet weight (``parameters="unet"``, the reference
@@ -15,7 +18,8 @@ config's ``only_optimize_ca: false``) or the cross-attention only (``"cross-attn
 Choices and deviations:
 - The paper's optional textual-inversion warm-up (``use_ti`` in the reference: learning new tokens for the concept
   from its images first, then re-steering attention away from them) is not run: the concept's own keyword tokens are
-  the ones re-steered, as the reference with ``use_ti: false``. Say so when comparing with the paper's numbers.
+  the ones re-steered, as the reference with ``use_ti: false`` (its shipped ``configs/attn.yaml`` sets ``true``).
+  Say so when comparing with the paper's numbers.
 - Images: a folder of the concept's images (``images=``, the paper's setting, paired with the prompts in turn), or by
   default (data-free) the original model's own samples of the prompts (the model's default DDIM steps and guidance;
   the sampler's latents, not decoded and re-encoded). Prompts: the concept's contexts with the keyword (the reference
@@ -126,10 +130,11 @@ class ForgetMeNot(Eraser):
     paper: ClassVar[str] = ("Zhang et al., Forget-Me-Not: Learning to Forget in Text-to-Image Diffusion Models, "
                             "arXiv 2303.17591, 2023")
     # benchmark: 100 steps of batch 2 (~0.2 s each on the 4.3M-parameter sandbox UNet at 16x16 latents on one CPU
-    # core, measured on its architecture with random weights) after sampling 32 images (~5 s): well under a
-    # CPU-minute; lr 1e-4 because 35 steps at 2e-6 leave the sandbox model as it was
+    # core, measured on its architecture with random weights) after sampling 32 images at 10 DDIM steps (the step
+    # count of ESD's benchmark x_t draws; ~2 s): well under a CPU-minute; lr 1e-4 because 35 steps at 2e-6 leave the
+    # sandbox model as it was
     sandbox: ClassVar[dict[str, dict]] = {
-        "benchmark": {"iterations": 100, "lr": 1e-4, "batch": 2, "n_images": 32},
+        "benchmark": {"iterations": 100, "lr": 1e-4, "batch": 2, "n_images": 32, "image_steps": 10},
         "demo": {"iterations": 40, "lr": 1e-4, "batch": 2, "n_images": 16},
         "smoke": {"iterations": 2, "lr": 1e-3, "batch": 1, "n_images": 2}}
     zero_strength: ClassVar[dict] = {"lr": 0.0}

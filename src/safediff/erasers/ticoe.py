@@ -125,9 +125,10 @@ class TICoE(Eraser):
                             "Collaboration (TICoE), CVPR 2026 (arXiv 2604.15829)")
     # benchmark: 150 iterations (~0.35 s each on the 4.3M-parameter sandbox UNet at 16x16 latents on one CPU core,
     # measured on its architecture with random weights: 3 UNet rows per step, every weight trained) after sampling
-    # 32 reference images (~5 s), about a CPU-minute; lr 1e-4 (500 steps at 1e-5 are for SD-1.5 on a GPU)
+    # 32 reference images at 10 DDIM steps (the step count of ESD's benchmark x_t draws; ~2 s), about a CPU-minute;
+    # lr 1e-4 (500 steps at 1e-5 are for SD-1.5 on a GPU)
     sandbox: ClassVar[dict[str, dict]] = {
-        "benchmark": {"iterations": 150, "lr": 1e-4, "n_images": 32, "resample_every": 50},
+        "benchmark": {"iterations": 150, "lr": 1e-4, "n_images": 32, "image_steps": 10, "resample_every": 50},
         "demo": {"iterations": 60, "lr": 1e-4, "n_images": 16, "resample_every": 20},
         "smoke": {"iterations": 2, "lr": 1e-3, "n_images": 2, "resample_every": 1}}
     zero_strength: ClassVar[dict] = {"lr": 0.0}
