@@ -95,16 +95,16 @@ def membrane(tiny_sd, tmp_path):
 def test_transport_rate_is_the_best_of_embedding_cosine_and_token_overlap(tiny_sd):
     a = tiny_sd.adapter
     prompts = ["a red circle", "a blue square", "red"]
-    with torch.no_grad():
+    with torch.no_grad():  # as at sampling time
         cond, red = a.encode(prompts).embeds, a.encode(["red"]).embeds.flatten()
-    gamma = transport_rates(a, prompts, cond, ["red"], "clipcos_tokenuni")
+        gamma = transport_rates(a, prompts, cond, ["red"], "clipcos_tokenuni")
+        only_cos = transport_rates(a, prompts, cond, ["red"], "clipcos")
     tok = a.tokenizers[0]
     for b, p in enumerate(prompts):
         cos = float(torch.nn.functional.cosine_similarity(cond[b].flatten(), red, dim=0))
         mine, theirs = token_sets(tok, [p])[0], token_sets(tok, ["red"])[0]
         assert float(gamma[b]) == pytest.approx(max(cos, len(mine & theirs) / len(theirs)), abs=1e-6)
     assert float(gamma[0]) == pytest.approx(1.0) and float(gamma[2]) == pytest.approx(1.0)
-    only_cos = transport_rates(a, prompts, cond, ["red"], "clipcos")
     assert float(only_cos[2]) == pytest.approx(1.0, abs=1e-6) and float(only_cos[1]) < 1.0
 
 
@@ -116,8 +116,9 @@ def test_the_guard_is_the_membrane_scaled_by_the_prompts_transport_rate(tiny_sd,
     g = build_guard(f"spm:{preset},edit={membrane}", "red")
     for prompt in ("a blue square", "a red circle"):
         guarded = generate(tiny_sd, [prompt], [5], steps=3, guard=g, progress=False).latents
-        gamma = float(transport_rates(tiny_sd.adapter, [prompt], tiny_sd.adapter.encode([prompt]).embeds,
-                                      ["red"], "clipcos_tokenuni")[0]) ** power
+        with torch.no_grad():
+            gamma = float(transport_rates(tiny_sd.adapter, [prompt], tiny_sd.adapter.encode([prompt]).embeds,
+                                          ["red"], "clipcos_tokenuni")[0]) ** power
         params = dict(tiny_sd.unet.named_parameters())
         scaled = {n: params[n.removeprefix("unet.")].detach() + gamma * d for n, d in edit.deltas(tiny_sd).items()}
         with weights_set_to(tiny_sd, scaled):
