@@ -30,6 +30,8 @@ GUARD_SPECS = {"sld": "sld:max", "casg-sld": "casg-sld:max"}
 ERASER_SETTINGS = {"esd": {"iterations": 3, "lr": 1e-3, "ddim_steps": 4},
                    "trce": {"iterations": 3, "lr": 1e-4, "trajectories": 2, "uncond_trajectories": 2,
                             "ddim_steps": 4},
+                   "mace": {"iterations": 3, "n_images": 2}, "realera": {"iterations": 3, "ddim_steps": 4},
+                   "concept-prune": {"max_prompts": 4, "steps": 4},
                    "spm": {"iterations": 3, "lr": 1e-3, "warmup": 0, "ddim_steps": 4, "anchors": 2},
                    "concept-ablation": {"iterations": 3, "lr": 1e-4, "batch": 2, "n_images": 4},
                    "forget-me-not": {"iterations": 3, "lr": 1e-4, "batch": 2, "n_images": 4},
@@ -88,7 +90,7 @@ def erasers(model, folder: Path) -> tuple[dict, Path]:
     for name in ERASERS.primary_names():
         settings = next((v for k, v in ERASER_SETTINGS.items() if name.startswith(k)), {})
         cls = ERASERS.get(name)
-        settings.update({k: v for k, v in eraser_settings(cls, "smoke", resolve("red")).items() if k == "validator"})
+        settings.update({k: v for k, v in eraser_settings(cls, "smoke", resolve("red")).items() if callable(v)})
         edit = cls(**settings).fit(model, resolve("red"), progress=False)
         path = folder / f"{name}.safetensors"
         edit.save(path)

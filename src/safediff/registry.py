@@ -50,6 +50,7 @@ GUARDS = Registry("guard", {
     "safree-released": "safediff.guards.safree:SafreeReleasedGuard",
     "casg-safree": "safediff.guards.casg_safree:CasgSafreeGuard",
     "spm": "safediff.guards.spm:SPMGuard",
+    "adavd": "safediff.guards.adavd:AdaVD",
 })
 
 ERASERS = Registry("eraser", {
@@ -59,6 +60,10 @@ ERASERS = Registry("eraser", {
     "esd-u": "safediff.erasers.esd:ESDU",
     "esd-x-strict": "safediff.erasers.esd:ESDXStrict",
     "trce": "safediff.erasers.trce:TRCE",
+    "speed": "safediff.erasers.speed:SPEED",
+    "concept-prune": "safediff.erasers.concept_prune:ConceptPrune",
+    "mace": "safediff.erasers.mace:MACE",
+    "realera": "safediff.erasers.realera:RealEra",
     "spm": "safediff.erasers.spm:SPM",
     "concept-ablation": "safediff.erasers.concept_ablation:ConceptAblation",
     "forget-me-not": "safediff.erasers.forget_me_not:ForgetMeNot",

@@ -1,10 +1,12 @@
 """What the training-based erasers share: the training loop, resumable state, parameter swapping, x_t draws.
 
 - ``train``: the one loop (zeroed gradients, optional gradient clipping and learning-rate factor per iteration,
-  periodic checkpoints); ``TrainingState``: what it owns, saved and resumed bit-identically; ``fit_unet``: the loop
-  around a set of UNet parameters (and side tensors), from checkpoint to trained values, the UNet restored;
-- ``draw_partial``: x_t by partial DDIM sampling from noise, at a random step, with the DDPM timestep drawn in that
-  step's bin (ESD's sampling, shared by the erasers that train on the model's own trajectories);
+  periodic checkpoints); ``TrainingState``: what it owns, saved and resumed bit-identically; ``fit_denoiser``: the
+  loop around a set of denoiser parameters (and side tensors), from checkpoint to trained values, the denoiser
+  restored;
+- ``draw_partial``: x_t by partial sampling from noise (DDIM on a UNet, the flow-matching Euler on SD3/FLUX), at a
+  random step, with the training timestep drawn in that step's bin (ESD's sampling, shared by the erasers that
+  train on the model's own trajectories);
 - ``cosine_restarts``: diffusers' cosine schedule with hard restarts and linear warm-up, as a factor per iteration.
 
 Resumable training state is one safetensors file, written atomically.
@@ -138,12 +140,11 @@ def train(state: TrainingState, iterations: int, step: Callable[[int], tuple[tor
           max_grad_norm: float | None = None, lr_factor: Callable[[int], float] | None = None) -> None:
     """The one loop of the training erasers: ``step(iteration)`` draws a batch and returns (loss, info shown on the
     progress bar); gradients are zeroed before each step (no accumulation across steps), clipped to a total norm of
-    ``max_grad_norm`` when given, each parameter group's learning rate is its initial one times
-    ``lr_factor(iteration)`` when given, the loss is recorded, and the state is checkpointed every
-    ``checkpoint_every`` iterations and at the end."""
+    ``max_grad_norm`` when given (parameters without a gradient this step are left out), each parameter group's
+    learning rate is its initial one times ``lr_factor(iteration)`` when given, the loss is recorded, and the state
+    is checkpointed every ``checkpoint_every`` iterations and at the end."""
     for group in state.optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])
-    params = [p for group in state.optimizer.param_groups for p in group["params"]]
     with tqdm(total=iterations, initial=min(state.iteration, iterations), desc=desc, disable=not progress,
               leave=False) as bar:
         while state.iteration < iterations:
@@ -154,7 +155,8 @@ def train(state: TrainingState, iterations: int, step: Callable[[int], tuple[tor
             loss, info = step(state.iteration)
             loss.backward()
             if max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                torch.nn.utils.clip_grad_norm_([p for p in state.params.values() if p.grad is not None],
+                                               max_grad_norm)
             state.optimizer.step()
             state.losses.append(loss.item())
             state.iteration += 1
@@ -177,9 +179,11 @@ def cosine_restarts(warmup: int, total: int, cycles: int) -> Callable[[int], flo
 
 
 def timestep_bin(scheduler, i: int) -> tuple[int, int]:
-    """DDPM timesteps [lo, hi) that DDIM step ``i`` stands for: from its own timestep up to the previous step's.
+    """Training timesteps [lo, hi) that sampling step ``i`` stands for: from its own timestep up to the previous
+    step's (the schedule's end, ``num_train_timesteps``, for the first step).
 
-    With 50 DDIM steps over 1000 training steps this is the reference code's 20-wide bin around the step.
+    With 50 DDIM steps over 1000 training steps this is the reference code's 20-wide bin around the step; on the
+    flow-matching models it is the step's bin of the (shifted) schedule in [0, 1000].
     """
     ts = scheduler.timesteps
     lo = int(ts[i])
@@ -189,37 +193,39 @@ def timestep_bin(scheduler, i: int) -> tuple[int, int]:
 
 def draw_partial(model, scheduler, steps: int, generator: torch.Generator, cond, uncond, guidance: float, height: int,
                  width: int, params: dict[str, torch.Tensor] | None = None) -> tuple[int, int, torch.Tensor]:
-    """(DDIM step i, DDPM timestep t, x_t): i uniform in [0, steps), t uniform in i's bin (``timestep_bin``), and x_t
-    the latents after i DDIM steps (η = 0, classifier-free guidance ``guidance`` on ``cond``) from Gaussian noise;
-    every random number from ``generator``, in that order. ``params`` replaces UNet parameters while sampling."""
-    from safediff.sampling import cfg_session, denoise, latent_shape
+    """(sampling step i, training timestep t, x_t): i uniform in [0, steps), t uniform in i's bin (``timestep_bin``),
+    and x_t the latents after i steps of ``scheduler`` (``sampling.trajectory_scheduler``: DDIM with η = 0 on a UNet,
+    the flow-matching Euler on SD3/FLUX) with classifier-free guidance ``guidance`` on ``cond``, from Gaussian noise;
+    every random number from ``generator``, in that order. ``params`` replaces denoiser parameters while sampling."""
+    from safediff.sampling import cfg_session, denoise, latent_shape, step_kwargs
 
     step = int(torch.randint(steps, (1,), generator=generator))
     lo, hi = timestep_bin(scheduler, step)
     t = int(torch.randint(lo, hi, (1,), generator=generator))
-    shape = latent_shape(model, height, width)
-    noise = torch.randn((1, *shape), generator=generator, dtype=model.dtype).to(model.device)
+    noise = torch.randn((1, *latent_shape(model, height, width)), generator=generator, dtype=model.dtype)
+    noise = noise.to(model.device)
     session = cfg_session(model, cond, uncond, guidance, scheduler, height, width)
-    x = denoise(session, scheduler, noise * scheduler.init_noise_sigma, n_steps=step, kwargs={"eta": 0.0},
-                params=params)
+    x = denoise(session, scheduler, model.adapter.initial_latents(scheduler, noise), n_steps=step,
+                kwargs=step_kwargs(scheduler, None, 0.0), params=params)
     return step, t, x
 
 
-def fit_unet(eraser, model, params: dict[str, torch.nn.Parameter], make_optimizer: Callable[[], torch.optim.Optimizer],
-             step: Callable[[int], tuple[torch.Tensor, dict]], generators: dict[str, torch.Generator], extra: dict,
-             progress: bool, side: dict[str, torch.Tensor] | None = None, max_grad_norm: float | None = None,
-             lr_factor: Callable[[int], float] | None = None, frozen: dict[str, torch.Tensor] | None = None
-             ) -> tuple[dict[str, torch.Tensor], TrainingState, int | None]:
-    """Train the UNet parameters ``params`` (names as in ``unet.named_parameters()``) and the ``side`` tensors (e.g. a
-    module trained alongside, checkpointed but not part of the edit) with ``train``, resuming from
+def fit_denoiser(eraser, model, params: dict[str, torch.nn.Parameter],
+                 make_optimizer: Callable[[], torch.optim.Optimizer], step: Callable[[int], tuple[torch.Tensor, dict]],
+                 generators: dict[str, torch.Generator], extra: dict, progress: bool,
+                 side: dict[str, torch.Tensor] | None = None, max_grad_norm: float | None = None,
+                 lr_factor: Callable[[int], float] | None = None, frozen: dict[str, torch.Tensor] | None = None
+                 ) -> tuple[dict[str, torch.Tensor], TrainingState, int | None]:
+    """Train the denoiser parameters ``params`` (names as in ``model.denoiser.named_parameters()``) and the ``side``
+    tensors (e.g. a module trained alongside, checkpointed but not part of the edit) with ``train``, resuming from
     ``eraser.checkpoint`` when it exists (its fingerprint: ``run_fingerprint(eraser, model, extra)``). Returns the
-    trained values (``unet.``-prefixed), the state and the iteration resumed at (None for a fresh run); the UNet gets
-    its original parameter values (``frozen``, copied here unless the caller holds them) and ``requires_grad`` flags
-    back."""
+    trained values (named as edits name them: ``unet.…``, ``transformer.…``), the state and the iteration resumed at
+    (None for a fresh run); the denoiser gets its original parameter values (``frozen``, copied here unless the
+    caller holds them) and ``requires_grad`` flags back."""
     frozen = frozen if frozen is not None else {n: p.detach().clone() for n, p in params.items()}
     state = TrainingState({**params, **(side or {})}, None, generators, losses=[])
     fingerprint = run_fingerprint(eraser, model, extra)
-    with trainable(model.unet, params, frozen), torch.enable_grad():
+    with trainable(model.denoiser, params, frozen), torch.enable_grad():
         for t in (side or {}).values():
             t.requires_grad_(True)
         state.optimizer = make_optimizer()
@@ -228,5 +234,6 @@ def fit_unet(eraser, model, params: dict[str, torch.nn.Parameter], make_optimize
         train(state, eraser.iterations, step, checkpoint=eraser.checkpoint, checkpoint_every=eraser.checkpoint_every,
               fingerprint=fingerprint, desc=eraser.name, progress=progress, max_grad_norm=max_grad_norm,
               lr_factor=lr_factor)
-        new = {f"unet.{n}": p.detach().clone() for n, p in params.items()}
+        prefix = model.adapter.denoiser_component
+        new = {f"{prefix}.{n}": p.detach().clone() for n, p in params.items()}
     return new, state, resumed_at

@@ -46,6 +46,18 @@ def others_kept(row: dict, found: list[dict]) -> bool:
     return all(j["correct"] for o, j in zip(row["objects"], judge(row, found)) if not o["target"])
 
 
+def rest_kept(row: dict, found: list[dict]) -> bool:
+    """Is everything the row asks for but its target drawn right: the target object's values on the other axes, and
+    every other object in its place?"""
+    kept = True
+    for obj, j in zip(row["objects"], judge(row, found)):
+        if obj["target"]:
+            kept &= j["found"] and all(j[a] for a in AXES if a != row["axis"] and j[a] is not None)
+        else:
+            kept &= j["correct"]
+    return kept
+
+
 def axis_value_shown(row: dict, found: list[dict]) -> bool:
     """Does every intended object that names a value on the row's axis show that value (read on the object that
     stands for it)? On a ``neighbour`` row: is the related value preserved."""
