@@ -6,7 +6,6 @@ import torch
 
 from safediff.concepts import Concept, resolve
 from safediff.erasers import build_eraser
-from safediff.erasers import concept_ablation as ca
 from safediff.erasers.concept_ablation import ConceptAblation, prompt_pairs
 from safediff.errors import SafediffError
 from safediff.registry import ERASERS
@@ -35,14 +34,14 @@ def test_each_parameter_group_changes_only_its_parameters(tiny_sd, group, expect
 @pytest.mark.parametrize("loss", ["model", "noise"])
 def test_first_loss_recomputed_from_the_frozen_model(tiny_sd, monkeypatch, loss):
     seen = []
-    noised = ca.noised
+    noised = tiny_sd.adapter.noised
 
-    def recording(scheduler, x0, eps, t):
-        x_t = noised(scheduler, x0, eps, t)
+    def recording(x0, eps, t):
+        x_t = noised(x0, eps, t)
         seen.append((x0, eps, t, x_t))
         return x_t
 
-    monkeypatch.setattr(ca, "noised", recording)
+    monkeypatch.setattr(tiny_sd.adapter, "noised", recording)
     concept = [Concept("red", ("red",), contexts=("a {} circle",))]
     eraser = ConceptAblation(loss=loss, iterations=1, lr=1e-3, batch=1, n_images=1)
     eraser.fit(tiny_sd, concept, progress=False)

@@ -22,6 +22,11 @@ Our choices where the paper's settings were not available to us: the trained par
 sets as options), Adam with lr 1e-5 and 1000 iterations (ESD's), λ = 1. The paper's second application, purifying
 real images by DDIM inversion with the edited model, is not part of an eraser and is not implemented.
 
+SD3 / FLUX (our mapping): the parameter sets are ESD's by role (``esd.is_trained``: ``x`` every block's joint
+attention, ``x-strict`` the joint blocks' context K/V, ``u`` the rest), x_t is sampled with the model's
+flow-matching Euler and the predictions are velocities (the guidance term is their difference just the same). On
+FLUX, whose sampling runs one branch by default, ∅ is the empty prompt's prediction, as FLUX's true CFG uses it.
+
 Several concepts at once: yes; each iteration draws one keyword of one concept, with that concept's replacement.
 """
 
@@ -37,10 +42,10 @@ import torch.nn.functional as F
 from safediff.adapters import Conditioning
 from safediff.erasers.base import Eraser
 from safediff.erasers.esd import is_trained
-from safediff.erasers.training import draw_partial, fit_unet, loss_summary
+from safediff.erasers.training import draw_partial, fit_denoiser, loss_summary
 from safediff.errors import SafediffError
 from safediff.options import option
-from safediff.sampling import ddim_scheduler, denoiser_output
+from safediff.sampling import denoiser_output, trajectory_scheduler
 
 logger = logging.getLogger("safediff")
 
@@ -78,8 +83,7 @@ class AllButOne(Eraser):
         self.losses: list[float] = []
 
     def touches(self, name: str) -> bool:
-        component, _, rest = name.partition(".")
-        return component == "unet" and is_trained(self.variant, rest)
+        return name.partition(".")[0] in ("unet", "transformer") and is_trained(self.variant, name)
 
     def compute(self, model, concepts, preserve, guide, progress):
         if preserve is not None:
@@ -89,12 +93,13 @@ class AllButOne(Eraser):
             raise SafediffError("no concept keywords to erase; give at least one concept with a keyword")
         steps = int(self.ddim_steps or model.defaults["steps"])
         height, width = int(model.defaults["height"]), int(model.defaults["width"])
-        scheduler = ddim_scheduler(model, steps)
+        scheduler = trajectory_scheduler(model, steps, height, width)
         with torch.no_grad():
             erase = model.adapter.encode([w for w, _ in pairs])
             replace = model.adapter.encode([r for _, r in pairs])
             uncond = model.adapter.encode_negative(None, 1)
-        params = {n: p for n, p in model.unet.named_parameters() if is_trained(self.variant, n)}
+        prefix = model.adapter.denoiser_component
+        params = {n: p for n, p in model.denoiser.named_parameters() if is_trained(self.variant, f"{prefix}.{n}")}
         frozen = {n: p.detach().clone() for n, p in params.items()}
         g = torch.Generator(device="cpu").manual_seed(int(self.seed))
         e = self
@@ -113,8 +118,8 @@ class AllButOne(Eraser):
         def optimizer():
             return torch.optim.Adam(list(params.values()), lr=e.lr)
 
-        new, state, resumed_at = fit_unet(self, model, params, optimizer, step, {"training": g}, {"pairs": pairs},
-                                          progress, frozen=frozen)
+        new, state, resumed_at = fit_denoiser(self, model, params, optimizer, step, {"training": g},
+                                              {"pairs": pairs}, progress, frozen=frozen)
         self.losses = list(state.losses)
         info = {"pairs": [list(p) for p in pairs], "variant": self.variant, "ddim_steps": steps, "height": height,
                 "width": width, "trained_tensors": len(params), "resumed_at_iteration": resumed_at,

@@ -13,8 +13,8 @@ x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε, t ~ U{0..T−1}:
 original model by default (``anchor_prediction="frozen"``, the pretrained distribution p_θ(x | p) the KL objective
 matches), or of the model being trained evaluated without gradient (``"current"``, what the reference code does:
 ``unet`` under ``torch.no_grad``). Parameters: the cross-attention key/value projections (``parameters="cross-attn"``,
-the paper's default and best trade-off) or every UNet weight (``"full-weight"``). AdamW (weight decay 0.01), constant
-learning rate, gradients clipped to norm 1, batch 8 and lr 1.6e-5 (the README's 2e-6 scaled by its 2 GPUs x 4
+the paper's default and best trade-off) or every denoiser weight (``"full-weight"``). AdamW (weight decay 0.01),
+constant learning rate, gradients clipped to norm 1, batch 8 and lr 1.6e-5 (the README's 2e-6 scaled by its 2 GPUs x 4
 images), 100 steps; 200 anchor images (the reference default; the paper uses 1,000).
 
 Prompts. For each keyword of each concept, the concept's contexts (what every eraser is told; the 2025 UCE templates
@@ -23,6 +23,12 @@ the sandbox's "red" (guide "") "a red circle" is paired with "a circle". The ref
 captions; its prompt-side augmentations ("a far away", "zoomed in" with rescaled images), horizontal flips and the
 optional prior-preservation term are not reproduced. Anchor images are the sampler's latents (the model's default
 DDIM steps and guidance), not decoded and re-encoded.
+
+SD3 / FLUX (no Concept Ablation code was published for them; our mapping): x_t = (1 − σ) x_0 + σ ε with σ = t/1000
+and the noise-based target is the velocity ε − x_0 (``adapter.noised``/``training_target``); anchor images are
+sampled with the model's flow-matching Euler; ``cross-attn`` trains the text K/V by role (``adapters.roles``
+``text_kv``: the joint blocks' context ``add_k_proj``/``add_v_proj``), the projections that turn the prompt's
+tokens into what the image attends to, as ``attn2.to_k``/``to_v`` do in a UNet.
 
 Several concepts at once: yes (the reference's ``;``-separated targets): every (target, anchor) pair of every concept
 is drawn from the same image pool.
@@ -37,13 +43,14 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from safediff.adapters.roles import has_role
 from safediff.erasers.base import Eraser
-from safediff.erasers.images import generated_latents, noised, prediction_target
+from safediff.erasers.images import generated_latents
 from safediff.erasers.prompts import contexts, replace_word
-from safediff.erasers.training import fit_unet, loss_summary
+from safediff.erasers.training import fit_denoiser, loss_summary
 from safediff.errors import SafediffError
 from safediff.options import option
-from safediff.sampling import ddim_scheduler, denoiser_output
+from safediff.sampling import denoiser_output
 
 logger = logging.getLogger("safediff")
 
@@ -52,11 +59,10 @@ LOSSES = ("model", "noise")
 
 
 def is_trained(group: str, name: str) -> bool:
-    """Whether parameter group ``group`` trains the UNet parameter ``name``."""
+    """Whether parameter group ``group`` trains parameter ``name`` (``unet.…``, ``transformer.…``)."""
     if group == "cross-attn":
-        return ".attn2.to_k." in name or ".attn2.to_v." in name
+        return has_role(name, "text_kv")
     return True
-
 
 def prompt_pairs(concepts, guide: str | None) -> list[tuple[str, str]]:
     """(target prompt p*, anchor prompt p) for every keyword of every concept in its contexts."""
@@ -111,8 +117,7 @@ class ConceptAblation(Eraser):
         self.losses: list[float] = []
 
     def touches(self, name: str) -> bool:
-        component, _, rest = name.partition(".")
-        return component == "unet" and is_trained(self.parameters, rest)
+        return name.partition(".")[0] in ("unet", "transformer") and is_trained(self.parameters, name)
 
     def compute(self, model, concepts, preserve, guide, progress):
         if preserve is not None:
@@ -125,10 +130,9 @@ class ConceptAblation(Eraser):
         with torch.no_grad():
             targets = model.adapter.encode([p for p, _ in pairs])
             anchors = model.adapter.encode([a for _, a in pairs])
-        scheduler = ddim_scheduler(model, int(model.defaults["steps"]))
-        T = int(scheduler.config.num_train_timesteps)
-        named = dict(model.unet.named_parameters())
-        params = {n: p for n, p in named.items() if is_trained(self.parameters, n)}
+        adapter, T = model.adapter, model.adapter.train_timesteps
+        prefix = adapter.denoiser_component
+        params = {n: p for n, p in model.denoiser.named_parameters() if is_trained(self.parameters, f"{prefix}.{n}")}
         frozen = {n: p.detach().clone() for n, p in params.items()}
         e = self
 
@@ -136,22 +140,23 @@ class ConceptAblation(Eraser):
             idx = torch.randint(e.n_images, (e.batch,), generator=g)
             t = torch.randint(T, (e.batch,), generator=g)
             eps = torch.randn(x0[idx].shape, generator=g, dtype=x0.dtype).to(x0.device)
-            x_t = noised(scheduler, x0[idx], eps, t)
-            rows = torch.tensor([pair_of[i] for i in idx.tolist()])
             t = t.to(x0.device)
+            x_t = adapter.noised(x0[idx], eps, t)
+            rows = torch.tensor([pair_of[i] for i in idx.tolist()])
             with torch.no_grad():
                 if e.loss == "model":
                     target = denoiser_output(model, x_t, t, anchors[rows],
                                              params=frozen if e.anchor_prediction == "frozen" else None)
                 else:
-                    target = prediction_target(scheduler, x0[idx], eps, t)
+                    target = adapter.training_target(x0[idx], eps, t)
             return F.mse_loss(denoiser_output(model, x_t, t, targets[rows]), target), {}
 
         def optimizer():
             return torch.optim.AdamW(list(params.values()), lr=e.lr, weight_decay=e.weight_decay)
 
-        new, state, resumed_at = fit_unet(self, model, params, optimizer, step, {"training": g},
-                                          {"pairs": pairs}, progress, max_grad_norm=self.max_grad_norm, frozen=frozen)
+        new, state, resumed_at = fit_denoiser(self, model, params, optimizer, step, {"training": g},
+                                              {"pairs": pairs}, progress, max_grad_norm=self.max_grad_norm,
+                                              frozen=frozen)
         self.losses = list(state.losses)
         info = {"pairs": len(pairs), "examples": [list(p) for p in pairs[:12]], "anchor_images": self.n_images,
                 "trained_tensors": len(params), "resumed_at_iteration": resumed_at, **loss_summary(state.losses)}

@@ -31,6 +31,11 @@ Choices and deviations:
 - Attention probabilities are recorded by a processor that wraps diffusers' ``AttnProcessor`` on every ``attn2``
   for the duration of the fit (the model's processors are restored afterwards).
 
+UNet models only (``archs``): the loss reads the attention maps of ``attn2``, where image queries attend over the
+text-encoder tokens alone. SD3/FLUX have no such layer (joint attention over image and text tokens, whose text keys
+are a block-by-block transformed text stream), so the method's quantity is not defined there; they are refused in
+one line.
+
 Several concepts at once: yes (the reference's ``multi_concept``): every concept's prompts and images in one pool.
 """
 
@@ -44,13 +49,13 @@ from typing import ClassVar
 import torch
 
 from safediff.erasers.base import Eraser
-from safediff.erasers.images import image_latents, noised
+from safediff.erasers.images import image_latents
 from safediff.erasers.prompts import GENERIC_TEMPLATES, WordFinder
-from safediff.erasers.training import fit_unet, loss_summary
+from safediff.erasers.training import fit_denoiser, loss_summary
 from safediff.concepts import fill_context
 from safediff.errors import SafediffError
 from safediff.options import option
-from safediff.sampling import ddim_scheduler, denoiser_output
+from safediff.sampling import denoiser_output
 
 logger = logging.getLogger("safediff")
 
@@ -127,6 +132,9 @@ class ForgetMeNot(Eraser):
     """Forget-Me-Not attention re-steering (see the module docstring)."""
 
     name: ClassVar[str] = "forget-me-not"
+    archs: ClassVar[tuple[str, ...]] = ("sd1", "sd2", "sdxl")
+    archs_reason: ClassVar[str] = ("its loss is the UNet cross-attention (attn2) maps of the concept's tokens; "
+                                   "SD3/FLUX have joint attention instead; use concept-ablation or esd-x there")
     paper: ClassVar[str] = ("Zhang et al., Forget-Me-Not: Learning to Forget in Text-to-Image Diffusion Models, "
                             "arXiv 2303.17591, 2023")
     # benchmark: 100 steps of batch 2 (~0.2 s each on the 4.3M-parameter sandbox UNet at 16x16 latents on one CPU
@@ -183,9 +191,8 @@ class ForgetMeNot(Eraser):
         eos = model.adapter.eos_positions(prompts)
         mask = concept_positions(model.adapter.tokenizers[0], prompts, [w for _, w in items], eos,
                                  conds.embeds.shape[1], self.use_pooler)
-        scheduler = ddim_scheduler(model, int(model.defaults["steps"]))
-        T = int(scheduler.config.num_train_timesteps)
-        params = {n: p for n, p in model.unet.named_parameters() if self.touches(f"unet.{n}")}
+        adapter, T = model.adapter, model.adapter.train_timesteps
+        params = {n: p for n, p in model.denoiser.named_parameters() if self.touches(f"unet.{n}")}
         records: list[tuple[torch.Tensor, int]] = []
         e = self
 
@@ -195,7 +202,8 @@ class ForgetMeNot(Eraser):
             eps = torch.randn(x0[idx].shape, generator=g, dtype=x0.dtype).to(x0.device)
             rows = torch.tensor([prompt_of[i] for i in idx.tolist()])
             records.clear()
-            denoiser_output(model, noised(scheduler, x0[idx], eps, t), t.to(x0.device), conds[rows])
+            t = t.to(x0.device)
+            denoiser_output(model, adapter.noised(x0[idx], eps, t), t, conds[rows])
             loss = attention_norm(records, mask[rows])
             records.clear()
             return loss, {}
@@ -203,10 +211,10 @@ class ForgetMeNot(Eraser):
         def optimizer():
             return torch.optim.AdamW(list(params.values()), lr=e.lr, weight_decay=e.weight_decay)
 
-        with recorded_cross_attention(model.unet, lambda probs, heads: records.append((probs, heads))):
-            new, state, resumed_at = fit_unet(self, model, params, optimizer, step, {"training": g},
-                                              {"items": items, **source}, progress,
-                                              max_grad_norm=self.max_grad_norm)
+        with recorded_cross_attention(model.denoiser, lambda probs, heads: records.append((probs, heads))):
+            new, state, resumed_at = fit_denoiser(self, model, params, optimizer, step, {"training": g},
+                                                  {"items": items, **source}, progress,
+                                                  max_grad_norm=self.max_grad_norm)
         self.losses = list(state.losses)
         info = {"prompts": len(items), "examples": prompts[:12], "images": source, "trained_tensors": len(params),
                 "resumed_at_iteration": resumed_at, **loss_summary(state.losses)}

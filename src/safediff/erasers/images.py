@@ -1,16 +1,17 @@
 """Training images of the erasers that learn from images (Concept Ablation, Forget-Me-Not, TICoE, SafeGen), as latents.
 
-Three sources, one form (latents x_0 the UNet's forward process starts from):
+Three sources, one form (latents x_0 the denoiser's forward process starts from):
 
-- ``generated_latents``: the model's own samples for prompts: DDIM (η = 0) from each seed's Gaussian noise, with
-  classifier-free guidance, at the model's size; the final latents are kept (no decode/encode round trip);
+- ``generated_latents``: the model's own samples for prompts from each seed's Gaussian noise, with classifier-free
+  guidance, at the model's size, with the trajectory scheduler (``sampling.trajectory_scheduler``: DDIM with η = 0 on
+  a UNet, the flow-matching Euler on SD3/FLUX); the final latents are kept (no decode/encode round trip);
 - ``folder_images`` + ``encode_images``: PNG/JPEG files of a folder, resized to the model's size (bilinear),
-  encoded with the model's VAE (the posterior mean, times the scaling factor; SDXL-style ``latents_mean/std``
-  applied as ``sampling.decode`` undoes them);
+  encoded with the model's VAE (the posterior mean, brought into the denoiser's latent space by
+  ``adapter.from_vae``: the scaling factor, SDXL-style ``latents_mean/std``, SD3/FLUX's shift);
 - ``safediff.exemplars.exemplar_images`` + ``encode_images``: images a concept preset names (the sandbox's renders).
 
-And the forward process the trainers share: ``noised`` (q(x_t | x_0) = √ᾱ_t x_0 + √(1−ᾱ_t) ε) and
-``prediction_target`` (what the denoiser should output for it: ε, or v = √ᾱ_t ε − √(1−ᾱ_t) x_0 for v-prediction).
+The forward process the trainers share is the adapter's: ``adapter.noised`` (q(x_t | x_0): √ᾱ_t x_0 + √(1−ᾱ_t) ε on
+a UNet, (1 − σ) x_0 + σ ε on SD3/FLUX) and ``adapter.training_target`` (ε, v, or the velocity ε − x_0).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 def generated_latents(model, prompts: list[str], seeds: list[int], steps: int | None = None,
                       guidance: float | None = None, batch: int = 16) -> torch.Tensor:
     """[N, C, h, w]: one sample of the model (as it is now) per (prompt, seed)."""
-    from safediff.sampling import cfg_session, ddim_scheduler, denoise, initial_noise
+    from safediff.sampling import cfg_session, denoise, initial_noise, step_kwargs, trajectory_scheduler
 
     d = model.defaults
     steps = int(steps or d["steps"])
@@ -40,11 +41,12 @@ def generated_latents(model, prompts: list[str], seeds: list[int], steps: int | 
     out = []
     for s in range(0, len(prompts), batch):
         part, part_seeds = prompts[s:s + batch], seeds[s:s + batch]
-        scheduler = ddim_scheduler(model, steps)
+        scheduler = trajectory_scheduler(model, steps, height, width)
         noise, _ = initial_noise(model, part_seeds, height, width)
         session = cfg_session(model, model.adapter.encode(part), model.adapter.encode_negative(None, len(part)),
                               guidance, scheduler, height, width)
-        out.append(denoise(session, scheduler, noise * scheduler.init_noise_sigma, kwargs={"eta": 0.0}))
+        out.append(denoise(session, scheduler, model.adapter.initial_latents(scheduler, noise),
+                           kwargs=step_kwargs(scheduler, None, 0.0)))
     return torch.cat(out)
 
 
@@ -75,21 +77,14 @@ def resized(images: np.ndarray, height: int, width: int) -> np.ndarray:
 
 @torch.no_grad()
 def encode_images(model, images: np.ndarray, batch: int = 16) -> torch.Tensor:
-    """uint8 [N, H, W, 3] -> latents [N, C, h, w] at the model's default size (VAE posterior mean, scaled)."""
+    """uint8 [N, H, W, 3] -> latents [N, C, h, w] at the model's default size (VAE posterior mean, in the
+    denoiser's latent space)."""
     vae = model.vae
-    cfg = vae.config
     images = resized(images, int(model.defaults["height"]), int(model.defaults["width"]))
     out = []
     for s in range(0, len(images), batch):
         x = torch.from_numpy(images[s:s + batch]).permute(0, 3, 1, 2).to(vae.device, vae.dtype) / 127.5 - 1.0
-        z = vae.encode(x).latent_dist.mean
-        if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
-            mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1).to(z)
-            std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1).to(z)
-            z = (z - mean) * cfg.scaling_factor / std
-        else:
-            z = z * cfg.scaling_factor
-        out.append(z.to(model.dtype))
+        out.append(model.adapter.from_vae(vae.encode(x).latent_dist.mean).to(model.dtype))
     return torch.cat(out)
 
 
@@ -102,18 +97,3 @@ def image_latents(model, folder: str | None, prompts: list[str], seeds: list[int
         return encode_images(model, pixels), {"source": "folder", "images": len(pixels),
                                               "images_sha256": hashlib.sha256(pixels.tobytes()).hexdigest()}
     return generated_latents(model, prompts, seeds, steps), {"source": "generated", "images": len(prompts)}
-
-
-def noised(scheduler, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε (one timestep per sample)."""
-    return scheduler.add_noise(x0, eps, t.to(x0.device))
-
-
-def prediction_target(scheduler, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """What the denoiser is trained to output for x_t = noised(x0, eps, t): ε, or v for v-prediction models."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return eps
-    if kind == "v_prediction":
-        return scheduler.get_velocity(x0, eps, t.to(x0.device))
-    raise SafediffError(f"prediction type {kind!r} is not supported by image-based erasers (epsilon, v_prediction)")

@@ -29,6 +29,11 @@ concepts' preserve lists or ``preserve``); without any of these the fit is refus
 mean, computed once (the reference draws a posterior sample each step); the reference's EMA of the weights and its
 random crops/flips are not reproduced.
 
+UNet models only (``archs``): the method rests on layers that see the image and never the text, the UNet's
+``attn1``. An MM-DiT has none: image and text tokens share one joint attention (SD3.5's extra image self-attention
+sits in blocks whose joint attention reads the prompt too), so tuning it is no longer text-agnostic; SD3/FLUX are
+refused in one line.
+
 Several concepts at once: yes; the concept images of all of them form one pool (the method is text-agnostic).
 """
 
@@ -45,14 +50,14 @@ import torch.nn.functional as F
 
 from safediff.adapters import Conditioning
 from safediff.erasers.base import Eraser
-from safediff.erasers.images import encode_images, folder_images, generated_latents, noised, prediction_target, resized
+from safediff.erasers.images import encode_images, folder_images, generated_latents, resized
 from safediff.erasers.prompts import GENERIC_TEMPLATES, as_concept
-from safediff.erasers.training import fit_unet, loss_summary
+from safediff.erasers.training import fit_denoiser, loss_summary
 from safediff.concepts import fill_context
 from safediff.errors import SafediffError
 from safediff.exemplars import exemplar_images, has_exemplars
 from safediff.options import option
-from safediff.sampling import ddim_scheduler, denoiser_output
+from safediff.sampling import denoiser_output, trajectory_scheduler
 
 logger = logging.getLogger("safediff")
 
@@ -74,14 +79,14 @@ def digest(pixels: np.ndarray) -> str:
 
 def mosaic_target(scheduler, kind: str, x_t: torch.Tensor, z_c: torch.Tensor, z_m: torch.Tensor, eps: torch.Tensor,
                   t: torch.Tensor) -> torch.Tensor:
-    """The output the concept's noisy latent x_t is trained towards (see the module docstring)."""
+    """The output the concept's noisy latent x_t is trained towards (see the module docstring); ``scheduler``: a
+    DDPM-family one (its ᾱ_t and prediction type)."""
+    v_prediction = scheduler.config.prediction_type == "v_prediction"
     if kind == "reference":
-        if scheduler.config.prediction_type == "v_prediction":
-            return scheduler.get_velocity(z_c - z_m, eps, t)
-        return eps + z_c - z_m
+        return scheduler.get_velocity(z_c - z_m, eps, t) if v_prediction else eps + z_c - z_m
     abar = scheduler.alphas_cumprod.to(x_t.device)[t].view(-1, 1, 1, 1).to(x_t.dtype)
     eps_m = (x_t - abar.sqrt() * z_m) / (1 - abar).sqrt()
-    return prediction_target(scheduler, z_m, eps_m, t)
+    return scheduler.get_velocity(z_m, eps_m, t) if v_prediction else eps_m
 
 
 @dataclass
@@ -89,6 +94,9 @@ class SafeGen(Eraser):
     """SafeGen (see the module docstring)."""
 
     name: ClassVar[str] = "safegen"
+    archs: ClassVar[tuple[str, ...]] = ("sd1", "sd2", "sdxl")
+    archs_reason: ClassVar[str] = ("SafeGen tunes vision-only self-attention (attn1), which SD3/FLUX lack: their "
+                                   "image tokens attend jointly with the text; use esd-u or concept-ablation there")
     paper: ClassVar[str] = ("Li et al., SafeGen: Mitigating Sexually Explicit Content Generation in Text-to-Image "
                             "Models, ACM CCS 2024 (arXiv 2404.06666)")
     # benchmark: 200 steps of 4 triplets (~0.3 s each on the 4.3M-parameter sandbox UNet at 16x16 latents on one CPU
@@ -162,9 +170,10 @@ class SafeGen(Eraser):
         z_b, clean = self.clean_latents(model, concepts, preserve)
         with torch.no_grad():
             uncond = model.adapter.encode_negative(None, 1)
-        scheduler = ddim_scheduler(model, int(model.defaults["steps"]))
-        T = int(scheduler.config.num_train_timesteps)
-        params = {n: p for n, p in model.unet.named_parameters() if ".attn1." in n}
+        height, width = int(model.defaults["height"]), int(model.defaults["width"])
+        scheduler = trajectory_scheduler(model, int(model.defaults["steps"]), height, width)
+        adapter, T = model.adapter, model.adapter.train_timesteps
+        params = {n: p for n, p in model.denoiser.named_parameters() if ".attn1." in n}
         g = torch.Generator(device="cpu").manual_seed(int(self.seed))
         e = self
 
@@ -175,10 +184,10 @@ class SafeGen(Eraser):
             eps = torch.randn(z_c[i].shape, generator=g, dtype=z_c.dtype).to(z_c.device)
             eps_b = torch.randn(z_b[j].shape, generator=g, dtype=z_b.dtype).to(z_b.device)
             t = t.to(z_c.device)
-            x_c, x_b = noised(scheduler, z_c[i], eps, t), noised(scheduler, z_b[j], eps_b, t)
+            x_c, x_b = adapter.noised(z_c[i], eps, t), adapter.noised(z_b[j], eps_b, t)
             with torch.no_grad():
                 target_m = mosaic_target(scheduler, e.mosaic_target, x_c, z_c[i], z_m[i], eps, t)
-                target_b = prediction_target(scheduler, z_b[j], eps_b, t)
+                target_b = adapter.training_target(z_b[j], eps_b, t)
             pred = denoiser_output(model, torch.cat([x_c, x_b]), torch.cat([t, t]),
                                    Conditioning.cat([uncond] * (2 * e.batch)))
             loss = e.weight_mosaic * F.mse_loss(pred[:e.batch], target_m) + \
@@ -189,8 +198,8 @@ class SafeGen(Eraser):
             return torch.optim.AdamW(list(params.values()), lr=e.lr, weight_decay=e.weight_decay)
 
         record = {"concept_images": source, "concept_sha256": digest(pixels), "clean": clean}
-        new, state, resumed_at = fit_unet(self, model, params, optimizer, step, {"training": g}, record, progress,
-                                          max_grad_norm=self.max_grad_norm)
+        new, state, resumed_at = fit_denoiser(self, model, params, optimizer, step, {"training": g}, record,
+                                              progress, max_grad_norm=self.max_grad_norm)
         self.losses = list(state.losses)
         info = {**record, "concept_images_n": len(z_c), "clean_images_n": len(z_b), "trained_tensors": len(params),
                 "resumed_at_iteration": resumed_at, **loss_summary(state.losses)}

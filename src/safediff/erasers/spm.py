@@ -39,6 +39,13 @@ Choices and deviations from the reference code:
 - sampling at the model's native size (the reference draws bucketed resolutions, ``dynamic_resolution``);
 - float32 AdamW instead of 8-bit AdamW; no gradient clipping (the reference's ``max_grad_norm`` is 0).
 
+SD3 / FLUX (no SPM code was published for them; our mapping): the membrane covers every Linear of every MM-DiT block
+(``transformer_blocks.N``, FLUX's ``single_transformer_blocks.N``): the joint attention's image and text
+projections, both streams' feed-forwards, the single-stream MLPs; not the adaLN modulation layers (``norm*``), which
+read the timestep embedding rather than tokens (as the UNet's membrane leaves its norms alone). x_t is sampled with
+the model's flow-matching Euler and t drawn in the step's bin of its (shifted) schedule (``training.draw_partial``);
+the anchors perturb the whole conditioning (SD3: CLIP and T5 segments; FLUX: T5) and the pooled CLIP vector.
+
 Several concepts at once: yes, one membrane learns them all (the reference's list of prompt settings, one drawn per
 iteration); several membranes can also be stacked by the guard, each with its own transport rate.
 """
@@ -47,6 +54,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -61,38 +69,58 @@ from safediff.erasers.training import (TrainingState, cosine_restarts, draw_part
 from safediff.errors import SafediffError
 from safediff.models import Model
 from safediff.options import option
-from safediff.sampling import ddim_scheduler, denoiser_output
+from safediff.sampling import denoiser_output, trajectory_scheduler
 
 logger = logging.getLogger("safediff")
 
-TRANSFORMER_BLOCK = "Transformer2DModel"  # the modules whose Linear/Conv2d layers carry the membrane
+TRANSFORMER_BLOCK = "Transformer2DModel"  # UNet: the modules whose Linear/Conv2d layers carry the membrane
+DIT_BLOCK = re.compile(r"(single_)?transformer_blocks\.\d+")  # MM-DiT: the blocks whose Linear layers carry it
 
 
-def membrane_modules(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """UNet module name -> Linear/Conv2d inside a transformer block (the layers the membrane adapts)."""
+def is_modulation(path: str) -> bool:
+    """Whether a module path inside an MM-DiT block is (inside) a normalisation/adaLN modulation layer."""
+    return any(part.startswith("norm") for part in path.split("."))
+
+
+def membrane_modules(denoiser: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Denoiser module name -> a layer the membrane adapts: every Linear/Conv2d inside a UNet transformer block, every
+    Linear of an MM-DiT block but its modulation layers."""
     out = {}
-    for name, module in unet.named_modules():
+    for name, module in denoiser.named_modules():
         if type(module).__name__ == TRANSFORMER_BLOCK:
             for child, layer in module.named_modules():
                 if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+                    out[f"{name}.{child}"] = layer
+        elif DIT_BLOCK.fullmatch(name):
+            for child, layer in module.named_modules():
+                if isinstance(layer, torch.nn.Linear) and not is_modulation(child):
                     out[f"{name}.{child}"] = layer
     return out
 
 
 def is_membrane_weight(name: str) -> bool:
-    """Whether a UNet parameter name is a weight the membrane can change (a non-norm weight in a transformer block:
-    ``….attentions.N.….weight``)."""
-    module, _, leaf = name.rpartition(".")
-    return ".attentions." in f".{name}" and leaf == "weight" and not module.rpartition(".")[2].startswith("norm")
+    """Whether a parameter (``unet.…``, ``transformer.…``) is a weight the membrane can change: a non-norm weight in
+    a UNet transformer block (``….attentions.N.….weight``), a non-modulation weight in an MM-DiT block."""
+    component, _, rest = name.partition(".")
+    module, _, leaf = rest.rpartition(".")
+    if leaf != "weight":
+        return False
+    if component == "unet":
+        return ".attentions." in f".{rest}" and not module.rpartition(".")[2].startswith("norm")
+    if component == "transformer":
+        block = DIT_BLOCK.match(module)
+        return block is not None and module != block.group(0) and not is_modulation(module[block.end() + 1:])
+    return False
 
 
 class Membrane:
     """The rank-r factors (U, D) of every adapted layer, and the merged deltas (α/r) U D."""
 
-    def __init__(self, unet: torch.nn.Module, rank: int, alpha: float, generator: torch.Generator):
-        self.layers = membrane_modules(unet)
+    def __init__(self, denoiser: torch.nn.Module, rank: int, alpha: float, generator: torch.Generator):
+        self.layers = membrane_modules(denoiser)
         if not self.layers:
-            raise SafediffError("this UNet has no transformer blocks (Transformer2DModel) for the SPM membrane")
+            raise SafediffError("this denoiser has no transformer blocks (UNet Transformer2DModel, MM-DiT "
+                                "transformer_blocks) for the SPM membrane")
         self.scale = alpha / rank
         self.up: dict[str, torch.Tensor] = {}
         self.down: dict[str, torch.Tensor] = {}
@@ -113,7 +141,7 @@ class Membrane:
         return (self.scale * (self.up[name] @ d.reshape(d.shape[0], -1))).reshape(self.layers[name].weight.shape)
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """UNet parameter name -> W + (α/r) U D (the membrane merged; for ``params=`` and the edit)."""
+        """Denoiser parameter name -> W + (α/r) U D (the membrane merged; for ``params=`` and the edit)."""
         return {f"{n}.weight": layer.weight.detach() + self.delta(n) for n, layer in self.layers.items()}
 
 
@@ -182,8 +210,7 @@ class SPM(Eraser):
         self.losses: list[float] = []
 
     def touches(self, name: str) -> bool:
-        component, _, rest = name.partition(".")
-        return component == "unet" and is_membrane_weight(rest)
+        return is_membrane_weight(name)
 
     def compute(self, model: Model, concepts: list[Concept], preserve, guide, progress):
         if preserve is not None:
@@ -192,10 +219,10 @@ class SPM(Eraser):
         if not pairs:
             raise SafediffError("no concept keywords to erase; give at least one concept with a keyword")
         generator = torch.Generator(device="cpu").manual_seed(int(self.seed))
-        membrane = Membrane(model.unet, self.rank, self.alpha, generator)
+        membrane = Membrane(model.denoiser, self.rank, self.alpha, generator)
         steps = int(self.ddim_steps or model.defaults["steps"])
         height, width = int(model.defaults["height"]), int(model.defaults["width"])
-        scheduler = ddim_scheduler(model, steps)
+        scheduler = trajectory_scheduler(model, steps, height, width)
         with torch.no_grad():
             targets = model.adapter.encode([w for w, _ in pairs])
             neutrals = model.adapter.encode([g for _, g in pairs])
@@ -223,7 +250,7 @@ class SPM(Eraser):
         state = TrainingState(membrane.tensors(), None, {"training": generator}, losses=[])
         # the schedule depends on the number of iterations, so a checkpoint resumes only a run of the same length
         fingerprint = run_fingerprint(self, model, {"pairs": pairs, "iterations": self.iterations})
-        with trainable(model.unet, {}, {}), torch.enable_grad():
+        with trainable(model.denoiser, {}, {}), torch.enable_grad():
             state.optimizer = torch.optim.AdamW(list(state.params.values()), lr=self.lr,
                                                 weight_decay=self.weight_decay)
             resumed = state.load(self.checkpoint, fingerprint) if self.checkpoint else False
@@ -232,7 +259,8 @@ class SPM(Eraser):
                   fingerprint=fingerprint, desc=self.name, progress=progress,
                   lr_factor=cosine_restarts(self.warmup, self.iterations, self.cycles))
         with torch.no_grad():
-            new = {f"unet.{n}": w.detach().clone() for n, w in membrane.weights().items()}
+            prefix = model.adapter.denoiser_component
+            new = {f"{prefix}.{n}": w.detach().clone() for n, w in membrane.weights().items()}
         self.losses = list(state.losses)
         info = {"targets": [list(p) for p in pairs], "adapted_layers": len(membrane.layers),
                 "membrane_parameters": sum(t.numel() for t in state.params.values()), "ddim_steps": steps,

@@ -20,18 +20,23 @@ the latent resized (bilinear) to scales {1, 0.75, 0.5}, flattened into tokens (o
 as features), concatenated, plus sinusoidal position embeddings, through 2 encoder layers (4 heads, feed-forward 4×
 channels, dropout 0.1 as torch's default); the full-resolution tokens give x̃_t = x_t + λ H(x_t) (λ = 0.5).
 
-Erasure: the negative-guidance target of the frozen model θ* on the fused latent, for every UNet weight θ and H:
+Erasure: the negative-guidance target of the frozen model θ* on the fused latent, for every denoiser weight θ and H:
 
     L = ‖ε_θ(x̃_t, e_c, t) − [ε_θ*(x̃_t, ∅, t) − η (ε_θ*(x̃_t, e_c, t) − ε_θ*(x̃_t, ∅, t))]‖²     (η = 1)
 
 (the target is computed without gradient; H learns through the trained model's prediction). Adam, lr 1e-5 for the
-UNet and 5e-5 for H, batch 1, 500 iterations. The edit holds the UNet only; H exists for training (its weights are
+UNet and 5e-5 for H, batch 1, 500 iterations. The edit holds the denoiser only; H exists for training (its weights are
 in the checkpoint, so a resumed run is bit-identical: the Dirichlet draws and H's dropout run under seeds drawn from
 the run's generator).
 
 Choices and deviations: the reference images are the sampler's latents (the model's default DDIM steps and guidance;
 ``images=`` takes a folder instead), not decoded to PNG and re-encoded; the reference's low-quality-image filtering is
 not specified by the paper and not done (as in the reference release).
+
+SD3 / FLUX (the reference is SD-1.5 only; our mapping): every denoiser weight is trained, x_t = (1 − σ) x_0 + σ ε
+with σ = t/1000 (``adapter.noised``), the predictions in the loss are velocities, the reference images are sampled
+with the model's flow-matching Euler, and H works on the unpacked latents [C, h, w] (16 channels); the CCCM mixes
+the whole conditioning (SD3: CLIP and T5 segments; FLUX: T5) and the pooled CLIP vector.
 
 Several concepts at once: each concept has its own bank and images; each CCCM resample picks a concept uniformly
 (the reference trains one concept per run).
@@ -50,12 +55,12 @@ import torch.nn.functional as F
 
 from safediff.adapters import Conditioning
 from safediff.erasers.base import Eraser
-from safediff.erasers.images import image_latents, noised
+from safediff.erasers.images import image_latents
 from safediff.erasers.prompts import contexts
-from safediff.erasers.training import fit_unet, loss_summary
+from safediff.erasers.training import fit_denoiser, loss_summary
 from safediff.errors import SafediffError
 from safediff.options import option
-from safediff.sampling import ddim_scheduler, denoiser_output
+from safediff.sampling import denoiser_output, latent_shape
 
 logger = logging.getLogger("safediff")
 
@@ -134,8 +139,8 @@ class TICoE(Eraser):
     zero_strength: ClassVar[dict] = {"lr": 0.0}
 
     iterations: int = option(500, low=1, help="Adam steps")
-    lr: float = option(1e-5, low=0.0, help="UNet learning rate")
-    hvrl_lr_scale: float = option(5.0, low=0.0, help="HVRL learning rate / UNet learning rate")
+    lr: float = option(1e-5, low=0.0, help="denoiser learning rate")
+    hvrl_lr_scale: float = option(5.0, low=0.0, help="HVRL learning rate / denoiser learning rate")
     negative_guidance: float = option(1.0, help="η")
     temperature: float = option(0.7, low=1e-6, help="τ; the Dirichlet concentration is 1/τ")
     noise_std: float = option(0.001, low=0.0, help="σ, Gaussian perturbation of the mixed condition")
@@ -163,7 +168,7 @@ class TICoE(Eraser):
         self.losses: list[float] = []
 
     def touches(self, name: str) -> bool:
-        return name.startswith("unet.")
+        return name.startswith(("unet.", "transformer."))
 
     def compute(self, model, concepts, preserve, guide, progress):
         if preserve is not None or guide is not None:
@@ -185,12 +190,12 @@ class TICoE(Eraser):
             banks = [model.adapter.encode(b) for b in banks_text]
             uncond = model.adapter.encode_negative(None, 1)
         with seeded(int(self.seed), model.device):
-            hvrl = HVRL(model.unet.config.in_channels, self.hvrl_heads, self.hvrl_depth, self.scale_values,
+            channels = latent_shape(model, int(model.defaults["height"]), int(model.defaults["width"]))[0]
+            hvrl = HVRL(channels, self.hvrl_heads, self.hvrl_depth, self.scale_values,
                         self.residual).to(model.device)
         hvrl.train()
-        scheduler = ddim_scheduler(model, int(model.defaults["steps"]))
-        T = int(scheduler.config.num_train_timesteps)
-        params = dict(model.unet.named_parameters())
+        adapter, T = model.adapter, model.adapter.train_timesteps
+        params = dict(model.denoiser.named_parameters())
         frozen = {n: p.detach().clone() for n, p in params.items()}
         e = self
         cache: dict[int, tuple[int, Conditioning]] = {}
@@ -216,9 +221,9 @@ class TICoE(Eraser):
             t = torch.randint(T, (1,), generator=g)
             eps = torch.randn(x0[idx:idx + 1].shape, generator=g, dtype=x0.dtype).to(x0.device)
             dropout_seed = int(torch.randint(2**31, (1,), generator=g))
-            with seeded(dropout_seed, model.device):
-                fused = hvrl(noised(scheduler, x0[idx:idx + 1], eps, t))
             t = t.to(x0.device)
+            with seeded(dropout_seed, model.device):
+                fused = hvrl(adapter.noised(x0[idx:idx + 1], eps, t))
             with torch.no_grad():
                 e_c, e_u = denoiser_output(model, torch.cat([fused, fused]), t, Conditioning.cat([cond, uncond]),
                                            params=frozen).chunk(2)
@@ -230,9 +235,9 @@ class TICoE(Eraser):
                                      {"params": list(hvrl.parameters()), "lr": e.lr * e.hvrl_lr_scale}])
 
         side = {f"hvrl.{n}": p for n, p in hvrl.named_parameters()}
-        new, state, resumed_at = fit_unet(self, model, params, optimizer, step, {"training": g},
-                                          {"banks": banks_text, "images": sources}, progress, side=side,
-                                          frozen=frozen)
+        new, state, resumed_at = fit_denoiser(self, model, params, optimizer, step, {"training": g},
+                                              {"banks": banks_text, "images": sources}, progress, side=side,
+                                              frozen=frozen)
         self.losses = list(state.losses)
         info = {"banks": [len(b) for b in banks_text], "bank_examples": [b[:8] for b in banks_text],
                 "images": sources, "hvrl_parameters": sum(p.numel() for p in hvrl.parameters()),

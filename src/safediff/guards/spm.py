@@ -8,9 +8,10 @@ Merged into the weights it acts on every prompt at full strength; this guard app
     W x  ->  W x + s · f(γ_k(P)) · ΔW_k x       for every adapted Linear/Conv2d and every membrane k
     γ_k(P) = max_{c ∈ C_k} max( cos(vec E(P), vec E(c)),  |T(P) ∩ T(c)| / |T(c)| )
 
-E(·): the text conditioning the UNet reads ([L, D], flattened); T(·): the set of a text's token ids without special
-tokens; C_k: the keywords membrane k was trained to erase (from its edit's record). f(γ) = γ (``scaling=linear``,
-the paper's modulation of the membrane by the transport rate); ``scaling=reference`` gives f(γ) = γ², what
+E(·): the text conditioning the denoiser reads ([L, D], flattened; SD3: the CLIP and T5 segments, FLUX: T5);
+T(·): the set of a text's token ids without special tokens (of the first tokenizer: CLIP on every architecture);
+C_k: the keywords membrane k was trained to erase (from its edit's record). f(γ) = γ (``scaling=linear``, the paper's
+modulation of the membrane by the transport rate); ``scaling=reference`` gives f(γ) = γ², what
 ``infer_spm.py`` computes by multiplying both factors U and D by γ. ``metric`` picks the reference's matching scores
 (``clipcos_tokenuni``: the maximum of both, the default; ``clipcos``; ``tokenuni``). The rate of sample b scales the
 membrane on every branch of that sample (∅, the prompt, a negative prompt), as the reference applies one multiplier
@@ -21,7 +22,7 @@ same hooks, so both forms are measured alike. ``s`` (``strength``) scales everyt
 Options: ``edit`` (required): one or more SPM edits (``;``-separated paths, each made by ``safediff erase --method
 spm`` for this model's weights and the edits it carries); their membranes stack, each with its own rate (the
 reference's several ``--spm_path``). ``--concept`` must name the concepts the membranes erase. Presets: ``paper``
-(default), ``reference`` (γ² scaling), ``merged`` (no transport). One UNet call per step; the hooks add one matrix
+(default), ``reference`` (γ² scaling), ``merged`` (no transport). One denoiser call per step; the hooks add one matrix
 product per adapted layer and membrane and are removed after the call.
 """
 
@@ -115,7 +116,7 @@ class SPMSession(Session):
         x = args[0]
         rows, batch = output.shape[0], self.coefficients.shape[1]
         if rows % batch:
-            raise SafediffError(f"spm: a UNet call of {rows} rows does not hold whole branches of {batch} samples")
+            raise SafediffError(f"spm: a denoiser call of {rows} rows does not hold whole branches of {batch} samples")
         extra = torch.zeros_like(output, dtype=torch.float32)
         for delta, coefficient in zip(layer.deltas, self.coefficients):
             if isinstance(module, torch.nn.Conv2d):
@@ -167,8 +168,8 @@ class SPMGuard(Guard):
             names = sorted({n for d in per_edit for n in d})
             layers = {}
             for name in names:
-                module_name = name.removeprefix("unet.").removesuffix(".weight")
-                module = model.unet.get_submodule(module_name)
+                module_name = name.partition(".")[2].removesuffix(".weight")
+                module = model.denoiser.get_submodule(module_name)
                 zero = torch.zeros(module.weight.shape, dtype=torch.float32, device=module.weight.device)
                 layers[module_name] = MembraneLayer(module, [d.get(name, zero) for d in per_edit])
             self._layers = (key, layers)
