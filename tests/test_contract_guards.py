@@ -88,9 +88,10 @@ def test_contract_batch_members_are_independent(request, edits, arch, name):
 @pytest.mark.parametrize("name", NAMES)
 def test_contract_one_unet_call_per_step_and_pipeline_untouched(request, edits, arch, name):
     model = request.getfixturevalue(arch)
+    g = guard(name, model, edits)
     before = pipeline_state(model)
     with count_unet_calls(model) as calls:
-        out = generate(model, PROMPTS, SEEDS, steps=STEPS, guard=guard(name, model, edits), progress=False)
+        out = generate(model, PROMPTS, SEEDS, steps=STEPS, guard=g, progress=False)
     assert len(calls) == STEPS
     assert calls == [n * len(PROMPTS) for n in out.unet_batch_per_step]
     assert torch.isfinite(out.latents).all() and out.pixels.shape[0] == len(PROMPTS)

@@ -50,18 +50,18 @@ def test_loss_is_the_norm_of_the_concepts_attention_over_all_layers():
 def test_recorded_probabilities_are_the_attention_softmax_and_the_output_is_unchanged(tiny_sd):
     a = tiny_sd.adapter
     x, t, cond = torch.randn(1, 4, 4, 4), torch.tensor(500), a.encode(["a red circle"])
-    before = dict(tiny_sd.unet.attn_processors)
+    before = dict(tiny_sd.denoiser.attn_processors)
     with torch.no_grad():
         plain = denoiser_output(tiny_sd, x, t, cond)
         records, inputs = [], {}
-        attn2 = {n: m for n, m in tiny_sd.unet.named_modules() if n.endswith("attn2")}
+        attn2 = {n: m for n, m in tiny_sd.denoiser.named_modules() if n.endswith("attn2")}
         first = next(iter(attn2.values()))
         handle = first.register_forward_pre_hook(lambda m, args, kw: inputs.update(h=args[0], e=kw.get(
             "encoder_hidden_states")), with_kwargs=True)
-        with recorded_cross_attention(tiny_sd.unet, lambda p, h: records.append((p, h))):
+        with recorded_cross_attention(tiny_sd.denoiser, lambda p, h: records.append((p, h))):
             recorded = denoiser_output(tiny_sd, x, t, cond)
         handle.remove()
-    assert dict(tiny_sd.unet.attn_processors) == before
+    assert dict(tiny_sd.denoiser.attn_processors) == before
     assert len(records) == len(attn2)
     assert (recorded - plain).abs().max() <= 1e-5 * plain.abs().max()
     q, k = first.to_q(inputs["h"]), first.to_k(inputs["e"])
@@ -85,7 +85,7 @@ def test_first_loss_recomputed_from_every_cross_attention_softmax(tiny_sd):
         k = m.to_k(kwargs["encoder_hidden_states"]).view(b, -1, m.heads, q.shape[-1]).transpose(1, 2)
         calls.append((q @ k.transpose(-1, -2) * m.scale).softmax(-1).detach())
 
-    attn2 = [m for n, m in tiny_sd.unet.named_modules() if n.endswith("attn2")]
+    attn2 = [m for n, m in tiny_sd.denoiser.named_modules() if n.endswith("attn2")]
     hooks = [m.register_forward_pre_hook(recompute, with_kwargs=True) for m in attn2]
     try:
         eraser = ForgetMeNot(iterations=1, lr=1e-3, batch=1, n_images=1)

@@ -30,8 +30,8 @@ def adapted_layers(unet) -> set[str]:
 
 def test_membrane_covers_the_transformer_blocks_and_starts_at_zero(tiny_sd):
     g = torch.Generator().manual_seed(0)
-    m = Membrane(tiny_sd.unet, rank=1, alpha=1.0, generator=g)
-    assert set(m.layers) == adapted_layers(tiny_sd.unet)
+    m = Membrane(tiny_sd.denoiser, rank=1, alpha=1.0, generator=g)
+    assert set(m.layers) == adapted_layers(tiny_sd.denoiser)
     assert any(".attn1." in n for n in m.layers) and any(".attn2." in n for n in m.layers)
     assert any(n.endswith("proj_in") for n in m.layers) and any(".ff." in n for n in m.layers)
     for name, layer in m.layers.items():
@@ -45,8 +45,8 @@ def test_membrane_covers_the_transformer_blocks_and_starts_at_zero(tiny_sd):
 def test_the_edit_is_the_merged_membrane_of_rank_r(tiny_sd, rank):
     edit = SPM(rank=rank, **FAST).fit(tiny_sd, RED, progress=False)
     assert edit.tensors and {n.removeprefix("unet.").removesuffix(".weight") for n in edit.tensors} <= \
-        adapted_layers(tiny_sd.unet)
-    params = dict(tiny_sd.unet.named_parameters())
+        adapted_layers(tiny_sd.denoiser)
+    params = dict(tiny_sd.denoiser.named_parameters())
     for name, w in edit.tensors.items():
         delta = (w - params[name.removeprefix("unet.")].detach()).double().reshape(w.shape[0], -1)
         s = torch.linalg.svdvals(delta)
@@ -119,7 +119,7 @@ def test_the_guard_is_the_membrane_scaled_by_the_prompts_transport_rate(tiny_sd,
         with torch.no_grad():
             gamma = float(transport_rates(tiny_sd.adapter, [prompt], tiny_sd.adapter.encode([prompt]).embeds,
                                           ["red"], "clipcos_tokenuni")[0]) ** power
-        params = dict(tiny_sd.unet.named_parameters())
+        params = dict(tiny_sd.denoiser.named_parameters())
         scaled = {n: params[n.removeprefix("unet.")].detach() + gamma * d for n, d in edit.deltas(tiny_sd).items()}
         with weights_set_to(tiny_sd, scaled):
             merged = generate(tiny_sd, [prompt], [5], steps=3, progress=False).latents
