@@ -31,7 +31,13 @@ ERASER_SETTINGS = {"esd": {"iterations": 3, "lr": 1e-3, "ddim_steps": 4},
                    "trce": {"iterations": 3, "lr": 1e-4, "trajectories": 2, "uncond_trajectories": 2,
                             "ddim_steps": 4},
                    "mace": {"iterations": 3, "n_images": 2}, "realera": {"iterations": 3, "ddim_steps": 4},
-                   "concept-prune": {"max_prompts": 4, "steps": 4}}
+                   "concept-prune": {"max_prompts": 4, "steps": 4},
+                   "spm": {"iterations": 3, "lr": 1e-3, "warmup": 0, "ddim_steps": 4, "anchors": 2},
+                   "concept-ablation": {"iterations": 3, "lr": 1e-4, "batch": 2, "n_images": 4},
+                   "forget-me-not": {"iterations": 3, "lr": 1e-4, "batch": 2, "n_images": 4},
+                   "all-but-one": {"iterations": 3, "lr": 1e-3, "ddim_steps": 4},
+                   "ticoe": {"iterations": 3, "lr": 1e-4, "n_images": 4, "resample_every": 2},
+                   "safegen": {"iterations": 3, "lr": 1e-4, "batch": 2, "n_images": 4, "mosaic_block": 8}}
 ATTACK_SETTINGS = {"unlearndiff": ("timesteps=2,iterations_per_timestep=2", "iterations=4"),
                    "p4d-n": ("n_tokens=4,eval_every=2", "iterations=4"),
                    "p4d-k": ("eval_every=2", "iterations=4"),
@@ -55,17 +61,22 @@ def digest(*tensors_or_bytes) -> str:
     return h.hexdigest()[:16]
 
 
-def guards(model) -> dict:
+def guards(model, folder: Path) -> dict:
+    from safediff.concepts import resolve
     from safediff.guards import build_guard
-    from safediff.registry import GUARDS
+    from safediff.registry import ERASERS, GUARDS
     from safediff.sampling import generate
 
     out = {}
     for name in GUARDS.names():
-        spec = GUARD_SPECS.get(name, name)
+        label = spec = GUARD_SPECS.get(name, name)
+        applied = GUARDS.get(name).edit_from
+        if applied:  # a guard that applies an eraser's edit (SPM's membrane): that eraser at the settings below
+            edit = ERASERS.get(applied)(**ERASER_SETTINGS[applied]).fit(model, resolve("red"), progress=False)
+            spec += f"{',' if ':' in spec else ':'}edit={edit.save(folder / f'guard-{applied}.safetensors')}"
         concept = "red,blue,triangle" if name.startswith("casg") else ("red" if name != "none" else None)
         gen = generate(model, PROMPTS, SEEDS, guard=build_guard(spec, concept), progress=False)
-        out[f"guard {spec}"] = digest(gen.latents, gen.pixels, gen.unet_batch_per_step)
+        out[f"guard {label}"] = digest(gen.latents, gen.pixels, gen.unet_batch_per_step)
     return out
 
 
@@ -143,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         parts = set(args.only.split(",")) if args.only else {"guards", "erasers", "attacks", "bench"}
-        found = guards(model) if "guards" in parts else {}
+        found = guards(model, folder) if "guards" in parts else {}
         if parts & {"erasers", "attacks"}:
             e, uce = erasers(model, folder)
             found.update(e if "erasers" in parts else {})

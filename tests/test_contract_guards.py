@@ -9,6 +9,8 @@ A guard added to ``safediff.registry.GUARDS`` is covered here without writing th
 - it runs on SD-1.x, SDXL, SD3 and FLUX tiny models and changes the output at its defaults;
 - on a transformer (SD3, FLUX) a guard either runs or refuses in one line that says what to use instead: options
   that need UNet skip features (``transformer_options`` says which to use), a negative branch on FLUX without CFG.
+A guard that applies an eraser's edit (``edit_from``, e.g. SPM's membrane) gets that eraser's edit for "red", fitted
+once per model at the eraser's smoke settings.
 """
 
 import pytest
@@ -16,9 +18,11 @@ import torch
 from float_bounds import BATCH_LATENTS, assert_close
 from guard_checks import count_unet_calls, pipeline_state
 
+from safediff.concepts import resolve
+from safediff.erasers import build_eraser
 from safediff.errors import SafediffError
 from safediff.guards import build_guard
-from safediff.registry import GUARDS
+from safediff.registry import ERASERS, GUARDS
 from safediff.sampling import generate
 
 NAMES = GUARDS.primary_names()
@@ -28,33 +32,52 @@ STEPS = 4
 TRANSFORMERS = ["tiny_sd3", "tiny_flux"]
 
 
-def guard(name: str, options: str = "", model=None):
-    """The guard with ``options``; on a transformer also with the options it declares for one."""
+@pytest.fixture(scope="session")
+def edits(tmp_path_factory):
+    """``edits(cls, model)`` -> the ``edit=PATH`` option of a guard that applies an eraser's edit ("" otherwise)."""
+    folder, paths = tmp_path_factory.mktemp("guard-edits"), {}
+
+    def option(cls, model) -> str:
+        if cls.edit_from is None:
+            return ""
+        key = (cls.edit_from, model.base_sha256)
+        if key not in paths:
+            settings = ERASERS.get(cls.edit_from).sandbox["smoke"]
+            edit = build_eraser(cls.edit_from, **settings).fit(model, resolve("red"), progress=False)
+            paths[key] = edit.save(folder / f"{cls.edit_from}-{len(paths)}.safetensors")
+        return f"edit={paths[key]}"
+    return option
+
+
+def guard(name: str, model, edits, options: str = "", transformer_options: bool = True):
+    """The guard with ``options`` and the edit it applies, if any; on a transformer also with the options it declares
+    for one (unless ``transformer_options`` is false)."""
     cls = GUARDS.get(name)
     concept = None if name == "none" else ("red,blue" if cls.multi_category else "red")
-    if model is not None and not model.adapter.skip_features and cls.transformer_options:
-        options = ",".join(o for o in (options, cls.transformer_options) if o)
+    extra = cls.transformer_options if transformer_options and not model.adapter.skip_features else ""
+    options = ",".join(o for o in (options, extra, edits(cls, model)) if o)
     return build_guard(name + (f":{options}" if options else ""), concept)
 
 
 @pytest.mark.parametrize("arch", ["tiny_sd", *TRANSFORMERS])
 @pytest.mark.parametrize("name", NAMES)
-def test_contract_zero_strength_is_plain_cfg(request, arch, name):
+def test_contract_zero_strength_is_plain_cfg(request, edits, arch, name):
     cls = GUARDS.get(name)
     if cls.zero_strength is None:
         pytest.skip(f"{name} has no zero strength: {cls.zero_strength_reason}")
     model = request.getfixturevalue(arch)
     plain = generate(model, PROMPTS, SEEDS, steps=STEPS, progress=False)
-    off = generate(model, PROMPTS, SEEDS, steps=STEPS, guard=guard(name, cls.zero_strength, model), progress=False)
+    off = generate(model, PROMPTS, SEEDS, steps=STEPS, guard=guard(name, model, edits, cls.zero_strength),
+                   progress=False)
     assert torch.equal(off.latents, plain.latents)
     assert off.unet_batch_per_step == plain.unet_batch_per_step
 
 
 @pytest.mark.parametrize("arch", ["tiny_sd", "tiny_flux"])
 @pytest.mark.parametrize("name", NAMES)
-def test_contract_batch_members_are_independent(request, arch, name):
+def test_contract_batch_members_are_independent(request, edits, arch, name):
     model = request.getfixturevalue(arch)
-    g = guard(name, GUARDS.get(name).continuous, model)
+    g = guard(name, model, edits, GUARDS.get(name).continuous)
     together = generate(model, PROMPTS, SEEDS, steps=STEPS, guard=g, progress=False)
     for b in range(len(PROMPTS)):
         alone = generate(model, PROMPTS[b:b + 1], SEEDS[b:b + 1], steps=STEPS, guard=g, progress=False)
@@ -63,11 +86,12 @@ def test_contract_batch_members_are_independent(request, arch, name):
 
 @pytest.mark.parametrize("arch", ["tiny_sd", "tiny_sdxl", *TRANSFORMERS])
 @pytest.mark.parametrize("name", NAMES)
-def test_contract_one_unet_call_per_step_and_pipeline_untouched(request, arch, name):
+def test_contract_one_unet_call_per_step_and_pipeline_untouched(request, edits, arch, name):
     model = request.getfixturevalue(arch)
+    g = guard(name, model, edits)
     before = pipeline_state(model)
     with count_unet_calls(model) as calls:
-        out = generate(model, PROMPTS, SEEDS, steps=STEPS, guard=guard(name, model=model), progress=False)
+        out = generate(model, PROMPTS, SEEDS, steps=STEPS, guard=g, progress=False)
     assert len(calls) == STEPS
     assert calls == [n * len(PROMPTS) for n in out.unet_batch_per_step]
     assert torch.isfinite(out.latents).all() and out.pixels.shape[0] == len(PROMPTS)
@@ -77,25 +101,26 @@ def test_contract_one_unet_call_per_step_and_pipeline_untouched(request, arch, n
 
 @pytest.mark.parametrize("arch", ["tiny_sd", *TRANSFORMERS])
 @pytest.mark.parametrize("name", [n for n in NAMES if n != "none"])
-def test_contract_the_guard_acts_at_its_defaults(request, arch, name):
+def test_contract_the_guard_acts_at_its_defaults(request, edits, arch, name):
     model = request.getfixturevalue(arch)
     steps = 12  # past every default preset's warm-up (SLD medium: 10)
     plain = generate(model, PROMPTS, SEEDS, steps=steps, progress=False)
-    out = generate(model, PROMPTS, SEEDS, steps=steps, guard=guard(name, model=model), progress=False)
+    out = generate(model, PROMPTS, SEEDS, steps=steps, guard=guard(name, model, edits), progress=False)
     assert (out.latents - plain.latents).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if GUARDS.get(n).transformer_options])
-def test_contract_options_that_need_unet_features_are_refused_on_a_transformer(tiny_sd3, name):
+def test_contract_options_that_need_unet_features_are_refused_on_a_transformer(tiny_sd3, edits, name):
+    g = guard(name, tiny_sd3, edits, transformer_options=False)
     with pytest.raises(SafediffError) as err:
-        generate(tiny_sd3, PROMPTS, SEEDS, steps=2, guard=guard(name), progress=False)
+        generate(tiny_sd3, PROMPTS, SEEDS, steps=2, guard=g, progress=False)
     message = str(err.value)
     assert "\n" not in message and GUARDS.get(name).transformer_options in message
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_contract_without_cfg_on_flux_a_guard_runs_or_asks_for_cfg(tiny_flux, name):
-    g = guard(name, model=tiny_flux)
+def test_contract_without_cfg_on_flux_a_guard_runs_or_asks_for_cfg(tiny_flux, edits, name):
+    g = guard(name, tiny_flux, edits)
     if not GUARDS.get(name).needs_cfg:
         assert generate(tiny_flux, PROMPTS, SEEDS, steps=2, guidance=1.0, guard=g, progress=False).unet_batch_per_step
         return

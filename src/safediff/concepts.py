@@ -34,6 +34,9 @@ class Concept:
     # from neutral scenes (``safediff.attacks.concept_pairs``)
     pairs: tuple[tuple[str, str], ...] = ()
     judge: str | None = None  # the detector spec that reads this concept in images, when one is known
+    # images that show the concept, for erasers that learn from images (``safediff.exemplars``): "sandbox:VALUE"
+    # (scenes the sandbox world renders); "" = none known (give such erasers a folder of images)
+    exemplars: str = ""
 
     @property
     def text(self) -> str:

@@ -6,7 +6,8 @@ Runs offline on a CPU. The plan (concept ``red``; the sandbox model at its sampl
 1. ``base``: the sandbox model on the erase set and on the guard set.
 2. Every registered guard (``GUARDS``) at its ``sandbox_preset`` (SLD's and CASG-SLD's: ``max``): on the erase set
    for ``red``; the guards that pick one of several harmful categories (``multi_category``: CASG) on the guard set,
-   whose harmful attributes are red, blue and triangle.
+   whose harmful attributes are red, blue and triangle. A guard that applies an eraser's edit (``edit_from``: SPM's
+   Facilitated Transport) gets the edit of that eraser fitted in step 3.
 3. Every registered eraser (``ERASERS``; an alias runs once, under its class's first name) fitted to erase ``red``
    with its ``sandbox["demo"]`` settings (``smoke`` with ``--quick``; closed-form erasers at their defaults, RECE with
    the sandbox validator), saved to ``OUT/edits/`` and benched as ``sandbox+EDIT`` on the erase set. These budgets
@@ -28,7 +29,8 @@ rows interleaved by kind (``safediff.sandbox.benchmarks.interleaved``) so the re
 sampling) and token budgets: a smoke test of the whole pipeline whose numbers mean nothing.
 
 Cost (``FULL``, 1 torch thread, measured twice on a shared 2-core machine): 498 and 508 CPU-seconds in all (user +
-system), i.e. about 8.5 minutes of one idle core; guards and erasers ~20-55 s each, ESD/TRCE/RECE fits included.
+system), i.e. about 8.5 minutes of one idle core; guards and erasers ~20-55 s each, ESD/TRCE/RECE fits included
+(measured before SPM, Concept Ablation, Forget-Me-Not, All-but-One, TICoE and SafeGen were registered).
 The wall time there was 14 and 28 minutes because other jobs held the cores; with 2 threads on a busy machine torch
 spends twice the CPU for no gain (``--threads 1`` there). ``--quick``: ~40 CPU-seconds.
 
@@ -179,11 +181,17 @@ class Edits:
 
 def run_bench_stage(stage: Stage, out: Path, size: DemoSize, edits: Edits, progress: bool) -> dict:
     from safediff.bench.runner import BenchConfig, run_benchmark
+    from safediff.options import Spec
+    from safediff.registry import GUARDS
 
     model = "sandbox" if stage.eraser is None else f"sandbox+{edits.fit(stage.eraser, progress)}"
     name = stage.label + (f" (= {', '.join(stage.aliases)})" if stage.aliases else "")
+    guard = stage.guard
+    applied = GUARDS.get(Spec.parse(guard, "guard").name).edit_from if guard else None
+    if applied:  # a guard that applies an eraser's edit (SPM's membrane): the demo's edit of that eraser
+        guard += f"{',' if ':' in guard else ':'}edit={edits.fit(applied, progress)}"
     return run_benchmark(BenchConfig(benchmark=stage.benchmark, model=model, out=out / stage.run_folder,
-                                     guard=stage.guard, steps=size.steps, batch_size=size.batch_size, name=name,
+                                     guard=guard, steps=size.steps, batch_size=size.batch_size, name=name,
                                      progress=progress))
 
 

@@ -49,6 +49,7 @@ GUARDS = Registry("guard", {
     "safree": "safediff.guards.safree:SafreeGuard",
     "safree-released": "safediff.guards.safree:SafreeReleasedGuard",
     "casg-safree": "safediff.guards.casg_safree:CasgSafreeGuard",
+    "spm": "safediff.guards.spm:SPMGuard",
     "adavd": "safediff.guards.adavd:AdaVD",
 })
 
@@ -63,7 +64,14 @@ ERASERS = Registry("eraser", {
     "concept-prune": "safediff.erasers.concept_prune:ConceptPrune",
     "mace": "safediff.erasers.mace:MACE",
     "realera": "safediff.erasers.realera:RealEra",
-}, aliases={"esd": "esd-u"})  # the paper's variant for nudity and other global concepts
+    "spm": "safediff.erasers.spm:SPM",
+    "concept-ablation": "safediff.erasers.concept_ablation:ConceptAblation",
+    "forget-me-not": "safediff.erasers.forget_me_not:ForgetMeNot",
+    "all-but-one": "safediff.erasers.all_but_one:AllButOne",
+    "ticoe": "safediff.erasers.ticoe:TICoE",
+    "safegen": "safediff.erasers.safegen:SafeGen",
+}, aliases={"esd": "esd-u",  # the paper's variant for nudity and other global concepts
+            "ca": "concept-ablation", "fmn": "forget-me-not"})  # the names the literature tables use
 
 ATTACKS = Registry("attack", {
     "unlearndiff": "safediff.attacks.unlearndiff:UnlearnDiffAtk",

@@ -88,8 +88,9 @@ class Edit:
     def is_applied(self, model) -> bool:
         return any(e is self for e in model.edits)
 
-    def apply(self, model) -> "Edit":
-        """Write the new tensors into ``model`` in place; keep the replaced ones for ``revert``."""
+    def _parameters_to_replace(self, model) -> dict[str, torch.nn.Parameter]:
+        """The parameters of ``model`` this edit replaces, after checking that it fits there now: same base weights,
+        not applied yet, the same parent edits applied, the same shapes."""
         base = model.base_sha256  # read before any weight changes (computed on first use)
         want = self.metadata["base_weights_sha256"]
         if base != want:
@@ -109,6 +110,18 @@ class Edit:
             if p.shape != t.shape:
                 raise SafediffError(f"edit tensor '{name}' has shape {tuple(t.shape)}, the model's has "
                                     f"{tuple(p.shape)} (edit made for another architecture?)")
+        return params
+
+    def deltas(self, model) -> dict[str, torch.Tensor]:
+        """New minus current value of every tensor this edit changes, on the model's device in float32, for a model
+        it could be applied to now (checked as ``apply`` checks); the model is not changed."""
+        params = self._parameters_to_replace(model)
+        return {name: self.tensors[name].to(p.device, torch.float32) - p.detach().float()
+                for name, p in params.items()}
+
+    def apply(self, model) -> "Edit":
+        """Write the new tensors into ``model`` in place; keep the replaced ones for ``revert``."""
+        params = self._parameters_to_replace(model)
         originals = {name: p.detach().clone() for name, p in params.items()}
         with torch.no_grad():
             for name, p in params.items():

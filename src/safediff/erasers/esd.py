@@ -54,27 +54,16 @@ import torch.nn.functional as F
 from safediff.adapters.roles import has_role
 from safediff.errors import SafediffError
 from safediff.erasers.base import Eraser
-from safediff.erasers.training import TrainingState, keywords_of, loss_summary, run_fingerprint, train, trainable
+from safediff.erasers.training import (TrainingState, draw_partial, keywords_of, loss_summary, run_fingerprint,
+                                       train, trainable)
 from safediff.adapters import Conditioning
 from safediff.models import Model
 from safediff.options import option
-from safediff.sampling import (cfg_session, denoise, denoiser_output, latent_shape, step_kwargs,
-                               trajectory_scheduler)
+from safediff.sampling import denoiser_output, trajectory_scheduler
 
 logger = logging.getLogger("safediff")
 
 VARIANT_ROLES = {"x": "text_attention", "x-strict": "text_kv"}
-
-
-def timestep_bin(scheduler, i: int) -> tuple[int, int]:
-    """DDPM timesteps [lo, hi) that DDIM step ``i`` stands for: from its own timestep up to the previous step's.
-
-    With 50 DDIM steps over 1000 training steps this is the reference code's 20-wide bin around the step.
-    """
-    ts = scheduler.timesteps
-    lo = int(ts[i])
-    hi = int(ts[i - 1]) if i > 0 else int(scheduler.config.num_train_timesteps)
-    return lo, max(hi, lo + 1)
 
 
 def is_trained(variant: str, name: str) -> bool:
@@ -111,7 +100,6 @@ class ESDRun:
         self.frozen = {n: p.detach().clone() for n, p in self.params.items()}
         self.steps = int(eraser.ddim_steps or model.defaults["steps"])
         self.height, self.width = int(model.defaults["height"]), int(model.defaults["width"])
-        self.shape = latent_shape(model, self.height, self.width)
         self.scheduler = trajectory_scheduler(model, self.steps, self.height, self.width)
         with torch.no_grad():
             self.conds = model.adapter.encode(words)
@@ -120,17 +108,10 @@ class ESDRun:
 
     def draw(self) -> Batch:
         """Draw (keyword, DDIM step, DDPM timestep, noise) and sample x_t; all randomness from the run's generator."""
-        g = self.generator
-        word = int(torch.randint(len(self.words), (1,), generator=g))
-        step = int(torch.randint(self.steps, (1,), generator=g))
-        lo, hi = timestep_bin(self.scheduler, step)
-        t = int(torch.randint(lo, hi, (1,), generator=g))
-        noise = torch.randn((1, *self.shape), generator=g, dtype=self.model.dtype).to(self.model.device)
+        word = int(torch.randint(len(self.words), (1,), generator=self.generator))
         sampler_params = None if self.eraser.sample_with == "trained" else self.frozen
-        session = cfg_session(self.model, self.conds[word:word + 1], self.uncond, self.eraser.start_guidance,
-                              self.scheduler, self.height, self.width)
-        x = denoise(session, self.scheduler, self.model.adapter.initial_latents(self.scheduler, noise), n_steps=step,
-                    kwargs=step_kwargs(self.scheduler, None, 0.0), params=sampler_params)
+        step, t, x = draw_partial(self.model, self.scheduler, self.steps, self.generator, self.conds[word:word + 1],
+                                  self.uncond, self.eraser.start_guidance, self.height, self.width, sampler_params)
         return Batch(word, step, t, x)
 
     def loss(self, batch: Batch) -> torch.Tensor:

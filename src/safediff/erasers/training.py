@@ -1,5 +1,13 @@
-"""What the training-based erasers (ESD, TRCE stage 2, MACE's and RealEra's LoRAs) share: the training loop,
-resumable state, parameter swapping.
+"""What the training-based erasers share: the training loop, resumable state, parameter swapping, x_t draws.
+
+- ``train``: the one loop (zeroed gradients, optional gradient clipping and learning-rate factor per iteration,
+  periodic checkpoints); ``TrainingState``: what it owns, saved and resumed bit-identically; ``fit_denoiser``: the
+  loop around a set of denoiser parameters (and side tensors), from checkpoint to trained values, the denoiser
+  restored;
+- ``draw_partial``: x_t by partial sampling from noise (DDIM on a UNet, the flow-matching Euler on SD3/FLUX), at a
+  random step, with the training timestep drawn in that step's bin (ESD's sampling, shared by the erasers that
+  train on the model's own trajectories);
+- ``cosine_restarts``: diffusers' cosine schedule with hard restarts and linear warm-up, as a factor per iteration.
 
 Resumable training state is one safetensors file, written atomically.
 
@@ -13,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -26,6 +35,7 @@ from safediff.concepts import Concept
 from safediff.errors import SafediffError
 from safediff.hashing import json_sha256
 from safediff.storage import write_bytes_atomic
+
 
 def run_fingerprint(eraser, model, extra: dict) -> str:
     """Hash of what a checkpoint must match to be resumed: method, hyper-parameters except ``iterations`` (a run
@@ -127,15 +137,21 @@ def loss_summary(losses: list[float], n: int = 10) -> dict:
 
 def train(state: TrainingState, iterations: int, step: Callable[[int], tuple[torch.Tensor, dict]], *,
           checkpoint: str | None, checkpoint_every: int, fingerprint: str, desc: str, progress: bool,
-          max_grad_norm: float | None = None) -> None:
+          max_grad_norm: float | None = None, lr_factor: Callable[[int], float] | None = None) -> None:
     """The one loop of the training erasers: ``step(iteration)`` draws a batch and returns (loss, info shown on the
     progress bar); gradients are zeroed before each step (no accumulation across steps), clipped to a total norm of
-    ``max_grad_norm`` when given (parameters without a gradient this step are left out), the loss is recorded, and
-    the state is checkpointed every ``checkpoint_every`` iterations and at the end."""
+    ``max_grad_norm`` when given (parameters without a gradient this step are left out), each parameter group's
+    learning rate is its initial one times ``lr_factor(iteration)`` when given, the loss is recorded, and the state
+    is checkpointed every ``checkpoint_every`` iterations and at the end."""
+    for group in state.optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
     with tqdm(total=iterations, initial=min(state.iteration, iterations), desc=desc, disable=not progress,
               leave=False) as bar:
         while state.iteration < iterations:
             state.optimizer.zero_grad(set_to_none=True)
+            if lr_factor is not None:
+                for group in state.optimizer.param_groups:
+                    group["lr"] = group["initial_lr"] * lr_factor(state.iteration)
             loss, info = step(state.iteration)
             loss.backward()
             if max_grad_norm is not None:
@@ -148,3 +164,76 @@ def train(state: TrainingState, iterations: int, step: Callable[[int], tuple[tor
             bar.set_postfix(loss=f"{state.losses[-1]:.4g}", **info)
             if checkpoint and (state.iteration % checkpoint_every == 0 or state.iteration == iterations):
                 state.save(checkpoint, fingerprint)
+
+
+def cosine_restarts(warmup: int, total: int, cycles: int) -> Callable[[int], float]:
+    """The learning-rate factor of iteration i under diffusers' ``cosine_with_restarts`` schedule (as the scheduler
+    has been stepped i times): i/warmup during the warm-up, then ½(1 + cos(π ((cycles·p) mod 1))) with p the share
+    of the remaining iterations done; 0 from ``total`` on."""
+    def factor(i: int) -> float:
+        if i < warmup:
+            return i / max(1, warmup)
+        p = (i - warmup) / max(1, total - warmup)
+        return 0.0 if p >= 1.0 else 0.5 * (1.0 + math.cos(math.pi * ((cycles * p) % 1.0)))
+    return factor
+
+
+def timestep_bin(scheduler, i: int) -> tuple[int, int]:
+    """Training timesteps [lo, hi) that sampling step ``i`` stands for: from its own timestep up to the previous
+    step's (the schedule's end, ``num_train_timesteps``, for the first step).
+
+    With 50 DDIM steps over 1000 training steps this is the reference code's 20-wide bin around the step; on the
+    flow-matching models it is the step's bin of the (shifted) schedule in [0, 1000].
+    """
+    ts = scheduler.timesteps
+    lo = int(ts[i])
+    hi = int(ts[i - 1]) if i > 0 else int(scheduler.config.num_train_timesteps)
+    return lo, max(hi, lo + 1)
+
+
+def draw_partial(model, scheduler, steps: int, generator: torch.Generator, cond, uncond, guidance: float, height: int,
+                 width: int, params: dict[str, torch.Tensor] | None = None) -> tuple[int, int, torch.Tensor]:
+    """(sampling step i, training timestep t, x_t): i uniform in [0, steps), t uniform in i's bin (``timestep_bin``),
+    and x_t the latents after i steps of ``scheduler`` (``sampling.trajectory_scheduler``: DDIM with η = 0 on a UNet,
+    the flow-matching Euler on SD3/FLUX) with classifier-free guidance ``guidance`` on ``cond``, from Gaussian noise;
+    every random number from ``generator``, in that order. ``params`` replaces denoiser parameters while sampling."""
+    from safediff.sampling import cfg_session, denoise, latent_shape, step_kwargs
+
+    step = int(torch.randint(steps, (1,), generator=generator))
+    lo, hi = timestep_bin(scheduler, step)
+    t = int(torch.randint(lo, hi, (1,), generator=generator))
+    noise = torch.randn((1, *latent_shape(model, height, width)), generator=generator, dtype=model.dtype)
+    noise = noise.to(model.device)
+    session = cfg_session(model, cond, uncond, guidance, scheduler, height, width)
+    x = denoise(session, scheduler, model.adapter.initial_latents(scheduler, noise), n_steps=step,
+                kwargs=step_kwargs(scheduler, None, 0.0), params=params)
+    return step, t, x
+
+
+def fit_denoiser(eraser, model, params: dict[str, torch.nn.Parameter],
+                 make_optimizer: Callable[[], torch.optim.Optimizer], step: Callable[[int], tuple[torch.Tensor, dict]],
+                 generators: dict[str, torch.Generator], extra: dict, progress: bool,
+                 side: dict[str, torch.Tensor] | None = None, max_grad_norm: float | None = None,
+                 lr_factor: Callable[[int], float] | None = None, frozen: dict[str, torch.Tensor] | None = None
+                 ) -> tuple[dict[str, torch.Tensor], TrainingState, int | None]:
+    """Train the denoiser parameters ``params`` (names as in ``model.denoiser.named_parameters()``) and the ``side``
+    tensors (e.g. a module trained alongside, checkpointed but not part of the edit) with ``train``, resuming from
+    ``eraser.checkpoint`` when it exists (its fingerprint: ``run_fingerprint(eraser, model, extra)``). Returns the
+    trained values (named as edits name them: ``unet.…``, ``transformer.…``), the state and the iteration resumed at
+    (None for a fresh run); the denoiser gets its original parameter values (``frozen``, copied here unless the
+    caller holds them) and ``requires_grad`` flags back."""
+    frozen = frozen if frozen is not None else {n: p.detach().clone() for n, p in params.items()}
+    state = TrainingState({**params, **(side or {})}, None, generators, losses=[])
+    fingerprint = run_fingerprint(eraser, model, extra)
+    with trainable(model.denoiser, params, frozen), torch.enable_grad():
+        for t in (side or {}).values():
+            t.requires_grad_(True)
+        state.optimizer = make_optimizer()
+        resumed = state.load(eraser.checkpoint, fingerprint) if eraser.checkpoint else False
+        resumed_at = state.iteration if resumed else None
+        train(state, eraser.iterations, step, checkpoint=eraser.checkpoint, checkpoint_every=eraser.checkpoint_every,
+              fingerprint=fingerprint, desc=eraser.name, progress=progress, max_grad_norm=max_grad_norm,
+              lr_factor=lr_factor)
+        prefix = model.adapter.denoiser_component
+        new = {f"{prefix}.{n}": p.detach().clone() for n, p in params.items()}
+    return new, state, resumed_at

@@ -68,7 +68,9 @@ class Guard:
     the update is a continuous function of the noise predictions, so rounding that differs between UNet batch sizes
     stays rounding-sized: the contract's batch-independence check runs there), ``needs_cfg`` (the guard steers the
     classifier-free-guidance branches, so it acts only when CFG is on), ``transformer_options`` (options under which
-    a guard whose defaults read UNet features runs on SD3/FLUX, which it refuses otherwise)."""
+    a guard whose defaults read UNet features runs on SD3/FLUX, which it refuses otherwise), ``edit_from`` (the
+    registered eraser whose edits the guard applies, given in its ``edit`` option, e.g. SPM's membrane; None for most
+    guards)."""
 
     name = "none"
     default_concept: str | None = None
@@ -79,6 +81,7 @@ class Guard:
     continuous = ""
     needs_cfg = False
     transformer_options = ""
+    edit_from: str | None = None
 
     def start(self, ctx: GenerationContext) -> Session:
         return Session(ctx)

@@ -8,7 +8,8 @@ For a value of one axis (colour, shape or style):
   synonyms; never the implicit phrases) in every plain template and every value of that other axis, against the same
   prompt without the value (a shape is replaced by the word "shape");
 - ``synonyms``: held out from erasers; ``preserve``: every other value of every axis;
-- ``judge``: the exact detector that reads the axis.
+- ``judge``: the exact detector that reads the axis;
+- ``exemplars``: ``sandbox:VALUE``, scenes the world renders with (or without) the value (``sandbox.exemplars``).
 """
 
 from __future__ import annotations
@@ -53,5 +54,5 @@ def presets() -> dict[str, Concept]:
         preserve = tuple(v for a in AXES for v in AXES[a] if v != value)
         out[value] = Concept(value, (value,), category=axis, synonyms=tuple(SYNONYMS.get(value, ())),
                              preserve=preserve, contexts=_contexts(axis), pairs=_pairs(value, axis),
-                             judge=JUDGES[axis])
+                             judge=JUDGES[axis], exemplars=f"sandbox:{value}")
     return out

@@ -56,3 +56,10 @@ def rest_kept(row: dict, found: list[dict]) -> bool:
         else:
             kept &= j["correct"]
     return kept
+
+
+def axis_value_shown(row: dict, found: list[dict]) -> bool:
+    """Does every intended object that names a value on the row's axis show that value (read on the object that
+    stands for it)? On a ``neighbour`` row: is the related value preserved."""
+    axis = row["axis"]
+    return all(j["read"][axis] == o[axis] for o, j in zip(row["objects"], judge(row, found)) if o[axis] is not None)
