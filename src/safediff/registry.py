@@ -58,6 +58,11 @@ ERASERS = Registry("eraser", {
     "esd-u": "safediff.erasers.esd:ESDU",
     "esd-x-strict": "safediff.erasers.esd:ESDXStrict",
     "trce": "safediff.erasers.trce:TRCE",
+    "advunlearn": "safediff.erasers.advunlearn:AdvUnlearn",
+    "stereo": "safediff.erasers.stereo:STEREO",
+    "doco": "safediff.erasers.doco:DoCo",
+    "salun": "safediff.erasers.salun:SalUn",
+    "des": "safediff.erasers.des:DES",
 }, aliases={"esd": "esd-u"})  # the paper's variant for nudity and other global concepts
 
 ATTACKS = Registry("attack", {

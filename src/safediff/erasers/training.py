@@ -4,7 +4,8 @@ Resumable training state is one safetensors file, written atomically.
 
 A checkpoint holds everything the next iteration depends on, so a resumed run is bit-identical to an uninterrupted
 one: the trained parameters, the optimizer state (moments and step counts), the random generators' states (as uint8
-tensors), the loss history and the iteration count. A *fingerprint* (hash of the method, its hyper-parameters, the
+tensors), the loss history, the iteration count and any other tensors a method carries from step to step (an
+adversarial prompt, ``carried``). A *fingerprint* (hash of the method, its hyper-parameters, the
 concepts and the base weights) guards against resuming a different run from the same file.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -62,6 +63,7 @@ class TrainingState:
     generators: dict[str, torch.Generator]
     losses: list[float]
     iteration: int = 0
+    carried: dict[str, torch.Tensor] = field(default_factory=dict)  # other state the next step reads
 
     def save(self, path: str | Path, fingerprint: str) -> None:
         tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in self.params.items()}
@@ -74,6 +76,7 @@ class TrainingState:
         for name, g in self.generators.items():
             tensors[f"rng.{name}"] = g.get_state()
         tensors["losses"] = torch.tensor(self.losses, dtype=torch.float64)
+        tensors.update({f"carried.{n}": t.detach().cpu().contiguous() for n, t in self.carried.items()})
         meta = {"fingerprint": fingerprint, "iteration": str(self.iteration),
                 "param_groups": json.dumps(opt["param_groups"])}
         from safetensors.torch import save
@@ -106,8 +109,31 @@ class TrainingState:
         for name, g in self.generators.items():
             g.set_state(tensors[f"rng.{name}"])
         self.losses = tensors["losses"].tolist()
+        self.carried = {k.removeprefix("carried."): v for k, v in tensors.items() if k.startswith("carried.")}
         self.iteration = int(meta["iteration"])
         return True
+
+
+def shuffled(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """Epoch ``epoch``'s order of ``n`` items: a permutation drawn from (seed, epoch) alone, so a resumed run takes
+    the same batches without carrying a generator."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1)[0]))
+    return torch.randperm(n, generator=g)
+
+
+def cycled(seed: int, n: int, start: int, count: int) -> list[int]:
+    """Items ``start .. start+count-1`` of the endless sequence of epochs over ``n`` items (each ``shuffled``):
+    sampling without replacement, restarted when the items run out (AdvUnlearn's retain prompts)."""
+    orders: dict[int, torch.Tensor] = {}
+    out = []
+    for position in range(start, start + count):
+        epoch, k = divmod(position, n)
+        if epoch not in orders:
+            orders[epoch] = shuffled(seed, epoch, n)
+        out.append(int(orders[epoch][k]))
+    return out
 
 
 def keywords_of(concepts: list[Concept]) -> list[str]:
@@ -125,16 +151,19 @@ def loss_summary(losses: list[float], n: int = 10) -> dict:
 
 
 def train(state: TrainingState, iterations: int, step: Callable[[int], tuple[torch.Tensor, dict]], *,
-          checkpoint: str | None, checkpoint_every: int, fingerprint: str, desc: str, progress: bool) -> None:
+          checkpoint: str | None, checkpoint_every: int, fingerprint: str, desc: str, progress: bool,
+          backward: bool = True) -> None:
     """The one loop of the training erasers: ``step(iteration)`` draws a batch and returns (loss, info shown on the
     progress bar); gradients are zeroed before each step (no accumulation across steps), the loss is recorded, and
-    the state is checkpointed every ``checkpoint_every`` iterations and at the end."""
+    the state is checkpointed every ``checkpoint_every`` iterations and at the end. With ``backward=False`` the step
+    fills the gradients itself (masked or projected gradients: SalUn, DoCo) and the loop only applies them."""
     with tqdm(total=iterations, initial=min(state.iteration, iterations), desc=desc, disable=not progress,
               leave=False) as bar:
         while state.iteration < iterations:
             state.optimizer.zero_grad(set_to_none=True)
             loss, info = step(state.iteration)
-            loss.backward()
+            if backward:
+                loss.backward()
             state.optimizer.step()
             state.losses.append(loss.item())
             state.iteration += 1
