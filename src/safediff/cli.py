@@ -209,6 +209,9 @@ def erase(
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("float32"),
     out: Path = typer.Option(..., help="Edit file to write (.safetensors); load it with --model SPEC+FILE."),
+    export_text_encoder: Optional[Path] = typer.Option(None, help="Also write the edited text encoder(s) as "
+                                                                  "transformers folders (text-encoder erasers: "
+                                                                  "advunlearn, des)."),
 ):
     """Erase a concept from a model's weights and write the edit (only the changed tensors + its record).
 
@@ -225,6 +228,8 @@ def erase(
         raise SafediffError(f"--out must be a .safetensors file, got '{out}'")
     if out.exists():
         raise SafediffError(f"--out '{out}' exists; choose a new file")
+    if export_text_encoder is not None and export_text_encoder.exists():
+        raise SafediffError(f"--export-text-encoder '{export_text_encoder}' exists; choose a new folder")
     for value, what in ((model, "--model"), (method, "--method"), (concept, "--concept"), (preserve, "--preserve"),
                         (guide, "--guide")):
         check.text(value, what)
@@ -239,12 +244,19 @@ def erase(
     eraser = build_eraser(method, **settings)
     keep = None if preserve is None else [p.strip() for p in preserve.split(",") if p.strip()]
     m = load_pipeline(model, device=check.device(device), dtype=check.dtype(dtype))
+    if export_text_encoder is not None and not any(eraser.touches(f"text_encoder.{n}")
+                                                   for n, _ in m.pipe.text_encoder.named_parameters()):
+        raise SafediffError(f"--export-text-encoder: {eraser.name} does not change the text encoder (text-encoder "
+                            "erasers: advunlearn, des)")
     start = time.perf_counter()
     edit = fit_to_file(eraser, m, concepts, out, preserve=keep, guide=guide)
     seconds = time.perf_counter() - start
     elements = sum(t.numel() for t in edit.tensors.values())
     typer.echo(f"{eraser.name}: erased {', '.join(c.name for c in concepts)}; {len(edit.tensors)} parameter "
                f"tensor(s) changed ({elements:,} values); {seconds:.1f} s; wrote {out}")
+    if export_text_encoder is not None:
+        edit.export_text_encoders(m, export_text_encoder)
+        typer.echo(f"wrote the edited text encoder(s) to {export_text_encoder}")
 
 
 @app.command()
