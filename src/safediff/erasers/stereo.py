@@ -120,6 +120,7 @@ class STEREO(Eraser):
         with trainable(all_weights(model), params, original), torch.enable_grad():
             state.optimizer = torch.optim.AdamW(list(params.values()), lr=self.lr, weight_decay=self.weight_decay)
             resumed = state.load(self.checkpoint, fingerprint) if self.checkpoint else False
+            resumed_at = state.iteration if resumed else None
             if resumed:
                 mined = run.mined_from(state.carried)
             else:
@@ -136,7 +137,7 @@ class STEREO(Eraser):
         self.losses = list(state.losses)
         info = {"module": self.module, "anchors": run.anchors[:6], "erased_words": run.words,
                 "mined_words": len(mined), "search": run.search_log, "ddim_steps": run.sampler.steps,
-                "resumed_at_iteration": state.iteration if resumed else None, **loss_summary(state.losses)}
+                "resumed_at_iteration": resumed_at, **loss_summary(state.losses)}
         return new, info
 
 
