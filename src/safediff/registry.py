@@ -49,6 +49,7 @@ GUARDS = Registry("guard", {
     "safree": "safediff.guards.safree:SafreeGuard",
     "safree-released": "safediff.guards.safree:SafreeReleasedGuard",
     "casg-safree": "safediff.guards.casg_safree:CasgSafreeGuard",
+    "adavd": "safediff.guards.adavd:AdaVD",
 })
 
 ERASERS = Registry("eraser", {
@@ -63,6 +64,10 @@ ERASERS = Registry("eraser", {
     "doco": "safediff.erasers.doco:DoCo",
     "salun": "safediff.erasers.salun:SalUn",
     "des": "safediff.erasers.des:DES",
+    "speed": "safediff.erasers.speed:SPEED",
+    "concept-prune": "safediff.erasers.concept_prune:ConceptPrune",
+    "mace": "safediff.erasers.mace:MACE",
+    "realera": "safediff.erasers.realera:RealEra",
 }, aliases={"esd": "esd-u"})  # the paper's variant for nudity and other global concepts
 
 ATTACKS = Registry("attack", {

@@ -1,4 +1,5 @@
-"""What the training-based erasers (ESD, TRCE stage 2) share: the training loop, resumable state, parameter swapping.
+"""What the training-based erasers (ESD, TRCE stage 2, MACE's and RealEra's LoRAs) share: the training loop,
+resumable state, parameter swapping.
 
 Resumable training state is one safetensors file, written atomically.
 
@@ -152,9 +153,10 @@ def loss_summary(losses: list[float], n: int = 10) -> dict:
 
 def train(state: TrainingState, iterations: int, step: Callable[[int], tuple[torch.Tensor, dict]], *,
           checkpoint: str | None, checkpoint_every: int, fingerprint: str, desc: str, progress: bool,
-          backward: bool = True) -> None:
+          backward: bool = True, max_grad_norm: float | None = None) -> None:
     """The one loop of the training erasers: ``step(iteration)`` draws a batch and returns (loss, info shown on the
-    progress bar); gradients are zeroed before each step (no accumulation across steps), the loss is recorded, and
+    progress bar); gradients are zeroed before each step (no accumulation across steps), clipped to a total norm of
+    ``max_grad_norm`` when given (parameters without a gradient this step are left out), the loss is recorded, and
     the state is checkpointed every ``checkpoint_every`` iterations and at the end. With ``backward=False`` the step
     fills the gradients itself (masked or projected gradients: SalUn, DoCo) and the loop only applies them."""
     with tqdm(total=iterations, initial=min(state.iteration, iterations), desc=desc, disable=not progress,
@@ -164,6 +166,9 @@ def train(state: TrainingState, iterations: int, step: Callable[[int], tuple[tor
             loss, info = step(state.iteration)
             if backward:
                 loss.backward()
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_([p for p in state.params.values() if p.grad is not None],
+                                               max_grad_norm)
             state.optimizer.step()
             state.losses.append(loss.item())
             state.iteration += 1
