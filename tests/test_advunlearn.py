@@ -81,6 +81,31 @@ def test_text_encoder_edit_exports_and_plugs_into_another_pipeline(tiny_sd, tmp_
             tiny_sd, tmp_path / "none")
 
 
+@pytest.mark.parametrize("arch,trained", [("tiny_sd3", {"text_encoder", "text_encoder_2"}),
+                                          ("tiny_flux", {"text_encoder"})])
+def test_on_sd3_and_flux_the_clip_encoders_train_and_t5_stays(request, arch, trained):
+    model = request.getfixturevalue(arch)
+    t5 = type(model.adapter.text_encoders[model.adapter.t5_index]).__name__
+    edit = AdvUnlearn(**SMALL).fit(model, RED, progress=False)
+    assert {n.partition(".")[0] for n in edit.tensors} == trained  # SD3: CLIP-L and CLIP-G; FLUX: CLIP-L
+    assert t5 == "T5EncoderModel" and not any(".block." in n or "shared" in n for n in edit.tensors)
+    assert all(".encoder.layers." in f".{n}" or "final_layer_norm" in n for n in edit.tensors)
+
+
+def test_the_adversary_prefixes_soft_tokens_in_every_encoder(tiny_sd3):
+    """δ sits right after each encoder's BOS (CLIPs) or first (T5); with δ = the embedding of the slot's own token
+    id the conditioning is that of the ids themselves."""
+    from safediff.erasers.advunlearn import SoftPrefix
+
+    adapter = tiny_sd3.adapter
+    prefix = SoftPrefix(adapter, "a red circle", 2)
+    deltas = [adapter.token_embedding(j).weight[ids[0, prefix.starts[j]:prefix.starts[j] + 2]]
+              for j, ids in enumerate(prefix.ids)]
+    with torch.no_grad():
+        assert torch.equal(prefix.encode(deltas).embeds, adapter.encode_ids(prefix.ids).embeds)
+    assert prefix.starts == [adapter.bos_offset(j) for j in range(3)] and prefix.starts[2] == 0
+
+
 def test_unet_modules_train_only_the_unet(tiny_sd):
     edit = AdvUnlearn(**{**SMALL, "module": "kv"}).fit(tiny_sd, RED, progress=False)
     assert edit.tensors and all(n.startswith("unet.") and (".to_k." in n or ".to_v." in n) for n in edit.tensors)

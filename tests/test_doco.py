@@ -5,7 +5,7 @@ trains the discriminator alone, resume, bad input."""
 import pytest
 import torch
 
-from safediff.attacks.objectives import noised
+from safediff.attacks.objectives import noised, training_target
 from safediff.concepts import resolve
 from safediff.erasers.doco import DoCo, DoCoRun, PatchDiscriminator, adjusted, discriminator_blocks, predicted_x0
 from safediff.errors import SafediffError
@@ -26,11 +26,19 @@ def test_projection_removes_the_conflicting_component_only():
     assert torch.equal(adjusted(g_a, g_p, 1.0, "none"), g_a)
 
 
-def test_predicted_x0_inverts_the_forward_process(tiny_sd):
+@pytest.mark.parametrize("arch", ["tiny_sd", "tiny_sd3", "tiny_flux"])
+def test_predicted_x0_inverts_the_forward_process(request, arch):
+    """The exact prediction (ε, or the flow models' velocity ε − x₀) gives x₀ back: x̂₀ = x_σ − σ v̂ on SD3/FLUX."""
+    model = request.getfixturevalue(arch)
     x0 = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     eps = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([10, 500, 990])
-    assert torch.allclose(predicted_x0(tiny_sd, noised(tiny_sd, x0, eps, t), eps, t), x0, atol=1e-4)
+    exact = training_target(model, x0, eps, t)
+    assert torch.allclose(predicted_x0(model, noised(model, x0, eps, t), exact, t), x0, atol=1e-4)
+    if arch != "tiny_sd":
+        sigma = (t / 1000).view(-1, 1, 1, 1)
+        assert torch.allclose(predicted_x0(model, noised(model, x0, eps, t), exact, t),
+                              noised(model, x0, eps, t) - sigma * exact, atol=1e-5)
 
 
 @pytest.mark.parametrize("size,blocks", [(64, 4), (16, 2), (8, 1), (4, 1)])
@@ -66,7 +74,7 @@ def test_resume_is_bit_identical(tiny_sd, tmp_path, monkeypatch):
     assert resumed.digest == straight.digest
 
 
-@pytest.mark.parametrize("options,message", [({"module": "text_encoder"}, "trains the UNet"),
+@pytest.mark.parametrize("options,message", [({"module": "text_encoder"}, "trains the denoiser"),
                                              ({"module": "cross-attn"}, "unknown module 'cross-attn'"),
                                              ({"surgery": "pcgrad"}, "surgery must be one of projection"),
                                              ({"batch": 0}, r"batch must be in \[1, 4096\]")])

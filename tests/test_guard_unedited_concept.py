@@ -60,7 +60,7 @@ def test_concept_rows_are_the_unedited_model_and_the_others_the_edited_one(tiny_
 
 
 def test_stacked_edits_read_the_weights_as_loaded(tiny_sd):
-    loaded = {n: p.detach().clone() for n, p in tiny_sd.unet.named_parameters()}
+    loaded = {n: p.detach().clone() for n, p in tiny_sd.denoiser.named_parameters()}
     first = build_eraser("uce").fit(tiny_sd, resolve("red"), progress=False).apply(tiny_sd)
     second = build_eraser("uce").fit(tiny_sd, resolve("blue"), progress=False).apply(tiny_sd)
     base = base_weights(tiny_sd)

@@ -52,7 +52,7 @@ def test_random_label_uses_preserved_concepts_of_the_same_category(tiny_sd):
         SalUnRun(SalUn(**SMALL, pseudo="random"), tiny_sd, RED, ["circle", "square"], None)
 
 
-@pytest.mark.parametrize("options,message", [({"module": "text_encoder"}, "trains the UNet"),
+@pytest.mark.parametrize("options,message", [({"module": "text_encoder"}, "trains the denoiser"),
                                              ({"module": "attn"}, "unknown module 'attn'"),
                                              ({"salient": "top"}, "salient must be one of largest, smallest"),
                                              ({"mask_fraction": 2.0}, r"mask_fraction must be in \[0, 1\]"),

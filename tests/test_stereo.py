@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from safediff.adapters import Conditioning
 from safediff.concepts import resolve
-from safediff.erasers.modules import all_weights, group_parameters, unet_names
+from safediff.erasers.modules import all_weights, denoiser_names, group_parameters
 from safediff.erasers.stereo import STEREO, StereoRun
 from safediff.erasers.training import cycled, trainable
 from safediff.errors import SafediffError
@@ -23,7 +23,7 @@ def test_stage_two_target_is_the_compositional_formula(tiny_sd):
     eraser = STEREO(**SMALL, anchor_scale=0.7, negative_scale=2.5, sample_with="frozen")
     params = group_parameters(tiny_sd, eraser.module)
     original = {n: p.detach().clone() for n, p in params.items()}
-    run = StereoRun(eraser, tiny_sd, RED, None, unet_names(original))
+    run = StereoRun(eraser, tiny_sd, RED, None, denoiser_names(tiny_sd, original))
     mined = [[torch.randn(32, generator=torch.Generator().manual_seed(9))]]
     targets = run.targets(mined)
     state = run.generator.get_state()
@@ -50,7 +50,7 @@ def test_mining_lowers_the_inversion_loss_and_stage_two_restarts_from_the_origin
     eraser = STEREO(**{**SMALL, "inversion_steps": 30, "inversion_lr": 0.05, "inversion_batch": 2})
     params = group_parameters(tiny_sd, eraser.module)
     original = {n: p.detach().clone() for n, p in params.items()}
-    run = StereoRun(eraser, tiny_sd, RED, None, unet_names(original))
+    run = StereoRun(eraser, tiny_sd, RED, None, denoiser_names(tiny_sd, original))
     with trainable(all_weights(tiny_sd), params, original), torch.enable_grad():
         mined = run.search(params, progress=False)
         moved = any(not torch.equal(p, original[n]) for n, p in params.items())
@@ -87,7 +87,7 @@ def test_resume_keeps_the_mined_words_and_is_bit_identical(tiny_sd, tmp_path, mo
     assert resumed.digest == straight.digest
 
 
-@pytest.mark.parametrize("options,message", [({"module": "text_encoder"}, "trains the UNet"),
+@pytest.mark.parametrize("options,message", [({"module": "text_encoder"}, "trains the denoiser"),
                                              ({"module": "unet"}, "unknown module 'unet'"),
                                              ({"rounds": 101}, r"rounds must be in \[0, 100\]"),
                                              ({"inversion_steps": 0}, r"inversion_steps must be in \[1, 1e\+06\]"),

@@ -230,6 +230,8 @@ def erase(
     """
     import time
 
+    import torch
+
     from safediff.concepts import resolve
     from safediff.erasers import build_eraser
     from safediff.erasers.base import fit_to_file
@@ -256,8 +258,10 @@ def erase(
     keep = None if preserve is None else [p.strip() for p in preserve.split(",") if p.strip()]
     m = load_pipeline(model, device=check.device(device), dtype=check.dtype(dtype),
                       text_encoder_device=None if text_encoder_device is None else check.device(text_encoder_device))
-    if export_text_encoder is not None and not any(eraser.touches(f"text_encoder.{n}")
-                                                   for n, _ in m.pipe.text_encoder.named_parameters()):
+    text_names = [f"{c}.{n}" for c in ("text_encoder", "text_encoder_2", "text_encoder_3")
+                  if isinstance(getattr(m.pipe, c, None), torch.nn.Module)
+                  for n, _ in getattr(m.pipe, c).named_parameters()]
+    if export_text_encoder is not None and not any(eraser.touches(n) for n in text_names):
         raise SafediffError(f"--export-text-encoder: {eraser.name} does not change the text encoder (text-encoder "
                             "erasers: advunlearn, des)")
     start = time.perf_counter()

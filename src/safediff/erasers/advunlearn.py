@@ -10,7 +10,7 @@ encoder, which the paper finds the module to robustify; it then plugs into any m
     ℓ_R(θ)     = E_{r ∈ C_retain} ‖ε_θ(x_t^r, r) − ε_θo(x_t^r, r)‖²
 
 x_t (and x_t^r) come from partial DDIM sampling of the frozen model under guidance on c (on r), as ESD's
-(``erasers.partial``); δ is k soft word embeddings prefixed to the concept's prompt (``attacks.spaces.TokenSlots``).
+(``erasers.partial``); δ is k soft word embeddings prefixed to the concept's prompt (``SoftPrefix``).
 The lower level is the paper's fast attack: δ from a random vocabulary token's embedding, then one signed gradient
 step δ ← δ − α sign(∇_δ ℓ_atk) (FGSM; ``attacks.search.SoftPrompt``), with ℓ_atk UnlearnDiffAtk's objective, the
 denoising error on images of the concept (``attacks.objectives.noised``/``training_target``; images drawn by the
@@ -22,9 +22,19 @@ upper level trains on c itself; the adversarial prompt is refreshed every ``atta
 on a keyword drawn anew then.
 
 Modules (``module``; ``erasers.modules``): ``text_encoder`` (default; the reference's ``text_encoder_full``: every
-transformer layer and the final layer norm; SDXL: both encoders), or UNet groups ``xattn``, ``kv``, ``noxattn``,
-``full`` (the paper's UNet comparison). Frozen predictions use the weights before training (the encoder's frozen
-outputs are computed once; UNet groups are swapped back per call, as ESD).
+transformer layer and the final layer norm of every CLIP encoder; SDXL: both), or denoiser groups ``xattn``, ``kv``,
+``noxattn``, ``full`` (the paper's UNet comparison; on SD3/FLUX the MM-DiT parameters of the same roles). Frozen
+predictions use the weights before training (the encoder's frozen outputs are computed once; denoiser groups are
+swapped back per call, as ESD).
+
+SD3 / FLUX (no AdvUnlearn code exists for them; our mapping): ``text_encoder`` trains the CLIP encoders (SD3: CLIP-L
+and CLIP-G, which fill the first 77 positions of the sequence and the pooled vector; FLUX: CLIP-L, which gives only
+the pooled vector); T5 stays as it is (4.7 B parameters; its encoding still carries the concept, so on FLUX the
+robust CLIP acts through the pooled modulation alone: for a strong erasure there, train a denoiser group, e.g.
+``module=xattn``). The adversary is k soft tokens after the BOS of *every* encoder's tokenization, CLIP and T5 (δ_j
+in encoder j's input-embedding space; SD 1.x/2.x and SDXL: the CLIP encoder(s) alone, as the reference), so the
+trained encoders learn against an attacker that also moves the frozen T5. x_t comes from the flow-matching Euler
+trajectory (``erasers.partial``), and the ESD target is taken on velocities (a linear combination, as ESD's).
 
 Retain set C_retain: every preserved concept in its contexts (the reference uses COCO object prompts,
 ``coco_object``), ``retain_batch`` per step without replacement. Prompts: ``prompts="word"`` (reference: each keyword
@@ -47,18 +57,45 @@ import torch.nn.functional as F
 from safediff.adapters import Conditioning
 from safediff.attacks.objectives import noised, repeat_conditioning, training_target
 from safediff.attacks.search import SoftPrompt
-from safediff.attacks.spaces import TokenSlots, vocabulary
+from safediff.attacks.spaces import vocabulary
+from safediff.attacks.token_sequences import padded_ids
 from safediff.concepts import Concept
 from safediff.erasers.base import Eraser
 from safediff.erasers.data import generated_latents
-from safediff.erasers.modules import (all_weights, check_group, group_parameters, in_group, is_text_group,
-                                      unet_names)
+from safediff.erasers.modules import (all_weights, check_group, denoiser_names, group_parameters, in_group,
+                                      is_text_group)
 from safediff.erasers.partial import PartialSampler
-from safediff.erasers.prompts import prompt_pairs, retain_prompts
+from safediff.erasers.training_prompts import prompt_pairs, retain_prompts
 from safediff.erasers.training import TrainingState, cycled, loss_summary, run_fingerprint, train, trainable
 from safediff.errors import SafediffError
 from safediff.options import option
 from safediff.sampling import denoiser_output
+
+class SoftPrefix:
+    """``prompt`` with k soft tokens δ_j [k, D_j] right after the BOS of every text encoder j's own tokenization:
+    [BOS] δ p [EOS] pad (the prompt's tail is cut to fit the window). The slots hold a fixed ordinary token id (the
+    smallest non-special one), which only marks positions; the encoders read δ there."""
+
+    def __init__(self, adapter, prompt: str, k: int):
+        self.adapter, self.k = adapter, k
+        self.ids, self.starts = [], []
+        for j, tok in enumerate(adapter.tokenizers):
+            bos = adapter.bos_offset(j)
+            words = tok(prompt, add_special_tokens=False).input_ids[:max(0, adapter.window(j) - bos - 1 - k)]
+            filler = int(vocabulary(tok, "all")[0])
+            self.ids.append(padded_ids(adapter, j, torch.tensor([[filler] * k + words])))
+            self.starts.append(bos)
+
+    def encode(self, deltas: list[torch.Tensor]) -> Conditioning:
+        """The conditioning with encoder j's slot embeddings = ``deltas[j]`` (differentiable)."""
+        embeds = []
+        for j, ids in enumerate(self.ids):
+            table = self.adapter.token_embedding(j)
+            e = table(ids.to(table.weight.device)).detach()[0]
+            a = self.starts[j]
+            embeds.append(torch.cat([e[:a], deltas[j].to(e.dtype), e[a + self.k:]])[None])
+        return self.adapter.encode_token_embeddings(self.ids, embeds)
+
 
 CHOICES = {"attack_update": SoftPrompt.UPDATES, "attack_init": ("random", "latest"),
            "attack_objective": ("denoising", "matching"), "prompts": ("word", "contexts")}
@@ -118,7 +155,7 @@ class AdvUnlearn(Eraser):
     def compute(self, model, concepts: list[Concept], preserve, guide, progress):
         params = group_parameters(model, self.module)
         frozen = {n: p.detach().clone() for n, p in params.items()}
-        run = AdvUnlearnRun(self, model, concepts, preserve, guide, unet_names(frozen))
+        run = AdvUnlearnRun(self, model, concepts, preserve, guide, denoiser_names(model, frozen))
         state = TrainingState(params, None, {"sampling": run.generator}, losses=[])
         fingerprint = run_fingerprint(self, model, {"prompts": run.prompts, "retain": run.retain})
         with trainable(all_weights(model), params, frozen), torch.enable_grad():
@@ -142,9 +179,10 @@ class AdvUnlearnRun:
 
     @torch.no_grad()
     def __init__(self, eraser: AdvUnlearn, model, concepts: list[Concept], preserve, guide,
-                 frozen_unet: dict[str, torch.Tensor]):
+                 frozen_denoiser: dict[str, torch.Tensor]):
         self.eraser, self.model = eraser, model
-        self.frozen_unet = frozen_unet or None  # None: the UNet is not trained, its live weights are the frozen ones
+        # None: the denoiser is not trained, its live weights are the frozen ones
+        self.frozen_denoiser = frozen_denoiser or None
         pairs = prompt_pairs(concepts, guide)
         words = list(dict.fromkeys(w for c in concepts for w in c.keywords if w.strip()))
         self.prompts = words if eraser.prompts == "word" else [p for p, _ in pairs if p not in words]
@@ -154,14 +192,19 @@ class AdvUnlearnRun:
         self.retain_original = Conditioning.cat([adapter.encode(self.retain[i:i + 256])
                                                  for i in range(0, len(self.retain), 256)])
         self.uncond = adapter.encode_negative(None, 1)
-        self.slots = [TokenSlots(model, p, eraser.attack_tokens, "prefix") for p in self.prompts]
-        self.vocab = vocabulary(self.slots[0].tokenizer, "all")
+        self.slots = [SoftPrefix(adapter, p, eraser.attack_tokens) for p in self.prompts]
+        toks = adapter.tokenizers
+        self.vocabs = [vocabulary(tok, "all") for tok in toks]
+        # encoders whose tokenizer shares an earlier one's vocabulary start from the same random tokens (SDXL, SD3's
+        # two CLIPs); the others draw their own (T5)
+        self.shares = [next(i for i in range(j + 1) if i == j or toks[i].get_vocab() == toks[j].get_vocab())
+                       for j in range(len(toks))]
         self.sampler = PartialSampler(model, int(eraser.ddim_steps or model.defaults["steps"]))
         self.generator = torch.Generator().manual_seed(int(eraser.seed))
         self.images = None
         if eraser.attack_objective == "denoising":
             self.images = generated_latents(model, self.prompts, eraser.attack_images, self.generator)
-        self.n_train = model.pipe.scheduler.config.num_train_timesteps
+        self.n_train = model.adapter.train_timesteps
         self.attack_rounds = 0
 
     # -- predictions --------------------------------------------------------------------------------------------
@@ -170,7 +213,7 @@ class AdvUnlearnRun:
 
     def frozen(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         with torch.no_grad():
-            return denoiser_output(self.model, x, t, cond, params=self.frozen_unet)
+            return denoiser_output(self.model, x, t, cond, params=self.frozen_denoiser)
 
     def _uncond(self, n: int) -> Conditioning:
         return repeat_conditioning(self.uncond, n)
@@ -190,7 +233,7 @@ class AdvUnlearnRun:
         step, t_value = self.sampler.point(g)
         t = torch.tensor([t_value], device=self.model.device)
         x = self.sampler.sample(self.original[k:k + 1], self._uncond(1), self.eraser.start_guidance, step, g,
-                                self.frozen_unet)
+                                self.frozen_denoiser)
         return F.mse_loss(self.current(x, t, cond).float(), self.frozen(x, t, self.original[k:k + 1]).float())
 
     def attack(self, k: int, carried: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -200,8 +243,13 @@ class AdvUnlearnRun:
         if e.attack_init == "latest" and "delta.0" in carried:
             init = [carried[f"delta.{j}"] for j in range(n_enc)]
         else:
-            ids = self.vocab[torch.randint(len(self.vocab), (e.attack_tokens,), generator=self.generator)]
-            init = self.slots[k].embeddings_of(ids.to(self.model.device))
+            ids: list[torch.Tensor] = []
+            for j, vocab in enumerate(self.vocabs):
+                ids.append(ids[self.shares[j]] if self.shares[j] < j else
+                           vocab[torch.randint(len(vocab), (e.attack_tokens,), generator=self.generator)])
+            adapter = self.model.adapter
+            init = [adapter.token_embedding(j).weight[i.to(adapter.token_embedding(j).weight.device)]
+                    for j, i in enumerate(ids)]
         soft = SoftPrompt(init, e.attack_lr, e.attack_update)
         for _ in range(e.attack_steps):
             soft.step(self.attack_loss(k, soft.embeds))
@@ -223,7 +271,7 @@ class AdvUnlearnRun:
         r = cycled(e.seed, len(self.retain), iteration * e.retain_batch, e.retain_batch)
         retain_o = self.retain_original[r]
         cond_o = Conditioning.cat([self.original[k:k + 1], retain_o])
-        x = self.sampler.sample(cond_o, self._uncond(len(cond_o)), e.start_guidance, step, g, self.frozen_unet)
+        x = self.sampler.sample(cond_o, self._uncond(len(cond_o)), e.start_guidance, step, g, self.frozen_denoiser)
         x_c, x_r = x[:1], x[1:]
         frozen = self.frozen(torch.cat([x_c, x_c, x_r]), t,
                              Conditioning.cat([self._uncond(1), self.original[k:k + 1], retain_o]))

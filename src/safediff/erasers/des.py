@@ -24,7 +24,9 @@ conditioning (77 tokens × 768, flattened norm ≈ 2.4e2, ≈ 28 per token); her
 flattened norm of the safe embeddings (default 0.4, i.e. the reference's 100 on SD-1.x), so it means the same on
 the sandbox's 128-d encoder; ``concept_scale_absolute=100`` gives the reference's absolute value. On SDXL the
 embedding is the adapter's conditioning (both encoders' penultimate states concatenated) and both encoders train.
-Zero inference overhead: the edit is ``text_encoder.*`` tensors; ``safediff.edits.export_text_encoders`` writes the
+SD3 / FLUX are refused (``archs``): their sequence is mostly (SD3) or entirely (FLUX) T5's, so the idea carries over
+only by fine-tuning T5-XXL, which is out of this method's budget. Zero inference overhead: the edit is
+``text_encoder.*`` tensors; ``safediff.edits.export_text_encoders`` writes the
 edited encoder(s) as transformers folders. Runs checkpoint to ``checkpoint`` and resume bit-identically.
 """
 
@@ -40,7 +42,8 @@ import torch.nn.functional as F
 from safediff.concepts import Concept
 from safediff.erasers.base import Eraser
 from safediff.erasers.modules import all_weights, check_group, group_parameters, in_group
-from safediff.erasers.prompts import prompt_pairs, retain_prompts, words_of
+from safediff.erasers.prompts import words_of
+from safediff.erasers.training_prompts import prompt_pairs, retain_prompts
 from safediff.erasers.training import TrainingState, loss_summary, run_fingerprint, shuffled, train, trainable
 from safediff.errors import SafediffError
 from safediff.options import option
@@ -73,6 +76,10 @@ class DES(Eraser):
                                           "demo": {"epochs": 4, "lr": 1e-4},
                                           "smoke": {"epochs": 1, "lr": 1e-3, "batch": 8}}
     zero_strength: ClassVar[dict] = {"lr": 0.0}
+    archs: ClassVar[tuple[str, ...]] = ("sd1", "sd2", "sdxl")
+    archs_reason: ClassVar[str] = ("T5 carries the prompt's token sequence there (FLUX: all of it), so sanitising "
+                                   "the embedding means fine-tuning T5-XXL (4.7 B parameters); use advunlearn (its "
+                                   "CLIP encoders) or a denoiser eraser (uce, esd-x) on SD3/FLUX")
 
     module: str = option("text_encoder_all", help="trained parameters: text_encoder_all (reference), text_encoder")
     epochs: int = option(10, low=1, high=10_000, help="passes over the (unsafe, safe) pairs")

@@ -16,15 +16,20 @@ then θ takes an AdamW step with g_a; D is a PatchGAN (convolutions of stride 2,
 first block, Adam with β = (0.5, 0.999)) on the 4-channel latents, trained alone for the first ``warmup`` steps.
 Gradients are clipped to norm 1 before the surgery (the reference's ``norm_grad``).
 
-Prompt pairs (``erasers.prompts.prompt_pairs``): c* = each keyword in the concept's contexts, c_a = the same prompt
-with the guide (the reference's ``caption_target`` "airplane+parachute": anchor captions with the anchor word
-replaced). Reference deviations, offered as options: its surgery subtracts λ cos(g_a, g_p) ĝ_p (a unit vector,
-whatever ‖g_a‖) instead of the projection (``surgery="reference"``); and it steps with the adjusted g_a alone
+Prompt pairs (``erasers.training_prompts.prompt_pairs``): c* = each keyword in the concept's contexts, c_a = the
+same prompt with the guide (the reference's ``caption_target`` "airplane+parachute": anchor captions with the
+anchor word replaced). Reference deviations, offered as options: its surgery subtracts λ cos(g_a, g_p) ĝ_p (a unit
+vector, whatever ‖g_a‖) instead of the projection (``surgery="reference"``); and it steps with the adjusted g_a alone
 (as here), L_p steering the direction only. The discriminator has min(4, log₂ h − 2) stride-2 blocks so its last
 map is at least 4 wide (the reference's four assume SD's 64×64 latents). Defaults: the README's nudity/object
 commands: 2,000 steps, warm-up 1,000, batch 8, lr 6e-6 × 8 (``--scale_lr``) = 4.8e-5, D lr 1e-4, λ = 1,
 trained parameters ``attn2.to_k``/``to_v`` (``--parameter_group cross-attn``). Runs checkpoint to ``checkpoint``
 (θ, D and both optimizers' states) and resume bit-identically.
+
+Other forward processes (no DoCo code exists for them; our mapping): x̂₀ is read from whatever the denoiser predicts
+(``predicted_x0``: ε, v for SD 2.x 768, the velocity ε − x₀ of SD3/FLUX, where x̂₀ = x_σ − σ v̂), the prior term
+regresses the adapter's training target, and the discriminator reads the model's latents (16 channels on SD3/FLUX);
+``module`` names the parameters by role (``kv``: the MM-DiT's context K/V ``add_k_proj``/``add_v_proj``).
 """
 
 from __future__ import annotations
@@ -37,12 +42,12 @@ import torch
 import torch.nn.functional as F
 
 from safediff.adapters import Conditioning
-from safediff.attacks.objectives import alphas_cumprod, noised, training_target
+from safediff.attacks.objectives import noised, training_target
 from safediff.concepts import Concept
 from safediff.erasers.base import Eraser
 from safediff.erasers.data import generated_latents
-from safediff.erasers.modules import all_weights, check_group, group_parameters, in_group, unet_names
-from safediff.erasers.prompts import prompt_pairs
+from safediff.erasers.modules import all_weights, check_group, denoiser_names, group_parameters, in_group
+from safediff.erasers.training_prompts import prompt_pairs
 from safediff.erasers.training import TrainingState, cycled, loss_summary, run_fingerprint, train, trainable
 from safediff.errors import SafediffError
 from safediff.options import option
@@ -88,10 +93,16 @@ def adjusted(g_a: torch.Tensor, g_p: torch.Tensor, lam: float, surgery: str) -> 
     return g_a - lam * torch.dot(unit_a.flatten(), unit_p.flatten()) * unit_p
 
 
-def predicted_x0(model, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """x̂₀ = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t (DDPM's ``pred_original_sample`` for ε-prediction)."""
-    a = alphas_cumprod(model).to(x_t.device)[t.long().cpu()].view(-1, 1, 1, 1).to(x_t.dtype)
-    return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+def predicted_x0(model, x_t: torch.Tensor, pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x̂₀ implied by the denoiser's prediction at x_t, for any forward process linear in (x₀, ε): with
+    x_t = a x₀ + b ε and the training target c x₀ + d ε (read off the adapter's ``noised``/``training_target`` at
+    unit inputs), x̂₀ = (d x_t − b ŷ) / (a d − b c). ε-prediction: (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t (DDPM's
+    ``pred_original_sample``); v-prediction: √ᾱ_t x_t − √(1−ᾱ_t) v̂; flow matching: x_σ − σ v̂."""
+    one = torch.ones((len(t), 1, 1, 1), device=x_t.device, dtype=torch.float32)
+    zero = torch.zeros_like(one)
+    a, b = noised(model, one, zero, t), noised(model, zero, one, t)
+    c, d = training_target(model, one, zero, t), training_target(model, zero, one, t)
+    return ((d * x_t.float() - b * pred.float()) / (a * d - b * c)).to(x_t.dtype)
 
 
 @dataclass
@@ -107,7 +118,7 @@ class DoCo(Eraser):
         "smoke": {"iterations": 2, "warmup": 1, "n_images": 2, "batch": 2, "lr": 1e-3}}
     zero_strength: ClassVar[dict] = {"lr": 0.0}
 
-    module: str = option("kv", help="trained UNet parameters: kv (reference cross-attn), xattn, noxattn, full")
+    module: str = option("kv", help="trained denoiser parameters: kv (reference cross-attn), xattn, noxattn, full")
     iterations: int = option(2000, low=1, high=1_000_000, help="steps (generator and discriminator)")
     warmup: int = option(1000, low=0, high=1_000_000, help="steps that train the discriminator alone")
     batch: int = option(8, low=1, high=4096)
@@ -126,7 +137,7 @@ class DoCo(Eraser):
         super().__post_init__()
         check_group(self.module, "eraser doco")
         if self.module.startswith("text_encoder"):
-            raise SafediffError(f"eraser doco trains the UNet; module must be one of kv, xattn, noxattn, full, "
+            raise SafediffError(f"eraser doco trains the denoiser; module must be one of kv, xattn, noxattn, full, "
                                 f"got '{self.module}'")
         if self.surgery not in SURGERY:
             raise SafediffError(f"eraser doco: surgery must be one of {', '.join(SURGERY)}, got '{self.surgery}'")
@@ -136,12 +147,9 @@ class DoCo(Eraser):
         return in_group(self.module, name)
 
     def compute(self, model, concepts: list[Concept], preserve, guide, progress):
-        if model.pipe.scheduler.config.get("prediction_type", "epsilon") != "epsilon":
-            raise SafediffError("eraser doco reads x̂₀ from ε-predictions; this model predicts "
-                                f"{model.pipe.scheduler.config.prediction_type}")
         params = group_parameters(model, self.module)
         frozen = {n: p.detach().clone() for n, p in params.items()}
-        run = DoCoRun(self, model, concepts, guide, unet_names(frozen))
+        run = DoCoRun(self, model, concepts, guide, denoiser_names(model, frozen))
         everything = {**params, **{f"discriminator.{n}": p for n, p in run.disc.named_parameters()}}
         state = TrainingState(everything, None, {"noise": run.generator}, losses=[])
         fingerprint = run_fingerprint(self, model, {"pairs": run.pairs})
@@ -165,10 +173,10 @@ class DoCo(Eraser):
 class DoCoRun:
     """Anchor images, the discriminator and one step of both players."""
 
-    def __init__(self, eraser: DoCo, model, concepts: list[Concept], guide, frozen_unet: dict[str, torch.Tensor]):
+    def __init__(self, eraser: DoCo, model, concepts: list[Concept], guide, frozen_denoiser: dict[str, torch.Tensor]):
         self.eraser, self.model = eraser, model
         self.pairs = prompt_pairs(concepts, guide)
-        self.frozen_unet = frozen_unet
+        self.frozen_denoiser = frozen_denoiser
         g = torch.Generator().manual_seed(int(eraser.seed))
         anchors = list(dict.fromkeys(a for _, a in self.pairs))
         self.images, self.image_prompt = generated_latents(model, anchors, eraser.n_images, g)
@@ -179,7 +187,7 @@ class DoCoRun:
         with torch.random.fork_rng(devices=[]):  # the discriminator's initial weights, from the seed alone
             torch.manual_seed(int(eraser.seed))
             self.disc = PatchDiscriminator(channels, self.blocks).to(model.device)
-        self.n_train = model.pipe.scheduler.config.num_train_timesteps
+        self.n_train = model.adapter.train_timesteps
         self.conflicts = 0
 
     def _clip(self, params: list[torch.nn.Parameter]) -> None:
@@ -198,7 +206,7 @@ class DoCoRun:
         x_t = noised(model, x0, eps, t)
         c_a = model.adapter.encode(anchor_prompts)
         with torch.no_grad():
-            real = predicted_x0(model, x_t, denoiser_output(model, x_t, t, c_a, params=self.frozen_unet), t)
+            real = predicted_x0(model, x_t, denoiser_output(model, x_t, t, c_a, params=self.frozen_denoiser), t)
         out = denoiser_output(model, torch.cat([x_t, x_t]), torch.cat([t, t]),
                               Conditioning.cat([model.adapter.encode(target_prompts), c_a]))
         pred_target, pred_anchor = out.chunk(2)

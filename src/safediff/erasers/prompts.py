@@ -201,31 +201,6 @@ def preserve_prompts(items: list[str], erase_words: list[str], expand: bool) -> 
     return list(dict.fromkeys(out))
 
 
-def prompt_pairs(concepts: list[Concept], guide: str | None) -> list[tuple[str, str]]:
-    """(erase prompt, guide prompt) for the training erasers: each keyword of each concept in its contexts (the
-    concept's ``contexts``, or the generic templates), and the same prompt with the keyword replaced by the guide
-    (``guide``, else the concept's own; "" removes the word)."""
-    pairs = []
-    for concept in concepts:
-        g = concept.guide if guide is None else guide
-        for word in words_of(concept):
-            if not word.strip():
-                continue
-            pairs += [(p, replace_word(p, word, g)) for p in contexts(concept, word, expand=True)]
-    if not pairs:
-        raise SafediffError("no concept keywords to erase; give at least one concept with a keyword")
-    return list(dict.fromkeys(pairs))
-
-
-def retain_prompts(concepts: list[Concept], preserve: list[str] | None) -> list[str]:
-    """What the training erasers keep: each preserved concept in its contexts (the concepts' own preserve lists,
-    or ``preserve``), none containing an erased word; the empty prompt when nothing else is left."""
-    items = [p for c in concepts for p in c.preserve] if preserve is None else [p.strip() for p in preserve]
-    words = [w for c in concepts for w in words_of(c) if w.strip()]
-    kept = [p for p in preserve_prompts(list(dict.fromkeys(i for i in items if i)), words, expand=True) if p]
-    return kept or [""]
-
-
 @dataclass
 class RowPlan:
     """Which prompts give the rows, and where: ``pairs[k]`` = (erase prompt, guide prompt), ``positions[k]`` its

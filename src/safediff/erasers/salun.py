@@ -27,6 +27,11 @@ The mask is computed over the trained parameters (``module``; the reference's ``
 two agree). Ties at γ are all kept. Defaults: the class README's command (``--train_method full --alpha 0.5 --lr 1e-5
 --epochs 5``), batch 8, w = 7.5, mask fraction 0.5, Adam. Runs checkpoint to ``checkpoint`` and resume
 bit-identically (the mask and the data are recomputed from the seed).
+
+SD3 / FLUX (no SalUn code exists for them; our mapping): x_t and the regression target are the adapter's forward
+process and training target (flow matching: x_σ = (1 − σ) x₀ + σ ε, the velocity ε − x₀ in place of ε; the guided
+prediction of the saliency loss is linear, so it is taken on velocities), and ``module`` names the MM-DiT's
+parameters by role (``full``: every transformer parameter).
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ from safediff.concepts import Concept
 from safediff.erasers.base import Eraser
 from safediff.erasers.data import generated_latents
 from safediff.erasers.modules import all_weights, check_group, group_parameters, in_group
-from safediff.erasers.prompts import as_concept, prompt_pairs, replace_word, retain_prompts, words_of
+from safediff.erasers.prompts import as_concept, replace_word, words_of
+from safediff.erasers.training_prompts import prompt_pairs, retain_prompts
 from safediff.erasers.training import TrainingState, loss_summary, run_fingerprint, shuffled, train, trainable
 from safediff.errors import SafediffError
 from safediff.attacks.objectives import noised, training_target
@@ -81,7 +87,7 @@ class SalUn(Eraser):
                                                     "lr": 1e-3}}
     zero_strength: ClassVar[dict] = {"lr": 0.0}
 
-    module: str = option("full", help="trained UNet parameters: full (reference), xattn, kv, noxattn")
+    module: str = option("full", help="trained denoiser parameters: full (reference), xattn, kv, noxattn")
     n_forget: int = option(800, low=1, high=100_000, help="images of the concept (D_f)")
     n_retain: int = option(800, low=1, high=100_000, help="images of what is kept (D_r)")
     batch: int = option(8, low=1, high=4096)
@@ -100,7 +106,7 @@ class SalUn(Eraser):
         super().__post_init__()
         check_group(self.module, "eraser salun")
         if self.module.startswith("text_encoder"):
-            raise SafediffError(f"eraser salun trains the UNet; module must be one of full, xattn, kv, noxattn, "
+            raise SafediffError(f"eraser salun trains the denoiser; module must be one of full, xattn, kv, noxattn, "
                                 f"got '{self.module}'")
         for value, accepted, what in ((self.salient, SALIENT, "salient"), (self.pseudo, PSEUDO, "pseudo")):
             if value not in accepted:
@@ -150,7 +156,7 @@ class SalUnRun:
         self.forget, self.forget_of = generated_latents(model, self.forget_prompts, eraser.n_forget, g)
         self.retain, self.retain_of = generated_latents(model, self.retain_prompts, eraser.n_retain, g)
         self.generator = g  # noise, timesteps and substitutes from here on (checkpointed)
-        self.n_train = model.pipe.scheduler.config.num_train_timesteps
+        self.n_train = model.adapter.train_timesteps
         with torch.no_grad():
             self.uncond = model.adapter.encode_negative(None, 1)
 

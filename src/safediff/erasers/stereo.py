@@ -2,7 +2,7 @@
 CVPR 2025, arXiv 2408.16807; reference code koushiksrivats/robust-concept-erasing, ``utils/stereo.py``).
 
 Stage 1, "search thoroughly enough" (adversarial training used only to find prompts): for rounds k = 0..K−1,
-   (a) erase the current target c_k from the UNet (c_0: the concept's keywords; c_k: the word mined in round k−1),
+   (a) erase the current target c_k from the denoiser (c_0: the concept's keywords; c_k: the word mined in round k−1),
        on top of the previous round's weights θ_{k−1} (frozen during the round), ESD's objective
            ‖ε_θ(x_t, c_k) − [ε_θ_{k−1}(x_t, ∅) − η_s (ε_θ_{k−1}(x_t, c_k) − ε_θ_{k−1}(x_t, ∅))]‖²
        with x_t from partial DDIM sampling on c_k (``erasers.partial``);
@@ -26,13 +26,19 @@ Anchors: the reference ships ~200 LLM-written scene sentences containing the con
 ("A nude figure stands amidst a field ..."); here A is the concept's keywords in its contexts (``prompt_pairs``).
 Mining images: ``n_images`` drawn by the original model from those prompts (the reference's gallery of 500);
 templates: the concept's contexts with the placeholder for the word. The mined words live only in training: the
-edit holds UNet weights. Defaults: the README's command (``--train_method noxattn --n_iterations 2
+edit holds denoiser weights. Defaults: the README's command (``--train_method noxattn --n_iterations 2
 --num_of_adv_concepts 2 --compositional_guidance_scale 2``) and train.py's: 200 iterations per erasing stage, lr
 5e-6 (stage 1) and 2e-5 (stage 2), AdamW; inversion 3,000 steps of batch 1 at lr 5e-3; x_t from 50 DDIM steps at
 guidance 3, sampled with the model being trained (``sample_with="trained"``). Differences: x_t's prediction
 timestep is the DDIM step's own bin (the reference maps step i to DDPM i/50·1000, counting from the noisy end);
 erase targets and anchors are taken in turn, not as a shuffled balanced list. Stage 2 checkpoints to
 ``checkpoint`` (the mined words with it) and resumes bit-identically; an interrupted stage 1 is redone from the seed.
+
+SD3 / FLUX (no STEREO code exists for them; our mapping): both stages carry over unchanged in form. The module
+groups are ESD's roles on the MM-DiT (``erasers.modules``: ``noxattn`` = ESD-u's set), x_t comes from the
+flow-matching Euler trajectory, the guidance combinations are taken on velocities (linear, as on ε), and a mined word
+is one learned vector per text encoder (CLIP-L, CLIP-G, T5 on SD3; CLIP-L, T5 on FLUX), each encoder reading the
+placeholder in its own tokens (``concept_inversion.Inversion``).
 """
 
 from __future__ import annotations
@@ -48,9 +54,10 @@ from safediff.attacks.concept_inversion import Inversion, initial_vectors, place
 from safediff.concepts import Concept, fill_context
 from safediff.erasers.base import Eraser
 from safediff.erasers.data import generated_latents
-from safediff.erasers.modules import all_weights, check_group, group_parameters, in_group, unet_names
+from safediff.erasers.modules import all_weights, check_group, denoiser_names, group_parameters, in_group
 from safediff.erasers.partial import PartialSampler
-from safediff.erasers.prompts import GENERIC_TEMPLATES, prompt_pairs
+from safediff.erasers.prompts import GENERIC_TEMPLATES
+from safediff.erasers.training_prompts import prompt_pairs
 from safediff.erasers.training import TrainingState, cycled, loss_summary, run_fingerprint, train, trainable
 from safediff.errors import SafediffError
 from safediff.options import option
@@ -75,7 +82,7 @@ class STEREO(Eraser):
                   "inversion_steps": 1, "n_images": 1, "ddim_steps": 2}}
     zero_strength: ClassVar[dict] = {"lr": 0.0}
 
-    module: str = option("noxattn", help="trained UNet parameters: noxattn (README), xattn, kv, full")
+    module: str = option("noxattn", help="trained denoiser parameters: noxattn (README), xattn, kv, full")
     rounds: int = option(2, low=0, high=100, help="K: erase-then-mine rounds of stage 1")
     erase_iterations: int = option(200, low=1, high=1_000_000, help="AdamW steps of each stage-1 erasure")
     erase_lr: float = option(5e-6, low=0.0, high=1.0, help="stage-1 learning rate")
@@ -101,7 +108,7 @@ class STEREO(Eraser):
         super().__post_init__()
         check_group(self.module, "eraser stereo")
         if self.module.startswith("text_encoder"):
-            raise SafediffError(f"eraser stereo trains the UNet; module must be one of noxattn, xattn, kv, full, "
+            raise SafediffError(f"eraser stereo trains the denoiser; module must be one of noxattn, xattn, kv, full, "
                                 f"got '{self.module}'")
         if self.sample_with not in SAMPLE_WITH:
             raise SafediffError(f"eraser stereo: sample_with must be one of {', '.join(SAMPLE_WITH)}, got "
@@ -114,7 +121,7 @@ class STEREO(Eraser):
     def compute(self, model, concepts: list[Concept], preserve, guide, progress):
         params = group_parameters(model, self.module)
         original = {n: p.detach().clone() for n, p in params.items()}
-        run = StereoRun(self, model, concepts, guide, unet_names(original))
+        run = StereoRun(self, model, concepts, guide, denoiser_names(model, original))
         state = TrainingState(params, None, {"sampling": run.generator}, losses=[])
         fingerprint = run_fingerprint(self, model, {"anchors": run.anchors, "words": run.words})
         with trainable(all_weights(model), params, original), torch.enable_grad():
@@ -152,7 +159,7 @@ class StereoRun:
         self.anchors = [p for p, _ in pairs if p not in self.words] or [p for p, _ in pairs]
         self.templates = list(dict.fromkeys(fill_context(t, "{}") for c in concepts
                                             for t in (c.contexts or GENERIC_TEMPLATES))) + ["{}"]
-        self.slot, _ = initial_vectors(model.adapter, eraser.init_word or self.words[0], "eraser stereo")
+        self.slots, _ = initial_vectors(model.adapter, eraser.init_word or self.words[0], "eraser stereo")
         self.generator = torch.Generator().manual_seed(int(eraser.seed))
         self.images, _ = generated_latents(model, self.anchors, eraser.n_images, self.generator)
         self.sampler = PartialSampler(model, int(eraser.ddim_steps or model.defaults["steps"]))
@@ -164,7 +171,7 @@ class StereoRun:
     # -- conditioning of erase targets ----------------------------------------------------------------------------
     def mined_condition(self, vectors: list[torch.Tensor]) -> Conditioning:
         """A mined word alone as a prompt (the reference erases the bare placeholder token)."""
-        return placeholder_conditioning(self.model.adapter, ["{}"], self.slot, vectors)
+        return placeholder_conditioning(self.model.adapter, ["{}"], self.slots, vectors)
 
     def targets(self, mined: list[list[torch.Tensor]]) -> Conditioning:
         """E: the keywords, then every mined word."""
@@ -184,7 +191,7 @@ class StereoRun:
         current = self.word_conds
         mined: list[list[torch.Tensor]] = []
         for k in range(e.rounds):
-            start = unet_names({n: p.detach().clone() for n, p in params.items()})
+            start = denoiser_names(self.model, {n: p.detach().clone() for n, p in params.items()})
             self._erase(params, current, start, progress, k)
             vectors = self._mine(progress, k)
             mined.append(vectors)
@@ -215,7 +222,7 @@ class StereoRun:
     def _mine(self, progress: bool, k: int) -> list[torch.Tensor]:
         e, g = self.eraser, self.generator
         _, vectors = initial_vectors(self.model.adapter, e.init_word or self.words[0], "eraser stereo")
-        inversion = Inversion(self.model, self.images, self.templates, self.slot, vectors)
+        inversion = Inversion(self.model, self.images, self.templates, self.slots, vectors)
 
         def noise(x_t, t, cond):
             return denoiser_output(self.model, x_t, t, cond)

@@ -22,6 +22,10 @@ SLD-max's rate on the UCE model rose from 0.125 to 0.375).
   it. Extra cost: the hooked modules run once more on the concept rows (K/V edits: the cross-attention
   projections only).
 
+SD3 / FLUX: the same, on the transformer (``transformer.…`` edits): the hooked modules (linear layers, norms) also
+compute each sample on its own, and joint attention mixes text and image tokens within a sample only; FLUX's packed
+latents keep the batch first. The guards these apply to run there with CFG on (FLUX: guidance > 1).
+
 The base value of a parameter is the one the *first* applied edit touching it replaced (``Edit.originals``), so a
 stack ``SPEC+A+B`` reads the concept through the loaded weights. Without edits ``base`` equals ``edited``.
 """
@@ -48,18 +52,18 @@ def base_weights(model) -> dict[str, torch.Tensor]:
 
 
 class UneditedRows(contextlib.AbstractContextManager):
-    """Forward hooks on the UNet modules that own parameters in ``base`` (UNet names -> values): the batch rows
+    """Forward hooks on the denoiser modules that own parameters in ``base`` (its names -> values): the batch rows
     ``rows()`` returns (a LongTensor, or None) get the module's output under the base parameters."""
 
-    def __init__(self, unet: torch.nn.Module, base: dict[str, torch.Tensor], rows):
-        self.unet, self.base, self.rows = unet, base, rows
+    def __init__(self, denoiser: torch.nn.Module, base: dict[str, torch.Tensor], rows):
+        self.denoiser, self.base, self.rows = denoiser, base, rows
         self.owners = sorted({name.rpartition(".")[0] for name in base})  # modules owning an edited parameter
         self.handles: list = []
         self.inside = False
 
     def __enter__(self):
         for owner in self.owners:
-            module = self.unet.get_submodule(owner)
+            module = self.denoiser.get_submodule(owner)
             # every base value inside this module (a child's too), relative to it, in the module's dtype and device
             values = {n[len(owner) + 1:]: v for n, v in self.base.items() if n.startswith(owner + ".")}
             values = {k: v.to(device=p.device, dtype=p.dtype) for k, v in values.items()
@@ -95,11 +99,12 @@ class UneditedRows(contextlib.AbstractContextManager):
 
 
 class BaseConceptSession(Session):
-    """Wraps a guard's session: records which rows of each UNet call are concept branches and hooks the UNet."""
+    """Wraps a guard's session: records which rows of each denoiser call are concept branches and hooks the
+    denoiser."""
 
-    def __init__(self, inner: Session, base_unet: dict[str, torch.Tensor]):
+    def __init__(self, inner: Session, base_denoiser: dict[str, torch.Tensor]):
         super().__init__(inner.ctx)
-        self.inner, self.base_unet = inner, base_unet
+        self.inner, self.base_denoiser = inner, base_denoiser
         self.rows: torch.Tensor | None = None
 
     def branches(self, i: int):
@@ -115,7 +120,7 @@ class BaseConceptSession(Session):
     def unet_hooks(self) -> contextlib.AbstractContextManager:
         stack = contextlib.ExitStack()
         stack.enter_context(self.inner.unet_hooks())
-        stack.enter_context(UneditedRows(self.ctx.model.unet, self.base_unet, lambda: self.rows))
+        stack.enter_context(UneditedRows(self.ctx.model.denoiser, self.base_denoiser, lambda: self.rows))
         return stack
 
 
@@ -132,11 +137,12 @@ class BaseConceptGuard:
         from safediff.erasers.base import weights_set_to
 
         base = base_weights(ctx.model)
-        text = {n: t for n, t in base.items() if not n.startswith("unet.")}
+        prefix = ctx.model.adapter.denoiser_component + "."
+        denoiser = {n.removeprefix(prefix): t for n, t in base.items() if n.startswith(prefix)}
+        text = {n: t for n, t in base.items() if not n.startswith(prefix)}
         with weights_set_to(ctx.model, text):  # these guards encode only their concept texts in start()
             session = self.inner.start(ctx)
-        unet = {n.removeprefix("unet."): t for n, t in base.items() if n.startswith("unet.")}
-        return BaseConceptSession(session, unet) if unet else session
+        return BaseConceptSession(session, denoiser) if denoiser else session
 
     def config(self) -> dict:
         return {**self.inner.config(), "concept_weights": "base"}
