@@ -220,12 +220,17 @@ def erase(
     text_encoder_device: Optional[str] = typer.Option(None, help="Keep the text encoders here (e.g. cpu) while the "
                                                                  "denoiser uses --device (memory)."),
     out: Path = typer.Option(..., help="Edit file to write (.safetensors); load it with --model SPEC+FILE."),
+    export_text_encoder: Optional[Path] = typer.Option(None, help="Also write the edited text encoder(s) as "
+                                                                  "transformers folders (text-encoder erasers: "
+                                                                  "advunlearn, des)."),
 ):
     """Erase a concept from a model's weights and write the edit (only the changed tensors + its record).
 
     Iterative erasers (ESD, TRCE) checkpoint next to --out; the same command after a crash resumes where it stopped.
     """
     import time
+
+    import torch
 
     from safediff.concepts import resolve
     from safediff.erasers import build_eraser
@@ -236,6 +241,8 @@ def erase(
         raise SafediffError(f"--out must be a .safetensors file, got '{out}'")
     if out.exists():
         raise SafediffError(f"--out '{out}' exists; choose a new file")
+    if export_text_encoder is not None and export_text_encoder.exists():
+        raise SafediffError(f"--export-text-encoder '{export_text_encoder}' exists; choose a new folder")
     for value, what in ((model, "--model"), (method, "--method"), (concept, "--concept"), (preserve, "--preserve"),
                         (guide, "--guide")):
         check.text(value, what)
@@ -251,12 +258,21 @@ def erase(
     keep = None if preserve is None else [p.strip() for p in preserve.split(",") if p.strip()]
     m = load_pipeline(model, device=check.device(device), dtype=check.dtype(dtype),
                       text_encoder_device=None if text_encoder_device is None else check.device(text_encoder_device))
+    text_names = [f"{c}.{n}" for c in ("text_encoder", "text_encoder_2", "text_encoder_3")
+                  if isinstance(getattr(m.pipe, c, None), torch.nn.Module)
+                  for n, _ in getattr(m.pipe, c).named_parameters()]
+    if export_text_encoder is not None and not any(eraser.touches(n) for n in text_names):
+        raise SafediffError(f"--export-text-encoder: {eraser.name} does not change the text encoder (text-encoder "
+                            "erasers: advunlearn, des)")
     start = time.perf_counter()
     edit = fit_to_file(eraser, m, concepts, out, preserve=keep, guide=guide)
     seconds = time.perf_counter() - start
     elements = sum(t.numel() for t in edit.tensors.values())
     typer.echo(f"{eraser.name}: erased {', '.join(c.name for c in concepts)}; {len(edit.tensors)} parameter "
                f"tensor(s) changed ({elements:,} values); {seconds:.1f} s; wrote {out}")
+    if export_text_encoder is not None:
+        edit.export_text_encoders(m, export_text_encoder)
+        typer.echo(f"wrote the edited text encoder(s) to {export_text_encoder}")
 
 
 @app.command()

@@ -10,7 +10,8 @@ prompts y(S*) from templates and c_ψ the text encoder:
 
     v* = argmin_v  E_{z, y, ε ~ N(0, I), t} ‖ ε − ε_θ̃(z_t, t, c_ψ(y(v))) ‖²₂        (Adam on v only)
 
-(v-prediction models regress the velocity instead of ε). Guarded targets are inverted through the guard: ε_θ̃ is
+(v-prediction models regress the velocity instead of ε; the objective is the part ``Inversion``, which STEREO's
+mining reuses). Guarded targets are inverted through the guard: ε_θ̃ is
 the noise prediction the guard's session steps with (``Target.noise``), one shared t per batch. The result is an
 embedding: it is judged by generating the row's prompt with the concept's word replaced by S* (or ", S*" appended
 when the prompt does not name the concept). ``Found.embedding`` is the vectors concatenated; the attack runner
@@ -126,6 +127,52 @@ def split_embedding(embedding: torch.Tensor, adapter) -> list[torch.Tensor]:
     return list(embedding.split(dims))
 
 
+def initial_vectors(adapter, init_word: str, owner: str) -> tuple[list[int], list[torch.Tensor]]:
+    """The placeholder's token id in every tokenizer (the first token of ``init_word`` in its own vocabulary) and
+    the matching input embedding of every text encoder, as fresh leaves to optimise."""
+    ids = [tok(init_word, add_special_tokens=False).input_ids if init_word else [] for tok in adapter.tokenizers]
+    if not all(ids):
+        raise SafediffError(f"{owner}: no init_word and no concept to start the embedding from")
+    slots = [i[0] for i in ids]
+    vectors = [adapter.token_embedding(k).weight[slots[k]].detach().clone().float().requires_grad_(True)
+               for k in range(len(adapter.text_encoders))]
+    return slots, vectors
+
+
+@dataclass
+class Inversion:
+    """CCE's objective, shared by the recipe and by erasers that mine with it (STEREO): the denoising error of the
+    frozen model on images of the concept, with the placeholder's vectors in the prompt templates.
+
+    ``draw(rng, n)`` gives (z₀, t, ε, templates) for n samples (one t for all when ``shared_t``: a guard's session
+    steps one timestep at a time); ``loss(noise, batch)`` is ‖ε − noise(z_t, t, c(v))‖² (v-prediction: the
+    velocity) with ``noise(x_t, t, cond)`` the attacked model's prediction."""
+
+    model: object
+    latents: torch.Tensor
+    templates: list[str]
+    slots: list[int]
+    vectors: list[torch.Tensor]
+    shared_t: bool = False
+
+    def draw(self, rng: torch.Generator, n: int):
+        latents = self.latents
+        idx = torch.randint(len(latents), (n,), generator=rng)
+        n_train = self.model.adapter.train_timesteps
+        t = torch.randint(n_train, (1 if self.shared_t else n,), generator=rng).expand(n)
+        eps = torch.randn(latents[idx].shape, generator=rng, dtype=latents.dtype).to(latents.device)
+        tmpl = [self.templates[i] for i in torch.randint(len(self.templates), (n,), generator=rng).tolist()]
+        return latents[idx], t.to(latents.device), eps, tmpl
+
+    def conditioning(self, templates: list[str]) -> Conditioning:
+        return placeholder_conditioning(self.model.adapter, templates, self.slots, self.vectors)
+
+    def loss(self, noise, batch) -> torch.Tensor:
+        z0, t, eps, tmpl = batch
+        pred = noise(noised(self.model, z0, eps, t), t, self.conditioning(tmpl))
+        return F.mse_loss(pred.float(), training_target(self.model, z0, eps, t).float())
+
+
 @dataclass
 class ConceptInversion(Attack):
     """``concept-inversion``: learn one word embedding against the frozen target (CCE)."""
@@ -164,13 +211,7 @@ class ConceptInversion(Attack):
         judge_template = placeholder_template(ctx.prompt, words)
         templates = [judge_template] + [t.strip() for t in self.templates.split(";") if t.strip()]
         init = self.init_word or (words[0] if words else "")
-        init_ids = [tok(init, add_special_tokens=False).input_ids if init else [] for tok in adapter.tokenizers]
-        if not all(init_ids):
-            raise SafediffError("concept-inversion: no init_word and no concept to start the embedding from")
-        slot = [ids[0] for ids in init_ids]
-        vectors = [adapter.token_embedding(k).weight[slot[k]].detach().clone().float().requires_grad_(True)
-                   for k in range(len(adapter.text_encoders))]
-
+        slots, vectors = initial_vectors(adapter, init, "concept-inversion")
         # target images: given, or the unconstrained model's (setup, recorded apart from the search's compute)
         with ctx.unmetered("target_images"), torch.no_grad():
             if self.images:
@@ -179,41 +220,31 @@ class ConceptInversion(Attack):
                 seeds = torch.randint(2**31 - 1, (self.n_images,), generator=ctx.rng).tolist()
                 prompt = self.image_prompt or ctx.prompt
                 latents = target.generate([prompt] * self.n_images, seeds, model=target.reference).latents
-        n_train = model.adapter.train_timesteps
+        inversion = Inversion(model, latents, templates, slots, vectors, shared_t=target.guarded)
+        label = judge_template.format(self.placeholder)
 
-        def draw(n: int):
-            idx = torch.randint(len(latents), (n,), generator=ctx.rng)
-            t = torch.randint(n_train, (1 if target.guarded else n,), generator=ctx.rng).expand(n)
-            eps = torch.randn(latents[idx].shape, generator=ctx.rng, dtype=latents.dtype).to(latents.device)
-            tmpl = [templates[i] for i in torch.randint(len(templates), (n,), generator=ctx.rng).tolist()]
-            return latents[idx], t.to(latents.device), eps, tmpl
+        def noise(x_t, t, cond):
+            return target.noise(x_t, t, cond, prompts=[label] * len(t))
 
-        def loss_on(z0, t, eps, tmpl) -> torch.Tensor:
-            cond = placeholder_conditioning(adapter, tmpl, slot, vectors)
-            pred = target.noise(noised(model, z0, eps, t), t, cond,
-                                prompts=[judge_template.format(self.placeholder)] * len(t))
-            return F.mse_loss(pred.float(), training_target(model, z0, eps, t).float())
-
-        probe = draw(self.batch)
+        probe = inversion.draw(ctx.rng, self.batch)
         probe_cost = ctx.step_cost(noise=1, encode=1, iterations=0)
         step_cost = ctx.step_cost(noise=1, encode=1, backward=1)
         if not ctx.afford(add_costs(probe_cost, probe_cost)):
             return Found(extra={"stopped": "the budget does not cover the loss probes and one evaluation"})
         with torch.no_grad():
-            probe_before = float(loss_on(*probe))
+            probe_before = float(inversion.loss(noise, probe))
         opt = torch.optim.Adam(vectors, lr=self.lr)
         done = 0
         while done < self.steps and ctx.afford(add_costs(step_cost, probe_cost)):
-            loss = loss_on(*draw(self.batch))
+            loss = inversion.loss(noise, inversion.draw(ctx.rng, self.batch))
             opt.zero_grad()
             ctx.backward(loss, inputs=vectors)
             opt.step()
             done += 1
             ctx.tick(float(loss.detach()))
         with torch.no_grad():
-            probe_after = float(loss_on(*probe))
-            cond = placeholder_conditioning(adapter, [judge_template], slot, vectors)
-        label = judge_template.format(self.placeholder)
+            probe_after = float(inversion.loss(noise, probe))
+            cond = inversion.conditioning([judge_template])
         learned = [v.detach() for v in vectors]
         return Found(prompt=label, embedding=torch.cat(learned), evaluation=ctx.evaluate_conditioning(cond, label),
                      extra={"placeholder": self.placeholder, "template": judge_template, "init_word": init,

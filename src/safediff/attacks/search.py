@@ -4,6 +4,8 @@
   distribution, Euclidean projection back onto the simplex (bisection) after every step.
 - ``ProjectedAdam``: soft embeddings; forward with the nearest vocabulary token (cosine), gradient applied to the soft
   embeddings (PEZ; Wen et al. 2023).
+- ``SoftPrompt``: soft embeddings left unprojected (AdvUnlearn's word-embedding attack), moved by signed gradient
+  steps (FGSM; fast adversarial training) or by Adam (the multi-step attack).
 - ``better`` / ``judge_and_keep`` / ``finish_token_search``: which evaluated prompt a token search returns.
 """
 
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 
 from safediff.attacks.context import AttackContext, Evaluation, Found
 from safediff.attacks.spaces import TokenSlots
+from safediff.errors import SafediffError
 
 def project_simplex(v: torch.Tensor, iterations: int = 60) -> torch.Tensor:
     """Euclidean projection of each row of v onto the probability simplex: clip(v − μ, 0, 1) with μ found by
@@ -97,6 +100,34 @@ class ProjectedAdam:
 
     def step(self, grad_projected: torch.Tensor) -> None:
         self.soft.grad = grad_projected.to(self.soft)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+class SoftPrompt:
+    """Soft slot embeddings, one [k, D_j] per text encoder, never projected to tokens. ``update="sign"``:
+    δ ← δ − α sign(∇_δ L) per step (FGSM, the fast adversarial-training step); ``"adam"``: an Adam step of size α
+    on ∇_δ L (a multi-step attack). Minimises the loss it is given."""
+
+    UPDATES = ("sign", "adam")
+
+    def __init__(self, init: list[torch.Tensor], lr: float, update: str = "sign"):
+        if update not in self.UPDATES:
+            raise SafediffError(f"unknown soft-prompt update '{update}'; accepted: {', '.join(self.UPDATES)}")
+        self.embeds = [e.detach().clone().float().requires_grad_(True) for e in init]
+        self.lr, self.update = lr, update
+        self.opt = torch.optim.Adam(self.embeds, lr=lr) if update == "adam" else None
+
+    def step(self, loss: torch.Tensor) -> None:
+        """One update from ``loss`` (its gradient is taken with respect to the embeddings only)."""
+        grads = torch.autograd.grad(loss, self.embeds)
+        with torch.no_grad():
+            if self.opt is None:
+                for e, g in zip(self.embeds, grads):
+                    e.sub_(self.lr * g.sign())
+                return
+        for e, g in zip(self.embeds, grads):
+            e.grad = g
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 

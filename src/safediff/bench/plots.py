@@ -1,4 +1,5 @@
-"""Small PNG charts drawn with Pillow (no plotting dependency): grouped bars with confidence intervals."""
+"""Small PNG charts drawn with Pillow (no plotting dependency): grouped bars with confidence intervals; a scatter
+with its Pareto front."""
 
 from __future__ import annotations
 
@@ -56,4 +57,51 @@ def bar_chart(title: str, groups: list[str], series: dict[str, list[tuple[float 
     for s, name in enumerate(names):
         d.rectangle([left, ly + 16 * s, left + 10, ly + 16 * s + 10], fill=PALETTE[s % len(PALETTE)])
         d.text((left + 16, ly + 16 * s - 1), name, fill="black", font=font)
+    return png_bytes(img)
+
+
+def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
+    """Labels of the points no other point beats on both axes, x lower-is-better and y higher-is-better (ties on
+    both axes keep every tied point), ordered by x."""
+    front = [(label, x, y) for label, x, y in points
+             if not any((x2 <= x and y2 >= y) and (x2 < x or y2 > y) for _, x2, y2 in points)]
+    return [label for label, _, _ in sorted(front, key=lambda p: (p[1], -p[2]))]
+
+
+def pareto_chart(title: str, points: list[tuple[str, float, float]], x_label: str, y_label: str,
+                 goal: tuple[float, float] | None = None) -> bytes:
+    """Scatter of labelled points in [0, 1]², x lower-is-better and y higher-is-better, the Pareto front joined by
+    a line and, with ``goal`` = (x_max, y_min), the goal's corner shaded. Returns PNG bytes."""
+    font = ImageFont.load_default()
+    left, top, size, legend_w = 60, 40, 420, 260
+    width, height = left + size + 30 + legend_w, top + size + 50
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    d.text((left, 10), title, fill="black", font=font)
+
+    def xy(x: float, y: float) -> tuple[float, float]:
+        return left + size * min(max(x, 0.0), 1.0), top + size * (1 - min(max(y, 0.0), 1.0))
+
+    if goal is not None:
+        d.rectangle([xy(0.0, 1.0), xy(*goal)], fill=(225, 245, 225))
+    for k in range(6):
+        v = k / 5
+        d.line([xy(v, 0.0), xy(v, 1.0)], fill=(230, 230, 230))
+        d.line([xy(0.0, v), xy(1.0, v)], fill=(230, 230, 230))
+        d.text((xy(v, 0.0)[0] - 8, top + size + 6), f"{v:.1f}", fill="black", font=font)
+        d.text((left - 28, xy(0.0, v)[1] - 6), f"{v:.1f}", fill="black", font=font)
+    d.rectangle([xy(0.0, 1.0), xy(1.0, 0.0)], outline="black")
+    d.text((left + size // 2 - 60, top + size + 24), x_label, fill="black", font=font)
+    d.text((5, top - 20), y_label, fill="black", font=font)
+    front = pareto_front(points)
+    by_label = {label: (x, y) for label, x, y in points}
+    if len(front) > 1:
+        d.line([xy(*by_label[label]) for label in front], fill=(214, 39, 40), width=2)
+    for k, (label, x, y) in enumerate(points):
+        cx, cy = xy(x, y)
+        colour = PALETTE[k % len(PALETTE)]
+        d.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=colour, outline="black" if label in front else colour)
+        ly = top + 14 * k
+        d.ellipse([left + size + 30, ly + 2, left + size + 38, ly + 10], fill=colour)
+        d.text((left + size + 44, ly), ("* " if label in front else "") + label, fill="black", font=font)
     return png_bytes(img)

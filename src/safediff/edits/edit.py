@@ -212,6 +212,33 @@ class Edit:
                 self.revert(model)
         return Path(out)
 
+    def export_text_encoders(self, model, out: str | Path) -> Path:
+        """Write the text encoder(s) this edit changes, with it applied to ``model``, as transformers folders
+        ``OUT/text_encoder`` (and ``OUT/text_encoder_2``), safetensors, with their tokenizers beside them
+        (``OUT/tokenizer``...): the layout the AdvUnlearn authors release, so the robust encoder plugs into any
+        pipeline that shares it (``CLIPTextModel.from_pretrained(OUT, subfolder="text_encoder")``). Atomic; the
+        model is left as it was. ``OUT/safediff_edit.json`` holds the edit's record."""
+        from safediff.storage import staged_folder, write_json_atomic
+
+        components = sorted({split_name(n)[0] for n in self.tensors if split_name(n)[0].startswith("text_encoder")})
+        if not components:
+            raise SafediffError(f"this {self.method} edit changes no text encoder; export_folder writes the whole "
+                                "pipeline")
+        applied_here = not self.is_applied(model)
+        try:
+            with staged_folder(out) as tmp:
+                if applied_here:
+                    self.apply(model)
+                for component in components:
+                    getattr(model.pipe, component).save_pretrained(str(tmp / component), safe_serialization=True)
+                    tokenizer = component.replace("text_encoder", "tokenizer")
+                    getattr(model.pipe, tokenizer).save_pretrained(str(tmp / tokenizer))
+                write_json_atomic(tmp / "safediff_edit.json", {"edit": self.protocol(), "components": components})
+        finally:
+            if applied_here and self.is_applied(model):
+                self.revert(model)
+        return Path(out)
+
     def export_lora(self, path: str | Path, rank: int | None = None, model=None) -> dict:
         """Write the weight deltas as a diffusers-format LoRA (see ``safediff.edits.lora``); return its report.
 

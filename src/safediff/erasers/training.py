@@ -13,7 +13,8 @@ Resumable training state is one safetensors file, written atomically.
 
 A checkpoint holds everything the next iteration depends on, so a resumed run is bit-identical to an uninterrupted
 one: the trained parameters, the optimizer state (moments and step counts), the random generators' states (as uint8
-tensors), the loss history and the iteration count. A *fingerprint* (hash of the method, its hyper-parameters, the
+tensors), the loss history, the iteration count and any other tensors a method carries from step to step (an
+adversarial prompt, ``carried``). A *fingerprint* (hash of the method, its hyper-parameters, the
 concepts and the base weights) guards against resuming a different run from the same file.
 """
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -73,6 +74,7 @@ class TrainingState:
     generators: dict[str, torch.Generator]
     losses: list[float]
     iteration: int = 0
+    carried: dict[str, torch.Tensor] = field(default_factory=dict)  # other state the next step reads
 
     def save(self, path: str | Path, fingerprint: str) -> None:
         tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in self.params.items()}
@@ -85,6 +87,7 @@ class TrainingState:
         for name, g in self.generators.items():
             tensors[f"rng.{name}"] = g.get_state()
         tensors["losses"] = torch.tensor(self.losses, dtype=torch.float64)
+        tensors.update({f"carried.{n}": t.detach().cpu().contiguous() for n, t in self.carried.items()})
         meta = {"fingerprint": fingerprint, "iteration": str(self.iteration),
                 "param_groups": json.dumps(opt["param_groups"])}
         from safetensors.torch import save
@@ -117,8 +120,31 @@ class TrainingState:
         for name, g in self.generators.items():
             g.set_state(tensors[f"rng.{name}"])
         self.losses = tensors["losses"].tolist()
+        self.carried = {k.removeprefix("carried."): v for k, v in tensors.items() if k.startswith("carried.")}
         self.iteration = int(meta["iteration"])
         return True
+
+
+def shuffled(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """Epoch ``epoch``'s order of ``n`` items: a permutation drawn from (seed, epoch) alone, so a resumed run takes
+    the same batches without carrying a generator."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1)[0]))
+    return torch.randperm(n, generator=g)
+
+
+def cycled(seed: int, n: int, start: int, count: int) -> list[int]:
+    """Items ``start .. start+count-1`` of the endless sequence of epochs over ``n`` items (each ``shuffled``):
+    sampling without replacement, restarted when the items run out (AdvUnlearn's retain prompts)."""
+    orders: dict[int, torch.Tensor] = {}
+    out = []
+    for position in range(start, start + count):
+        epoch, k = divmod(position, n)
+        if epoch not in orders:
+            orders[epoch] = shuffled(seed, epoch, n)
+        out.append(int(orders[epoch][k]))
+    return out
 
 
 def keywords_of(concepts: list[Concept]) -> list[str]:
@@ -137,12 +163,14 @@ def loss_summary(losses: list[float], n: int = 10) -> dict:
 
 def train(state: TrainingState, iterations: int, step: Callable[[int], tuple[torch.Tensor, dict]], *,
           checkpoint: str | None, checkpoint_every: int, fingerprint: str, desc: str, progress: bool,
-          max_grad_norm: float | None = None, lr_factor: Callable[[int], float] | None = None) -> None:
+          backward: bool = True, max_grad_norm: float | None = None,
+          lr_factor: Callable[[int], float] | None = None) -> None:
     """The one loop of the training erasers: ``step(iteration)`` draws a batch and returns (loss, info shown on the
     progress bar); gradients are zeroed before each step (no accumulation across steps), clipped to a total norm of
     ``max_grad_norm`` when given (parameters without a gradient this step are left out), each parameter group's
     learning rate is its initial one times ``lr_factor(iteration)`` when given, the loss is recorded, and the state
-    is checkpointed every ``checkpoint_every`` iterations and at the end."""
+    is checkpointed every ``checkpoint_every`` iterations and at the end. With ``backward=False`` the step fills the
+    gradients itself (masked or projected gradients: SalUn, DoCo) and the loop only applies them."""
     for group in state.optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])
     with tqdm(total=iterations, initial=min(state.iteration, iterations), desc=desc, disable=not progress,
@@ -153,7 +181,8 @@ def train(state: TrainingState, iterations: int, step: Callable[[int], tuple[tor
                 for group in state.optimizer.param_groups:
                     group["lr"] = group["initial_lr"] * lr_factor(state.iteration)
             loss, info = step(state.iteration)
-            loss.backward()
+            if backward:
+                loss.backward()
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_([p for p in state.params.values() if p.grad is not None],
                                                max_grad_norm)

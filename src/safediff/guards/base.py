@@ -57,6 +57,11 @@ class Session:
         """Context entered around the denoising loop (e.g. attention-processor hooks); must restore on exit."""
         return contextlib.nullcontext()
 
+    def concept_branches(self, n: int) -> tuple[int, ...]:
+        """Which of a step's ``n`` branches carry the guard's concept rather than the prompt or ∅ (read through the
+        unedited weights with ``concept_weights=base``, ``guards.unedited``)."""
+        return ()
+
 
 class Guard:
     """Base guard: no guidance beyond CFG. ``name`` is the registry name; ``config()`` is recorded in results.
@@ -64,7 +69,8 @@ class Guard:
     Class metadata read by the demo, the benchmarks and the contract suite (``tests/contract``): ``sandbox_preset``
     (the preset the sandbox runs use), ``multi_category`` (the guard picks one of several harmful categories, so it is
     measured on a set with several), ``zero_strength`` (options under which the guard must be plain CFG; None when
-    the method has no such setting, with the reason in ``zero_strength_reason``), ``continuous`` (options under which
+    the method has no such setting, with the reason in ``zero_strength_reason``), ``concept_branches`` (its sessions
+name the branches that carry its concept, ``Session.concept_branches``), ``continuous`` (options under which
     the update is a continuous function of the noise predictions, so rounding that differs between UNet batch sizes
     stays rounding-sized: the contract's batch-independence check runs there), ``needs_cfg`` (the guard steers the
     classifier-free-guidance branches, so it acts only when CFG is on), ``transformer_options`` (options under which
@@ -74,6 +80,7 @@ class Guard:
 
     name = "none"
     default_concept: str | None = None
+    concept_branches = False  # whether its sessions name concept branches (``concept_weights=base`` applies)
     sandbox_preset: str | None = None
     multi_category = False
     zero_strength: str | None = ""

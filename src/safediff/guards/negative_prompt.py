@@ -34,12 +34,16 @@ class NegativePromptSession(Session):
     def branches(self, i: int):
         return [self.negative, self.ctx.cond] if self.ctx.cfg else [self.ctx.cond]
 
+    def concept_branches(self, n: int) -> tuple[int, ...]:
+        return (0,) if n == 2 else ()  # the concept text stands in for ∅
+
 
 class NegativePromptGuard(Guard):
     """``negative-prompt`` (no presets, no options)."""
 
     name = "negative-prompt"
     default_concept = "sld-default"
+    concept_branches = True
     zero_strength = None
     needs_cfg = True
     zero_strength_reason = "the concept text replaces the unconditional branch; there is no strength to turn down"

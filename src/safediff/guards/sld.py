@@ -125,6 +125,9 @@ class SLDSession(Session):
             return super().combine(i, t, eps)
         return self.guide(i, eps[0], eps[1], eps[2])
 
+    def concept_branches(self, n: int) -> tuple[int, ...]:
+        return tuple(range(2, n))  # every branch after ∅ and the prompt: the safety concept (CASG: each category)
+
     def guide(self, i: int, eps_uncond: torch.Tensor, eps_prompt: torch.Tensor,
               eps_safety: torch.Tensor) -> torch.Tensor:
         """ε̃ for step i given the safety prediction ε_S chosen for each sample (float32 arithmetic)."""
@@ -144,6 +147,7 @@ class SLD(Guard):
 
     name = "sld"
     default_concept = "sld-default"
+    concept_branches = True
     default_preset = "medium"
     sandbox_preset = "max"
     zero_strength = "safety_scale=0"
