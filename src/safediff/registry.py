@@ -58,6 +58,7 @@ ERASERS = Registry("eraser", {
     "esd-u": "safediff.erasers.esd:ESDU",
     "esd-x-strict": "safediff.erasers.esd:ESDXStrict",
     "trce": "safediff.erasers.trce:TRCE",
+    "freezeasguard": "safediff.erasers.freezeasguard:FreezeAsGuard",
 }, aliases={"esd": "esd-u"})  # the paper's variant for nudity and other global concepts
 
 ATTACKS = Registry("attack", {
@@ -68,6 +69,7 @@ ATTACKS = Registry("attack", {
     "mma-diffusion": "safediff.attacks.mma:MMADiffusion",
     "concept-inversion": "safediff.attacks.concept_inversion:ConceptInversion",
     "concept-arithmetic": "safediff.attacks.concept_arithmetic:ConceptArithmetic",
+    "relearn": "safediff.attacks.relearn:Relearn",
 })
 
 DETECTORS = Registry("detector", {
