@@ -127,3 +127,37 @@ def diffusion_loss(model, x0: torch.Tensor, cond: Conditioning, generator: torch
     pred = denoiser_output(model, noised(model, x0, eps, t), t, cond, params)
     err = F.mse_loss(pred.float(), training_target(model, x0, eps, t).float(), reduction="none")
     return err.flatten(1).mean(1) if per_sample else err.mean()
+
+
+class TokenRows:
+    """Trainable rows of every text encoder's token-embedding table: words learned in place of existing tokens
+    (``ids[k]`` in tokenizer k), so the edit keeps the tables' shapes."""
+
+    def __init__(self, model, ids: list[list[int]]):
+        self.adapter = model.adapter
+        encoders = self.adapter.text_encoders
+        self.ids = [torch.tensor(i, dtype=torch.long) for i in ids]
+        self.tables = [self.adapter.token_embedding(k).weight.detach() for k in range(len(encoders))]
+        self.rows = [t[i.to(t.device)].clone().requires_grad_(True) for t, i in zip(self.tables, self.ids)]
+        self.names = []
+        for k, te in enumerate(encoders):
+            weight = te.get_input_embeddings().weight
+            name = next(n for n, p in te.named_parameters() if p is weight)
+            self.names.append(f"{'text_encoder' if k == 0 else f'text_encoder_{k + 1}'}.{name}")
+
+    def parameters(self) -> list[torch.Tensor]:
+        return list(self.rows)
+
+    def _table(self, k: int) -> torch.Tensor:
+        return self.tables[k].index_put((self.ids[k].to(self.tables[k].device),), self.rows[k])
+
+    def encode(self, captions: list[str]) -> Conditioning:
+        """The captions' conditioning with the learned rows (differentiable in them)."""
+        ids = [self.adapter.tokenize(captions, tok) for tok in self.adapter.tokenizers]
+        embeds = [F.embedding(i.to(self.tables[k].device), self._table(k)) for k, i in enumerate(ids)]
+        return self.adapter.encode_token_embeddings(ids, embeds)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Each table with its learned rows (``text_encoder….token_embedding.weight`` names)."""
+        with torch.no_grad():
+            return {name: self._table(k).detach().clone() for k, name in enumerate(self.names)}

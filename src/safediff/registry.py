@@ -59,6 +59,7 @@ ERASERS = Registry("eraser", {
     "esd-x-strict": "safediff.erasers.esd:ESDXStrict",
     "trce": "safediff.erasers.trce:TRCE",
     "freezeasguard": "safediff.erasers.freezeasguard:FreezeAsGuard",
+    "geom-erasing": "safediff.erasers.geom_erasing:GeomErasing",
 }, aliases={"esd": "esd-u"})  # the paper's variant for nudity and other global concepts
 
 ATTACKS = Registry("attack", {
