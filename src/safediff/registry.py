@@ -84,3 +84,15 @@ DETECTORS = Registry("detector", {
     "sandbox-style": "safediff.detectors.sandbox:SandboxStyle",
     "sandbox-mark": "safediff.detectors.sandbox:SandboxMark",
 })
+
+BACKDOORS = Registry("backdoor", {
+    "text-encoder": "safediff.backdoors.inject:TextEncoderBackdoor",
+    "unet": "safediff.backdoors.inject:UNetBackdoor",
+    "natural": "safediff.backdoors.inject:NaturalBackdoor",
+})
+
+BACKDOOR_DETECTORS = Registry("backdoor detector", {
+    "set": "safediff.backdoors.set_detector:SET",
+    "attention-stats": "safediff.backdoors.baselines:AttentionStats",
+    "seed-diversity": "safediff.backdoors.baselines:SeedDiversity",
+})

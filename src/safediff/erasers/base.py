@@ -60,7 +60,7 @@ class Eraser:
         closed-form methods). ``guide``: what the concepts are mapped to (default: each concept's guide, "" =
         unconditional). The model is not modified.
         """
-        from safediff.edits import Edit, resolve_parameter
+        from safediff.edits import Edit, changed_tensors
 
         concepts = list(concepts)
         if not concepts:
@@ -71,12 +71,7 @@ class Eraser:
         with torch.no_grad():
             tensors, info = self.compute(model, concepts, preserve, guide, progress)
         seconds = time.perf_counter() - start
-        changed = {}
-        for name, t in tensors.items():
-            current = resolve_parameter(model, name)
-            t = t.to(dtype=current.dtype)
-            if not torch.equal(t.to(current.device), current.detach()):
-                changed[name] = t
+        changed = changed_tensors(model, tensors)
         metadata = {
             "method": self.name,
             "paper": self.paper,
