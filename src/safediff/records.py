@@ -2,8 +2,7 @@
 
 Every JSON record (a generation folder's ``protocol.json``, a bench or attack run's ``protocol.json`` and
 ``results.json``, an attack prompt's record, an edit's metadata, the demo's plan and summary, the report's marker, a
-backdoor detection)
-is a dict with
+backdoor detection) is a dict with
 
     kind            what it is (``KINDS``)
     schema_version  ``SCHEMA_VERSION``; bumped on any breaking change of a kind's layout
