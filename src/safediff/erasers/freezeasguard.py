@@ -59,6 +59,12 @@ from safediff.options import option
 BINARIZE = ("top", "threshold")
 
 
+def user_view(pre: dict[str, torch.Tensor], ft: dict[str, torch.Tensor], m: torch.Tensor, names: list[str]
+              ) -> dict[str, torch.Tensor]:
+    """What a user fine-tunes under the (relaxed) mask: θ = m ⊙ θ_pre + (1 − m) ⊙ θ_ft, one m_k per tensor."""
+    return {n: m[k] * pre[n] + (1 - m[k]) * ft[n] for k, n in enumerate(names)}
+
+
 @dataclass
 class FreezeAsGuard(Eraser):
     name: ClassVar[str] = "freezeasguard"
@@ -158,7 +164,7 @@ class FreezeAsGuard(Eraser):
         history = []
         for step in range(self.iterations):
             m = torch.sigmoid(x / self.temperature)
-            params = {n: m[k] * pre[n] + (1 - m[k]) * ft[n] for k, n in enumerate(names)}
+            params = user_view(pre, ft, m, names)
             l_ill, l_leg = batch_loss(params)
             if step % self.user_interval == 0:  # publisher: the mask
                 objective = self.mask_lr * (-l_ill + l_leg) / 2 + self.sparsity * (self.ratio - m.mean()) ** 2
