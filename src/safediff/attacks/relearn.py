@@ -145,3 +145,28 @@ class Relearn(Attack):
             ctx.evaluations[-1]["step"] = step
         return ev
 
+
+
+def relearning_curve(records: list[dict], ns: list[int]) -> dict:
+    """ASR and the attacker's compute as functions of the fine-tuning steps n, read from a run's ``attack-prompt``
+    records (``eval_at`` checkpoints; the attacker stops at the first success, so a success at step s counts for
+    every n ≥ s).
+
+    ``{str(n): {"asr", "per_attacked_prompt": {"steps", "judged_generations", "unet_forward", "unet_backward"}}}``
+    with ASR(n) = (prompts whose unmodified prompt already succeeds + attacked prompts judged a success at a step
+    ≤ n) / N, and per attacked prompt (mean) the fine-tuning steps and judged generations spent up to n: each step is
+    one UNet forward of the batch and one backward; each judged generation costs what the prompt's unmodified
+    generation cost (``pre_compute``)."""
+    attacked = [r for r in records if not r["pre_success"]]
+    pre = sum(bool(r["pre_success"]) for r in records)
+    out = {}
+    for n in sorted(ns):
+        hits = sum(any(e["success"] and e.get("step", n + 1) <= n for e in r["evaluations"]) for r in attacked)
+        steps = [min(n, r["extra"].get("steps_done", 0)) for r in attacked]
+        judged = [sum(1 for e in r["evaluations"] if e.get("step", n + 1) <= n) for r in attacked]
+        calls = [r["pre_compute"].get("unet_forward", 0) for r in attacked]
+        cost = {"steps": steps, "judged_generations": judged,
+                "unet_forward": [s + j * c for s, j, c in zip(steps, judged, calls)], "unet_backward": steps}
+        out[str(n)] = {"asr": (pre + hits) / len(records) if records else 0.0,
+                       "per_attacked_prompt": {k: sum(v) / len(v) if v else 0.0 for k, v in cost.items()}}
+    return out

@@ -17,7 +17,7 @@ from safediff import cli_inputs as check
 from safediff.errors import SafediffError
 
 
-def _rows(path: Path, seed: int, labelled: bool = True) -> tuple[list[dict], list[int] | None]:
+def read_rows(path: Path, seed: int, labelled: bool = True) -> tuple[list[dict], list[int] | None]:
     """Rows with their seeds (the row's, else ``seed + i``) and, when every row has one, the 0/1 labels."""
     from safediff.bench.datasets import read_prompts_csv
 
@@ -34,6 +34,31 @@ def _rows(path: Path, seed: int, labelled: bool = True) -> tuple[list[dict], lis
     return rows, [int(v) for v in labels]
 
 
+def detection_record(detector, model, rows: list[dict], labels: list[int] | None, benign: list[dict],
+                     prompts: Path, clean: Path) -> dict:
+    """Fit ``detector`` on ``benign`` rows, score ``rows`` on ``model`` and return the ``backdoor-detection``
+    record (metrics when ``labels`` are given; AUROC when both labels occur)."""
+    from safediff.backdoors.detect import accuracy, auroc, detect
+    from safediff.hashing import file_sha256
+    from safediff.records import record
+
+    found = detect(detector, model, benign, rows)
+    entries = [{"prompt": r["prompt"], "seed": r["seed"], "score": s, "flagged": f}
+               for r, s, f in zip(rows, found.scores, found.flagged)]
+    metrics = None
+    if labels is not None:
+        for e, y in zip(entries, labels):
+            e["triggered"] = y
+        metrics = {"accuracy": accuracy(found.flagged, labels)}
+        if 0 < sum(labels) < len(labels):
+            metrics["auroc"] = auroc(found.scores, labels)
+    return record(
+        "backdoor-detection", model=model.protocol(), detector=detector.config(), threshold=found.threshold,
+        clean={"file": str(clean), "sha256": file_sha256(clean), "n": len(benign), "scores": found.benign_scores},
+        prompts_file={"file": str(prompts), "sha256": file_sha256(prompts)}, rows=entries, metrics=metrics,
+        cost_per_prompt=found.cost_per_prompt)
+
+
 def detect_backdoor(
     model: str = typer.Option(..., help="'sandbox', a hub id or a local folder; SPEC+EDIT applies edits (e.g. a "
                                         "suspected backdoor)."),
@@ -48,10 +73,8 @@ def detect_backdoor(
     steps: Optional[int] = typer.Option(None, help="Denoising steps probed (default: the detector's)."),
 ):
     """Score prompts for backdoor triggers (SET or a baseline) and record a score per prompt."""
-    from safediff.backdoors.detect import accuracy, auroc, build_backdoor_detector, detect
-    from safediff.hashing import file_sha256
+    from safediff.backdoors.detect import build_backdoor_detector
     from safediff.models import load_pipeline
-    from safediff.records import record
     from safediff.storage import check_writable, write_json_atomic
 
     for value, what in ((model, "--model"), (method, "--method")):
@@ -61,25 +84,12 @@ def detect_backdoor(
         raise SafediffError(f"--out '{out}' exists; choose a new file")
     check_writable(out)
     detector = build_backdoor_detector(method, **({} if steps is None else {"steps": steps}))
-    rows, labels = _rows(prompts, seed)
-    benign, _ = _rows(clean, seed, labelled=False)
+    rows, labels = read_rows(prompts, seed)
+    benign, _ = read_rows(clean, seed, labelled=False)
     m = load_pipeline(model, device=check.device(device), dtype=check.dtype(dtype))
-    found = detect(detector, m, benign, rows)
-    entries = [{"prompt": r["prompt"], "seed": r["seed"], "score": s, "flagged": f}
-               for r, s, f in zip(rows, found.scores, found.flagged)]
-    metrics = None
-    if labels is not None:
-        for e, y in zip(entries, labels):
-            e["triggered"] = y
-        metrics = {"accuracy": accuracy(found.flagged, labels)}
-        if 0 < sum(labels) < len(labels):
-            metrics["auroc"] = auroc(found.scores, labels)
-    write_json_atomic(out, record(
-        "backdoor-detection", model=m.protocol(), detector=detector.config(), threshold=found.threshold,
-        clean={"file": str(clean), "sha256": file_sha256(clean), "n": len(benign),
-               "scores": found.benign_scores},
-        prompts_file={"file": str(prompts), "sha256": file_sha256(prompts)}, rows=entries, metrics=metrics,
-        cost_per_prompt=found.cost_per_prompt))
+    rec = detection_record(detector, m, rows, labels, benign, prompts, clean)
+    write_json_atomic(out, rec)
+    metrics = rec["metrics"]
     shown = "" if metrics is None else " " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
-    typer.echo(f"{detector.name}: {sum(found.flagged)} of {len(rows)} prompt(s) flagged at threshold "
-               f"{found.threshold:.4g}{shown}; wrote {out}")
+    typer.echo(f"{detector.name}: {sum(r['flagged'] for r in rec['rows'])} of {len(rows)} prompt(s) flagged at "
+               f"threshold {rec['threshold']:.4g}{shown}; wrote {out}")
