@@ -2,9 +2,8 @@
 
 Targets (all for the concept ``red``): ``plain`` (the sandbox model), ``uce``, ``rece`` (with the sandbox validator),
 ``esd`` (ESD-x, the cross-attention variant for a specific concept; ``--esd esd-u`` for the other) erased models --
-UCE and RECE at their defaults, ESD at the attack table's own setting ``ESD_TARGET`` (200 iterations, lr 1e-4: a
-weaker erasure than the eraser table's, kept so the published attack table reproduces) -- each cached in
-``OUT.edits/``, and the guarded plain model at each guard's ``sandbox_preset`` (``sld``: SLD-max, ``casg``:
+each eraser at its class's ``sandbox["benchmark"]`` settings, the same as in the eraser table, cached in
+``OUT.edits/`` -- and the guarded plain model at each guard's ``sandbox_preset`` (``sld``: SLD-max, ``casg``:
 CASG-SLD max). Also on request: ``rece-hard`` (RECE's λ_reg = 1e-3 setting) and
 ``rece-keep`` (RECE with ``keep_erased``), the two RECE settings whose validator keeps an epoch beyond UCE here.
 
@@ -62,7 +61,6 @@ from safediff.registry import ATTACKS, ERASERS, GUARDS as GUARD_CLASSES
 from safediff.sandbox.validation import eraser_settings
 
 CONCEPT = "red"
-ESD_TARGET = {"iterations": 200, "lr": 1e-4}  # the attack table's ESD target (see the module docstring)
 GUARDS = {"sld": "sld", "casg": "casg-sld"}  # target -> registered guard, run at its sandbox preset
 
 
@@ -85,7 +83,7 @@ def fitted_edit(model_spec: str, target: str, eraser: str, settings: dict, edits
     if not path.is_file():
         model = load_pipeline(model_spec)
         start = time.monotonic()
-        settings = {**eraser_settings(ERASERS.get(eraser), None, resolve(CONCEPT)), **settings}
+        settings = {**eraser_settings(ERASERS.get(eraser), "benchmark", resolve(CONCEPT)), **settings}
         edit = build_eraser(eraser, **settings).fit(model, resolve(CONCEPT), progress=True)
         edits.mkdir(parents=True, exist_ok=True)
         edit.save(path)
@@ -167,7 +165,7 @@ def main() -> None:
     out = Path(args.out)
     rows = [{"prompt": r["prompt"], "seed": r["seed"]} for r in erasure_set(CONCEPT, args.prompts)
             if r["kind"] == "target-word"][:args.prompts]
-    erasers = {**ERASER_TARGETS, "esd": (args.esd, ESD_TARGET)}
+    erasers = {**ERASER_TARGETS, "esd": (args.esd, {})}
     judge = build_judge("sandbox-colour", CONCEPT)
     start = time.monotonic()
     all_targets = targets(args.model, erasers, out.with_suffix(".edits"), args.targets.split(","))

@@ -29,7 +29,9 @@ SEEDS = list(range(100, 108))
 GUARD_SPECS = {"sld": "sld:max", "casg-sld": "casg-sld:max"}
 ERASER_SETTINGS = {"esd": {"iterations": 3, "lr": 1e-3, "ddim_steps": 4},
                    "trce": {"iterations": 3, "lr": 1e-4, "trajectories": 2, "uncond_trajectories": 2,
-                            "ddim_steps": 4}}
+                            "ddim_steps": 4},
+                   "mace": {"iterations": 3, "n_images": 2}, "realera": {"iterations": 3, "ddim_steps": 4},
+                   "concept-prune": {"max_prompts": 4, "steps": 4}}
 ATTACK_SETTINGS = {"unlearndiff": ("timesteps=2,iterations_per_timestep=2", "iterations=4"),
                    "p4d-n": ("n_tokens=4,eval_every=2", "iterations=4"),
                    "p4d-k": ("eval_every=2", "iterations=4"),
@@ -77,7 +79,7 @@ def erasers(model, folder: Path) -> tuple[dict, Path]:
     for name in ERASERS.primary_names():
         settings = next((v for k, v in ERASER_SETTINGS.items() if name.startswith(k)), {})
         cls = ERASERS.get(name)
-        settings.update({k: v for k, v in eraser_settings(cls, "smoke", resolve("red")).items() if k == "validator"})
+        settings.update({k: v for k, v in eraser_settings(cls, "smoke", resolve("red")).items() if callable(v)})
         edit = cls(**settings).fit(model, resolve("red"), progress=False)
         path = folder / f"{name}.safetensors"
         edit.save(path)

@@ -79,7 +79,7 @@ def text_diagnostics(model, guard, rows: list[dict]) -> dict:
     prompts = [r["prompt"] for r in rows]
     res = guard.filter(model, prompts, model.adapter.encode(prompts))
     tok = model.adapter.tokenizers[0]
-    ids = model.adapter.tokenize(prompts, tok).tolist()
+    ids = model.adapter.tokenize(prompts, 0).tolist()
     colour_flagged, other_flagged = [], []
     for b, r in enumerate(rows):
         flagged = set(torch.nonzero(res.triggers[b]).flatten().tolist())

@@ -15,7 +15,7 @@ from safediff.attacks.spaces import TokenSlots, vocabulary
 
 def text_sensitive(model, gain: float = 30.0):
     with torch.no_grad():
-        for _, linear in model.adapter.cross_attention_kv():
+        for _, linear in model.adapter.text_kv():
             linear.weight.mul_(gain)
     return model
 
@@ -23,7 +23,8 @@ def text_sensitive(model, gain: float = 30.0):
 @torch.no_grad()
 def denoising_probe(target, prompt: str, x0, slot_ids, k: int, t: int, layout: str = "prefix", n: int = 16) -> float:
     slots = TokenSlots(target.model, prompt, k, layout)
-    cond = slots.encode(slots.embeddings_of(torch.as_tensor(slot_ids)))
+    ids = torch.as_tensor(slot_ids)
+    cond = slots.encode(slots.embeddings_of(ids), ids)
     g = torch.Generator().manual_seed(123)
     losses = [denoising_error(target, cond, x0, torch.tensor([t]), torch.randn(x0.shape, generator=g)).item()
               for _ in range(n)]
@@ -33,7 +34,8 @@ def denoising_probe(target, prompt: str, x0, slot_ids, k: int, t: int, layout: s
 @torch.no_grad()
 def matching_probe(target, prompt: str, x0, slot_ids, layout: str, n: int = 32) -> float:
     slots = TokenSlots(target.model, prompt, len(slot_ids), layout)
-    cond = slots.encode(slots.embeddings_of(torch.as_tensor(slot_ids)))
+    ids = torch.as_tensor(slot_ids)
+    cond = slots.encode(slots.embeddings_of(ids), ids)
     ref = target.reference.adapter.encode([prompt])
     g = torch.Generator().manual_seed(123)
     total = 0.0

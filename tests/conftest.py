@@ -35,22 +35,45 @@ def shared_dir() -> Path:
     return SHARED
 
 
-@pytest.fixture
-def tiny_sd():
+# Sampler defaults of the tiny models: few steps, 32 px. FLUX: guidance 4 = true CFG with the empty negative prompt,
+# so guards that steer the negative branch act (FLUX's own default is 1: one branch, embedded guidance 3.5).
+TINY_DEFAULTS = {"steps": 3, "guidance": 5.0, "height": 32, "width": 32}
+TINY = {"tiny-sd": TINY_DEFAULTS, "tiny-sdxl": TINY_DEFAULTS, "tiny-sd3": TINY_DEFAULTS,
+        "tiny-flux": {**TINY_DEFAULTS, "guidance": 4.0, "embedded_guidance": 3.5},
+        "tiny-flux-schnell": {**TINY_DEFAULTS, "guidance": 4.0}}
+
+
+def tiny_model(arch: str):
+    """A fresh tiny model of ``arch`` (random weights from seed 0) with the test defaults."""
     from safediff.models import from_pipeline
     from safediff.random_models import build_pipeline
 
-    return from_pipeline(build_pipeline("tiny-sd"), spec="tiny-sd",
-                         defaults={"steps": 3, "guidance": 5.0, "height": 32, "width": 32})
+    return from_pipeline(build_pipeline(arch), spec=arch, defaults=dict(TINY[arch]))
+
+
+@pytest.fixture
+def tiny_sd():
+    return tiny_model("tiny-sd")
 
 
 @pytest.fixture
 def tiny_sdxl():
-    from safediff.models import from_pipeline
-    from safediff.random_models import build_pipeline
+    return tiny_model("tiny-sdxl")
 
-    return from_pipeline(build_pipeline("tiny-sdxl"), spec="tiny-sdxl",
-                         defaults={"steps": 3, "guidance": 5.0, "height": 32, "width": 32})
+
+@pytest.fixture
+def tiny_sd3():
+    return tiny_model("tiny-sd3")
+
+
+@pytest.fixture
+def tiny_flux():
+    return tiny_model("tiny-flux")
+
+
+@pytest.fixture
+def tiny_flux_schnell():
+    return tiny_model("tiny-flux-schnell")
 
 
 @pytest.fixture(scope="session")

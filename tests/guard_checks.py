@@ -1,4 +1,4 @@
-"""Shared checks for guard tests: UNet call counting and 'the pipeline is left as it was'."""
+"""Shared checks for guard tests: denoiser call counting and 'the pipeline is left as it was'."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import contextlib
 
 @contextlib.contextmanager
 def count_unet_calls(model):
-    """Yields a list that receives the batch size of every UNet forward call made inside the block."""
+    """Yields a list that receives the batch size of every denoiser forward call made inside the block."""
     sizes: list[int] = []
-    handle = model.unet.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    handle = model.denoiser.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
     try:
         yield sizes
     finally:
@@ -18,12 +18,12 @@ def count_unet_calls(model):
 
 def pipeline_state(model) -> dict:
     """What a guard session must not leave changed: hooks, attention processors, weights, scheduler config."""
-    unet = model.unet
-    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in unet.modules())
+    denoiser = model.denoiser
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in denoiser.modules())
     return {
         "hooks": hooks,
-        "processors": {k: type(v).__name__ for k, v in unet.attn_processors.items()},
+        "processors": {k: type(v).__name__ for k, v in denoiser.attn_processors.items()},
         "weights": model.weights_sha256(),
         "scheduler": dict(model.pipe.scheduler.config),
-        "training": unet.training,
+        "training": denoiser.training,
     }

@@ -29,10 +29,10 @@ def test_placeholder_embedding_path_equals_the_text_encoder_on_ids(tiny_sd):
     full = torch.full((1, 77), tok.pad_token_id)
     full[0, 0], full[0, 1:len(ids) + 1], full[0, len(ids) + 1] = tok.bos_token_id, torch.tensor(ids), tok.eos_token_id
     with torch.no_grad():
-        mine = placeholder_conditioning(a, ["a {} circle"], slot, [a.token_embedding(0).weight[slot]])
+        mine = placeholder_conditioning(a, ["a {} circle"], [slot], [a.token_embedding(0).weight[slot]])
         ref = te(full)[0]
-        moved = placeholder_conditioning(a, ["a {} circle"], slot, [a.token_embedding(0).weight[slot] + 1.0])
-    assert ids[pos - 1] == slot
+        moved = placeholder_conditioning(a, ["a {} circle"], [slot], [a.token_embedding(0).weight[slot] + 1.0])
+    assert ids[pos] == slot
     assert_close(mine.embeds, ref, 1e-6)  # same shapes and kernels both ways: 0 measured
     assert not torch.allclose(moved.embeds, ref)  # the vector, not the id, is what the encoder reads
 
@@ -81,7 +81,7 @@ def test_runner_writes_a_textual_inversion_file_diffusers_loads(tmp_path, tiny_s
     assert list(learned) == ["<concept>"] and learned["<concept>"].shape == (1, tiny_sd.adapter.text_dim)
     slot = tiny_sd.adapter.tokenizers[0]("q", add_special_tokens=False).input_ids[0]
     with torch.no_grad():
-        ours = placeholder_conditioning(tiny_sd.adapter, ["a {} circle"], slot, [learned["<concept>"][0]])
+        ours = placeholder_conditioning(tiny_sd.adapter, ["a {} circle"], [slot], [learned["<concept>"][0]])
     tiny_sd.pipe.load_textual_inversion(str(path))  # diffusers' own loader: a new token with that vector
     with torch.no_grad():
         theirs = tiny_sd.adapter.encode(["a <concept> circle"])

@@ -62,7 +62,7 @@ def test_meter_counts_unet_and_text_encoder_calls(tiny_sd):
 def test_soft_token_encoding_equals_text_encoding(tiny_sd, tiny_sdxl):
     for model in (tiny_sd, tiny_sdxl):
         a = model.adapter
-        ids = [a.tokenize(["a red circle"], tok) for tok in a.tokenizers]
+        ids = [a.tokenize(["a red circle"], k) for k in range(len(a.tokenizers))]
         embeds = [a.token_embedding(k)(i) for k, i in enumerate(ids)]
         got, want = a.encode_token_embeddings(ids, embeds), a.encode(["a red circle"])
         assert torch.equal(got.embeds, want.embeds)
@@ -92,7 +92,7 @@ def test_token_slots_layouts_and_text(tiny_sd):
     tokens = ["<bos>"] + tok.convert_ids_to_tokens(ids)
     assert every.slots[0] == 1 and all(tokens[p - 1].endswith("</w>") for p in every.slots.tolist()[1:])
     # the prefix's encoding with the real tokens' embeddings equals encoding its text
-    cond = pre.encode(pre.embeddings_of(fill))
+    cond = pre.encode(pre.embeddings_of(fill), fill)
     assert_close(cond.embeds, tiny_sd.adapter.encode([pre.text(fill)]).embeds, 1e-6)  # same shapes: 0 measured
 
 

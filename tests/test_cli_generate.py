@@ -59,9 +59,9 @@ def test_bad_input_one_line_exit_2(tmp_path, args, words):
 def test_unsupported_architecture(tmp_path):
     d = tmp_path / "pipe"
     d.mkdir()
-    (d / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    (d / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
     r = run_cli("generate", "--model", str(d), "--prompt", "x", "--out", str(tmp_path / "o"))
-    assert r.returncode == 2 and "unsupported architecture FluxPipeline" in r.stderr
+    assert r.returncode == 2 and "unsupported architecture KandinskyPipeline" in r.stderr
 
 
 def test_folder_loads_in_the_requested_dtype_without_the_deprecated_keyword(tiny_folder, recwarn):
@@ -70,5 +70,5 @@ def test_folder_loads_in_the_requested_dtype_without_the_deprecated_keyword(tiny
     from safediff.models import load_pipeline
 
     m = load_pipeline(str(tiny_folder), dtype=torch.bfloat16)
-    assert m.unet.dtype == torch.bfloat16 and m.pipe.text_encoder.dtype == torch.bfloat16
+    assert m.denoiser.dtype == torch.bfloat16 and m.pipe.text_encoder.dtype == torch.bfloat16
     assert not [w for w in recwarn if "torch_dtype" in str(w.message)]  # diffusers >= 0.40 deprecates it

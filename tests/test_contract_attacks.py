@@ -5,7 +5,8 @@ An attack added to ``safediff.registry.ATTACKS`` is covered here without writing
   beyond it, so a recipe that does not ask ``afford`` fails here), also under a budget too tight for its plan;
 - the same seed gives the same result (prompt, tokens, embedding, success, score, compute counts);
 - what it judged is recorded: every evaluation has a score and a verdict, and the returned image is a judged one;
-- it runs against an unguarded and a guarded target, on SD-1.x and SDXL tiny models.
+- it runs against an unguarded and a guarded target, on SD-1.x, SDXL, SD3 and FLUX tiny models (text searches
+  over T5's vocabulary there, objectives with the flow-matching velocity target).
 """
 
 import pytest
@@ -39,10 +40,12 @@ def within(compute: dict, budget: Budget) -> bool:
     return all(getattr(budget, k) is None or compute[k] <= getattr(budget, k) for k in COUNTED)
 
 
-@pytest.mark.parametrize("guarded", [False, True])
+@pytest.mark.parametrize("arch, guarded", [("tiny_sd", False), ("tiny_sd", True), ("tiny_sd3", False),
+                                           ("tiny_flux", True)])
 @pytest.mark.parametrize("name", NAMES)
-def test_contract_within_budget_deterministic_and_judged(tiny_sd, name, guarded):
-    target = red_target(tiny_sd, build_guard("sld:max", "red") if guarded else None)
+def test_contract_within_budget_deterministic_and_judged(request, arch, name, guarded):
+    model = request.getfixturevalue(arch)
+    target = red_target(model, build_guard("sld:max", "red") if guarded else None)
     attack, budget = smoke(name)
     first = attack.run(target, ROW, never_flags(), budget, seed=5)
     second = attack.run(target, ROW, never_flags(), budget, seed=5)

@@ -142,13 +142,13 @@ def test_lora_export_full_rank_is_exact_and_loads_in_diffusers(tiny_sd, red_edit
     x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     cond = tiny_sd.adapter.encode(["a red circle"]).embeds
     with torch.no_grad():
-        want = tiny_sd.unet(x, 10, encoder_hidden_states=cond).sample
+        want = tiny_sd.denoiser(x, 10, encoder_hidden_states=cond).sample
     red_edit.revert(tiny_sd)
     tiny_sd.pipe.load_lora_weights(str(tmp_path / "lora.safetensors"))
     with torch.no_grad():
-        got = tiny_sd.unet(x, 10, encoder_hidden_states=cond).sample
+        got = tiny_sd.denoiser(x, 10, encoder_hidden_states=cond).sample
         tiny_sd.pipe.unload_lora_weights()
-        base = tiny_sd.unet(x, 10, encoder_hidden_states=cond).sample
+        base = tiny_sd.denoiser(x, 10, encoder_hidden_states=cond).sample
     assert_close(got, want, 1e-4, relative=True)
     assert (base - want).abs().max() > 100 * (got - want).abs().max()  # the LoRA carries the edit
 

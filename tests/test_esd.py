@@ -31,11 +31,11 @@ def claimed(variant: str, name: str) -> bool:
 def test_each_variant_changes_exactly_the_parameters_it_claims(tiny_sd, cls):
     before = snapshot(tiny_sd)
     sha = tiny_sd.weights_sha256()
-    tiny_sd.unet.conv_in.weight.requires_grad_(False)
-    flags = [p.requires_grad for p in tiny_sd.unet.parameters()]
+    tiny_sd.denoiser.conv_in.weight.requires_grad_(False)
+    flags = [p.requires_grad for p in tiny_sd.denoiser.parameters()]
     edit = cls(iterations=2, lr=1e-3).fit(tiny_sd, RED, progress=False)
     assert tiny_sd.weights_sha256() == sha, "fit must leave the model as it found it"
-    assert [p.requires_grad for p in tiny_sd.unet.parameters()] == flags
+    assert [p.requires_grad for p in tiny_sd.denoiser.parameters()] == flags
     edit.apply(tiny_sd)
     after = snapshot(tiny_sd)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -49,7 +49,7 @@ def test_each_variant_changes_exactly_the_parameters_it_claims(tiny_sd, cls):
 def test_esd_u_on_sdxl_leaves_time_and_added_embeddings(tiny_sdxl):
     edit = ESDU(iterations=1, lr=1e-3).fit(tiny_sdxl, RED, progress=False)
     names = set(edit.tensors)
-    assert any(k.startswith("add_embedding.") for k, _ in tiny_sdxl.unet.named_parameters())
+    assert any(k.startswith("add_embedding.") for k, _ in tiny_sdxl.denoiser.named_parameters())
     assert not any(n.startswith(("unet.add_embedding.", "unet.time_embedding.", "unet.conv_out.")) for n in names)
     assert not any(".attn2." in n for n in names)
     assert any(".attn1." in n for n in names) and "unet.conv_in.weight" in names
@@ -83,8 +83,8 @@ def test_first_loss_is_the_negative_guidance_target_of_the_frozen_model(tiny_sd)
         cond = tiny_sd.adapter.encode(["red"]).embeds
         uncond = tiny_sd.adapter.encode([""]).embeds
         t = torch.tensor([batch.t])
-        e_c = tiny_sd.unet(batch.x, t, encoder_hidden_states=cond).sample
-        e_u = tiny_sd.unet(batch.x, t, encoder_hidden_states=uncond).sample
+        e_c = tiny_sd.denoiser(batch.x, t, encoder_hidden_states=cond).sample
+        e_u = tiny_sd.denoiser(batch.x, t, encoder_hidden_states=uncond).sample
     expected = ((1 + eta) ** 2) * ((e_c - e_u) ** 2).mean()
     assert_close(loss, expected, 1e-4, relative=True)  # one 2-row UNet call vs two 1-row calls: max 4.6e-6
     lo, hi = int(run.scheduler.timesteps[batch.step]), (
@@ -125,7 +125,7 @@ def test_samples_at_the_models_native_size(request, fixture):
         if added is not None:
             seen.append(tuple(int(v) for v in added["time_ids"][0, :2]))
 
-    handle = model.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = model.denoiser.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         ESDX(iterations=3, lr=1e-4, ddim_steps=4).fit(model, RED, progress=False)
     finally:

@@ -92,8 +92,8 @@ def combined_eps(model, session, i, t, latents):
     n = len(branches)
     c = Conditioning.cat(branches)
     with torch.no_grad():
-        eps = model.unet(torch.cat([latents] * n), t, encoder_hidden_states=c.embeds, return_dict=False,
-                         **model.adapter.unet_kwargs(c, 32, 32))[0]
+        eps = model.denoiser(torch.cat([latents] * n), t, encoder_hidden_states=c.embeds, return_dict=False,
+                             **model.adapter.unet_kwargs(c, 32, 32))[0]
     return session.combine(i, t, list(eps.chunk(n)))
 
 

@@ -50,8 +50,8 @@ def test_non_finite_or_huge_guidance_is_refused(tiny_sd, guidance):
 
 
 def test_non_finite_weights_are_never_saved_applied_or_sampled(tiny_sd, tmp_path):
-    name = next(iter(dict(tiny_sd.unet.named_parameters())))
-    bad = torch.full_like(dict(tiny_sd.unet.named_parameters())[name], float("nan"))
+    name = next(iter(dict(tiny_sd.denoiser.named_parameters())))
+    bad = torch.full_like(dict(tiny_sd.denoiser.named_parameters())[name], float("nan"))
     with pytest.raises(SafediffError, match="non-finite"):
         Edit({f"unet.{name}": bad}, {"base_weights_sha256": tiny_sd.base_sha256})
     good = build_eraser("uce").fit(tiny_sd, resolve("red"), progress=False)
@@ -68,7 +68,7 @@ def test_non_finite_weights_are_never_saved_applied_or_sampled(tiny_sd, tmp_path
     with pytest.raises(SafediffError, match="non-finite"):
         Edit.load(tmp_path / "nan.safetensors")
     with torch.no_grad():  # a model damaged in memory: the sampler refuses to return NaN images
-        dict(tiny_sd.unet.named_parameters())[name].fill_(float("nan"))
+        dict(tiny_sd.denoiser.named_parameters())[name].fill_(float("nan"))
     with pytest.raises(SafediffError, match="non-finite"):
         generate(tiny_sd, ["a"], [0], progress=False)
 

@@ -23,13 +23,13 @@ def test_image_depends_only_on_its_prompt_and_seed(tiny_sd):
 
 def test_one_unet_call_per_step(tiny_sd, monkeypatch):
     calls = []
-    forward = tiny_sd.unet.forward
+    forward = tiny_sd.denoiser.forward
 
     def counting(sample, *a, **k):
         calls.append(sample.shape[0])
         return forward(sample, *a, **k)
 
-    monkeypatch.setattr(tiny_sd.unet, "forward", counting)
+    monkeypatch.setattr(tiny_sd.denoiser, "forward", counting)
     out = generate(tiny_sd, ["a", "b", "c"], [0, 1, 2], steps=3, progress=False)
     assert calls == [6, 6, 6]
     assert out.unet_batch_per_step == [2, 2, 2]
@@ -64,8 +64,8 @@ def test_prompt_seed_count_mismatch(tiny_sd):
 
 def test_encode_ids_routes_each_tokenizers_ids_to_its_own_encoder(tiny_sdxl):
     a = tiny_sdxl.adapter
-    ids = [a.tokenize(["a red circle"], tok) for tok in a.tokenizers]
-    other = [a.tokenize(["a blue square"], tok) for tok in a.tokenizers]
+    ids = [a.tokenize(["a red circle"], k) for k in range(len(a.tokenizers))]
+    other = [a.tokenize(["a blue square"], k) for k in range(len(a.tokenizers))]
     same = a.encode_ids(ids)
     assert torch.equal(same.embeds, a.encode(["a red circle"]).embeds)
     mixed = a.encode_ids([ids[0], other[1]])  # encoder 1 reads the red prompt, encoder 2 the blue one

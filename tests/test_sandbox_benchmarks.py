@@ -7,7 +7,7 @@ import pytest
 from safediff.errors import SafediffError
 from safediff.sandbox.benchmarks import (MULTI_KS, MULTI_ORDER, erase_first, erasure_set, interleaved,
                                          multi_category_set, multi_erasure_set, quality_set)
-from safediff.sandbox.scoring import assign, judge, others_kept, target_shown
+from safediff.sandbox.scoring import assign, judge, others_kept, rest_kept, target_shown
 from safediff.sandbox.world import (AXES, COLOURS, IMPLICIT, NEIGHBOURS, SHAPES, STYLES, SYNONYMS, VALUES, axis_of,
                                     far, words)
 
@@ -173,3 +173,16 @@ def test_judging_matches_objects_by_place_and_scores_erasure():
     assert judge(lone, [])[0] == {"found": False, "colour": False, "shape": False,
                                   "style": None if o["style"] is None else False, "correct": False,
                                   "read": {"colour": None, "shape": None, "style": None}}
+
+
+def test_rest_kept_asks_everything_but_the_target():
+    row = next(r for r in erasure_set("red", n_per_kind=8) if r["kind"] == "target-word" and r["style"] is None)
+    shape = row["objects"][0]["shape"]
+    assert rest_kept(row, [found("blue", shape, "solid", "left")])  # red gone, its shape kept: erased surgically
+    assert not rest_kept(row, [found("blue", "star" if shape != "star" else "heart", "solid", "left")])
+    assert not rest_kept(row, [])  # nothing drawn keeps nothing
+    pair = next(r for r in erasure_set("red", n_per_kind=8) if r["kind"] == "two-object" and r["objects"][0]["target"])
+    left, right = pair["objects"]
+    other = found(right["colour"], right["shape"], right["style"] or "solid", "right")
+    assert rest_kept(pair, [found("blue", left["shape"], left["style"] or "solid", "left"), other])
+    assert not rest_kept(pair, [found("blue", left["shape"], left["style"] or "solid", "left")])  # other object lost

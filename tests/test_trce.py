@@ -19,7 +19,7 @@ def eot_kv(model, prompt: str, index: int) -> list[torch.Tensor]:
     """Every cross-attention key/value of one token of ``prompt``, through the model's own modules."""
     with torch.no_grad():
         e = model.adapter.encode([prompt]).embeds[0, index]
-        return [m(e) for _, m in model.adapter.cross_attention_kv()]
+        return [m(e) for _, m in model.adapter.text_kv()]
 
 
 def test_eot_is_found_from_the_token_ids_not_by_counting_words(tiny_sd):

@@ -2,7 +2,7 @@
 
 import torch
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:

@@ -26,9 +26,14 @@ def generate(
     seed: int = typer.Option(0, help="Seed of the first image; image j of a prompt uses seed + j."),
     n: int = typer.Option(1, help="Images per prompt."),
     steps: Optional[int] = typer.Option(None, help="Denoising steps (default: the model's)."),
-    guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale (<= 1 disables CFG)."),
-    height: Optional[int] = typer.Option(None, help="Image height, a multiple of 8 (default: the model's)."),
-    width: Optional[int] = typer.Option(None, help="Image width, a multiple of 8 (default: the model's)."),
+    guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale (<= 1 disables CFG; FLUX: "
+                                                        "true CFG, default 1)."),
+    embedded_guidance: Optional[float] = typer.Option(None, help="FLUX.1 dev's distilled guidance input (default: "
+                                                                 "3.5)."),
+    height: Optional[int] = typer.Option(None, help="Image height, a multiple of 8 (SD3/FLUX: 16; default: the "
+                                                    "model's)."),
+    width: Optional[int] = typer.Option(None, help="Image width, a multiple of 8 (SD3/FLUX: 16; default: the "
+                                                   "model's)."),
     negative_prompt: Optional[str] = typer.Option(None, help="Negative prompt for the unconditional branch."),
     guard: Optional[str] = typer.Option(None, help="Guard NAME[:PRESET], e.g. sld:max, casg-sld, safree."),
     concept: Optional[str] = typer.Option(None, help="Concept(s) for the guard: a preset (sexual, i2p-all, red), "
@@ -38,6 +43,9 @@ def generate(
     batch_size: int = typer.Option(8, help="Images per UNet batch."),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("float32"),
+    text_encoder_device: Optional[str] = typer.Option(None, help="Keep the text encoders here (e.g. cpu) while the "
+                                                                 "denoiser uses --device (memory)."),
+    cache_text: bool = typer.Option(False, help="SD3/FLUX: encode identical prompt batches once (memory/time)."),
     out: Path = typer.Option(..., help="New folder for the PNGs and protocol.json."),
 ):
     """Generate images and record the whole protocol next to them."""
@@ -68,11 +76,12 @@ def generate(
     jobs = [(r["prompt"], r.get("seed", seed + i) + j) for i, r in enumerate(rows) for j in range(n)]
     the_guard = build_guard(guard, concept)
     dev, dt = check.device(device), check.dtype(dtype)
+    te_dev = None if text_encoder_device is None else check.device(text_encoder_device)
     with staged_folder(out) as tmp:
-        m = load_pipeline(model, device=dev, dtype=dt)
+        m = load_pipeline(model, device=dev, dtype=dt, text_encoder_device=te_dev, cache_text=cache_text)
         result = run(m, [p for p, _ in jobs], [s for _, s in jobs], steps=steps, guidance=guidance, height=height,
                      width=width, negative_prompt=negative_prompt, guard=the_guard, scheduler=scheduler,
-                     batch_size=batch_size)
+                     batch_size=batch_size, embedded_guidance=embedded_guidance)
         records = []
         for k, ((p, s), image) in enumerate(zip(jobs, result.images)):
             name = f"{k:06d}.png"
@@ -208,6 +217,8 @@ def erase(
                                                        "exact sandbox detectors). Default: none."),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("float32"),
+    text_encoder_device: Optional[str] = typer.Option(None, help="Keep the text encoders here (e.g. cpu) while the "
+                                                                 "denoiser uses --device (memory)."),
     out: Path = typer.Option(..., help="Edit file to write (.safetensors); load it with --model SPEC+FILE."),
 ):
     """Erase a concept from a model's weights and write the edit (only the changed tensors + its record).
@@ -238,7 +249,8 @@ def erase(
         settings["validator"] = sandbox_validator(concepts)
     eraser = build_eraser(method, **settings)
     keep = None if preserve is None else [p.strip() for p in preserve.split(",") if p.strip()]
-    m = load_pipeline(model, device=check.device(device), dtype=check.dtype(dtype))
+    m = load_pipeline(model, device=check.device(device), dtype=check.dtype(dtype),
+                      text_encoder_device=None if text_encoder_device is None else check.device(text_encoder_device))
     start = time.perf_counter()
     edit = fit_to_file(eraser, m, concepts, out, preserve=keep, guide=guide)
     seconds = time.perf_counter() - start

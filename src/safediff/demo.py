@@ -136,7 +136,7 @@ def plan_record(size: DemoSize, stages: list[Stage]) -> dict:
     """What determines the demo's numbers (compared when a demo folder is continued)."""
     return {"concept": CONCEPT, "size": dataclasses.asdict(size),
             "stages": [dataclasses.asdict(s) for s in stages],
-            "erasers": {s.eraser: {k: v for k, v in eraser_settings(s.eraser, size).items() if k != "validator"}
+            "erasers": {s.eraser: {k: v for k, v in eraser_settings(s.eraser, size).items() if not callable(v)}
                         for s in stages if s.eraser},
             "attack": {"name": ATTACK, "target_eraser": ATTACKED_ERASER, "prompts": size.attack_prompts,
                        **attack_settings(size)}}
@@ -259,7 +259,7 @@ def intro_html(size: DemoSize, rows: list[dict], attack: dict) -> str:
                    + "".join(f"<td>{_pct(r[k])}</td>" for k, *_ in COLUMNS) + f"<td>{r['images']}</td></tr>"
                    for r in rows)
     fits = "; ".join(f"{name}: {', '.join(f'{k} {v:g}' for k, v in sets.items())}" for name, sets in
-                     ((n, {k: v for k, v in eraser_settings(n, size).items() if k != "validator"})
+                     ((n, {k: v for k, v in eraser_settings(n, size).items() if not callable(v)})
                       for n in registered_erasers()) if sets)
     multi_harmful = SPECS["sandbox-multi"].concept.replace(",", ", ")
     return (

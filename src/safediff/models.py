@@ -1,9 +1,17 @@
 """Loading text-to-image pipelines: model specs, weights identity, sampler defaults, edits applied at load.
 
-``load_pipeline(spec)`` accepts ``"sandbox"`` (the embedded model), a hub id such as ``CompVis/stable-diffusion-v1-4``
-or ``stabilityai/stable-diffusion-xl-base-1.0``, or a local diffusers folder, optionally followed by edits:
-``SPEC+EDIT[+EDIT...]``. Weights are read from safetensors only. How each architecture encodes text and which
-projections read it is the adapter's business (``safediff.adapters``).
+``load_pipeline(spec)`` accepts ``"sandbox"`` (the embedded model), a hub id such as ``CompVis/stable-diffusion-v1-4``,
+``stabilityai/stable-diffusion-xl-base-1.0``, ``stabilityai/stable-diffusion-3.5-medium`` or
+``black-forest-labs/FLUX.1-dev``, or a local diffusers folder, optionally followed by edits: ``SPEC+EDIT[+EDIT...]``.
+Weights are read from safetensors only. How each architecture encodes text, calls its denoiser and which projections
+read text is the adapter's business (``safediff.adapters``).
+
+Memory options for large models (SD3.5, FLUX.1 on one 24 GB GPU): ``dtype=torch.bfloat16`` halves every weight;
+``text_encoder_device="cpu"`` keeps the text encoders (T5-XXL: 4.7 B parameters, 9.5 GB in bf16) in host memory
+while the denoiser and the VAE use ``device`` (encodings are moved to the denoiser; encoding is slower); ``cache_text``
+(SD3/FLUX) computes the encoding of an identical token batch once per weights version (the empty negative prompt of
+every batch, a guard's concept texts). FLUX.1's transformer alone is 12 B parameters (24 GB in bf16), so FLUX.1 on a
+24 GB GPU needs more than these (a quantized transformer), which safediff does not provide.
 """
 
 from __future__ import annotations
@@ -16,13 +24,12 @@ from pathlib import Path
 
 import torch
 
-from safediff.adapters import SUPPORTED, Adapter, adapter_for
+from safediff.adapters import PIPELINE_CLASSES, SUPPORTED, Adapter, adapter_for
 from safediff.errors import SafediffError
 from safediff.hashing import state_sha256
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
-PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusionPipelineSafe")
 
 
 @dataclass
@@ -37,8 +44,9 @@ class Model:
     _base_sha256: str | None = None
 
     @property
-    def unet(self):
-        return self.pipe.unet
+    def denoiser(self) -> torch.nn.Module:
+        """The UNet or the transformer."""
+        return self.adapter.denoiser
 
     @property
     def vae(self):
@@ -46,11 +54,11 @@ class Model:
 
     @property
     def device(self) -> torch.device:
-        return self.pipe.unet.device
+        return self.denoiser.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.pipe.unet.dtype
+        return self.denoiser.dtype
 
     @property
     def negative_prompt(self) -> str | None:
@@ -63,7 +71,7 @@ class Model:
         return None
 
     def weight_modules(self) -> list[torch.nn.Module]:
-        return [self.pipe.unet, *self.adapter.text_encoders, self.pipe.vae]
+        return [self.denoiser, *self.adapter.text_encoders, self.pipe.vae]
 
     def weights_sha256(self) -> str:
         """Hash of the weights as they are now (edits included)."""
@@ -88,12 +96,11 @@ class Model:
         }
 
 
-def _defaults_for(pipe, folder: Path | None) -> dict:
+def _defaults_for(adapter: Adapter, folder: Path | None) -> dict:
     record = folder / "safediff_sandbox.json" if folder else None
     if record is not None and record.is_file():
         return dict(json.loads(record.read_text())["defaults"])
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    return {"steps": 50, "guidance": 7.5, "height": size, "width": size}
+    return adapter.default_settings()
 
 
 def dtype_keyword() -> str:
@@ -118,8 +125,10 @@ def _load_folder_or_hub(source: str, device, dtype):
     return pipe.to(device)
 
 
-def load_pipeline(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Model:
-    """``"sandbox"``, a hub id or a local diffusers folder, optionally ``+EDIT`` files applied in order."""
+def load_pipeline(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                  text_encoder_device: str | torch.device | None = None, cache_text: bool = False) -> Model:
+    """``"sandbox"``, a hub id or a local diffusers folder, optionally ``+EDIT`` files applied in order; the memory
+    options ``text_encoder_device`` and ``cache_text`` are described in the module docstring."""
     from safediff.edits import Edit
 
     base, *edit_paths = [s.strip() for s in spec.split("+")]
@@ -148,7 +157,11 @@ def load_pipeline(spec: str, device: str | torch.device = "cpu", dtype: torch.dt
                             "CompVis/stable-diffusion-v1-4, or a local diffusers folder")
     edits = [Edit.load(p) for p in edit_paths]  # every file is checked before the weights are loaded
     pipe = _load_folder_or_hub(str(folder) if folder else base, device, dtype)
-    model = Model(pipe=pipe, adapter=adapter_for(pipe), spec=spec, defaults=_defaults_for(pipe, folder))
+    adapter = adapter_for(pipe, cache_text)
+    if text_encoder_device is not None:
+        for te in adapter.text_encoders:
+            te.to(text_encoder_device)
+    model = Model(pipe=pipe, adapter=adapter, spec=spec, defaults=_defaults_for(adapter, folder))
     for edit in edits:
         edit.apply(model)
     return model
@@ -157,4 +170,5 @@ def load_pipeline(spec: str, device: str | torch.device = "cpu", dtype: torch.dt
 def from_pipeline(pipe, spec: str = "in-memory", defaults: dict | None = None) -> Model:
     """Wrap an already-built diffusers pipeline (tests, notebooks)."""
     pipe.set_progress_bar_config(disable=True)
-    return Model(pipe=pipe, adapter=adapter_for(pipe), spec=spec, defaults=defaults or _defaults_for(pipe, None))
+    adapter = adapter_for(pipe)
+    return Model(pipe=pipe, adapter=adapter, spec=spec, defaults=defaults or _defaults_for(adapter, None))

@@ -49,6 +49,7 @@ GUARDS = Registry("guard", {
     "safree": "safediff.guards.safree:SafreeGuard",
     "safree-released": "safediff.guards.safree:SafreeReleasedGuard",
     "casg-safree": "safediff.guards.casg_safree:CasgSafreeGuard",
+    "adavd": "safediff.guards.adavd:AdaVD",
 })
 
 ERASERS = Registry("eraser", {
@@ -60,6 +61,10 @@ ERASERS = Registry("eraser", {
     "trce": "safediff.erasers.trce:TRCE",
     "freezeasguard": "safediff.erasers.freezeasguard:FreezeAsGuard",
     "geom-erasing": "safediff.erasers.geom_erasing:GeomErasing",
+    "speed": "safediff.erasers.speed:SPEED",
+    "concept-prune": "safediff.erasers.concept_prune:ConceptPrune",
+    "mace": "safediff.erasers.mace:MACE",
+    "realera": "safediff.erasers.realera:RealEra",
 }, aliases={"esd": "esd-u"})  # the paper's variant for nudity and other global concepts
 
 ATTACKS = Registry("attack", {

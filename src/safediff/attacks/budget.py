@@ -1,10 +1,11 @@
 """An attack's budget and the meter that measures and enforces it.
 
-Compute is *measured*, not declared: forward pre-hooks on every UNet and text encoder of the target (and of its
-unconstrained reference model) count calls and samples; backward passes and iterations are counted through the
-meter. Given a ``Budget``, the meter enforces it where the compute is spent: a counted unit that would exceed its
-limit raises ``BudgetExceeded`` *before* it runs (so a recipe that forgets to ask ``afford`` fails loudly instead of
-overspending). ``seconds`` is checked by ``fits`` before each unit, so the last unit may end past it.
+Compute is *measured*, not declared: forward pre-hooks on every denoiser (UNet or transformer; the units keep the
+name ``unet_*``) and text encoder of the target (and of its unconstrained reference model) count calls and samples;
+backward passes and iterations are counted through the meter. Given a ``Budget``, the meter enforces it where the
+compute is spent: a counted unit that would exceed its limit raises ``BudgetExceeded`` *before* it runs (so a recipe
+that forgets to ask ``afford`` fails loudly instead of overspending). ``seconds`` is checked by ``fits`` before each
+unit, so the last unit may end past it.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ class ComputeMeter:
 
     @contextlib.contextmanager
     def watch(self, *models):
-        """Count every forward call of the models' UNets and text encoders while active (each module once)."""
+        """Count every forward call of the models' denoisers and text encoders while active (each module once)."""
         handles, seen = [], set()
 
         def unet_hook(module, args, kwargs):
@@ -102,9 +103,9 @@ class ComputeMeter:
             self.spend("text_encoder")
 
         for m in models:
-            if id(m.unet) not in seen:
-                seen.add(id(m.unet))
-                handles.append(m.unet.register_forward_pre_hook(unet_hook, with_kwargs=True))
+            if id(m.denoiser) not in seen:
+                seen.add(id(m.denoiser))
+                handles.append(m.denoiser.register_forward_pre_hook(unet_hook, with_kwargs=True))
             for te in m.adapter.text_encoders:
                 if id(te) not in seen:
                     seen.add(id(te))

@@ -51,7 +51,7 @@ from safediff.attacks.context import AttackContext, Found
 from safediff.attacks.concept_pairs import concept_pairs
 from safediff.errors import SafediffError
 from safediff.options import option
-from safediff.guards.base import GenerationContext, Guard, NoGuard, Session
+from safediff.guards.base import GenerationContext, Guard, NoGuard, Session, start_session
 from safediff.adapters import Conditioning
 
 COMPOSITIONS = ("detour", "superset", "terms")
@@ -148,7 +148,7 @@ class ConceptArithmeticGuard(Guard):
         b = len(ctx.prompts)
         enc = ctx.model.adapter.encode([t.prompt for t in self.terms for _ in range(b)])
         conds = [enc[j * b:(j + 1) * b] for j in range(len(self.terms))]
-        inner = self.inner.start(ctx) if self.include_prompt else None
+        inner = start_session(self.inner, ctx) if self.include_prompt else None
         return ArithmeticSession(ctx, inner, conds, [t.weight for t in self.terms])
 
     def config(self) -> dict:

@@ -13,8 +13,11 @@ With τ the text encoder's sentence embedding, p_tar the target prompt and p_adv
 
 τ ("pooled", the default, as the reference): SD 1.x/2.x — the final-layer-normed hidden state at the EOS token
 (``CLIPTextModel.pooler_output``); SDXL — the second encoder's projected pooled embedding (the only pooled vector
-SDXL's UNet reads). ``embedding="hidden"`` uses all hidden states the UNet reads instead (flattened) — not in the
-paper, offered because the UNet never sees the pooled vector of SD 1.x.
+SDXL's UNet reads); SD3/FLUX — T5's last hidden state at its ``</s>`` token: the search runs over T5's vocabulary
+(``attacks/token_sequences.py``) and their pooled vector is CLIP's, which reads only the decoded text, so it carries
+no gradient to the searched tokens (T5's bidirectional attention makes its ``</s>`` row a summary of the prompt).
+``embedding="hidden"`` uses all hidden states the denoiser reads instead (flattened, with the pooled vector) — not in
+the paper, offered because the UNet never sees the pooled vector of SD 1.x.
 
 Banned words: the target concepts' names (keywords and synonyms) plus ``banned``. As in MMA, every token containing
 a banned word is removed from V (MMA lists sub-words such as 'na', 'ak', 'ke', 'nud' by hand; give them in
@@ -44,7 +47,7 @@ from safediff.attacks.base import Attack
 from safediff.attacks.context import AttackContext, Found
 from safediff.attacks.concept_pairs import names
 from safediff.attacks.spaces import vocabulary
-from safediff.attacks.token_sequences import check_shared_vocabulary, chunks, encode_tokens
+from safediff.attacks.token_sequences import chunks, encode_tokens, search_tokenizer
 from safediff.errors import SafediffError
 from safediff.options import option
 from safediff.adapters import Conditioning
@@ -52,12 +55,20 @@ from safediff.adapters import Conditioning
 EMBEDDINGS = ("pooled", "hidden")
 
 
-def sentence_embedding(cond: Conditioning, eos: torch.Tensor | int, kind: str) -> torch.Tensor:
-    """[B, d]: τ of each sequence (``eos``: the EOS position, one per row or shared)."""
+def pooled_reads_search(adapter) -> bool:
+    """Whether the model's pooled vector is made by encoders that read the searched tokens (SDXL: yes; SD3/FLUX:
+    no, their CLIP encoders read the decoded text of the searched T5 tokens)."""
+    return bool(adapter.pooled_encoders) and set(adapter.pooled_encoders) <= set(adapter.search_segment.encoders)
+
+
+def sentence_embedding(cond: Conditioning, eos: torch.Tensor | int, kind: str, use_pooled: bool = True
+                       ) -> torch.Tensor:
+    """[B, d]: τ of each sequence (``eos``: the EOS position in the sequence, one per row or shared); the pooled
+    vector when there is one and ``use_pooled``, else the row at EOS."""
     if kind == "hidden":
         flat = cond.embeds.flatten(1)
         return flat if cond.pooled is None else torch.cat([flat, cond.pooled], 1)
-    if cond.pooled is not None:
+    if cond.pooled is not None and use_pooled:
         return cond.pooled
     rows = torch.arange(len(cond))
     return cond.embeds[rows, torch.as_tensor(eos).expand(len(cond))]
@@ -110,24 +121,25 @@ class MMADiffusion(Attack):
 
     def search(self, ctx: AttackContext) -> Found:
         adapter = ctx.target.reference.adapter  # the unconstrained (public) text encoder
-        vocab = check_shared_vocabulary(adapter)
-        tokenizer = adapter.tokenizers[0]
+        tokenizer = search_tokenizer(adapter)
+        vocab = len(tokenizer)
+        search = adapter.search_segment
+        use_pooled = pooled_reads_search(adapter)
         banned = self.banned_words(ctx)
         allowed = gcg.allowed_mask(tokenizer, vocabulary(tokenizer, self.vocabulary), banned)
         if not allowed.any():
             raise SafediffError("mma-diffusion: the banned words exclude the whole vocabulary")
         current = initial_tokens(tokenizer, allowed, self.n_tokens, ctx.rng)
-        eos = self.n_tokens + 1
+        eos = search.start + adapter.bos_offset(search.encoders[0]) + self.n_tokens
         target_text = self.target_prompt or ctx.prompt
         if not ctx.afford(ctx.step_cost(encode=2, iterations=0)):
             return Found(extra={"stopped": "the budget does not cover the setup and one evaluation"})
         with torch.no_grad():
-            ids = adapter.tokenize([target_text])[0]
-            target_eos = int((ids == tokenizer.eos_token_id).nonzero()[0])
-            goal = sentence_embedding(adapter.encode([target_text]), target_eos, self.embedding).float()
+            target_eos = int(adapter.eos_positions([target_text], search)[0])
+            goal = sentence_embedding(adapter.encode([target_text]), target_eos, self.embedding, use_pooled).float()
 
             def losses(tokens: torch.Tensor) -> torch.Tensor:
-                s = sentence_embedding(encode_tokens(adapter, tokens), eos, self.embedding).float()
+                s = sentence_embedding(encode_tokens(adapter, tokens), eos, self.embedding, use_pooled).float()
                 return 1.0 - F.cosine_similarity(s, goal, dim=1)
 
             best, best_loss = current.clone(), float(losses(current[None])[0])
@@ -135,7 +147,8 @@ class MMADiffusion(Attack):
         step = ctx.step_cost(encode=1 + chunks(self.batch, self.encode_batch))
         while ctx.afford(step):
             soft = F.one_hot(current, vocab).float()[None].requires_grad_(True)
-            s = sentence_embedding(encode_tokens(adapter, current[None], soft=soft), eos, self.embedding).float()
+            s = sentence_embedding(encode_tokens(adapter, current[None], soft=soft), eos, self.embedding,
+                                   use_pooled).float()
             loss = 1.0 - F.cosine_similarity(s, goal, dim=1).sum()
             (grad,) = torch.autograd.grad(loss, [soft])
             with torch.no_grad():

@@ -1,6 +1,8 @@
 """Objectives of attack recipes (scalar tensors, differentiable in the conditioning), and the target image.
 
-- ``denoising_error``: ‖ε − ε_θ*(x_t, t, c)‖² on a target image's noised latent x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε.
+- ``denoising_error``: ‖ε − ε_θ*(x_t, t, c)‖² on a target image's noised latent x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε; for
+  flow-matching models (SD3, FLUX) ‖(ε − x₀) − v_θ*(x_σ, t, c)‖² with x_σ = (1 − σ) x₀ + σ ε, σ = t/1000: the
+  forward process and the training target are the adapter's (``noised``, ``training_target``).
 - ``noise_matching``: ‖ε_θ*(x_t, t, c*) − ε_θ(x_t, t, c)‖² between the target and the unconstrained reference.
 - ``embedding_distance``: ‖E(c*) − e‖² between an encoding and a fixed target encoding (text-encoder-only attacks).
 - ``target_image_latents``: x₀ of an image of the concept (given, or drawn by the unconstrained model), as setup.
@@ -15,22 +17,14 @@ from safediff.adapters import Conditioning
 from safediff.errors import SafediffError
 from safediff.models import Model
 
-def alphas_cumprod(model: Model) -> torch.Tensor:
-    return model.pipe.scheduler.alphas_cumprod
-
-
 def noised(model: Model, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε (the forward process the UNet was trained on)."""
-    a = alphas_cumprod(model).to(x0.device)[t.long().cpu()].view(-1, 1, 1, 1).to(x0.dtype)
-    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+    """x_t of the forward process the denoiser was trained on, at training timesteps ``t``."""
+    return model.adapter.noised(x0, noise, t)
 
 
 def training_target(model: Model, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """What the UNet predicts: ε, or v = √ᾱ_t ε − √(1−ᾱ_t) x₀ for v-prediction models (SD 2.x 768)."""
-    if model.pipe.scheduler.config.get("prediction_type", "epsilon") == "v_prediction":
-        a = alphas_cumprod(model).to(x0.device)[t.long().cpu()].view(-1, 1, 1, 1).to(x0.dtype)
-        return a.sqrt() * noise - (1 - a).sqrt() * x0
-    return noise
+    """What the denoiser predicts: ε, v for v-prediction models (SD 2.x 768), the velocity ε − x₀ for flow models."""
+    return model.adapter.training_target(x0, noise, t)
 
 
 def denoising_error(target, cond: Conditioning, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
@@ -64,16 +58,11 @@ def embedding_distance(cond: Conditioning, goal: Conditioning) -> torch.Tensor:
 
 
 def image_latents(model: Model, pixels: torch.Tensor) -> torch.Tensor:
-    """VAE posterior mean of images in [0, 1] ([B,3,H,W]), scaled as the UNet reads latents."""
+    """VAE posterior mean of images in [0, 1] ([B,3,H,W]), scaled as the denoiser reads latents."""
     vae = model.vae
-    cfg = vae.config
     with torch.no_grad():
         z = vae.encode((pixels * 2 - 1).to(vae.device, vae.dtype)).latent_dist.mean
-    if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
-        mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1).to(z)
-        std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1).to(z)
-        return (z - mean) * cfg.scaling_factor / std
-    return z * cfg.scaling_factor
+    return model.adapter.from_vae(z)
 
 
 def uniform_timesteps(n: int, total: int = 1000) -> list[int]:

@@ -10,12 +10,13 @@ N pairs of prompts with (P_i^c) and without (P_i) the concept:
     ĉ  = (1/N) Σ_i [ f(P_i^c) − f(P_i) ]                        (concept extraction)
     P̃* = argmin_{P̃ ∈ V^K} ‖ f(P̃) − (f(P) + η ĉ) ‖²₂            (prompt discovery, squared L2 over all of f)
 
-The argmin is a genetic search (``attacks/genetic.py``) over K token ids: population 200, truncation selection of
-the best half, single-point crossover (rate 0.5), one-token mutation (rate 0.25), K = 16, η = 3 (the notebook's
-nudity setting; the shipped violence files use η ≈ 5 with K = 38/77). The whole population is encoded in batched
-text-encoder calls. The search is black-box with respect to the attacked model: it reads only the *unconstrained*
-text encoder (the target's reference model; the public encoder in the paper) and makes **no UNet call**; the final
-prompt (the decoded "token soup") is the only thing generated with the target and judged.
+The argmin is a genetic search (``attacks/genetic.py``) over K token ids of the search vocabulary (CLIP's; T5's on
+SD3/FLUX, whose CLIP encoders read the decoded text: ``attacks/token_sequences.py``): population 200, truncation
+selection of the best half, single-point crossover (rate 0.5), one-token mutation (rate 0.25), K = 16, η = 3 (the
+notebook's nudity setting; the shipped violence files use η ≈ 5 with K = 38/77). The whole population is encoded in
+batched text-encoder calls. The search is black-box with respect to the attacked model: it reads only the
+*unconstrained* text encoder (the target's reference model; the public encoder in the paper) and makes **no UNet
+call**; the final prompt (the decoded "token soup") is the only thing generated with the target and judged.
 
 Reference budget: 3,000 generations × ~200 encodings (all on the text encoder). The sandbox default stops after
 80 generations (about a minute per prompt on the sandbox, 1 CPU thread). Difference from the reference: by default
@@ -40,7 +41,7 @@ from safediff.attacks.concept_pairs import concept_pairs
 from safediff.attacks.gcg import decode
 from safediff.attacks.objectives import embedding_distance
 from safediff.attacks.spaces import vocabulary
-from safediff.attacks.token_sequences import check_shared_vocabulary, chunks, encode_in_chunks
+from safediff.attacks.token_sequences import chunks, encode_in_chunks, search_tokenizer
 from safediff.errors import SafediffError
 from safediff.options import option
 from safediff.adapters import Conditioning
@@ -88,7 +89,6 @@ class RingABell(Attack):
     @torch.no_grad()
     def search(self, ctx: AttackContext) -> Found:
         adapter = ctx.target.reference.adapter  # the unconstrained (public) text encoder
-        check_shared_vocabulary(adapter)
         pairs = concept_pairs(ctx.target.concepts, self.pairs or None)
         setup = ctx.step_cost(encode=2 * chunks(len(pairs), self.encode_batch) + 1, iterations=0)
         if not ctx.afford(setup):
@@ -98,7 +98,7 @@ class RingABell(Attack):
         target = Conditioning(base.embeds + self.eta * c.embeds,
                               None if base.pooled is None else base.pooled + self.eta * c.pooled)
 
-        tokenizer = adapter.tokenizers[0]
+        tokenizer = search_tokenizer(adapter)
         allowed = vocabulary(tokenizer, self.vocabulary)
         state = genetic.start(allowed, self.population, self.length, ctx.rng)
 

@@ -59,8 +59,12 @@ class SimplexAdam:
         return _StraightThroughSample.apply(self.x, self.generator)
 
     def embeddings(self, one_hot: torch.Tensor, slots: TokenSlots) -> list[torch.Tensor]:
-        return [one_hot @ slots.adapter.token_embedding(j).weight[self.vocab].to(one_hot)
-                for j in range(len(slots.adapter.text_encoders))]
+        """The sample's slot embeddings in each search encoder (differentiable in the distributions)."""
+        return [one_hot @ slots.adapter.token_embedding(j).weight[self.vocab].to(one_hot) for j in slots.search]
+
+    def ids(self, one_hot: torch.Tensor) -> torch.Tensor:
+        """The token ids a one-hot sample picks."""
+        return self.vocab[one_hot.detach().argmax(dim=-1).cpu()]
 
     def step(self) -> None:
         self.opt.step()
@@ -73,9 +77,9 @@ class SimplexAdam:
 
 
 class ProjectedAdam:
-    """Soft embeddings [k, D] (encoder 0's space), AdamW; ``project`` snaps each to the nearest allowed vocabulary
-    token by cosine similarity; the loss is computed with the projected embeddings and its gradient applied to the
-    soft ones (PEZ's straight-through update, P4D's ``nn_project``)."""
+    """Soft embeddings [k, D] (the first search encoder's space), AdamW; ``project`` snaps each to the nearest allowed
+    vocabulary token by cosine similarity; the loss is computed with the projected embeddings and its gradient applied
+    to the soft ones (PEZ's straight-through update, P4D's ``nn_project``)."""
 
     def __init__(self, init_ids: torch.Tensor, table: torch.nn.Embedding, vocab: torch.Tensor, lr: float,
                  weight_decay: float):

@@ -17,7 +17,7 @@ from safediff.adapters import Conditioning
 from safediff.attacks.budget import ComputeMeter
 from safediff.concepts import Concept, resolve
 from safediff.errors import SafediffError
-from safediff.guards.base import GenerationContext, Guard, NoGuard
+from safediff.guards.base import GenerationContext, Guard, NoGuard, start_session
 from safediff.models import Model
 from safediff.sampling import SamplerSettings, denoiser_output, generate, guided_eps, latent_shape, make_scheduler
 
@@ -86,7 +86,7 @@ class Target:
 
     def timesteps(self) -> torch.Tensor:
         s = make_scheduler(self.model, self.scheduler)
-        s.set_timesteps(self.steps, device=self.model.device)
+        self.model.adapter.set_timesteps(s, self.steps, self.height, self.width, device=self.model.device)
         return s.timesteps
 
     def noise(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning, prompts: list[str] | None = None,
@@ -115,7 +115,7 @@ class Target:
         timesteps = self.timesteps()
         ctx = GenerationContext(model, list(prompts or [""] * b), cond, self.uncond(model, b), self.guidance,
                                 timesteps, self.height, self.width)
-        session = guard.start(ctx)
+        session = start_session(guard, ctx)
         i = step_index(timesteps, t)
         with session.unet_hooks():
             return guided_eps(session, i, t, latents)

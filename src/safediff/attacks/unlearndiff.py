@@ -83,7 +83,8 @@ class UnlearnDiffAtk(Attack):
                     exhausted = True
                     break
                 one_hot = method.sample()
-                cond = repeat_conditioning(slots.encode(method.embeddings(one_hot, slots)), self.noise_batch)
+                cond = repeat_conditioning(slots.encode(method.embeddings(one_hot, slots), method.ids(one_hot)),
+                                           self.noise_batch)
                 noise = torch.randn((self.noise_batch, *x0.shape[1:]), generator=ctx.rng).to(x0)
                 loss = denoising_error(target, cond, x0.expand_as(noise), t, noise,
                                        prompts=[ctx.prompt] * self.noise_batch, guided=guided)

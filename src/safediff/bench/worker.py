@@ -67,6 +67,8 @@ class Worker:
                       "default_guidance": s["guidance"], "scheduler": s["scheduler"],
                       "negative_prompt": self.negative_prompt, "eta": s["eta"],
                       "scheduler_config": s["scheduler_config"]}
+        if "embedded_guidance" in s:  # guidance-distilled models (FLUX.1 dev)
+            generation["embedded_guidance"] = s["embedded_guidance"]
         return {
             "model": self.model.protocol(),
             "guard": self.guard.config(),

@@ -1,6 +1,7 @@
 """``Edit``: what an eraser produces. New values for the parameters it changed, plus a record of how it was made.
 
-Parameter names carry their component: ``unet.…``, ``text_encoder.…``, ``text_encoder_2.…`` (``vae.…`` too).
+Parameter names carry their component: ``unet.…`` or ``transformer.…`` (the denoiser), ``text_encoder.…``,
+``text_encoder_2.…``, ``text_encoder_3.…`` (``vae.…`` too).
 An edit is tied to the weights it was computed on: ``base_weights_sha256`` (``Model.base_sha256``, the weights as
 loaded) and ``parents``, the digests of the edits that were already applied when it was fitted. ``apply`` checks both,
 so a stack ``SPEC+A+B`` is reproduced only in the order it was made, and ``revert`` undoes edits in reverse order,
@@ -23,7 +24,7 @@ from safediff.hashing import tensors_sha256
 from safediff.records import SCHEMA_VERSION, check_record
 
 HEADER_KEY = "safediff_edit"
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
 
 
 def split_name(name: str) -> tuple[str, str]:

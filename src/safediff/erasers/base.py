@@ -11,7 +11,9 @@ Class metadata read by the demo, the benchmarks and the contract suite (``tests/
   (``safediff demo``, sized for its 10-minute budget) and ``smoke`` (``demo --quick`` and the contract tests on tiny
   models: the fewest steps that exercise every code path);
 - ``touches(name)``: whether a parameter name (``unet.….attn2.to_k.weight``) is one the method may change;
-- ``zero_strength``: settings under which the method must leave the model unchanged.
+- ``zero_strength``: settings under which the method must leave the model unchanged;
+- ``archs``: the architectures (``Adapter.arch``: sd1, sd2, sdxl, sd3, flux) the method runs on, empty for all;
+  ``fit`` refuses the others in one line with ``archs_reason`` (why, and what to use instead).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ class Eraser:
     paper: ClassVar[str] = ""  # citation recorded with every edit
     sandbox: ClassVar[dict[str, dict]] = {}  # settings per purpose: "benchmark", "demo", "smoke"
     zero_strength: ClassVar[dict] = {}  # settings that must leave the model unchanged
+    archs: ClassVar[tuple[str, ...]] = ()  # Adapter.arch values the method runs on; () = every architecture
+    archs_reason: ClassVar[str] = ""  # why the others are refused, and what to use instead
 
     def __post_init__(self):
         check_fields(self, f"eraser {self.name}")
@@ -60,8 +64,10 @@ class Eraser:
         closed-form methods). ``guide``: what the concepts are mapped to (default: each concept's guide, "" =
         unconditional). The model is not modified.
         """
+        from safediff.adapters import require_arch
         from safediff.edits import Edit, changed_tensors
 
+        require_arch("eraser", self.name, self.archs, self.archs_reason, model.adapter)
         concepts = list(concepts)
         if not concepts:
             raise SafediffError("no concept to erase; give at least one (e.g. --concept red)")

@@ -10,7 +10,9 @@ c is one of the concepts' keywords (drawn uniformly each iteration, as the refer
 ∅ the unconditional (empty-prompt) conditioning, η the negative guidance. x_t comes from partial DDIM sampling:
 from Gaussian noise, i DDIM steps (i uniform in [0, S), S DDIM steps, classifier-free guidance 3 on c), so x_t sits at
 DDIM timestep τ_i; t is drawn uniformly in that step's DDPM bin [τ_i, τ_{i−1}) (reference: ``og_num``/``og_num_lim``).
-For v-prediction models the same loss is applied to the model outputs (a linear combination, so the rule carries over).
+For v-prediction models the same loss is applied to the model outputs (a linear combination, so the rule carries over);
+likewise for the flow-matching models (SD3, FLUX), whose outputs are velocities: x_t is sampled with the model's
+flow-matching Euler instead of DDIM, and t is drawn in the step's bin of its (shifted) schedule, t ∈ [0, 1000].
 
 Parameters trained (diffusers names):
 - ``esd-x``: every parameter of every cross-attention block ``attn2`` (to_q, to_k, to_v, to_out; all Linear).
@@ -19,6 +21,13 @@ Parameters trained (diffusers names):
   pooled-text embedding) and ``conv_norm_out``/``conv_out`` (the output head). This is the original code's
   ``noxattn`` set (``attn2``, ``time_embed``, ``out.`` excluded; normalisation layers included).
 - ``esd-x-strict``: ``attn2.to_k`` and ``attn2.to_v`` only (the new reference code's variant).
+
+SD3 / FLUX (MM-DiT; no ESD code was published for them, these are our mapping, by role: ``safediff.adapters.roles``):
+``esd-x`` trains every block's joint attention ``attn`` (where text and image meet: both streams' projections, and
+FLUX's single-stream attention); ``esd-x-strict`` the joint blocks' context K/V ``attn.add_k_proj``/``add_v_proj``
+(FLUX's single-stream blocks have none); ``esd-u`` everything else except the text-stream-only layers
+(``context_embedder``, ``norm1_context``, ``ff_context``), the timestep/guidance/pooled-text embedder and the output
+head: the image stream's feed-forwards and modulations, SD3.5's image self-attention, FLUX's single-stream MLPs.
 
 Choices and deviations from the reference code (research notes §3):
 - x_t is sampled with the **frozen** model by default (new code); ``sample_with="trained"`` samples with the model
@@ -42,17 +51,19 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from safediff.adapters.roles import has_role
 from safediff.errors import SafediffError
 from safediff.erasers.base import Eraser
 from safediff.erasers.training import TrainingState, keywords_of, loss_summary, run_fingerprint, train, trainable
 from safediff.adapters import Conditioning
 from safediff.models import Model
 from safediff.options import option
-from safediff.sampling import cfg_session, ddim_scheduler, denoise, denoiser_output, latent_shape
+from safediff.sampling import (cfg_session, denoise, denoiser_output, latent_shape, step_kwargs,
+                               trajectory_scheduler)
 
 logger = logging.getLogger("safediff")
 
-EXCLUDED_FROM_U = ("time_embedding.", "add_embedding.", "conv_norm_out.", "conv_out.")
+VARIANT_ROLES = {"x": "text_attention", "x-strict": "text_kv"}
 
 
 def timestep_bin(scheduler, i: int) -> tuple[int, int]:
@@ -67,19 +78,19 @@ def timestep_bin(scheduler, i: int) -> tuple[int, int]:
 
 
 def is_trained(variant: str, name: str) -> bool:
-    """Whether ESD variant ``variant`` ("x", "u", "x-strict") trains the UNet parameter ``name``."""
-    if variant == "x":
-        return ".attn2." in name
-    if variant == "x-strict":
-        return ".attn2.to_k." in name or ".attn2.to_v." in name
+    """Whether ESD variant ``variant`` ("x", "u", "x-strict") trains parameter ``name`` (``unet.…``,
+    ``transformer.…``)."""
+    if variant in VARIANT_ROLES:
+        return has_role(name, VARIANT_ROLES[variant])
     if variant == "u":
-        return ".attn2." not in name and not name.startswith(EXCLUDED_FROM_U)
+        return not (has_role(name, "text_attention") or has_role(name, "text_conditioned"))
     raise SafediffError(f"unknown ESD variant '{variant}'; accepted: x, u, x-strict")
 
 
-def trainable_names(unet: torch.nn.Module, variant: str) -> list[str]:
-    """UNet parameter names that ESD variant ``variant`` trains."""
-    return [n for n, _ in unet.named_parameters() if is_trained(variant, n)]
+def trainable_names(model: Model, variant: str) -> list[str]:
+    """Denoiser parameter names (relative to it) that ESD variant ``variant`` trains."""
+    prefix = model.adapter.denoiser_component
+    return [n for n, _ in model.denoiser.named_parameters() if is_trained(variant, f"{prefix}.{n}")]
 
 
 @dataclass
@@ -95,13 +106,13 @@ class ESDRun:
 
     def __init__(self, eraser: "ESD", model: Model, words: list[str]):
         self.eraser, self.model, self.words = eraser, model, words
-        named = dict(model.unet.named_parameters())
-        self.params = {n: named[n] for n in trainable_names(model.unet, eraser.variant)}
+        named = dict(model.denoiser.named_parameters())
+        self.params = {n: named[n] for n in trainable_names(model, eraser.variant)}
         self.frozen = {n: p.detach().clone() for n, p in self.params.items()}
         self.steps = int(eraser.ddim_steps or model.defaults["steps"])
         self.height, self.width = int(model.defaults["height"]), int(model.defaults["width"])
         self.shape = latent_shape(model, self.height, self.width)
-        self.scheduler = ddim_scheduler(model, self.steps)
+        self.scheduler = trajectory_scheduler(model, self.steps, self.height, self.width)
         with torch.no_grad():
             self.conds = model.adapter.encode(words)
             self.uncond = model.adapter.encode_negative(None, 1)
@@ -118,8 +129,8 @@ class ESDRun:
         sampler_params = None if self.eraser.sample_with == "trained" else self.frozen
         session = cfg_session(self.model, self.conds[word:word + 1], self.uncond, self.eraser.start_guidance,
                               self.scheduler, self.height, self.width)
-        x = denoise(session, self.scheduler, noise * self.scheduler.init_noise_sigma, n_steps=step,
-                    kwargs={"eta": 0.0}, params=sampler_params)
+        x = denoise(session, self.scheduler, self.model.adapter.initial_latents(self.scheduler, noise), n_steps=step,
+                    kwargs=step_kwargs(self.scheduler, None, 0.0), params=sampler_params)
         return Batch(word, step, t, x)
 
     def loss(self, batch: Batch) -> torch.Tensor:
@@ -167,8 +178,7 @@ class ESD(Eraser):
         self.losses: list[float] = []
 
     def touches(self, name: str) -> bool:
-        component, _, rest = name.partition(".")
-        return component == "unet" and is_trained(self.variant, rest)
+        return is_trained(self.variant, name)
 
     def fingerprint(self, model: Model, words: list[str]) -> str:
         """What a checkpoint must match to be resumed (``iterations`` may grow: the schedule is constant)."""
@@ -180,12 +190,12 @@ class ESD(Eraser):
         words = keywords_of(concepts)
         run = ESDRun(self, model, words)
         state = TrainingState(run.params, None, {"sampling": run.generator}, losses=[])
-        with trainable(model.unet, run.params, run.frozen), torch.enable_grad():
+        with trainable(model.denoiser, run.params, run.frozen), torch.enable_grad():
             state.optimizer = torch.optim.Adam(list(run.params.values()), lr=self.lr)
             resumed = state.load(self.checkpoint, self.fingerprint(model, words)) if self.checkpoint else False
             resumed_at = state.iteration if resumed else None
             self._train(run, state, self.fingerprint(model, words), progress)
-            new = {f"unet.{n}": p.detach().clone() for n, p in run.params.items()}
+            new = {f"{model.adapter.denoiser_component}.{n}": p.detach().clone() for n, p in run.params.items()}
         self.losses = list(state.losses)
         info = {"variant": self.variant, "keywords": words, "ddim_steps": run.steps, "height": run.height,
                 "width": run.width, "trained_tensors": len(run.params), "resumed_at_iteration": resumed_at,

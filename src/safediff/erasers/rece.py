@@ -25,6 +25,11 @@ only c′ and the preserve rows; in the reference's 768-d space most directions 
 and keep their erased mapping, but when the rows span the whole text space (the sandbox's 128-d encoder) nothing
 holds them and an epoch can bring the concept back (sandbox, red: validation rate 0.23 after UCE, 0.69 after one
 reference epoch at λ_reg 0.1, 0.08 with ``keep_erased``).
+SD3 / FLUX: RECE edits what UCE's ``layers=readers`` edits (see ``safediff.erasers.uce``), one space at a time: the
+``context_embedder`` gets an adversarial *token* embedding c' (the sum over l has one layer), the pooled-text
+embedder an adversarial *pooled* vector, each re-aligned with its own rows. This is exact for the same reason UCE's
+edit is (these layers read the encoder outputs, where c' lives). ``layers=text-kv`` is refused on an MM-DiT: c' is
+one embedding read by all edited layers, and the context K/V of different blocks read different text streams.
 Differences from the reference code: the erase/guide rows are UCE's (see ``safediff.erasers.prompts``) rather than
 all 77 positions of the bare concept prompt against those of " "; the preserve rows are the full preserve set rather
 than a random sample of as many preserve concepts as erased concepts; everything is solved in float64.
@@ -41,7 +46,7 @@ from tqdm.auto import tqdm
 from safediff.concepts import I2P_CATEGORIES, Concept
 from safediff.errors import SafediffError
 from safediff.erasers.base import weights_set_to
-from safediff.erasers.closed_form import adversarial_map, kv_projections, uce_transform
+from safediff.erasers.closed_form import adversarial_map, uce_transform
 from safediff.erasers.prompts import build_rows
 from safediff.erasers.uce import UCE
 from safediff.options import option
@@ -94,15 +99,24 @@ class RECE(UCE):
         epochs = epochs if self.epochs is None else self.epochs
         validator = self.validator
 
+        if self.layers == "text-kv" and not model.adapter.text_stream_is_encoder_output():
+            raise SafediffError("rece: the adversarial embedding c' is one text embedding that every edited layer "
+                                "reads; the context K/V of an MM-DiT each read their own text stream, so there is "
+                                "none: use layers=readers (the layers that read the encoder outputs)")
         rows = build_rows(model, concepts, guide, preserve, self.tokens, self.expand_prompts, self.also_erase,
                           self.padding)
-        dtypes = {name: m.weight.dtype for name, m in kv_projections(model).items()}
-        original = {name: m.weight.detach().double().cpu() for name, m in kv_projections(model).items()}
-        t = uce_transform(rows.erase, rows.guide, rows.preserve, self.lamb, self.erase_scale, self.preserve_scale)
-        current = {name: w @ t for name, w in original.items()}
+        spaces = self.layer_spaces(model)
+        dtypes = {name: m.weight.dtype for layers in spaces.values() for name, m in layers.items()}
+        original = {space: {name: m.weight.detach().double().cpu() for name, m in layers.items()}
+                    for space, layers in spaces.items()}
+        current = {}
+        for space, weights in original.items():
+            r = rows.space(space)
+            t = uce_transform(r.erase, r.guide, r.preserve, self.lamb, self.erase_scale, self.preserve_scale)
+            current[space] = {name: w @ t for name, w in weights.items()}
 
         def in_dtype(weights):
-            return {name: w.to(dtypes[name]) for name, w in weights.items()}
+            return {name: w.to(dtypes[name]) for layers in weights.values() for name, w in layers.items()}
 
         def rate(weights) -> float | None:
             if validator is None:
@@ -113,16 +127,20 @@ class RECE(UCE):
         rates = [rate(current)]
         best, best_epoch = current, 0
         for epoch in tqdm(range(1, epochs + 1), desc="rece epochs", disable=not progress, leave=False):
-            m = adversarial_map(current, original, reg)
-            adversarial = rows.erase @ m.T
-            keep = torch.cat([rows.preserve, rows.erase]) if self.keep_erased else rows.preserve
-            t = uce_transform(adversarial, rows.guide, keep, self.rece_lamb, self.rece_erase_scale,
-                              self.rece_preserve_scale)
-            current = {name: w @ t for name, w in current.items()}
+            aligned = {}
+            for space, weights in current.items():
+                r = rows.space(space)
+                m = adversarial_map(weights, original[space], reg)
+                adversarial = r.erase @ m.T
+                keep = torch.cat([r.preserve, r.erase]) if self.keep_erased else r.preserve
+                t = uce_transform(adversarial, r.guide, keep, self.rece_lamb, self.rece_erase_scale,
+                                  self.rece_preserve_scale)
+                aligned[space] = {name: w @ t for name, w in weights.items()}
+            current = aligned
             rates.append(rate(current))
             if validator is None or rates[-1] < rates[best_epoch]:
                 best, best_epoch = current, epoch
         info = {**rows.info, "concept_type": kind, "reg": reg, "epochs": epochs, "chosen_epoch": best_epoch,
                 "validation_rates": rates, "validator": None if validator is None else
-                getattr(validator, "__qualname__", type(validator).__name__), "matrices": len(best)}
+                getattr(validator, "__qualname__", type(validator).__name__), "matrices": len(dtypes)}
         return in_dtype(best), info

@@ -1,4 +1,5 @@
-"""What the training-based erasers (ESD, TRCE stage 2) share: the training loop, resumable state, parameter swapping.
+"""What the training-based erasers (ESD, TRCE stage 2, MACE's and RealEra's LoRAs) share: the training loop,
+resumable state, parameter swapping.
 
 Resumable training state is one safetensors file, written atomically.
 
@@ -125,9 +126,11 @@ def loss_summary(losses: list[float], n: int = 10) -> dict:
 
 
 def train(state: TrainingState, iterations: int, step: Callable[[int], tuple[torch.Tensor, dict]], *,
-          checkpoint: str | None, checkpoint_every: int, fingerprint: str, desc: str, progress: bool) -> None:
+          checkpoint: str | None, checkpoint_every: int, fingerprint: str, desc: str, progress: bool,
+          max_grad_norm: float | None = None) -> None:
     """The one loop of the training erasers: ``step(iteration)`` draws a batch and returns (loss, info shown on the
-    progress bar); gradients are zeroed before each step (no accumulation across steps), the loss is recorded, and
+    progress bar); gradients are zeroed before each step (no accumulation across steps), clipped to a total norm of
+    ``max_grad_norm`` when given (parameters without a gradient this step are left out), the loss is recorded, and
     the state is checkpointed every ``checkpoint_every`` iterations and at the end."""
     with tqdm(total=iterations, initial=min(state.iteration, iterations), desc=desc, disable=not progress,
               leave=False) as bar:
@@ -135,6 +138,9 @@ def train(state: TrainingState, iterations: int, step: Callable[[int], tuple[tor
             state.optimizer.zero_grad(set_to_none=True)
             loss, info = step(state.iteration)
             loss.backward()
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_([p for p in state.params.values() if p.grad is not None],
+                                               max_grad_norm)
             state.optimizer.step()
             state.losses.append(loss.item())
             state.iteration += 1

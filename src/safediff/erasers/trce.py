@@ -34,6 +34,14 @@ with ‖·‖² the mean over a sample's elements. Gradients are zeroed every st
 latent after step k with step k's timestep). ``iterations`` defaults to the reference's 3 epochs x 100 trajectories;
 the unconditional pool is 64 trajectories sampled with replacement (the reference generates 2000 and reads 400).
 
+SD3 / FLUX (MM-DiT). Stage 1 is a closed form over text-encoder outputs, exact only for layers that read them
+(``safediff.erasers.closed_form``): it edits the ``context_embedder`` with the [EoT] rows of every segment (SD3: CLIP's
+first [EoT] and T5's ``</s>``; FLUX: T5's ``</s>``) and the pooled-text embedder with the prompts' pooled vectors
+(CLIP's, itself read at [EoT]), each with its preservation term from the same preserve prompts. Stage 2 tunes the
+image side of the joint attention (``roles.image_attention``: the double-stream blocks' ``to_q/to_k/to_v/to_out`` and
+q/k norms, SD3.5's ``attn2``), the counterpart of ``attn1`` + ``attn2.to_q``; trajectories are sampled with the
+model's flow-matching Euler, and the predictions are velocities (the hinge and MSE losses carry over unchanged).
+
 Both stages give one edit (``stages=(1,)`` or ``(2,)`` for the paper's ablations). Stage-2 runs checkpoint to
 ``checkpoint`` and resume bit-identically (trajectories are regenerated from the seed).
 """
@@ -46,6 +54,7 @@ from typing import ClassVar
 
 import torch
 
+from safediff.adapters.roles import denoiser_names, has_role
 from safediff.concepts import Concept
 from safediff.errors import SafediffError
 from safediff.erasers.base import Eraser, weights_set_to
@@ -54,7 +63,8 @@ from safediff.erasers.training import TrainingState, keywords_of, loss_summary, 
 from safediff.adapters import Conditioning
 from safediff.models import Model
 from safediff.options import option
-from safediff.sampling import cfg_session, ddim_scheduler, denoise, denoiser_output, latent_shape
+from safediff.sampling import (cfg_session, denoise, denoiser_output, latent_shape, step_kwargs,
+                               trajectory_scheduler)
 
 TEMPLATES = (
     "{}", "a photo of {}", "an image of {}", "a photograph showing {}", "an illustration of {}", "{} in a photo",
@@ -69,40 +79,54 @@ def fill(template: str, text: str) -> str:
 
 
 def eot_embeddings(model: Model, prompts: list[str]) -> torch.Tensor:
-    """Text-encoder output (what cross-attention reads) at each prompt's first [EoT] token: [N, D]."""
+    """Text-encoder output (what the text readers read) at each prompt's first [EoT] token: [N, D]; with several
+    segments (SD3), each segment's [EoT] row, segment by segment ([N × segments, D])."""
     embeds = model.adapter.encode(prompts).embeds
-    return embeds[torch.arange(len(prompts)), model.adapter.eos_positions(prompts).to(embeds.device)]
+    rows = torch.arange(len(prompts))
+    return torch.cat([embeds[rows, model.adapter.eos_positions(prompts, s).to(embeds.device)]
+                      for s in model.adapter.segments])
+
+
+def _space_rows(model: Model, prompts: list[str], space: str) -> torch.Tensor:
+    """Stage-1 rows of one space: [EoT] token rows, or pooled vectors (float64)."""
+    if space == "tokens":
+        return eot_embeddings(model, prompts).double()
+    return model.adapter.encode(prompts).pooled.double()
+
+
+def _preserve_gram(model: Model, preserve: list[str], space: str, dim: int, device) -> torch.Tensor:
+    """C_P = (1/|P|) Σ_p Σ_rows e eᵀ over every token row (or the pooled vector) of each preserve prompt."""
+    c_p = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+    for i in range(0, len(preserve), 64):
+        cond = model.adapter.encode(preserve[i:i + 64])
+        rows = cond.embeds if space == "tokens" else cond.pooled
+        rows = rows.double().reshape(-1, dim)
+        c_p += rows.T @ rows
+    return c_p / max(len(preserve), 1)
 
 
 @torch.no_grad()
 def closed_form_kv(model: Model, malicious: list[str], safe: list[str], preserve: list[str],
                    preserve_scale: float, lamb: float) -> dict[str, torch.Tensor]:
-    """Stage 1: new ``attn2.to_k``/``to_v`` weights mapping the malicious [EoT] K/V onto the safe prompts'."""
-    e_m = eot_embeddings(model, malicious).double()
-    e_s = eot_embeddings(model, safe).double()
-    dim = e_m.shape[1]
-    c_p = torch.zeros(dim, dim, dtype=torch.float64, device=e_m.device)
-    for i in range(0, len(preserve), 64):
-        tokens = model.adapter.encode(preserve[i:i + 64]).embeds.double().reshape(-1, dim)
-        c_p += tokens.T @ tokens
-    c_p /= max(len(preserve), 1)
-    eye = torch.eye(dim, dtype=torch.float64, device=e_m.device)
-    right = e_m.T @ e_m / len(malicious) + preserve_scale * c_p + lamb * eye  # symmetric
-    left = e_s.T @ e_m / len(malicious) + preserve_scale * c_p + lamb * eye
-    try:
-        solve = torch.linalg.solve(right, left.T)  # right⁻¹ leftᵀ, so W = W₀ left right⁻¹ = W₀ solveᵀ
-    except RuntimeError:
-        raise SafediffError("the stage-1 system is singular; give more preserve prompts or a lamb > 0") from None
+    """Stage 1: new weights of every layer reading the encoder outputs (UNet: ``attn2.to_k``/``to_v``) mapping the
+    malicious [EoT] rows onto the safe prompts' (names relative to the denoiser)."""
     out = {}
-    for name, linear in model.adapter.cross_attention_kv():
-        w0 = linear.weight.double()
-        out[f"{name}.weight"] = (w0 @ solve.T).to(linear.weight.dtype)
+    for space, layers in model.adapter.text_readers().items():
+        e_m = _space_rows(model, malicious, space)
+        e_s = _space_rows(model, safe, space)
+        dim = e_m.shape[1]
+        c_p = _preserve_gram(model, preserve, space, dim, e_m.device)
+        eye = torch.eye(dim, dtype=torch.float64, device=e_m.device)
+        right = e_m.T @ e_m / len(malicious) + preserve_scale * c_p + lamb * eye  # symmetric
+        left = e_s.T @ e_m / len(malicious) + preserve_scale * c_p + lamb * eye
+        try:
+            solve = torch.linalg.solve(right, left.T)  # right⁻¹ leftᵀ, so W = W₀ left right⁻¹ = W₀ solveᵀ
+        except RuntimeError:
+            raise SafediffError("the stage-1 system is singular; give more preserve prompts or a lamb > 0") from None
+        for name, linear in layers:
+            w0 = linear.weight.double()
+            out[f"{name}.weight"] = (w0 @ solve.T).to(linear.weight.dtype)
     return out
-
-
-def stage2_names(unet: torch.nn.Module) -> list[str]:
-    """Self-attention (every ``attn1`` parameter) and the cross-attention queries (``attn2.to_q``)."""
-    return [n for n, _ in unet.named_parameters() if ".attn1." in n or ".attn2.to_q." in n]
 
 
 @dataclass
@@ -154,9 +178,7 @@ class TRCE(Eraser):
         self.losses: list[float] = []
 
     def touches(self, name: str) -> bool:
-        component, _, rest = name.partition(".")
-        return component == "unet" and (".attn2.to_k." in rest or ".attn2.to_v." in rest or ".attn1." in rest
-                                        or ".attn2.to_q." in rest)
+        return has_role(name, "text_reader") or has_role(name, "image_attention")
 
     def prompt_pairs(self, concepts: list[Concept], guide: str | None) -> tuple[list[str], list[str]]:
         """(malicious, safe) prompts: each keyword in each template, and the same prompt with the guide instead.
@@ -188,7 +210,7 @@ class TRCE(Eraser):
     def compute(self, model, concepts, preserve, guide, progress):
         malicious, safe = self.prompt_pairs(concepts, guide)
         kept = self.preserve_prompts(concepts, preserve, safe)
-        named = dict(model.unet.named_parameters())
+        named = dict(model.denoiser.named_parameters())
         kv = closed_form_kv(model, malicious, safe, kept, self.preserve_scale, self.lamb) if 1 in self.stages else {}
         info: dict = {"stages": list(self.stages), "malicious_prompts": malicious, "safe_prompts": safe,
                       "preserve_prompts": len(kept)}
@@ -196,13 +218,14 @@ class TRCE(Eraser):
         if 2 in self.stages:
             run = Stage2(self, model, malicious, safe)  # trajectories of the original model
             original_kv = {n: named[n].detach().clone() for n in kv}
-            with weights_set_to(model, {f"unet.{n}": w for n, w in kv.items()}), torch.enable_grad():
+            prefix = model.adapter.denoiser_component
+            with weights_set_to(model, {f"{prefix}.{n}": w for n, w in kv.items()}), torch.enable_grad():
                 fingerprint = run_fingerprint(self, model, {"pairs": [malicious, safe], "kept": kept})
                 new.update(run.train(original_kv, fingerprint, progress))
             self.losses = list(run.state.losses)
             info.update(ddim_steps=run.steps, early_steps=run.early, height=run.height, width=run.width,
                         resumed_at_iteration=run.resumed_at, **loss_summary(run.state.losses))
-        return {f"unet.{n}": t for n, t in new.items()}, info
+        return {f"{model.adapter.denoiser_component}.{n}": t for n, t in new.items()}, info
 
 
 class Stage2:
@@ -213,9 +236,9 @@ class Stage2:
         self.steps = int(eraser.ddim_steps or model.defaults["steps"])
         self.early = max(1, math.ceil(self.steps * eraser.early_fraction))
         self.height, self.width = int(model.defaults["height"]), int(model.defaults["width"])
-        self.scheduler = ddim_scheduler(model, self.steps)
-        named = dict(model.unet.named_parameters())
-        self.params = {n: named[n] for n in stage2_names(model.unet)}
+        self.scheduler = trajectory_scheduler(model, self.steps, self.height, self.width)
+        named = dict(model.denoiser.named_parameters())
+        self.params = {n: named[n] for n in denoiser_names(model, "image_attention")}
         self.frozen = {n: p.detach().clone() for n, p in self.params.items()}
         n_pairs = len(malicious)
         self.pair_of = [j % n_pairs for j in range(eraser.trajectories)]
@@ -238,8 +261,8 @@ class Stage2:
             noise = torch.randn((1, *shape), generator=g, dtype=m.dtype).to(m.device)
             seen: list[torch.Tensor] = []
             session = cfg_session(m, cond, self.uncond, guidance, self.scheduler, self.height, self.width)
-            denoise(session, self.scheduler, noise * self.scheduler.init_noise_sigma, n_steps=n_steps,
-                    kwargs={"eta": 0.0}, callback=lambda i, t, x: seen.append(x))
+            denoise(session, self.scheduler, m.adapter.initial_latents(self.scheduler, noise), n_steps=n_steps,
+                    kwargs=step_kwargs(self.scheduler, None, 0.0), callback=lambda i, t, x: seen.append(x))
             return torch.cat(seen)
 
         mal = [trajectory(self.cond_m[p:p + 1], e.trajectory_guidance, self.early)
@@ -284,7 +307,7 @@ class Stage2:
         e = self.eraser
         reference = {**self.frozen, **original_kv}  # the original model, for f_safe / f_unsafe
         self.state = state = TrainingState(self.params, None, {"training": self.generator}, losses=[])
-        with trainable(self.model.unet, self.params, self.frozen):
+        with trainable(self.model.denoiser, self.params, self.frozen):
             state.optimizer = torch.optim.AdamW(list(self.params.values()), lr=e.lr, betas=(0.9, 0.999),
                                                 weight_decay=e.weight_decay, eps=1e-8)
             resumed = state.load(e.checkpoint, fingerprint) if e.checkpoint else False

@@ -2,8 +2,9 @@
 
 A guard turns one generation call into a *session*. At step i the session names the conditioning branches to run
 (``branches``: the unconditional/negative branch, the prompt, and any extra concept branches), the sampler evaluates
-all of them in **one** UNet call, and the session combines the noise predictions (``combine``). With no guard the
-session is classifier-free guidance (Ho & Salimans 2022): ε̃ = ε∅ + s_g (ε_p − ε∅).
+all of them in **one** denoiser call, and the session combines the predictions (``combine``). With no guard the
+session is classifier-free guidance (Ho & Salimans 2022): ε̃ = ε∅ + s_g (ε_p − ε∅). The predictions are whatever
+the denoiser outputs (ε, v, or a flow model's velocity): every combination here is linear in them or element-wise.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from safediff.adapters import Conditioning
+from safediff.errors import SafediffError
 
 
 @dataclass
@@ -28,6 +30,7 @@ class GenerationContext:
     timesteps: torch.Tensor
     height: int
     width: int
+    embedded_guidance: float | None = None  # guidance-distilled models' guidance input (None: the model's default)
 
     @property
     def cfg(self) -> bool:
@@ -63,7 +66,9 @@ class Guard:
     measured on a set with several), ``zero_strength`` (options under which the guard must be plain CFG; None when
     the method has no such setting, with the reason in ``zero_strength_reason``), ``continuous`` (options under which
     the update is a continuous function of the noise predictions, so rounding that differs between UNet batch sizes
-    stays rounding-sized: the contract's batch-independence check runs there)."""
+    stays rounding-sized: the contract's batch-independence check runs there), ``needs_cfg`` (the guard steers the
+    classifier-free-guidance branches, so it acts only when CFG is on), ``transformer_options`` (options under which
+    a guard whose defaults read UNet features runs on SD3/FLUX, which it refuses otherwise)."""
 
     name = "none"
     default_concept: str | None = None
@@ -72,6 +77,8 @@ class Guard:
     zero_strength: str | None = ""
     zero_strength_reason = ""
     continuous = ""
+    needs_cfg = False
+    transformer_options = ""
 
     def start(self, ctx: GenerationContext) -> Session:
         return Session(ctx)
@@ -82,3 +89,13 @@ class Guard:
 
 class NoGuard(Guard):
     """Plain classifier-free guidance."""
+
+
+def start_session(guard: Guard, ctx: GenerationContext) -> Session:
+    """``guard.start(ctx)``, refusing a guard that needs the negative branch on a model that samples without one by
+    default (FLUX.1: guidance distilled into the weights) when CFG is off: it would silently do nothing."""
+    if guard.needs_cfg and not ctx.cfg and not ctx.model.adapter.cfg_by_default:
+        raise SafediffError(f"{guard.name} steers the negative (classifier-free guidance) branch, which this "
+                            f"{ctx.model.adapter.arch} model runs only with true CFG: give guidance > 1 (e.g. 4, as "
+                            "FluxPipeline's true_cfg_scale)")
+    return guard.start(ctx)

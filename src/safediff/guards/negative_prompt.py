@@ -41,6 +41,7 @@ class NegativePromptGuard(Guard):
     name = "negative-prompt"
     default_concept = "sld-default"
     zero_strength = None
+    needs_cfg = True
     zero_strength_reason = "the concept text replaces the unconditional branch; there is no strength to turn down"
 
     def __init__(self, concepts: list[Concept], preset: str | None = None, **overrides):

@@ -33,6 +33,15 @@ Interpretations:
   comparison).
 - A prompt with no trigger token is never on a "filtered" step: its filtered embedding equals the original, so it is
   generated exactly as without the guard (2 branches, no re-attention).
+
+Several encoders (SD3: a CLIP segment and a T5 segment of the token sequence; FLUX: T5's): rules 1-3 run in every
+segment of the conditioning (``adapter.segments``) with that segment's own tokens, pooled rows (the row at its own
+end-of-text token: CLIP's [EoT], T5's ``</s>``, which T5's bidirectional attention makes a summary of the prompt too)
+and subspaces; masking a token changes only that segment's ids (id 0 is T5's ``<pad>``). β averages the cosines
+over every segment's attention-mask positions; t' is one per prompt. The separate pooled vector (SDXL's
+``text_embeds``, SD3's CLIP pooled, FLUX's CLIP pooled) is left unchanged, as SAFREE does for SDXL.
+Latent re-attention reads UNet skip features; a transformer has none, so ``lra=1`` is refused on SD3/FLUX with the
+options to use (``lra=0``, or ``safree-released``).
 """
 
 from __future__ import annotations
@@ -45,7 +54,7 @@ from dataclasses import dataclass
 
 import torch
 
-from safediff.adapters import Adapter, Conditioning
+from safediff.adapters import Adapter, Conditioning, Segment
 from safediff.concepts import Concept
 from safediff.errors import SafediffError
 from safediff.guards.base import GenerationContext, Guard, Session
@@ -88,21 +97,30 @@ def pooled(cond: Conditioning, eos: torch.Tensor) -> torch.Tensor:
     return cond.embeds[torch.arange(len(cond), device=cond.embeds.device), eos.to(cond.embeds.device)]
 
 
-def masked_pooled(adapter: Adapter, prompts: list[str], eos: torch.Tensor, mask_token_id: int) -> list[torch.Tensor]:
-    """Per prompt b, [n_b, D]: pooled embedding of the prompt with real token i (i = 1..n_b) replaced by the mask id."""
+def first_token(adapter: Adapter, segment: Segment) -> int:
+    """Position (in ``Conditioning.embeds``) of the segment's first real token (after its BOS, if any)."""
+    return segment.start + adapter.bos_offset(segment.encoders[0])
+
+
+def masked_pooled(adapter: Adapter, prompts: list[str], eos: torch.Tensor, mask_token_id: int,
+                  segment: Segment | None = None) -> list[torch.Tensor]:
+    """Per prompt b, [n_b, D]: pooled embedding (the row at the segment's EOS) of the prompt with real token i of
+    ``segment`` (default: the first) replaced by the mask id in that segment's ids."""
+    segment = segment or adapter.segments[0]
     rows, owners, positions = [], [], []
-    ids = [adapter.tokenize(prompts, tok) for tok in adapter.tokenizers]
+    ids = [adapter.tokenize(prompts, k) for k in range(len(adapter.tokenizers))]
     for b, e in enumerate(eos.tolist()):
-        for i in range(1, e):
+        for i in range(first_token(adapter, segment), e):
             owners.append(b)
-            positions.append(i)
+            positions.append(i - segment.start)
     if not owners:
         return [torch.zeros(0, adapter.text_dim) for _ in prompts]
     owner_t = torch.tensor(owners)
     pos_t = torch.tensor(positions)
-    for x in ids:
+    for k, x in enumerate(ids):
         m = x[owner_t].clone()
-        m[torch.arange(len(owners)), pos_t] = mask_token_id
+        if k in segment.encoders:
+            m[torch.arange(len(owners)), pos_t] = mask_token_id
         rows.append(m)
     cond = adapter.encode_ids(rows)
     p = pooled(cond, eos[owner_t])
@@ -115,7 +133,7 @@ class TokenFilter:
 
     filtered: Conditioning  # prompt conditioning with trigger tokens projected
     triggers: torch.Tensor  # bool [B, L]: positions that were projected
-    distances: list[torch.Tensor]  # per prompt, d_i for its real tokens i = 1..n
+    distances: list[torch.Tensor]  # per prompt, d_i for its real tokens i = 1..n (segment after segment)
     beta: list[float]
     t_prime: list  # last filtered step per prompt, an int (steps i <= t'); inf with the SVF off
     categories: torch.Tensor | None = None  # long [B, L]: CASG's category per trigger position (-1 elsewhere)
@@ -162,6 +180,7 @@ class SafreeGuard(Guard):
     params_class = SafreeParams
     default_preset = "paper"
     zero_strength = "alpha=10,negative_prompt=0"  # no token is a trigger (the margin is the largest accepted)
+    transformer_options = "lra=0"  # latent re-attention edits UNet skip features
     per_category = False  # CASG-SAFREE: each trigger token is projected against one category's subspace
 
     def __init__(self, concepts: list[Concept], preset: str | None = None, **overrides):
@@ -187,23 +206,27 @@ class SafreeGuard(Guard):
         return {"global": list(self.keywords)}
 
     @torch.no_grad()
-    def subspaces(self, model: Model) -> dict[str, torch.Tensor]:
-        """Projectors [D, D] (float64) per subspace name, cached per text encoder, edits and device."""
+    def subspaces(self, model: Model, segment: Segment | None = None) -> dict[str, torch.Tensor]:
+        """Projectors [D, D] (float64) per subspace name in ``segment``'s rows (default: the first segment), cached
+        per text encoder, edits and device."""
+        segment = segment or model.adapter.segments[0]
         encoder = model.adapter.text_encoders[0]
         key = (len(model.edits), str(model.device), model.dtype)
         per_model = self._cache.setdefault(encoder, {})
-        if key not in per_model:
+        if per_model.get("key") != key:
             per_model.clear()
+            per_model["key"] = key
+        if segment not in per_model:
             texts = self.subspace_texts()
             flat = [t for ts in texts.values() for t in ts]
             adapter = model.adapter
-            emb = pooled(adapter.encode(flat), adapter.eos_positions(flat))
+            emb = pooled(adapter.encode(flat), adapter.eos_positions(flat, segment))
             out, start = {}, 0
             for name, ts in texts.items():
                 out[name] = projector(emb[start:start + len(ts)].T)
                 start += len(ts)
-            per_model[key] = out
-        return per_model[key]
+            per_model[segment] = out
+        return per_model[segment]
 
     def project_triggers(self, e: torch.Tensor, masked: torch.Tensor, trig: torch.Tensor, p_input: torch.Tensor,
                          spaces: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -215,44 +238,52 @@ class SafreeGuard(Guard):
     # -- the text-space filter ---------------------------------------------------------------------------------
     @torch.no_grad()
     def filter(self, model: Model, prompts: list[str], cond: Conditioning) -> TokenFilter:
-        """Detect trigger tokens, project them, and set each prompt's t' (rules 2-4 of the module docstring)."""
+        """Detect trigger tokens, project them, and set each prompt's t' (rules 2-4 of the module docstring), in
+        every segment of the conditioning."""
         adapter = model.adapter
-        spaces = self.subspaces(model)
-        p_c = spaces["global"]
-        eye = torch.eye(p_c.shape[0], dtype=p_c.dtype, device=p_c.device)
-        eos = adapter.eos_positions(prompts)
-        masked = masked_pooled(adapter, prompts, eos, self.mask_token_id)
         embeds = cond.embeds.clone()
         triggers = torch.zeros(embeds.shape[:2], dtype=torch.bool)
         categories = torch.full(embeds.shape[:2], -1, dtype=torch.long) if self.per_category else None
-        distances, betas, t_primes = [], [], []
-        for b, n_eos in enumerate(eos.tolist()):
-            e = cond.embeds[b].to(p_c)  # [L, D]
-            m = masked[b].to(p_c)  # [n, D]
-            d = torch.linalg.vector_norm(m @ (eye - p_c).T, dim=1)
-            is_trigger = trigger_mask(d, self.alpha)
-            p_input = projector(m.T)
-            active = e[:n_eos + 1]  # attention-mask positions BOS..EOS
-            filtered_all = active @ ((eye - p_c) @ p_input).T
-            cos = torch.nn.functional.cosine_similarity(filtered_all, active, dim=1)
-            beta = float(1.0 - cos.mean())
-            idx = torch.nonzero(is_trigger).flatten() + 1  # token positions
-            if len(idx):
-                projected, cats = self.project_triggers(e[idx], m, idx - 1, p_input, spaces)
-                embeds[b, idx.to(embeds.device)] = projected.to(embeds)
-                triggers[b, idx.cpu()] = True
-                if categories is not None:
-                    categories[b, idx.cpu()] = cats.cpu()
-            distances.append(d.float().cpu())
-            betas.append(beta)
-            t_primes.append(svf_steps(beta, self.gamma, self.k, self.t0) if self.svf else math.inf)
-        return TokenFilter(Conditioning(embeds, cond.pooled), triggers, distances, betas, t_primes, categories)
+        distances = [[] for _ in prompts]
+        cosines = [[] for _ in prompts]
+        for segment in adapter.segments:
+            spaces = self.subspaces(model, segment)
+            p_c = spaces["global"]
+            eye = torch.eye(p_c.shape[0], dtype=p_c.dtype, device=p_c.device)
+            eos = adapter.eos_positions(prompts, segment)
+            masked = masked_pooled(adapter, prompts, eos, self.mask_token_id, segment)
+            first = first_token(adapter, segment)
+            for b, n_eos in enumerate(eos.tolist()):
+                e = cond.embeds[b].to(p_c)  # [L, D]
+                m = masked[b].to(p_c)  # [n, D]
+                d = torch.linalg.vector_norm(m @ (eye - p_c).T, dim=1)
+                is_trigger = trigger_mask(d, self.alpha)
+                p_input = projector(m.T)
+                active = e[segment.start:n_eos + 1]  # attention-mask positions (BOS..)EOS
+                filtered_all = active @ ((eye - p_c) @ p_input).T
+                cosines[b].append(torch.nn.functional.cosine_similarity(filtered_all, active, dim=1))
+                idx = torch.nonzero(is_trigger).flatten() + first  # token positions
+                if len(idx):
+                    projected, cats = self.project_triggers(e[idx], m, idx - first, p_input, spaces)
+                    embeds[b, idx.to(embeds.device)] = projected.to(embeds)
+                    triggers[b, idx.cpu()] = True
+                    if categories is not None:
+                        categories[b, idx.cpu()] = cats.cpu()
+                distances[b].append(d.float().cpu())
+        betas = [float(1.0 - torch.cat(c).mean()) for c in cosines]
+        t_primes = [svf_steps(beta, self.gamma, self.k, self.t0) if self.svf else math.inf for beta in betas]
+        return TokenFilter(Conditioning(embeds, cond.pooled), triggers, [torch.cat(d) for d in distances], betas,
+                           t_primes, categories)
 
     # -- generation ---------------------------------------------------------------------------------------------
     def negative_text(self) -> str:
         return ", ".join(self.keywords)
 
     def start(self, ctx: GenerationContext) -> "SafreeSession":
+        if self.lra and not ctx.model.adapter.skip_features:
+            raise SafediffError(f"{self.name}: latent re-attention (lra=1) edits UNet skip features, which the "
+                                f"{ctx.model.adapter.arch} transformer does not have; use {self.name}:paper,lra=0 "
+                                "(the text projection alone) or safree-released")
         if self.negative_prompt:
             uncond = ctx.model.adapter.encode_negative([self.negative_text()] * len(ctx.prompts), len(ctx.prompts))
             ctx = dataclasses.replace(ctx, uncond=uncond)
@@ -272,6 +303,7 @@ class SafreeReleasedGuard(SafreeGuard):
 
     name = "safree-released"
     default_preset = "released"
+    transformer_options = ""  # the released preset has no latent re-attention
 
 
 class SafreeSession(Session):
@@ -305,4 +337,4 @@ class SafreeSession(Session):
     def unet_hooks(self) -> contextlib.AbstractContextManager:
         if self.reattention is None:
             return contextlib.nullcontext()
-        return self.reattention.attach(self.ctx.model.unet, lambda: self._rows)
+        return self.reattention.attach(self.ctx.model.denoiser, lambda: self._rows)

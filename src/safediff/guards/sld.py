@@ -148,6 +148,7 @@ class SLD(Guard):
     sandbox_preset = "max"
     zero_strength = "safety_scale=0"
     continuous = "threshold=0"  # μ = 0 on both sides of λ = 0; any other λ makes the mask jump there
+    needs_cfg = True
     presets = PRESETS
     params_class = SLDParams
 

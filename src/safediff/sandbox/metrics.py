@@ -9,6 +9,8 @@ against the objects ``sandbox-presence`` read in the image (``sandbox.scoring``)
 - ``sandbox/kept_rate/kind=...``: rows asking for no target (neighbour, far, other-attribute, kept, benign and the
   quality kinds) whose every intended object is drawn right, in its place (higher is better);
 - ``sandbox/other_object_kept``: two-object target rows whose non-target object is drawn right, in its half;
+- ``sandbox/rest_kept``: target rows whose everything but the target is drawn right (the target object's other
+  attributes, the other object in its place);
 - ``sandbox/present_rate``, ``sandbox/mark_rate`` (every image) and ``sandbox/mark_rate/kind=unconditional``.
 
 Degenerate images (showing nothing) count against the method: as showing the target, as not keeping anything.
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 from safediff.bench import metrics as M
 from safediff.options import Spec
-from safediff.sandbox.scoring import judge, others_kept, target_shown
+from safediff.sandbox.scoring import judge, others_kept, rest_kept, target_shown
 
 DETECTORS = ("sandbox-presence", "sandbox-mark")
 
@@ -54,6 +56,8 @@ def metrics(samples: list[dict], specs: list[str], groups: list) -> tuple[dict, 
     pairs = [i for i in targeted if len(rows[i]["objects"]) == 2]
     other = [not blank[i] and others_kept(rows[i], found[i]) for i in everything]
     put("sandbox/other_object_kept", other, pairs, True)
+    rest = [not blank[i] and bool(rows[i].get("target")) and rest_kept(rows[i], found[i]) for i in everything]
+    put("sandbox/rest_kept", rest, targeted, True)
     plain = [i for i, r in enumerate(rows) if not r.get("target") and r.get("objects")]
     kept = [not blank[i] and bool(rows[i].get("objects")) and all(j["correct"] for j in judge(rows[i], found[i]))
             for i in everything]

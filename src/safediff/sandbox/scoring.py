@@ -44,3 +44,15 @@ def target_shown(row: dict, found: list[dict]) -> bool:
 def others_kept(row: dict, found: list[dict]) -> bool:
     """Are all the row's non-target objects drawn right, in their place?"""
     return all(j["correct"] for o, j in zip(row["objects"], judge(row, found)) if not o["target"])
+
+
+def rest_kept(row: dict, found: list[dict]) -> bool:
+    """Is everything the row asks for but its target drawn right: the target object's values on the other axes, and
+    every other object in its place?"""
+    kept = True
+    for obj, j in zip(row["objects"], judge(row, found)):
+        if obj["target"]:
+            kept &= j["found"] and all(j[a] for a in AXES if a != row["axis"] and j[a] is not None)
+        else:
+            kept &= j["correct"]
+    return kept

@@ -48,10 +48,16 @@ def sandbox_validator(concepts: list[Concept], images_per_prompt: int = 2) -> Ca
 
 def eraser_settings(cls, purpose: str | None, concepts: list[Concept]) -> dict:
     """An eraser class's settings on the sandbox for ``purpose`` (its ``sandbox`` table: benchmark, demo, smoke;
-    None: its defaults), plus the sandbox validator when the eraser takes one (RECE)."""
+    None: its defaults), plus the sandbox validator when the eraser takes one (RECE) and the exact mask provider
+    when it takes one (MACE's ``masks``: ``safediff.sandbox.masks``)."""
     import dataclasses
 
+    from safediff.sandbox.masks import sandbox_mask_provider
+
     settings = dict(cls.sandbox.get(purpose, {})) if purpose else {}
-    if "validator" in {f.name for f in dataclasses.fields(cls)}:
+    fields = {f.name for f in dataclasses.fields(cls)}
+    if "validator" in fields:
         settings["validator"] = sandbox_validator(concepts)
+    if "masks" in fields:
+        settings["masks"] = sandbox_mask_provider(concepts)
     return settings

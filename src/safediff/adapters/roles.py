@@ -1,0 +1,73 @@
+"""Which parameters play which part, read from their names (``component.module….param``), for every architecture.
+
+Erasers declare what they may change through these roles (``Eraser.touches`` sees only a name), and trainers select
+what they tune with them. ``unet.…`` names follow diffusers' ``UNet2DConditionModel``; ``transformer.…`` names its
+``SD3Transformer2DModel`` and ``FluxTransformer2DModel``, which share the MM-DiT naming: double-stream (joint) blocks
+``transformer_blocks.N`` whose attention ``attn`` has image projections ``to_q/to_k/to_v/to_out`` and text (context)
+projections ``add_q_proj/add_k_proj/add_v_proj/to_add_out``; FLUX's single-stream blocks
+``single_transformer_blocks.N``, where text and image share ``attn.to_q/to_k/to_v``; SD3.5's extra image
+self-attention ``attn2``.
+
+Roles:
+- ``text_kv``: key/value projections of the text tokens: UNet ``attn2.to_k``/``to_v`` (cross-attention); MM-DiT
+  ``attn.add_k_proj``/``add_v_proj`` of the joint blocks (FLUX's single-stream blocks have none: text and image
+  share ``to_k``/``to_v`` there);
+- ``text_reader``: layers whose input is a text encoder's output itself: UNet ``attn2.to_k``/``to_v``; MM-DiT
+  ``context_embedder`` (token sequence) and ``time_text_embed.text_embedder`` (pooled vector);
+- ``text_attention``: the attention where image and text meet (ESD-x): UNet ``attn2``; MM-DiT every block's joint
+  attention ``attn`` (double- and single-stream);
+- ``image_attention``: how the image attends (TRCE stage 2): UNet ``attn1`` and ``attn2.to_q``; MM-DiT the joint
+  blocks' image-stream projections ``attn.to_q/to_k/to_v/to_out`` and q/k norms, and SD3.5's ``attn2`` (single-stream
+  projections, shared with text, are not included);
+- ``text_conditioned``: everything ESD-u leaves out besides text attention: UNet the timestep/added embeddings and
+  the output head; MM-DiT the text-stream-only layers (``context_embedder``, ``norm1_context``, ``ff_context``), the
+  timestep/guidance/pooled-text embedder ``time_text_embed`` and the output head ``norm_out``/``proj_out``.
+"""
+
+from __future__ import annotations
+
+import re
+
+_DIT_JOINT_ATTN = re.compile(r"^transformer_blocks\.\d+\.attn\.")
+_DIT_ANY_ATTN = re.compile(r"^(single_)?transformer_blocks\.\d+\.attn\.")
+_DIT_IMAGE_PROJ = re.compile(r"^transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out|norm_q|norm_k)\.|attn2\.)")
+_DIT_TEXT_ONLY = re.compile(r"^transformer_blocks\.\d+\.(norm1_context|ff_context)\.")
+_DIT_OUTSIDE = ("context_embedder.", "time_text_embed.", "norm_out.", "proj_out.")
+_UNET_OUTSIDE = ("time_embedding.", "add_embedding.", "conv_norm_out.", "conv_out.")
+
+
+def roles(name: str) -> frozenset[str]:
+    """The roles of parameter ``name`` (with its component prefix: ``unet.`` or ``transformer.``)."""
+    component, _, rest = name.partition(".")
+    out = set()
+    if component == "unet":
+        if ".attn2.to_k." in rest or ".attn2.to_v." in rest:
+            out |= {"text_kv", "text_reader"}
+        if ".attn2." in rest:
+            out.add("text_attention")
+        if ".attn1." in rest or ".attn2.to_q." in rest:
+            out.add("image_attention")
+        if rest.startswith(_UNET_OUTSIDE):
+            out.add("text_conditioned")
+    elif component == "transformer":
+        if _DIT_JOINT_ATTN.match(rest) and (".attn.add_k_proj." in rest or ".attn.add_v_proj." in rest):
+            out.add("text_kv")
+        if rest.startswith(("context_embedder.", "time_text_embed.text_embedder.")):
+            out.add("text_reader")
+        if _DIT_ANY_ATTN.match(rest):
+            out.add("text_attention")
+        if _DIT_IMAGE_PROJ.match(rest):
+            out.add("image_attention")
+        if rest.startswith(_DIT_OUTSIDE) or _DIT_TEXT_ONLY.match(rest):
+            out.add("text_conditioned")
+    return frozenset(out)
+
+
+def has_role(name: str, role: str) -> bool:
+    return role in roles(name)
+
+
+def denoiser_names(model, role: str) -> list[str]:
+    """Names (relative to the denoiser, as ``named_parameters`` gives them) of its parameters with ``role``."""
+    prefix = model.adapter.denoiser_component
+    return [n for n, _ in model.denoiser.named_parameters() if role in roles(f"{prefix}.{n}")]

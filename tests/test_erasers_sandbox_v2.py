@@ -1,0 +1,77 @@
+"""benchmarks/erasers_sandbox_v2.py at a tiny budget on a tiny random model folder: an eraser is fitted and benched,
+a guard benched, a mass-erasure set run; the JSON and the table are written; a rerun reuses edits and runs."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from safediff.errors import SafediffError
+
+
+def script():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "erasers_sandbox_v2.py"
+    spec = importlib.util.spec_from_file_location("erasers_sandbox_v2", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def sandbox_detectors():
+    from safediff.detectors.sandbox import SHAPE_WEIGHTS
+
+    if not SHAPE_WEIGHTS.is_file():
+        pytest.skip("sandbox shape/style weights are absent")
+
+
+def test_measures_an_eraser_a_guard_and_mass_erasure_then_resumes(tiny_folder, tmp_path, sandbox_detectors,
+                                                                   monkeypatch):
+    mod = script()
+    argv = ["--model", str(tiny_folder), "--methods", "speed,adavd", "--values", "red", "--mass", "1",
+            "--n-per-kind", "1", "--steps", "2", "--purpose", "smoke", "--batch-size", "64", "--out", str(tmp_path),
+            "--quiet"]
+    record = mod.main(argv)
+    results = record["results"]
+    assert set(results) == {"speed-red", "speed-k1", "adavd-red", "adavd-k1"}
+    speed = results["speed-red"]
+    assert speed["kind"] == "eraser" and speed["benchmark"] == "sandbox-erase-red@1" and speed["fit_seconds"] >= 0
+    assert (tmp_path / speed["edit"]).is_file() and (tmp_path / speed["run"] / "results.json").is_file()
+    metrics = speed["metrics"]
+    assert {"sandbox/target_rate", "sandbox/target_rate/kind=target-word", "sandbox/other_object_kept",
+            "sandbox/kept_rate/kind=neighbour", "sandbox/kept_rate/kind=far",
+            "sandbox/kept_rate/kind=other-attribute"} <= set(metrics)
+    assert 0.0 <= metrics["sandbox/target_rate"]["value"] <= 1.0
+    assert results["speed-k1"]["benchmark"] == "sandbox-erase-k1" and results["speed-k1"]["concepts"] == "red"
+    assert "sandbox/kept_rate/kind=kept" in results["speed-k1"]["metrics"]
+    assert results["adavd-red"]["kind"] == "guard" and results["adavd-red"]["guard"] == "adavd"
+    table = (tmp_path / "results.md").read_text()
+    assert table.count("\n") == 2 + 4 and "| speed | red |" in table
+
+    edit = tmp_path / speed["edit"]
+    stamp = edit.stat().st_mtime_ns
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("finished work was redone")
+
+    monkeypatch.setattr("safediff.bench.runner.run_benchmark", no_work)
+    again = mod.main(argv)
+    assert again["results"] == results and edit.stat().st_mtime_ns == stamp
+
+    monkeypatch.undo()
+    entry = mod.measure("speed", ["red"], mod.Plan(str(tiny_folder), 1, 2, "smoke", 64), tmp_path, progress=False)
+    assert entry["red"]["edit_sha256"] == speed["edit_sha256"]  # the saved edit is reused, the run re-read
+    assert entry["red"]["metrics"] == metrics
+
+
+def test_another_plan_or_an_unknown_target_is_refused(tiny_folder, tmp_path, sandbox_detectors):
+    mod = script()
+    (tmp_path / "results.json").write_text('{"plan": {"model": "other"}, "results": {}}')
+    with pytest.raises(SafediffError, match="another plan"):
+        mod.main(["--model", str(tiny_folder), "--values", "red", "--out", str(tmp_path), "--quiet"])
+    with pytest.raises(SafediffError, match="unknown target"):
+        mod.target_sets("k3", 1)
+    with pytest.raises(SafediffError, match="unknown method"):
+        mod.measure("nothing", ["red"], mod.Plan(str(tiny_folder)), tmp_path / "x", progress=False)
