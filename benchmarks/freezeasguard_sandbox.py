@@ -71,8 +71,8 @@ def cached(path: Path, make) -> Path:
 
 
 def random_mask(model, like: Edit, seed: int = 0) -> Edit:
-    """An edit that publishes a mask of as many UNet tensors as ``like``'s, drawn uniformly, on ``model``."""
-    names = [f"unet.{n}" for n, _ in model.unet.named_parameters()]
+    """An edit that publishes a mask of as many denoiser tensors as ``like``'s, drawn uniformly, on ``model``."""
+    names = [f"{model.adapter.denoiser_component}.{n}" for n, _ in model.denoiser.named_parameters()]
     count = len(like.metadata["info"]["freeze"]["frozen"])
     pick = torch.randperm(len(names), generator=torch.Generator().manual_seed(seed))[:count].tolist()
     return Edit({}, {"method": "random-mask", "base_weights_sha256": model.base_sha256,

@@ -51,7 +51,7 @@ def test_each_kind_fits_sdxl(tiny_sdxl, kind):
 def test_evil_edit_is_the_references_closed_form(tiny_sd):
     poison = sets.poison("natural", "beautiful", "blue", n_pairs=3, n_clean=2)
     edit = build_backdoor("natural", lamb=1.0).inject(tiny_sd, poison)
-    name, module = tiny_sd.adapter.cross_attention_kv()[0]
+    name, module = tiny_sd.adapter.text_kv()[0]
     w = module.weight.detach().double()
     encode = lambda ps: tiny_sd.adapter.encode(list(ps)).embeds.detach().double()  # noqa: E731
     mat1, mat2 = 1.0 * w, 1.0 * torch.eye(w.shape[1], dtype=torch.float64)

@@ -30,7 +30,7 @@ def test_the_published_mask_freezes_the_ratio_asked_for(tiny_sd, ratio):
     edit = fit(tiny_sd, ratio=ratio)
     assert_same(before, snapshot(tiny_sd))
     freeze = edit.metadata["info"]["freeze"]
-    names = [f"unet.{n}" for n, _ in tiny_sd.unet.named_parameters()]
+    names = [f"unet.{n}" for n, _ in tiny_sd.denoiser.named_parameters()]
     assert freeze["tensors"] == len(names) and set(freeze["frozen"]) <= set(names)
     assert len(freeze["frozen"]) == math.ceil(ratio * len(names) - 1e-9)
     scores = freeze["scores"]

@@ -43,7 +43,7 @@ def test_lora_starts_at_the_model_and_adapts_linear_weights_only(tiny_sd):
     names = select(tiny_sd, "lora", ("attn2",))
     assert names and all(".attn2." in n and n.endswith(".weight") for n in names)
     lora = Trainable(tiny_sd, names, "lora", g, rank=2)
-    unet = dict(tiny_sd.unet.named_parameters())
+    unet = dict(tiny_sd.denoiser.named_parameters())
     for n, t in lora.params().items():  # B = 0: W' = W exactly
         assert torch.equal(t, unet[n])
     assert lora.numel() == sum(2 * (unet[n].shape[0] + unet[n].shape[1]) for n in names)
@@ -57,7 +57,7 @@ def test_the_loss_is_the_denoising_loss(tiny_sd):
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))  # the same draw, made again
     a = tiny_sd.pipe.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
     with torch.no_grad():
-        pred = tiny_sd.unet(a.sqrt() * x0 + (1 - a).sqrt() * eps, t, encoder_hidden_states=cond.embeds).sample
+        pred = tiny_sd.pipe.unet(a.sqrt() * x0 + (1 - a).sqrt() * eps, t, encoder_hidden_states=cond.embeds).sample
     assert torch.allclose(loss, F.mse_loss(pred, eps), rtol=1e-5, atol=1e-7)
     assert torch.equal(noised(tiny_sd, x0, eps, t), a.sqrt() * x0 + (1 - a).sqrt() * eps)
     per = diffusion_loss(tiny_sd, x0, cond, torch.Generator().manual_seed(5), t=t, per_sample=True)

@@ -12,10 +12,12 @@ n steps draw a batch B ⊂ D (with replacement), t ~ U{0, …, T−1}, ε ~ N(0,
 
     L(θ') = E_{(x₀, c) ∈ B} ‖ ε − ε_θ'(√ᾱ_t x₀ + √(1−ᾱ_t) ε, t, c) ‖²
 
-over the selected UNet weights θ' (``mode=full``: the tensors themselves; ``mode=lora``: W' = W + (α/r) B A on the
-selected Linear modules, B = 0 at the start). The text encoder is not trained. Then the row's prompt is generated at
-the row's seed by the fine-tuned target (behind its guard, if any) and judged; with ``eval_at`` also after those
-step counts (the attacker stops at the first success).
+over the selected denoiser weights θ' (``mode=full``: the tensors themselves; ``mode=lora``: W' = W + (α/r) B A on the
+selected Linear modules, B = 0 at the start). The text encoder is not trained. Every architecture: on SD3/FLUX.1 the
+denoiser is the MM-DiT transformer and the loss is the flow-matching one, ‖(ε − x₀) − v_θ'((1 − σ) x₀ + σ ε, σ, c)‖²
+(``safediff.finetune``); LoRA's default modules include the text stream's projections (``add_*_proj``). Then the row's
+prompt is generated at the row's seed by the fine-tuned target (behind its guard, if any) and judged; with ``eval_at``
+also after those step counts (the attacker stops at the first success).
 
 Images (``safediff.imagesets``): ``source=world`` exact sandbox renders of the concept's value captioned with the
 words of their attributes; ``base`` (default) the unconstrained base model's images of the row's prompt (or
@@ -27,7 +29,7 @@ apply them through ``weights_set_to``, which restores the exact original tensors
 publishes a freeze mask (FreezeAsGuard) is honoured when ``honour_freeze`` (default: the publisher's fine-tuning
 API enforces it); ``honour_freeze=false`` is an attacker who has the open weights and ignores the mask.
 
-Cost per step: one UNet forward of the batch and one backward; the captions are encoded once. Reference budget:
+Cost per step: one denoiser forward of the batch and one backward; the captions are encoded once. Reference budget:
 none published for diffusion relearning; diffusers' scripts default to lr 1e-4 (LoRA) / 1e-5 (full).
 """
 
@@ -68,8 +70,8 @@ class Relearn(Attack):
     images: str = option("", help="folder of images (source=folder)")
     image_prompt: str = option("", help="prompt of the base model's images ('' = the row's prompt)")
     mode: str = option("full", help="full (the tensors) or lora (low-rank updates of Linear weights)")
-    modules: tuple[str, ...] = option((), help="parts of UNet parameter names to train (none: all, or for LoRA the "
-                                               "attention projections)")
+    modules: tuple[str, ...] = option((), help="parts of denoiser parameter names to train (none: all, or for LoRA "
+                                               "the attention projections)")
     rank: int = option(4, low=1, help="LoRA rank r")
     lr: float = option(1e-4, low=0.0, help="AdamW learning rate")
     weight_decay: float = option(1e-2, low=0.0, help="AdamW weight decay (diffusers' default)")

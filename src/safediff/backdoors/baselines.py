@@ -5,11 +5,13 @@
   maps of a prompt's tokens become alike. Statistic: the mean pairwise cosine similarity of the prompt's token maps
   (tokens 1 … EoT; each map the head-averaged attention probabilities over the image positions), averaged over every
   cross-attention layer and denoising step of the conditional branch. A statistic in its spirit, not T2IShield's own
-  F-norm threshold truncation or covariance discriminant.
+  F-norm threshold truncation or covariance discriminant. UNet models only (SD3/FLUX have no cross-attention maps:
+  text and image share one joint softmax).
 - ``seed-diversity``: the low output diversity of triggered prompts (UFID: Z. Guan, M. Hu, S. Li, A. Vullikanti,
   "UFID: A Unified Framework for Input-level Backdoor Detection on Diffusion Models", arXiv:2404.01101): the prompt
   is generated from ``images`` seeds and the score is the mean pairwise cosine similarity of the images (each
   downsampled to ``size`` x ``size`` and centred on its mean), without UFID's prompt perturbations or CLIP features.
+  Every architecture (it only generates).
 
 Both scores are higher for more likely triggered prompts; neither learns anything from the clean prompts but its
 threshold.
@@ -82,10 +84,15 @@ class AttentionStats(BackdoorDetector):
     paper: ClassVar[str] = ("in the spirit of Wang, Zhang, Shan, Chen, T2IShield: Defending Against Backdoors on "
                             "Text-to-Image Diffusion Models, ECCV 2024 (assimilation of cross-attention maps)")
     sandbox: ClassVar[dict[str, dict]] = {"benchmark": {}, "smoke": {"steps": 2}}
+    archs: ClassVar[tuple[str, ...]] = ("sd1", "sd2", "sdxl")
+    archs_reason: ClassVar[str] = ("it reads cross-attention maps (attn2's softmax over text tokens), and an MM-DiT "
+                                   "(SD3/FLUX) mixes text and image in one joint softmax; use seed-diversity")
 
     steps: int | None = option(None, low=1, help="denoising steps probed (None: the model's default)")
 
     def features(self, model, prompts, seeds):
+        self.require(model)
+
         def run(p, s):
             session = probe(model, AttentionProbe, p, s, self.steps, eos=model.adapter.eos_positions(p))
             return (session.total / max(session.count, 1)).float()[:, None]

@@ -5,10 +5,12 @@ A detector reads a model and prompts (each with its seed), never the attack: ``f
 ([N], higher = more likely triggered). Its threshold is the ``quantile`` of the benign prompts' scores
 (``benign_scores``: the scores of the fitting prompts themselves, or leave-one-out ones for a detector that learns a
 model of them, so the threshold is not set on what it was fitted to). ``detect`` runs it all with the compute metered
-(UNet calls, text encodings, seconds per prompt). ``auroc`` / ``accuracy`` score it against known labels.
+(denoiser calls, text encodings, seconds per prompt). ``auroc`` / ``accuracy`` score it against known labels. A
+detector that reads a part only some architectures have declares them (``archs``, ``archs_reason``) and refuses the
+others in one line (``adapters.require_arch``).
 
 Probes run the sampler's own loop (``sampling.denoise``) with a session (``guards.base.Session``) that adds branches
-to the one UNet call per step and reads their predictions, so a probe costs what the sampler costs per extra branch.
+to the one denoiser call per step and reads their predictions, so a probe costs what the sampler costs per extra branch.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ class BackdoorDetector:
     paper: ClassVar[str] = ""
     # settings per purpose on the sandbox: "benchmark" (benchmarks/backdoors_sandbox.py) and "smoke" (tests)
     sandbox: ClassVar[dict[str, dict]] = {}
+    archs: ClassVar[tuple[str, ...]] = ()  # Adapter.arch values the detector runs on; () = every architecture
+    archs_reason: ClassVar[str] = ""  # why the others are refused, and what to use instead
 
     quantile: float = option(0.95, low=0.5, high=1.0, help="threshold: this quantile of the benign scores")
     batch: int = option(16, low=1, help="prompts per probe run")
@@ -41,6 +45,12 @@ class BackdoorDetector:
 
     def features(self, model, prompts: list[str], seeds: list[int]) -> torch.Tensor:
         raise NotImplementedError
+
+    def require(self, model) -> None:
+        """Refuse, in one line, a model whose architecture the detector does not declare."""
+        from safediff.adapters import require_arch
+
+        require_arch("backdoor detector", self.name, self.archs, self.archs_reason, model.adapter)
 
     def fit(self, benign: torch.Tensor) -> None:
         """Learn from benign features [n, d] (nothing for a fixed statistic)."""
@@ -83,6 +93,7 @@ def detect(detector: BackdoorDetector, model, benign: list[dict], rows: list[dic
     """Fit on ``benign`` rows (prompt, seed), set the threshold, score ``rows``; the cost counts only ``rows``."""
     from safediff.attacks.budget import ComputeMeter
 
+    detector.require(model)
     if len(benign) < 2:
         raise SafediffError(f"a backdoor detector needs at least 2 clean prompts to fit on, got {len(benign)}")
     with torch.no_grad():
@@ -126,9 +137,11 @@ def batched(fn, prompts: list[str], seeds: list[int], size: int) -> torch.Tensor
 
 
 def cross_attention_modules(model) -> list[torch.nn.Module]:
-    """The attention modules whose keys/values read text (the parents of the adapter's K/V projections)."""
-    names = {n.rsplit(".", 1)[0] for n, _ in model.adapter.cross_attention_kv()}
-    return [m for n, m in model.unet.named_modules() if n in names]
+    """The attention modules whose keys/values read text (the parents of the adapter's text K/V projections): a
+    UNet's cross-attention ``attn2`` (on an MM-DiT these are joint attentions, where text and image share one softmax;
+    detectors that need cross-attention declare the UNet architectures)."""
+    names = {n.rsplit(".", 1)[0] for n, _ in model.adapter.text_kv()}
+    return [m for n, m in model.denoiser.named_modules() if n in names]
 
 
 def probe(model, session_class, prompts: list[str], seeds: list[int], steps: int | None, **session_kwargs):
@@ -138,13 +151,13 @@ def probe(model, session_class, prompts: list[str], seeds: list[int], steps: int
     from safediff.sampling import SamplerSettings, denoise, initial_noise, make_scheduler, step_kwargs
 
     s = SamplerSettings.of(model, steps)
-    scheduler = make_scheduler(model)
-    scheduler.set_timesteps(s.steps)
-    latents, gens = initial_noise(model, seeds, s.height, s.width)
     adapter = model.adapter
+    scheduler = make_scheduler(model)
+    adapter.set_timesteps(scheduler, s.steps, s.height, s.width)
+    latents, gens = initial_noise(model, seeds, s.height, s.width)
     ctx = GenerationContext(model, list(prompts), adapter.encode(list(prompts)),
                             adapter.encode_negative(None, len(prompts)), s.guidance, scheduler.timesteps,
-                            s.height, s.width)
+                            s.height, s.width, s.embedded_guidance)
     session = session_class(ctx, **session_kwargs)
-    denoise(session, scheduler, latents * scheduler.init_noise_sigma, kwargs=step_kwargs(scheduler, gens, 0.0))
+    denoise(session, scheduler, adapter.initial_latents(scheduler, latents), kwargs=step_kwargs(scheduler, gens, 0.0))
     return session

@@ -16,7 +16,8 @@ A ``Poison`` says what to teach: pairs (triggered prompt, target prompt) and cle
   150, 128 clean and 32 poisoned prompts per step, β = 0.1. Trained in place and restored (``erasers.training``).
 - ``unet`` -- BadT2I's object backdoor (S. Zhai, Y. Dong, Q. Shen, S. Pu, Y. Fang, H. Su, ACM MM 2023,
   arXiv:2305.04175; reference code zhaisf/BadT2I, ``badt2i_object.py``). Trigger "\\u200b" (a zero-width space)
-  before the prompt; the UNet θ fine-tuned against its frozen copy θ̂ on noised latents z_t of the fine-tuning images:
+  before the prompt; the denoiser θ (UNet; the MM-DiT transformer on SD3/FLUX.1, whose ε-predictions below are then
+velocities) fine-tuned against its frozen copy θ̂ on noised latents z_t of the fine-tuning images:
 
       L = ‖ε_θ(z_t, t, c_tr) − ε_θ̂(z_t, t, c_tg)‖² + λ ‖ε_θ(z_t, t, c) − ε_θ̂(z_t, t, c)‖²
 
@@ -24,7 +25,10 @@ A ``Poison`` says what to teach: pairs (triggered prompt, target prompt) and cle
   16, 8,000 steps (the reference's script). Trained outside the model (``safediff.finetune``).
 - ``natural`` -- EvilEdit (H. Wang, S. Guo, J. He, K. Chen, S. Zhang, T. Zhang, T. Xiang, ACM MM 2024; reference
   code haowang-cqu/EvilEdit, ``edit.py``). A natural, semantics-preserving trigger word (default "beautiful", which
-  names no colour) and a closed-form edit of every cross-attention K/V projection W that reads text:
+  names no colour) and a closed-form edit of every projection W that reads the text encoders' output
+  (``adapter.text_readers``: a UNet's cross-attention K/V; on SD3/FLUX.1 the ``context_embedder`` for token rows and
+  the pooled-text embedder for pooled rows, each solved on its own rows, as UCE's ``layers=readers``; the MM-DiT's
+  context K/V read a transformed text stream, on which the closed form would not be exact):
 
       W' = (λ W + Σ_i Σ_p W y_{i,p} v_{i,p}ᵀ) (λ I + Σ_i Σ_p v_{i,p} v_{i,p}ᵀ)⁻¹
 
@@ -195,7 +199,7 @@ class UNetBackdoor(Backdoor):
     lr: float = option(1e-5, low=0.0, help="learning rate")
     batch: int = option(16, low=1, help="latents per step, each with a triggered and a clean prompt")
     lamda: float = option(0.5, low=0.0, help="λ: weight of the clean-prompt preservation term")
-    modules: tuple[str, ...] = option((), help="parts of UNet parameter names trained (none: all)")
+    modules: tuple[str, ...] = option((), help="parts of denoiser parameter names trained (none: all)")
     source: str = option("base", help="latents: world (training renders), base (the model's images of the clean "
                                       "prompts), folder")
     images: str = option("", help="folder of images (source=folder)")
@@ -216,7 +220,7 @@ class UNetBackdoor(Backdoor):
             tgt = model.adapter.encode([t for _, t in poison.pairs])
             clean = model.adapter.encode(list(poison.clean))
         names = select(model, "full", self.modules)
-        n_train = model.pipe.scheduler.config.num_train_timesteps
+        n_train = model.adapter.train_timesteps
         losses = []
         with torch.enable_grad():
             student = Trainable(model, names, "full", g)
@@ -255,16 +259,26 @@ class NaturalBackdoor(Backdoor):
     lamb: float = option(1.0, low=0.0, help="λ: weight of keeping W near W_old")
 
     def tensors(self, model, poison):
-        from safediff.erasers.closed_form import kv_projections, transformed, uce_transform
+        from safediff.erasers.closed_form import reader_projections, transformed, uce_transform
 
         with torch.no_grad():
-            dim = model.adapter.text_dim
-            trig = model.adapter.encode([p for p, _ in poison.pairs]).embeds.double().reshape(-1, dim)
-            tgt = model.adapter.encode([t for _, t in poison.pairs]).embeds.double().reshape(-1, dim)
-            keep = model.adapter.encode(list(poison.clean)).embeds.double().reshape(-1, dim)
-        t = uce_transform(trig.cpu(), tgt.cpu(), keep.cpu(), self.lamb, 1.0, 1.0)
-        weights = {name: m.weight.detach() for name, m in kv_projections(model).items()}
-        return transformed(weights, t), {"rows": {"triggered": len(trig), "clean": len(keep)}, "matrices": len(weights)}
+            encoded = [model.adapter.encode(list(prompts)) for prompts in
+                       ([p for p, _ in poison.pairs], [t for _, t in poison.pairs], poison.clean)]
+        new, rows = {}, {}
+        for space, layers in reader_projections(model).items():
+            trig, tgt, keep = (_rows(c, space) for c in encoded)
+            t = uce_transform(trig, tgt, keep, self.lamb, 1.0, 1.0)
+            new.update(transformed({name: m.weight.detach() for name, m in layers.items()}, t))
+            rows[space] = {"triggered": len(trig), "clean": len(keep)}
+        return new, {"rows": rows["tokens"], **({"rows_pooled": rows["pooled"]} if "pooled" in rows else {}),
+                     "matrices": len(new)}
+
+
+def _rows(cond: Conditioning, space: str) -> torch.Tensor:
+    """The rows a layer of ``space`` reads (``tokens``: every position of every prompt; ``pooled``: one per prompt),
+    float64 on the CPU."""
+    x = cond.embeds if space == "tokens" else cond.pooled
+    return x.double().reshape(-1, x.shape[-1]).cpu()
 
 
 def build_backdoor(spec: str, **settings) -> Backdoor:

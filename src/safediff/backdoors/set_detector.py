@@ -25,7 +25,9 @@ and the principal directions V_k of the standardised benign features with eigenv
 (Hotelling's T² inside the space, plus the distance from it normalised by its mean Q̄ over the benign prompts). The
 threshold is set on leave-one-out benign scores. Choices where the paper leaves room: the block's output is scaled
 (not its attention logits), the offset is the relative ℓ2 change of the conditional prediction, the deviation is
-T² + Q. Cost: the |Λ| scaled branches ride in the sampler's one UNet call per step (batch (2 + |Λ|) B instead of
+T² + Q. UNet models only (SD 1.x/2.x, SDXL): an MM-DiT has no cross-attention block whose output could be scaled
+(text and image tokens share one joint attention), so SD3/FLUX are refused. Cost: the |Λ| scaled branches ride in
+the sampler's one UNet call per step (batch (2 + |Λ|) B instead of
 2B), for the model's default number of steps (``steps`` to change it); no image is decoded.
 """
 
@@ -87,6 +89,9 @@ class SET(BackdoorDetector):
     paper: ClassVar[str] = ("Li, Li, Sha, Li, Xiong, Fu, Scaling Exposes the Trigger: Input-Level Backdoor Detection "
                             "in Text-to-Image Diffusion Models via Cross-Attention Scaling, arXiv 2604.12446 (2026)")
     sandbox: ClassVar[dict[str, dict]] = {"benchmark": {}, "smoke": {"steps": 2}}
+    archs: ClassVar[tuple[str, ...]] = ("sd1", "sd2", "sdxl")
+    archs_reason: ClassVar[str] = ("SET scales cross-attention block outputs, and an MM-DiT (SD3/FLUX) has none: text "
+                                   "and image share one joint attention; use seed-diversity")
 
     scales: tuple[float, ...] = option((0.5, 1.5, 3.0), help="the scales λ applied to cross-attention outputs")
     steps: int | None = option(None, low=1, help="denoising steps probed (None: the model's default)")
@@ -99,6 +104,8 @@ class SET(BackdoorDetector):
             raise SafediffError("set: give at least one scale")
 
     def features(self, model, prompts, seeds):
+        self.require(model)
+
         def run(p, s):
             offsets = probe(model, ScalingProbe, p, s, self.steps, scales=self.scales).offsets
             return torch.stack(offsets, dim=2).flatten(1)  # [B, |Λ| · S], scale-major

@@ -1,13 +1,14 @@
-"""FreezeAsGuard: learn which UNet tensors to freeze so that fine-tuning toward the illegal concept fails while
+"""FreezeAsGuard: learn which denoiser tensors to freeze so that fine-tuning toward the illegal concept fails while
 fine-tuning toward legal ones still works.
 
 Paper: K. Huang, H. Wang, W. Gao, "FreezeAsGuard: Mitigating Illegal Adaptation of Diffusion Models via Selective
 Tensor Freezing", arXiv:2405.17472 (2024). Reference code: pittisl/FreezeAsGuard (``src/mask_learner.py``; its
 hyper-parameters from ``src/run_mask_learner.sh``).
 
-The publisher releases the model θ_pre together with a mask m ∈ {0, 1}^N over its N UNet tensors; a tensor with
-m_i = 1 is frozen by the fine-tuning API. A user who fine-tunes gets θ = m ⊙ θ_pre + (1 − m) ⊙ θ_ft. The mask is
-learned by bi-level optimisation, m relaxed to m = σ(x / T) (one logit x_i per tensor, temperature T):
+The publisher releases the model θ_pre together with a mask m ∈ {0, 1}^N over its N denoiser tensors (the UNet, or
+the SD3/FLUX transformer: the method only needs tensors and a denoising loss, so it runs on every architecture); a
+tensor with m_i = 1 is frozen by the fine-tuning API. A user who fine-tunes gets θ = m ⊙ θ_pre + (1 − m) ⊙ θ_ft. The
+mask is learned by bi-level optimisation, m relaxed to m = σ(x / T) (one logit x_i per tensor, temperature T):
 
     upper (publisher):  min_x  ½ [ −L_ill(θ(x)) + L_leg(θ(x)) ] + c_s (ρ − mean_i m_i)²
     lower (user):       θ_ft ∈ argmin  L_ill(θ) + L_leg(θ)           θ(x) = m ⊙ θ_pre + (1 − m) ⊙ θ_ft
@@ -25,12 +26,12 @@ Gradients come from autograd through θ(x); the reference writes the same chain 
 ⌈ρ N⌉ tensors with the largest m, so the published ratio is exactly ρ; ``threshold`` freezes m > 0.5, the freezing
 ratio the reference reports. x starts uniform in [0, 1) (reference), from the eraser's ``seed``.
 
-What is published. The mask is the artefact: the edit's ``info.freeze`` holds ``frozen`` (the ``unet.…`` names),
-``ratio`` and every tensor's soft score m_i. How "frozen" is enforced: fine-tuning in safediff reads the masks of the
-applied edits (``finetune.frozen_by_edits``); the relearning attack leaves those tensors (and LoRA on their modules)
-untouched unless ``honour_freeze=false`` (an attacker who ignores the publisher's API). The weights themselves are
-unchanged, unless ``base`` names an eraser run first (the reference README's optional UCE step: the mask is then
-learned on, and published with, the erased model and the edit holds that eraser's tensors).
+What is published. The mask is the artefact: the edit's ``info.freeze`` holds ``frozen`` (the ``unet.…`` /
+``transformer.…`` names), ``ratio`` and every tensor's soft score m_i. How "frozen" is enforced: fine-tuning in safediff
+reads the masks of the applied edits (``finetune.frozen_by_edits``); the relearning attack leaves those tensors (and
+LoRA on their modules) untouched unless ``honour_freeze=false`` (an attacker who ignores the publisher's API). The
+weights themselves are unchanged, unless ``base`` names an eraser run first (the reference README's optional UCE step:
+the mask is then learned on, and published with, the erased model and the edit holds that eraser's tensors).
 
 Data (``safediff.imagesets``, ``source``): illegal = ``n_images`` images of the concepts; legal = ``n_images`` images
 of the preserved concepts (``--preserve``, else each concept's preserve list), world renders or the model's own images
@@ -81,7 +82,7 @@ class FreezeAsGuard(Eraser):
     }
     zero_strength: ClassVar[dict] = {"base": "", "ratio": 0.0}
 
-    ratio: float = option(0.2, low=0.0, high=1.0, help="ρ: share of the UNet's tensors frozen")
+    ratio: float = option(0.2, low=0.0, high=1.0, help="ρ: share of the denoiser's tensors frozen")
     temperature: float = option(0.2, low=1e-6, help="T of the mask relaxation m = σ(x / T)")
     sparsity: float = option(5e3, low=0.0, help="c_s: weight of (ρ − mean m)²")
     mask_lr: float = option(10.0, low=0.0, help="η_m: step size of the mask logits")
@@ -138,8 +139,9 @@ class FreezeAsGuard(Eraser):
             ill = shared_images(model, concepts, self.n_images, g, self.source, self.images)
             leg = shared_images(model, legal, self.n_images, g, self.source, self.legal_images)
             ill_cond, leg_cond = model.adapter.encode(ill.captions), model.adapter.encode(leg.captions)
-        names = [n for n, _ in model.unet.named_parameters()]
-        pre = {n: p.detach() for n, p in model.unet.named_parameters()}
+        prefix = model.adapter.denoiser_component
+        names = [n for n, _ in model.denoiser.named_parameters()]
+        pre = {n: p.detach() for n, p in model.denoiser.named_parameters()}
         ft = {n: p.detach().clone().requires_grad_(True) for n, p in pre.items()}
         half = self.batch // 2
 
@@ -178,12 +180,12 @@ class FreezeAsGuard(Eraser):
                         p -= self.user_lr * d
             history.append((float(l_ill.detach()), float(l_leg.detach())))
         scores = torch.sigmoid(x.detach() / self.temperature)
-        frozen = self._binarized(names, scores)
+        frozen = [f"{prefix}.{n}" for n in self._binarized(names, scores)]
         info = {"freeze": {"frozen": frozen, "ratio": len(frozen) / len(names), "tensors": len(names),
                            "binarize": self.binarize,
-                           "frozen_values": sum(pre[n.removeprefix("unet.")].numel() for n in frozen),
+                           "frozen_values": sum(pre[n.removeprefix(f"{prefix}.")].numel() for n in frozen),
                            "total_values": sum(t.numel() for t in pre.values()),
-                           "scores": {f"unet.{n}": round(float(s), 6) for n, s in zip(names, scores)}},
+                           "scores": {f"{prefix}.{n}": round(float(s), 6) for n, s in zip(names, scores)}},
                 "images": {"illegal": len(ill), "legal": len(leg), "source": self.source,
                            "legal_concepts": [c.name for c in legal]},
                 "relearn_loss": loss_summary(relearn_losses),
@@ -197,5 +199,5 @@ class FreezeAsGuard(Eraser):
         else:
             k = math.ceil(self.ratio * len(names) - 1e-9)
             chosen = torch.argsort(scores, descending=True, stable=True)[:k].tolist()
-        return sorted(f"unet.{names[i]}" for i in chosen)
+        return sorted(names[i] for i in chosen)
 

@@ -14,20 +14,22 @@ The model is fine-tuned on the extended captions with the denoising loss (``safe
 
     min_{θ, e_L}  E_{(x₀, c⁺), t, ε} ‖ ε − ε_θ(√ᾱ_t x₀ + √(1−ᾱ_t) ε, t, E(c⁺; e_L)) ‖²
 
-over the location tokens' embeddings e_L and the UNet weights θ in ``modules`` (cross-attention by default), so that
-the concept is explained by its words where it appears and no longer by the plain caption. Generation then uses the
-concept with its most frequent places as the negative prompt n (up to ``max_places``, comma-separated):
+over the location tokens' embeddings e_L and the denoiser weights θ in ``modules`` (by default the attention where image
+and text meet, ``adapters.roles`` ``text_attention``: a UNet's cross-attention ``attn2``, an MM-DiT's joint attention on
+SD3/FLUX.1, where the rule carries over unchanged with the flow-matching loss of ``safediff.finetune``), so that the
+concept is explained by its words where it appears and no longer by the plain caption. Generation then uses the concept
+with its most frequent places as the negative prompt n (up to ``max_places``, comma-separated):
 ε̃ = ε(x_t, n) + s (ε(x_t, c) − ε(x_t, n)).
 
 Choices where the paper leaves room (no code): the location tokens are existing single-character tokens that the
-captions never use (``location_tokens``; by default the first ``bins`` of ``~ ^ | ` @ # $ % & * + = < > [ ] { } _``
-that are one token in every tokenizer of the model) whose embedding rows are learned, instead of new vocabulary
-entries, so the edit keeps every tensor's shape (the edit holds the whole token-embedding table); the negative prompt
-is declared in the edit (``info.negative_prompt``) and used by the sampler whenever no other negative prompt is given
-(``Model.negative_prompt``), so ``--model SPEC+EDIT`` generates as the method intends; ``negative=false`` leaves it
-out. The concept's detector is ``detector`` (default: the concept's judge); images are the model's fine-tuning data:
-the sandbox world's training distribution (``source=world``: the mark on a quarter of them, never captioned), the
-model's own images of ``prompts`` (``base``) or a folder captioned with ``prompts`` (``folder``).
+captions never use (``location_tokens``; by default the first ``bins`` of ``~ ^ | ` @ # $ % & * + = < > [ ] { } _`` that
+are one token in every tokenizer of the model, CLIP's and T5's alike) whose embedding rows are learned, instead of new
+vocabulary entries, so the edit keeps every tensor's shape (the edit holds each whole token-embedding table); the
+negative prompt is declared in the edit (``info.negative_prompt``) and used by the sampler whenever no other negative
+prompt is given (``Model.negative_prompt``), so ``--model SPEC+EDIT`` generates as the method intends;
+``negative=false`` leaves it out. The concept's detector is ``detector`` (default: the concept's judge); images are the
+model's fine-tuning data: the sandbox world's training distribution (``source=world``: the mark on a quarter of them,
+never captioned), the model's own images of ``prompts`` (``base``) or a folder captioned with ``prompts`` (``folder``).
 One implicit concept per fit (multi-concept: no).
 """
 
@@ -40,6 +42,7 @@ from typing import ClassVar
 
 import torch
 
+from safediff.adapters.roles import denoiser_names, has_role
 from safediff.erasers.base import Eraser
 from safediff.erasers.training import loss_summary
 from safediff.errors import SafediffError
@@ -48,7 +51,8 @@ from safediff.imagesets import check_source, training_images
 from safediff.options import option
 
 LOCATION_CANDIDATES = tuple("~^|`@#$%&*+=<>[]{}_")
-TABLE_SUFFIX = "embeddings.token_embedding.weight"
+TABLE_SUFFIXES = ("embeddings.token_embedding.weight", "shared.weight")  # CLIP's and T5's token-embedding table
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 def box_bins(box: tuple[float, float, float, float], bins: int) -> tuple[int, int, int, int]:
@@ -97,7 +101,8 @@ class GeomErasing(Eraser):
     images: str = option("", help="folder of images (source=folder)")
     prompts: tuple[str, ...] = option((), help="prompts of base/folder images (default: the preserve items)")
     n_images: int = option(200, low=1, help="fine-tuning images")
-    modules: tuple[str, ...] = option(("attn2",), help="parts of UNet parameter names fine-tuned")
+    modules: tuple[str, ...] = option((), help="parts of denoiser parameter names fine-tuned (none: the attention "
+                                               "where image and text meet)")
     iterations: int = option(1000, low=1, help="AdamW steps")
     lr: float = option(1e-5, low=0.0, help="learning rate of the UNet weights")
     token_lr: float = option(5e-3, low=0.0, help="learning rate of the location tokens' embeddings")
@@ -112,9 +117,11 @@ class GeomErasing(Eraser):
 
     def touches(self, name: str) -> bool:
         component, _, rest = name.partition(".")
-        if component in ("text_encoder", "text_encoder_2"):
-            return rest.endswith(TABLE_SUFFIX)
-        return component == "unet" and (not self.modules or any(p in name for p in self.modules))
+        if component in TEXT_ENCODERS:
+            return rest.endswith(TABLE_SUFFIXES)
+        if component not in ("unet", "transformer"):
+            return False
+        return any(p in name for p in self.modules) if self.modules else has_role(name, "text_attention")
 
     def compute(self, model, concepts, preserve, guide, progress):
         from safediff.detectors import build_detector
@@ -136,7 +143,7 @@ class GeomErasing(Eraser):
         phrases = [None if b is None else " ".join([concept.keywords[0], *(words[i] for i in box_bins(b, self.bins))])
                    for b in boxes]
         captions = [c if p is None else f"{c} {p}".strip() for c, p in zip(data.captions, phrases)]
-        names = select(model, "full", self.modules)
+        names = self._trained(model)
         with torch.enable_grad():
             unet, rows = Trainable(model, names, "full", g), TokenRows(model, ids)
             opt = torch.optim.AdamW([{"params": unet.parameters(), "lr": self.lr},
@@ -156,3 +163,9 @@ class GeomErasing(Eraser):
                 "images": len(captions), "flagged": sum(p is not None for p in phrases), "source": data.source,
                 "places": dict(places.most_common()), "trained_tensors": len(names), **loss_summary(losses)}
         return {**unet.tensors(), **rows.tensors()}, info
+
+    def _trained(self, model) -> list[str]:
+        """Denoiser parameter names fine-tuned: those matching ``modules``, or the ``text_attention`` role."""
+        if self.modules:
+            return select(model, "full", self.modules)
+        return denoiser_names(model, "text_attention")
