@@ -40,6 +40,56 @@ def test_each_kind_changes_its_component_only_and_leaves_the_model(tiny_sd, kind
     assert_same(before, snapshot(tiny_sd))
 
 
+DIT_COMPONENT = {"text-encoder": ("text_encoder",), "unet": ("transformer.",),
+                 "natural": ("transformer.context_embedder.", "transformer.time_text_embed.text_embedder.")}
+
+
+@pytest.mark.parametrize("arch", ["tiny_sd3", "tiny_flux"])
+@pytest.mark.parametrize("kind", BACKDOORS.names())
+def test_each_kind_runs_on_sd3_and_flux_and_edits_its_component(request, arch, kind):
+    model = request.getfixturevalue(arch)
+    cls = BACKDOORS.get(kind)
+    poison = sets.poison(kind, cls.default_trigger, "blue", n_pairs=2, n_clean=2)
+    before = snapshot(model)
+    edit = build_backdoor(kind, **cls.sandbox["smoke"]).inject(model, poison)
+    assert_same(before, snapshot(model))
+    assert edit.tensors and all(torch.isfinite(t).all() for t in edit.tensors.values())
+    assert all(n.startswith(DIT_COMPONENT[kind]) for n in edit.tensors)
+
+
+def test_evil_edit_on_a_transformer_maps_triggered_rows_as_the_closed_form(tiny_sd3):
+    """On SD3 the context embedder's new weight solves the least-squares problem over token rows: W' = W T with
+    T = (λI + Σ y vᵀ + Σ c cᵀ)(λI + Σ v vᵀ + Σ c cᵀ)⁻¹, re-computed here from the encodings."""
+    poison = sets.poison("natural", "beautiful", "blue", n_pairs=2, n_clean=2)
+    edit = build_backdoor("natural").inject(tiny_sd3, poison)
+    encode = lambda ps: tiny_sd3.adapter.encode(list(ps)).embeds.detach().double()  # noqa: E731
+    d = tiny_sd3.adapter.text_dim
+    v = encode(p for p, _ in poison.pairs).reshape(-1, d)
+    y = encode(t for _, t in poison.pairs).reshape(-1, d)
+    c = encode(poison.clean).reshape(-1, d)
+    eye = torch.eye(d, dtype=torch.float64)
+    t = (eye + y.T @ v + c.T @ c) @ torch.linalg.inv(eye + v.T @ v + c.T @ c)
+    w = tiny_sd3.denoiser.context_embedder.weight.detach().double()
+    expected = (w @ t).float()
+    assert torch.allclose(edit.tensors["transformer.context_embedder.weight"], expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["set", "attention-stats"])
+def test_cross_attention_detectors_refuse_a_transformer_in_one_line(tiny_flux, name):
+    det = build_backdoor_detector(name, **BACKDOOR_DETECTORS.get(name).sandbox["smoke"])
+    rows = [{"prompt": "a red circle", "seed": 0}, {"prompt": "a blue square", "seed": 1}]
+    with pytest.raises(SafediffError) as err:
+        detect(det, tiny_flux, rows, rows)
+    assert "\n" not in str(err.value) and "seed-diversity" in str(err.value) and "flux" in str(err.value)
+
+
+def test_seed_diversity_scores_prompts_on_sd3(tiny_sd3):
+    det = build_backdoor_detector("seed-diversity", **BACKDOOR_DETECTORS.get("seed-diversity").sandbox["smoke"])
+    rows = [{"prompt": "a red circle", "seed": 0}, {"prompt": "a blue square", "seed": 1}]
+    out = detect(det, tiny_sd3, rows, rows[:1])
+    assert len(out.scores) == 1 and out.cost_per_prompt["unet_forward"] > 0
+
+
 @pytest.mark.parametrize("kind", BACKDOORS.names())
 def test_each_kind_fits_sdxl(tiny_sdxl, kind):
     cls = BACKDOORS.get(kind)

@@ -122,3 +122,24 @@ def test_cli_attack_relearn(monkeypatch, capsys, tmp_path, tiny_folder):
     args[args.index("--method") + 1] = "relearn:source=world,k=1,steps=1,mode=lora,modules=nothing"
     code, err = run_main(monkeypatch, capsys, *args)
     one_line_error(code, err, "match no UNet Linear module")
+
+
+def test_the_loss_on_a_flow_model_is_the_velocity_error_recomputed(tiny_sd3):
+    """SD3: L = mean ‖(ε − x₀) − v_θ((1 − σ) x₀ + σ ε, t, c)‖², σ = t / 1000, with the transformer called directly."""
+    x0 = torch.randn(2, *tiny_sd3.adapter.latent_shape(32, 32), generator=torch.Generator().manual_seed(0))
+    cond = tiny_sd3.adapter.encode(["a red circle", "a blue square"])
+    t = torch.tensor([10, 700])
+    loss = diffusion_loss(tiny_sd3, x0, cond, torch.Generator().manual_seed(5), t=t)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
+    s = (t.float() / 1000).view(-1, 1, 1, 1)
+    with torch.no_grad():
+        pred = tiny_sd3.pipe.transformer((1 - s) * x0 + s * eps, encoder_hidden_states=cond.embeds,
+                                         pooled_projections=cond.pooled, timestep=t).sample
+    assert torch.allclose(loss, F.mse_loss(pred, eps - x0), rtol=1e-5, atol=1e-7)
+
+
+def test_lora_on_a_transformer_adapts_image_and_text_stream_projections(tiny_flux):
+    names = select(tiny_flux, "lora")
+    assert any(".add_k_proj." in n for n in names) and any(".attn.to_q." in n for n in names)
+    trained = Trainable(tiny_flux, names, "lora", torch.Generator().manual_seed(0))
+    assert set(trained.tensors()) == {f"transformer.{n}" for n in names}

@@ -154,11 +154,12 @@ class TokenRows:
         self.ids = [torch.tensor(i, dtype=torch.long) for i in ids]
         self.tables = [self.adapter.token_embedding(k).weight.detach() for k in range(len(encoders))]
         self.rows = [t[i.to(t.device)].clone().requires_grad_(True) for t, i in zip(self.tables, self.ids)]
-        self.names = []
+        self.names = []  # per encoder, every name of its table (T5 ties ``shared`` and ``encoder.embed_tokens``)
         for k, te in enumerate(encoders):
             weight = te.get_input_embeddings().weight
-            name = next(n for n, p in te.named_parameters() if p is weight)
-            self.names.append(f"{'text_encoder' if k == 0 else f'text_encoder_{k + 1}'}.{name}")
+            prefix = "text_encoder" if k == 0 else f"text_encoder_{k + 1}"
+            self.names.append([f"{prefix}.{n}" for n, p in te.named_parameters(remove_duplicate=False)
+                               if p is weight])
 
     def parameters(self) -> list[torch.Tensor]:
         return list(self.rows)
@@ -173,6 +174,8 @@ class TokenRows:
         return self.adapter.encode_token_embeddings(ids, embeds)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Each table with its learned rows (``text_encoder….token_embedding.weight`` names)."""
+        """Each table with its learned rows, under every name it has (``text_encoder….token_embedding.weight``;
+        T5: ``….shared.weight`` and its tied ``….encoder.embed_tokens.weight``)."""
         with torch.no_grad():
-            return {name: self._table(k).detach().clone() for k, name in enumerate(self.names)}
+            tables = [self._table(k).detach() for k in range(len(self.names))]
+            return {name: tables[k].clone() for k, names in enumerate(self.names) for name in names}

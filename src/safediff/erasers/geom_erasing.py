@@ -51,7 +51,8 @@ from safediff.imagesets import check_source, training_images
 from safediff.options import option
 
 LOCATION_CANDIDATES = tuple("~^|`@#$%&*+=<>[]{}_")
-TABLE_SUFFIXES = ("embeddings.token_embedding.weight", "shared.weight")  # CLIP's and T5's token-embedding table
+# the token-embedding table: CLIP's; T5's, whose ``shared.weight`` is tied to ``encoder.embed_tokens.weight``
+TABLE_SUFFIXES = ("embeddings.token_embedding.weight", "shared.weight", "encoder.embed_tokens.weight")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
