@@ -312,9 +312,11 @@ def ui(
 
 
 def _mount_subcommands() -> None:
+    from safediff.backdoors.cli import detect_backdoor
     from safediff.sandbox.cli import app as sandbox_app
 
     app.add_typer(sandbox_app, name="sandbox", help="Train and inspect the sandbox model.")
+    app.command("detect-backdoor")(detect_backdoor)
 
 
 _mount_subcommands()

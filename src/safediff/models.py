@@ -60,6 +60,16 @@ class Model:
     def dtype(self) -> torch.dtype:
         return self.denoiser.dtype
 
+    @property
+    def negative_prompt(self) -> str | None:
+        """The negative prompt the applied edits generate with (the last edit that declares one in its
+        ``info.negative_prompt``, e.g. Geom-Erasing's), or None: the sampler uses it when given none."""
+        for edit in reversed(self.edits):
+            declared = edit.metadata.get("info", {}).get("negative_prompt")
+            if declared:
+                return str(declared)
+        return None
+
     def weight_modules(self) -> list[torch.nn.Module]:
         return [self.denoiser, *self.adapter.text_encoders, self.pipe.vae]
 

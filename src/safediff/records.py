@@ -1,8 +1,8 @@
 """One record layout for every output safediff writes, and one ``provenance()``.
 
 Every JSON record (a generation folder's ``protocol.json``, a bench or attack run's ``protocol.json`` and
-``results.json``, an attack prompt's record, an edit's metadata, the demo's plan and summary, the report's marker)
-is a dict with
+``results.json``, an attack prompt's record, an edit's metadata, the demo's plan and summary, the report's marker, a
+backdoor detection) is a dict with
 
     kind            what it is (``KINDS``)
     schema_version  ``SCHEMA_VERSION``; bumped on any breaking change of a kind's layout
@@ -217,9 +217,26 @@ class DemoSummary(TypedDict):
     provenance: Provenance
 
 
+class BackdoorDetectionRecord(TypedDict):
+    """``detect-backdoor --out FILE``: a score per prompt (``safediff.backdoors``)."""
+
+    kind: str  # "backdoor-detection"
+    schema_version: int
+    model: dict  # Model.protocol(): spec, weights, edits (a suspected backdoor is one)
+    detector: dict  # name, paper, options
+    threshold: float  # the detector's quantile of the clean prompts' scores
+    clean: dict  # file, sha256, n, scores
+    prompts_file: dict  # file, sha256
+    rows: list[dict]  # prompt, seed, score, flagged (and triggered: the label, when given)
+    metrics: dict | None  # accuracy (and auroc) when the prompts are labelled
+    cost_per_prompt: dict  # UNet calls and samples, text encodings, seconds
+    provenance: Provenance
+
+
 KINDS = ("generation", "bench-run", "bench-results", "attack-run", "attack-prompt", "attack-results", "edit",
-         "demo-plan", "demo-summary", "report")
+         "demo-plan", "demo-summary", "report", "backdoor-detection")
 
 SCHEMAS = {"generation": GenerationRecord, "bench-run": BenchRunRecord, "bench-results": BenchResults,
            "attack-run": AttackRunRecord, "attack-prompt": AttackPromptRecord, "attack-results": AttackResults,
-           "demo-plan": DemoPlan, "demo-summary": DemoSummary}  # edits are checked by their digest instead
+           "demo-plan": DemoPlan, "demo-summary": DemoSummary,
+           "backdoor-detection": BackdoorDetectionRecord}  # edits are checked by their digest instead

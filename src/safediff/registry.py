@@ -65,6 +65,8 @@ ERASERS = Registry("eraser", {
     "doco": "safediff.erasers.doco:DoCo",
     "salun": "safediff.erasers.salun:SalUn",
     "des": "safediff.erasers.des:DES",
+    "freezeasguard": "safediff.erasers.freezeasguard:FreezeAsGuard",
+    "geom-erasing": "safediff.erasers.geom_erasing:GeomErasing",
     "speed": "safediff.erasers.speed:SPEED",
     "concept-prune": "safediff.erasers.concept_prune:ConceptPrune",
     "mace": "safediff.erasers.mace:MACE",
@@ -86,6 +88,7 @@ ATTACKS = Registry("attack", {
     "mma-diffusion": "safediff.attacks.mma:MMADiffusion",
     "concept-inversion": "safediff.attacks.concept_inversion:ConceptInversion",
     "concept-arithmetic": "safediff.attacks.concept_arithmetic:ConceptArithmetic",
+    "relearn": "safediff.attacks.relearn:Relearn",
 })
 
 DETECTORS = Registry("detector", {
@@ -98,4 +101,16 @@ DETECTORS = Registry("detector", {
     "sandbox-presence": "safediff.detectors.sandbox:SandboxPresence",
     "sandbox-style": "safediff.detectors.sandbox:SandboxStyle",
     "sandbox-mark": "safediff.detectors.sandbox:SandboxMark",
+})
+
+BACKDOORS = Registry("backdoor", {
+    "text-encoder": "safediff.backdoors.inject:TextEncoderBackdoor",
+    "unet": "safediff.backdoors.inject:UNetBackdoor",
+    "natural": "safediff.backdoors.inject:NaturalBackdoor",
+})
+
+BACKDOOR_DETECTORS = Registry("backdoor detector", {
+    "set": "safediff.backdoors.set_detector:SET",
+    "attention-stats": "safediff.backdoors.baselines:AttentionStats",
+    "seed-diversity": "safediff.backdoors.baselines:SeedDiversity",
 })

@@ -295,7 +295,8 @@ def generate(model, prompts: list[str], seeds: list[int], *, steps: int | None =
              scheduler: str | None = None, eta: float = 0.0, batch_size: int | None = None,
              conditioning: Conditioning | None = None, progress: bool = True,
              embedded_guidance: float | None = None) -> GenerationOutput:
-    """Generate one image per (prompt, seed). Defaults (steps, guidance, size) come from the model. With
+    """Generate one image per (prompt, seed). Defaults (steps, guidance, size, and the negative prompt an applied edit
+    declares, ``Model.negative_prompt``) come from the model. With
     ``conditioning`` [N, ...] given, it replaces the prompts' encoding (``prompts`` then only label the images and
     are what a guard reads as text)."""
     if len(prompts) != len(seeds):
@@ -306,6 +307,8 @@ def generate(model, prompts: list[str], seeds: list[int], *, steps: int | None =
         raise SafediffError(f"got conditioning for {len(conditioning)} images but {len(prompts)} prompts")
     s = SamplerSettings.of(model, steps, guidance, height, width, scheduler, eta, embedded_guidance)
     guard = guard or NoGuard()
+    if negative_prompt is None:
+        negative_prompt = model.negative_prompt
     if isinstance(negative_prompt, str):
         negative_prompt = [negative_prompt] * len(prompts)
     bs = batch_size or len(prompts)

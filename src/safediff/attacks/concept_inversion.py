@@ -39,13 +39,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from safediff.attacks.base import Attack
 from safediff.attacks.budget import add_costs
@@ -54,10 +51,9 @@ from safediff.attacks.concept_pairs import names
 from safediff.attacks.objectives import image_latents, noised, training_target
 from safediff.attacks.token_sequences import padded_ids
 from safediff.errors import SafediffError
+from safediff.imagesets import folder_images
 from safediff.options import option
 from safediff.adapters import Conditioning
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def placeholder_template(prompt: str, words: list[str]) -> str:
@@ -97,17 +93,6 @@ def placeholder_conditioning(adapter, templates: list[str], slot_ids: list[int],
         ids_all.append(torch.stack([s[0] for s in seqs]))
         embeds.append(torch.stack([s[1] for s in seqs]))
     return adapter.encode_token_embeddings(ids_all, embeds)
-
-
-def folder_images(folder: str, height: int, width: int) -> torch.Tensor:
-    """Images in ``folder`` -> [N, 3, H, W] in [0, 1], resized to the target's size."""
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) \
-        if Path(folder).is_dir() else []
-    if not files:
-        raise SafediffError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in '{folder}'; give a folder of concept images")
-    arrays = [np.asarray(Image.open(p).convert("RGB").resize((width, height), Image.BICUBIC), dtype=np.float32)
-              for p in files]
-    return torch.from_numpy(np.stack(arrays) / 255.0).permute(0, 3, 1, 2).float()
 
 
 def textual_inversion_tensors(vectors: list[torch.Tensor], names: tuple[str, ...], placeholder: str

@@ -80,6 +80,11 @@ class Detector:
         idx = [self.labels.index(label) for label in self.flag_labels]
         return (scores[:, idx] >= self.threshold).any(dim=1)
 
+    def locate(self, images: Sequence[Image.Image] | torch.Tensor) -> list[tuple[float, float, float, float] | None]:
+        """Per image, the box (x0, y0, x1, y1 as fractions of the width and height) of what the detector flags, None
+        where it flags nothing. A detector that only classifies flags the whole image (the default)."""
+        return [(0.0, 0.0, 1.0, 1.0) if f else None for f in self.verdict(images).tolist()]
+
     def weights_sha256(self) -> str | None:
         return None
 

@@ -200,3 +200,9 @@ class SandboxMark(_Sandbox):
 
     def scores(self, images: Images) -> torch.Tensor:
         return mark_scores(prepare(images))[:, None]
+
+    def locate(self, images: Images) -> list[tuple[float, float, float, float] | None]:
+        """The glyph's box where the mark is flagged (it is only ever looked for there)."""
+        r, c = MARK_ORIGIN
+        box = (c / IMAGE_SIZE, r / IMAGE_SIZE, (c + MARK.shape[1]) / IMAGE_SIZE, (r + MARK.shape[0]) / IMAGE_SIZE)
+        return [box if f else None for f in self.verdict(images).tolist()]

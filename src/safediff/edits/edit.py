@@ -48,6 +48,18 @@ def resolve_parameter(model, name: str) -> torch.nn.Parameter:
                             "(edit made for another architecture?)") from None
 
 
+def changed_tensors(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The entries of ``tensors`` (cast to the model's dtype for each) that differ from ``model``'s current values:
+    what an edit of them must hold."""
+    out = {}
+    for name, t in tensors.items():
+        current = resolve_parameter(model, name)
+        t = t.to(dtype=current.dtype)
+        if not torch.equal(t.to(current.device), current.detach()):
+            out[name] = t
+    return out
+
+
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 over (name, dtype, shape, bytes) of every tensor, by name: the identity of an edit's content."""
     return tensors_sha256((name, tensors[name]) for name in sorted(tensors))

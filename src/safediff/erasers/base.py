@@ -65,7 +65,7 @@ class Eraser:
         unconditional). The model is not modified.
         """
         from safediff.adapters import require_arch
-        from safediff.edits import Edit, resolve_parameter
+        from safediff.edits import Edit, changed_tensors
 
         require_arch("eraser", self.name, self.archs, self.archs_reason, model.adapter)
         concepts = list(concepts)
@@ -77,12 +77,7 @@ class Eraser:
         with torch.no_grad():
             tensors, info = self.compute(model, concepts, preserve, guide, progress)
         seconds = time.perf_counter() - start
-        changed = {}
-        for name, t in tensors.items():
-            current = resolve_parameter(model, name)
-            t = t.to(dtype=current.dtype)
-            if not torch.equal(t.to(current.device), current.detach()):
-                changed[name] = t
+        changed = changed_tensors(model, tensors)
         metadata = {
             "method": self.name,
             "paper": self.paper,

@@ -1,0 +1,160 @@
+"""Relearning on the sandbox: for every registered eraser, the concept's rate (ASR) after n fine-tuning steps on k
+images of the concept, and the compute spent (UnUnlearning: erasure does not stop relearning).
+
+Protocol (concept ``red`` by default; the model at its sampler defaults). Each registered eraser (aliases once;
+``geom-erasing`` left out: it removes an implicit concept, the mark, not a colour) is fitted with its class's
+``sandbox["benchmark"]`` settings (RECE with the sandbox validator; FreezeAsGuard's legal concepts are red's preserve
+list, and the mask it publishes is honoured by the attack) and cached in ``OUT.edits/``; ``none`` is the undefended
+model. Prompts: the first ``--prompts`` target-word rows of ``safediff.sandbox.benchmarks.erasure_set(concept)``
+("the red circle", ...), each with its own seed. Attack: ``relearn`` at its ``sandbox["benchmark"]`` settings (world
+renders of the concept, full fine-tuning of the UNet, AdamW lr 1e-4, batch 4) with k images, ``steps = max(ns)`` and
+the prompt judged after each n (``eval_at``); judge ``sandbox-colour`` flagging the concept at 0.5. One attack RUN
+folder per (eraser, k) under ``OUT.runs/`` (``safediff.attacks.runner``: resumable per prompt); the curve is read from
+its ``attack-prompt`` records by ``safediff.attacks.relearn.relearning_curve``: ASR(k, n) = (prompts whose
+unmodified prompt already shows the concept + prompts brought back at a judged step ≤ n) / N, and the compute per
+attacked prompt up to n (fine-tuning steps = UNet forward+backward of a batch; judged generations). OUT (JSON,
+written atomically after every cell; cells of an earlier call with the same protocol are kept) and OUT.md (table).
+
+    HF_HUB_OFFLINE=1 python benchmarks/relearn_sandbox.py --out benchmarks/results/relearn_sandbox.json
+    HF_HUB_OFFLINE=1 python benchmarks/relearn_sandbox.py --erasers none,uce,esd-x --prompts 2   # a small run
+    python benchmarks/relearn_sandbox.py --quick --model TINY_FOLDER --out /tmp/r.json           # plumbing only
+
+``--quick``: the smoke settings of every fit and of the attack, k = 1, n ∈ {1, 2}, one prompt, 2 sampler steps,
+erasers ``none,uce``: seconds on a tiny random pipeline folder; the numbers mean nothing.
+
+Runtime (timed on a random model of the v2 sandbox architecture, 7.0 M-parameter UNet at 16x16 latents, 1 torch
+thread on the shared 2-core machine under load): a full fine-tuning step of batch 4 takes 0.78 s wall, a 25-step
+generation 4.4 s. A prompt never brought back costs 200 steps + 3 judged generations ≈ 170 s; one (eraser, k) cell
+with 4 prompts at most ≈ 11 min; the full table (8 rows x 3 k) at most ≈ 4.5 h, typically far less (a relearned
+prompt stops at its first successful checkpoint, and prompts the eraser leaves intact are not attacked), plus the fits
+(FreezeAsGuard ≈ 10 min, ESD/TRCE a few minutes each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from safediff.attacks.budget import Budget
+from safediff.attacks.judge import build_judge
+from safediff.attacks.relearn import relearning_curve
+from safediff.attacks.runner import build_attack, run_attack
+from safediff.attacks.target import Target
+from safediff.concepts import resolve
+from safediff.erasers import build_eraser
+from safediff.models import load_pipeline
+from safediff.options import parse_options
+from safediff.records import git_hash, versions
+from safediff.registry import ATTACKS, ERASERS
+from safediff.sandbox.benchmarks import erasure_set
+from safediff.sandbox.validation import eraser_settings
+from safediff.storage import write_bytes_atomic, write_json_atomic
+
+NOT_FOR_A_COLOUR = ("geom-erasing",)  # erases the unprompted mark, not a prompted concept
+QUICK = {"erasers": "none,uce", "ks": "1", "ns": "1,2", "prompts": 1, "steps": 2}
+
+
+def fitted(model_spec: str, eraser: str, concept: str, tier: str, edits: Path) -> Path:
+    """The eraser's edit at its ``tier`` settings (benchmark, or smoke for --quick), fitted once and cached."""
+    path = edits / f"{eraser}-{concept}-{tier}.safetensors"
+    if not path.is_file():
+        model = load_pipeline(model_spec)
+        concepts = resolve(concept)
+        start = time.monotonic()
+        edit = build_eraser(eraser, **eraser_settings(ERASERS.get(eraser), tier, concepts)).fit(
+            model, concepts, progress=tier == "benchmark")
+        edits.mkdir(parents=True, exist_ok=True)
+        edit.save(path)
+        print(f"fitted {eraser} in {time.monotonic() - start:.0f} s -> {path}", flush=True)
+    return path
+
+
+def relearn_attack(tier: str, k: int, ns: list[int]):
+    """``relearn`` at its sandbox ``tier`` settings with k images, max(ns) steps, judged after each n."""
+    options = {**parse_options(ATTACKS.get("relearn").sandbox[tier]["params"], "relearn"), "k": str(k),
+               "steps": str(ns[-1]), "eval_at": ";".join(str(n) for n in ns[:-1])}
+    return build_attack("relearn:" + ",".join(f"{key}={v}" for key, v in options.items() if v))
+
+
+def markdown(results: dict, ks: list[int], ns: list[int]) -> str:
+    head = " | ".join(f"k={k} n={n}" for k in ks for n in ns)
+    lines = [f"| eraser | Pre-ASR | {head} | UNet fwd + bwd per attacked prompt (k={ks[-1]}, n={ns[-1]}) |",
+             "|" + "---|" * (3 + len(ks) * len(ns))]
+    for eraser, cells in results.items():
+        pre = next(iter(cells.values()))["pre_asr"]
+        asr = " | ".join(f"{cells[str(k)]['curve'][str(n)]['asr']:.2f}" if str(k) in cells else "–"
+                         for k in ks for n in ns)
+        cost = cells.get(str(ks[-1]), {}).get("curve", {}).get(str(ns[-1]), {}).get("per_attacked_prompt")
+        shown = f"{cost['unet_forward']:.0f} + {cost['unet_backward']:.0f}" if cost else "–"
+        lines.append(f"| {eraser} | {pre:.2f} | {asr} | {shown} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="sandbox")
+    ap.add_argument("--concept", default="red")
+    ap.add_argument("--erasers", default=None, help="comma-separated; 'none' = undefended (default: every eraser)")
+    ap.add_argument("--ks", default=None, help="images k (default 1,4,16)")
+    ap.add_argument("--ns", default=None, help="fine-tuning steps n judged (default 10,50,200)")
+    ap.add_argument("--prompts", type=int, default=None, help="target-word prompts (default 4)")
+    ap.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
+    ap.add_argument("--quick", action="store_true", help="plumbing check: smoke settings, tiny sizes")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="benchmarks/results/relearn_sandbox.json")
+    a = ap.parse_args(argv)
+    every = ",".join(["none", *(e for e in ERASERS.primary_names() if e not in NOT_FOR_A_COLOUR)])
+    full = {"erasers": every, "ks": "1,4,16", "ns": "10,50,200", "prompts": 4, "steps": None}
+    for key, value in (QUICK if a.quick else full).items():
+        if getattr(a, key) is None:
+            setattr(a, key, value)
+    return a
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = parse(argv)
+    torch.set_num_threads(a.threads)
+    tier = "smoke" if a.quick else "benchmark"
+    ks, ns = [int(x) for x in a.ks.split(",")], sorted(int(x) for x in a.ns.split(","))
+    out = Path(a.out)
+    concepts = resolve(a.concept)
+    rows = [{"prompt": r["prompt"], "seed": r["seed"]} for r in erasure_set(a.concept, a.prompts)
+            if r["kind"] == "target-word"][:a.prompts]
+    judge = build_judge("sandbox-colour", a.concept)
+    plain = load_pipeline(a.model)
+    report = json.loads(out.read_text()) if out.is_file() else {}
+    protocol = {"model": a.model, "concept": a.concept, "prompts": rows, "ks": ks, "ns": ns, "tier": tier,
+                "sampler_steps": a.steps, "attack": relearn_attack(tier, ks[0], ns).config(),
+                "judge": judge.protocol()}
+    protocol = json.loads(json.dumps(protocol, default=str))  # as stored, to compare with the stored one
+    if report.get("protocol") != protocol:
+        report = {"protocol": protocol, "results": {}}
+    report.update({"versions": versions(), "git": git_hash(), "torch_threads": a.threads})
+    for eraser in a.erasers.split(","):
+        edit = None if eraser == "none" else fitted(a.model, eraser, a.concept, tier, out.with_suffix(".edits"))
+        spec = a.model if edit is None else f"{a.model}+{edit}"
+        target = Target(model=load_pipeline(spec), concepts=concepts, spec=spec, steps=a.steps,
+                        reference_model=None if edit is None else plain)
+        for k in ks:
+            start = time.monotonic()
+            res = run_attack(target, relearn_attack(tier, k, ns), judge, rows, Budget(iterations=ns[-1]), 0,
+                             out.with_suffix(".runs") / eraser / f"k{k}", progress=False)
+            cell = {"pre_asr": res["pre_asr"], "asr": res["asr"], "curve": relearning_curve(res["records"], ns),
+                    "compute_total": res["compute_total"], "pre_compute_total": res["pre_compute_total"],
+                    "wall_seconds_this_call": round(time.monotonic() - start, 1), "target": spec}
+            report["results"].setdefault(eraser, {})[str(k)] = cell
+            write_json_atomic(out, report)
+            print(f"{eraser:14s} k={k:<3d} " + "  ".join(f"n={n}: {cell['curve'][str(n)]['asr']:.2f}" for n in ns),
+                  flush=True)
+    table = markdown(report["results"], ks, ns)
+    write_bytes_atomic(out.with_suffix(".md"), table.encode())
+    print(table)
+    return report
+
+
+if __name__ == "__main__":
+    main()
