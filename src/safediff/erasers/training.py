@@ -225,13 +225,14 @@ def draw_partial(model, scheduler, steps: int, generator: torch.Generator, cond,
     """(sampling step i, training timestep t, x_t): i uniform in [0, steps), t uniform in i's bin (``timestep_bin``),
     and x_t the latents after i steps of ``scheduler`` (``sampling.trajectory_scheduler``: DDIM with η = 0 on a UNet,
     the flow-matching Euler on SD3/FLUX) with classifier-free guidance ``guidance`` on ``cond``, from Gaussian noise;
-    every random number from ``generator``, in that order. ``params`` replaces denoiser parameters while sampling."""
+    every random number from ``generator``, in that order; one x_t per row of ``cond`` (``uncond`` has as many rows),
+    all at step i. ``params`` replaces denoiser parameters while sampling."""
     from safediff.sampling import cfg_session, denoise, latent_shape, step_kwargs
 
     step = int(torch.randint(steps, (1,), generator=generator))
     lo, hi = timestep_bin(scheduler, step)
     t = int(torch.randint(lo, hi, (1,), generator=generator))
-    noise = torch.randn((1, *latent_shape(model, height, width)), generator=generator, dtype=model.dtype)
+    noise = torch.randn((len(cond), *latent_shape(model, height, width)), generator=generator, dtype=model.dtype)
     noise = noise.to(model.device)
     session = cfg_session(model, cond, uncond, guidance, scheduler, height, width)
     x = denoise(session, scheduler, model.adapter.initial_latents(scheduler, noise), n_steps=step,

@@ -3,7 +3,8 @@
 Update rule (paper Eq. 7, with the reference code's λ term and scales), for every projection ``W`` that reads text
 (UNet: the cross-attention keys/values ``attn2.to_k``/``to_v``; SDXL: both encoders' embeddings concatenated):
 
-    W = (λ W_old + s_e Σ_{i∈E} v_i* c_iᵀ + s_p Σ_{j∈P} W_old c_j c_jᵀ) (λ I + s_e Σ_{i∈E} c_i c_iᵀ + s_p Σ_{j∈P} c_j c_jᵀ)⁻¹
+    W = (λ W_old + s_e Σ_{i∈E} v_i* c_iᵀ + s_p Σ_{j∈P} W_old c_j c_jᵀ)
+        · (λ I + s_e Σ_{i∈E} c_i c_iᵀ + s_p Σ_{j∈P} c_j c_jᵀ)⁻¹
 
 ``c_i``: text-embedding rows of the erase prompts; ``v_i* = W_old c_i^guide`` (technique "replace"), the guide's row
 paired with ``c_i``; ``P``: rows of the preserved prompts, the empty prompt always among them. Solved in float64
