@@ -255,6 +255,11 @@ def format_table(rows: list[dict], attack: dict | None) -> str:
     return "\n".join(lines)
 
 
+def _setting(value) -> str:
+    """A fit setting as the intro shows it: numbers compactly (``1e-05``), anything else as written."""
+    return f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+
 def intro_html(size: DemoSize, rows: list[dict], attack: dict) -> str:
     """The report's head: what was run and the summary table."""
     import html
@@ -266,7 +271,7 @@ def intro_html(size: DemoSize, rows: list[dict], attack: dict) -> str:
     body = "".join(f"<tr><td>{html.escape(r['method'])}</td><td>{html.escape(r['benchmark'])}</td>"
                    + "".join(f"<td>{_pct(r[k])}</td>" for k, *_ in COLUMNS) + f"<td>{r['images']}</td></tr>"
                    for r in rows)
-    fits = "; ".join(f"{name}: {', '.join(f'{k} {v:g}' for k, v in sets.items())}" for name, sets in
+    fits = "; ".join(f"{name}: {', '.join(f'{k} {_setting(v)}' for k, v in sets.items())}" for name, sets in
                      ((n, {k: v for k, v in eraser_settings(n, size).items() if not callable(v)})
                       for n in registered_erasers()) if sets)
     multi_harmful = SPECS["sandbox-multi"].concept.replace(",", ", ")
