@@ -71,6 +71,7 @@ ERASERS = Registry("eraser", {
     "concept-prune": "safediff.erasers.concept_prune:ConceptPrune",
     "mace": "safediff.erasers.mace:MACE",
     "realera": "safediff.erasers.realera:RealEra",
+    "erase-anything": "safediff.erasers.erase_anything:EraseAnything",
     "spm": "safediff.erasers.spm:SPM",
     "concept-ablation": "safediff.erasers.concept_ablation:ConceptAblation",
     "forget-me-not": "safediff.erasers.forget_me_not:ForgetMeNot",
