@@ -14,7 +14,8 @@ and after the edit, and read by the exact sandbox detectors (``safediff.detector
 - floor (base row, "word removed"): the concept's rate on the target-word prompts with the word deleted, same seeds:
   the model's own rate when the prompt leaves the attribute open, i.e. what mapping the word to the guide "" can reach.
 
-Methods: every name in ``ERASERS`` (aliases of one class run once) with its class's ``sandbox["benchmark"]`` settings
+Methods: every name in ``ERASERS`` that runs on the sandbox's SD-1 UNet (``sandbox_erasers``; aliases of one class
+run once) with its class's ``sandbox["benchmark"]`` settings
 (the papers' iteration counts are for SD 1.4 with an 860M-parameter UNet on a GPU; the sandbox UNet has 4.3M and
 each fit gets a few CPU minutes; x_t and TRCE's trajectories are sampled with 10 DDIM steps; RECE validates with the
 exact sandbox validator),
@@ -50,7 +51,7 @@ from safediff.models import load_pipeline
 from safediff.records import git_hash, versions
 from safediff.storage import write_json_atomic
 from safediff.registry import ERASERS
-from safediff.sandbox.validation import eraser_settings
+from safediff.sandbox.validation import eraser_settings, sandbox_erasers
 from safediff.sampling import generate
 from safediff.sandbox.benchmarks import erasure_set
 from safediff.sandbox.world import COLOURS, SYNONYMS
@@ -68,8 +69,8 @@ KINDS = ("target-word", "target-synonym", "target-heldout-template")
 
 
 def method_names() -> list[str]:
-    """Registered erasers (aliases left out), then the labelled variants."""
-    return ERASERS.primary_names() + list(VARIANTS)
+    """Registered erasers that run on the sandbox (aliases left out), then the labelled variants."""
+    return sandbox_erasers() + list(VARIANTS)
 
 
 def settings_for(label: str, concept: str) -> tuple[str, dict]:
@@ -202,7 +203,7 @@ def main() -> None:
                                    "sampler": model.defaults, "torch_threads": torch.get_num_threads(),
                                    "device": "cpu", "versions": versions(), "git": git_hash(),
                                    "sandbox_settings": {n: ERASERS.get(n).sandbox.get("benchmark", {})
-                                                        for n in ERASERS.primary_names()},
+                                                        for n in sandbox_erasers()},
                                    "variants": {k: [v[0], {kk: str(vv) for kk, vv in v[1].items()}]
                                                 for k, v in VARIANTS.items()}},
                       "results": results}

@@ -95,10 +95,12 @@ class Stage:
 
 
 def registered_erasers() -> dict[str, tuple[str, ...]]:
-    """Each registered eraser's name -> its aliases (an alias runs once, under the name)."""
+    """Each registered eraser that runs on the sandbox's architecture: name -> its aliases (an alias runs once, under
+    the name)."""
     from safediff.registry import ERASERS
+    from safediff.sandbox.validation import sandbox_erasers
 
-    return {name: ERASERS.aliases_of(name) for name in ERASERS.primary_names()}
+    return {name: ERASERS.aliases_of(name) for name in sandbox_erasers()}
 
 
 def eraser_settings(name: str, size: DemoSize) -> dict:

@@ -46,6 +46,17 @@ def sandbox_validator(concepts: list[Concept], images_per_prompt: int = 2) -> Ca
     return validate
 
 
+SANDBOX_ARCH = "sd1"  # the sandbox model is an SD-1-format UNet
+
+
+def sandbox_erasers() -> list[str]:
+    """Registered erasers (aliases left out) that run on the sandbox's architecture; the others (``archs`` without
+    it, e.g. EraseAnything, which needs MM-DiT joint attention) are left out of the demo and the sandbox benchmarks."""
+    from safediff.registry import ERASERS
+
+    return [n for n in ERASERS.primary_names() if not ERASERS.get(n).archs or SANDBOX_ARCH in ERASERS.get(n).archs]
+
+
 def eraser_settings(cls, purpose: str | None, concepts: list[Concept]) -> dict:
     """An eraser class's settings on the sandbox for ``purpose`` (its ``sandbox`` table: benchmark, demo, smoke;
     None: its defaults), plus the sandbox validator when the eraser takes one (RECE) and the exact mask provider
