@@ -44,7 +44,9 @@ def test_quick_demo_reports_every_guard_and_eraser(tmp_path):
     for m in (re.fullmatch(r"eraser (\S+)(?: \(= (.+)\))?", x) for x in labels):
         if m:
             erasers |= {m.group(1), *(m.group(2).split(", ") if m.group(2) else [])}
-    assert erasers == set(ERASERS.names())  # aliases (esd = esd-u) run once, under one label
+    # aliases (esd = esd-u) run once, under one label; erasers that refuse the sandbox's SD-1 UNet are left out
+    on_sandbox = {n for n in ERASERS.names() if not ERASERS.get(n).archs or "sd1" in ERASERS.get(n).archs}
+    assert erasers == on_sandbox and "erase-anything" not in erasers
     for label in labels:
         assert label in page and label in r.stdout
     assert "Attacks" in page and "ring-a-bell" in page
