@@ -10,7 +10,7 @@ from safediff.attacks.search import SoftPrompt
 from safediff.concepts import resolve
 from safediff.erasers.advunlearn import AdvUnlearn, AdvUnlearnRun
 from safediff.erasers.modules import all_weights, group_parameters
-from safediff.erasers.training import cycled, trainable
+from safediff.erasers.training import cycled, draw_partial, trainable
 from safediff.errors import SafediffError
 from safediff.sampling import denoiser_output
 
@@ -43,15 +43,15 @@ def test_warm_up_loss_is_esd_plus_gamma_retain(tiny_sd):
     g = torch.Generator()
     g.set_state(state)
     k = int(torch.randint(len(run.prompts), (1,), generator=g))
-    step, t_value = run.sampler.point(g)
-    t = torch.tensor([t_value])
     r = cycled(eraser.seed, len(run.retain), 0, eraser.retain_batch)
     adapter = tiny_sd.adapter
     with torch.no_grad():
         c = adapter.encode([run.prompts[k]])
         rr = adapter.encode([run.retain[i] for i in r])
         cond = Conditioning.cat([c, rr])
-        x = run.sampler.sample(cond, Conditioning.cat([run.uncond] * len(cond)), 3.0, step, g)
+        _, t_value, x = draw_partial(tiny_sd, run.scheduler, run.steps, g, cond,
+                                     Conditioning.cat([run.uncond] * len(cond)), 3.0, run.height, run.width)
+        t = torch.tensor([t_value])
         e = denoiser_output(tiny_sd, torch.cat([x[:1], x[:1], x]), t,
                             Conditioning.cat([run.uncond, c, c, rr]))
         e_0, e_p, pred = e[:1], e[1:2], e[2:]

@@ -10,7 +10,7 @@ from safediff.adapters import Conditioning
 from safediff.concepts import resolve
 from safediff.erasers.modules import all_weights, denoiser_names, group_parameters
 from safediff.erasers.stereo import STEREO, StereoRun
-from safediff.erasers.training import cycled, trainable
+from safediff.erasers.training import cycled, draw_partial, trainable
 from safediff.errors import SafediffError
 from safediff.sampling import denoiser_output
 
@@ -32,11 +32,10 @@ def test_stage_two_target_is_the_compositional_formula(tiny_sd):
     g = torch.Generator()
     g.set_state(state)
     item, anchor = cycled(4, len(targets), 5, 1)[0], cycled(5, len(run.anchors), 5, 1)[0]
-    s, t_value = run.sampler.point(g)
-    t = torch.tensor([t_value])
     with torch.no_grad():
         c = targets[item:item + 1]
-        x = run.sampler.sample(c, run.uncond, 3.0, s, g)
+        _, t_value, x = draw_partial(tiny_sd, run.scheduler, run.steps, g, c, run.uncond, 3.0, run.height, run.width)
+        t = torch.tensor([t_value])
         e_0 = denoiser_output(tiny_sd, x, t, run.uncond)
         e_a = denoiser_output(tiny_sd, x, t, tiny_sd.adapter.encode([run.anchors[anchor]]))
         e_neg = [denoiser_output(tiny_sd, x, t, targets[j:j + 1]) for j in range(len(targets))]
