@@ -48,10 +48,10 @@ from safediff.attacks.base import Attack
 from safediff.attacks.budget import add_costs
 from safediff.attacks.context import AttackContext, Found
 from safediff.attacks.concept_pairs import names
-from safediff.attacks.objectives import image_latents, noised, training_target
+from safediff.attacks.objectives import noised, training_target
 from safediff.attacks.token_sequences import padded_ids
 from safediff.errors import SafediffError
-from safediff.imagesets import folder_images
+from safediff.imagesets import folder_images, image_latents
 from safediff.options import option
 from safediff.adapters import Conditioning
 

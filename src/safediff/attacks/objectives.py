@@ -57,14 +57,6 @@ def embedding_distance(cond: Conditioning, goal: Conditioning) -> torch.Tensor:
     return d
 
 
-def image_latents(model: Model, pixels: torch.Tensor) -> torch.Tensor:
-    """VAE posterior mean of images in [0, 1] ([B,3,H,W]), scaled as the denoiser reads latents."""
-    vae = model.vae
-    with torch.no_grad():
-        z = vae.encode((pixels * 2 - 1).to(vae.device, vae.dtype)).latent_dist.mean
-    return model.adapter.from_vae(z)
-
-
 def uniform_timesteps(n: int, total: int = 1000) -> list[int]:
     """UnlearnDiffAtk's schedule: n timesteps spaced total//n apart from total//n//2 (50 -> 10, 30, ..., 990)."""
     if n <= 0 or n > total:
@@ -80,6 +72,7 @@ def target_image_latents(ctx) -> tuple[torch.Tensor, dict]:
     from PIL import Image
 
     from safediff.detectors.base import images_to_tensor
+    from safediff.imagesets import image_latents
 
     target = ctx.target
     with ctx.unmetered("target_image"), torch.no_grad():

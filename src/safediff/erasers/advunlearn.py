@@ -13,8 +13,8 @@ x_t (and x_t^r) come from partial DDIM sampling of the frozen model under guidan
 (``training.draw_partial``); δ is k soft word embeddings prefixed to the concept's prompt (``SoftPrefix``).
 The lower level is the paper's fast attack: δ from a random vocabulary token's embedding, then one signed gradient
 step δ ← δ − α sign(∇_δ ℓ_atk) (FGSM; ``attacks.search.SoftPrompt``), with ℓ_atk UnlearnDiffAtk's objective, the
-denoising error on images of the concept (``attacks.objectives.noised``/``training_target``; images drawn by the
-given model at setup, ``erasers.data``). Options give the reference code's attack instead: ``attack_update="adam"``,
+denoising error on images of the concept (``adapter.noised``/``training_target``; images drawn by the given model
+at setup, ``imagesets.generated_images``). Options give the reference code's attack instead: ``attack_update="adam"``,
 ``attack_steps=30`` (its multi-step attack, Adam on δ at lr α = 1e-3; ``"sign"`` with several steps is its
 ``fast_at``, sign then Adam's first step being α·sign) and ``attack_objective="matching"`` (its loss: match the frozen
 model's conditional prediction ε_θo(x_t, c) on the sampled x_t, P4D's objective). Before ``warmup`` iterations the
@@ -61,7 +61,7 @@ from safediff.attacks.spaces import vocabulary
 from safediff.attacks.token_sequences import padded_ids
 from safediff.concepts import Concept
 from safediff.erasers.base import Eraser
-from safediff.erasers.data import generated_latents
+from safediff.imagesets import generated_images
 from safediff.erasers.modules import (all_weights, check_group, denoiser_names, group_parameters, in_group,
                                       is_text_group)
 from safediff.erasers.training_prompts import prompt_pairs, retain_prompts
@@ -206,7 +206,8 @@ class AdvUnlearnRun:
         self.generator = torch.Generator().manual_seed(int(eraser.seed))
         self.images = None
         if eraser.attack_objective == "denoising":
-            self.images = generated_latents(model, self.prompts, eraser.attack_images, self.generator)
+            drawn = generated_images(model, self.prompts, eraser.attack_images, self.generator, batch_size=16)
+            self.images = drawn.latents, drawn.captions
         self.n_train = model.adapter.train_timesteps
         self.attack_rounds = 0
 

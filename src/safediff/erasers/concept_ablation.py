@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from safediff.adapters.roles import has_role
 from safediff.erasers.base import Eraser
-from safediff.erasers.images import generated_latents
+from safediff.imagesets import trajectory_latents
 from safediff.erasers.prompts import contexts, replace_word
 from safediff.erasers.training import fit_denoiser, loss_summary
 from safediff.errors import SafediffError
@@ -126,7 +126,7 @@ class ConceptAblation(Eraser):
         g = torch.Generator(device="cpu").manual_seed(int(self.seed))
         pair_of = [i % len(pairs) for i in range(self.n_images)]
         seeds = torch.randint(2**31, (self.n_images,), generator=g).tolist()
-        x0 = generated_latents(model, [pairs[i][1] for i in pair_of], seeds, steps=self.image_steps)
+        x0 = trajectory_latents(model, [pairs[i][1] for i in pair_of], seeds, steps=self.image_steps)
         with torch.no_grad():
             targets = model.adapter.encode([p for p, _ in pairs])
             anchors = model.adapter.encode([a for _, a in pairs])

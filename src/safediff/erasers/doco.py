@@ -45,7 +45,7 @@ from safediff.adapters import Conditioning
 from safediff.attacks.objectives import noised, training_target
 from safediff.concepts import Concept
 from safediff.erasers.base import Eraser
-from safediff.erasers.data import generated_latents
+from safediff.imagesets import generated_images
 from safediff.erasers.modules import all_weights, check_group, denoiser_names, group_parameters, in_group
 from safediff.erasers.training_prompts import prompt_pairs
 from safediff.erasers.training import TrainingState, cycled, loss_summary, run_fingerprint, train, trainable
@@ -179,7 +179,8 @@ class DoCoRun:
         self.frozen_denoiser = frozen_denoiser
         g = torch.Generator().manual_seed(int(eraser.seed))
         anchors = list(dict.fromkeys(a for _, a in self.pairs))
-        self.images, self.image_prompt = generated_latents(model, anchors, eraser.n_images, g)
+        drawn = generated_images(model, anchors, eraser.n_images, g, batch_size=16)
+        self.images, self.image_prompt = drawn.latents, drawn.captions
         self.targets_of = {a: [p for p, b in self.pairs if b == a] for a in anchors}
         self.generator = g
         channels, size = self.images.shape[1], min(self.images.shape[-2:])

@@ -49,7 +49,7 @@ from typing import ClassVar
 import torch
 
 from safediff.erasers.base import Eraser
-from safediff.erasers.images import image_latents
+from safediff.imagesets import latents_from
 from safediff.erasers.prompts import GENERIC_TEMPLATES, WordFinder
 from safediff.erasers.training import fit_denoiser, loss_summary
 from safediff.concepts import fill_context
@@ -183,7 +183,7 @@ class ForgetMeNot(Eraser):
         g = torch.Generator(device="cpu").manual_seed(int(self.seed))
         prompt_of = [i % len(items) for i in range(self.n_images)]
         seeds = torch.randint(2**31, (self.n_images,), generator=g).tolist()
-        x0, source = image_latents(model, self.images, [items[i][0] for i in prompt_of], seeds, self.image_steps)
+        x0, source = latents_from(model, self.images, [items[i][0] for i in prompt_of], seeds, self.image_steps)
         prompt_of = prompt_of[:len(x0)]
         prompts = [p for p, _ in items]
         with torch.no_grad():

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from safediff.adapters import Conditioning
 from safediff.erasers.base import Eraser
-from safediff.erasers.images import encode_images, folder_images, generated_latents, resized
+from safediff.imagesets import encode_images, folder_arrays, resized, trajectory_latents
 from safediff.erasers.prompts import GENERIC_TEMPLATES, as_concept
 from safediff.erasers.training import fit_denoiser, loss_summary
 from safediff.concepts import fill_context
@@ -138,7 +138,7 @@ class SafeGen(Eraser):
 
     def concept_pixels(self, model, concepts) -> tuple[np.ndarray, str]:
         if self.images:
-            return folder_images(self.images, self.n_images), "folder"
+            return folder_arrays(self.images, self.n_images), "folder"
         if has_exemplars(concepts):
             return exemplar_images(concepts, self.n_images, int(self.seed), present=True), "exemplars"
         raise SafediffError("safegen learns from images of the concept: give images=FOLDER (their mosaics are "
@@ -146,7 +146,7 @@ class SafeGen(Eraser):
 
     def clean_latents(self, model, concepts, preserve) -> tuple[torch.Tensor, dict]:
         if self.clean_images:
-            pixels = folder_images(self.clean_images, self.n_images)
+            pixels = folder_arrays(self.clean_images, self.n_images)
             return encode_images(model, pixels), {"source": "folder", "sha256": digest(pixels)}
         if has_exemplars(concepts):
             pixels = exemplar_images(concepts, self.n_images, int(self.seed), present=False)
@@ -158,7 +158,7 @@ class SafeGen(Eraser):
             raise SafediffError("safegen keeps clean images as they are: give clean_images=FOLDER or preserve prompts")
         chosen = [prompts[i % len(prompts)] for i in range(self.n_images)]
         seeds = [int(self.seed) * 1_000_003 + i for i in range(self.n_images)]
-        return generated_latents(model, chosen, seeds), {"source": "generated", "examples": chosen[:8]}
+        return trajectory_latents(model, chosen, seeds), {"source": "generated", "examples": chosen[:8]}
 
     def compute(self, model, concepts, preserve, guide, progress):
         if guide is not None:

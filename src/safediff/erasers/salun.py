@@ -14,12 +14,12 @@ OPTML-Group/Unlearn-Saliency, ``SD/train-scripts/generate_mask.py`` and ``random
 
    c′ ≠ c a substitute prompt; gradients are multiplied by m_S before each Adam step.
 
-Data (drawn by the given model, ``erasers.data``): D_f = ``n_forget`` images of the concept's keywords in its
-contexts (the reference's 800 "a photo of a nude person" images, or a class's images); D_r = ``n_retain`` images of
-the preserved concepts in their contexts (the class script's other classes), or of the guide prompts when nothing is
-preserved (the NSFW script's "a photo of a person wearing clothes"). c′: ``pseudo="guide"`` (default; the NSFW
-script's choice, the prompt with the guide instead of the keyword) or ``"random"`` (the class script's random label:
-the keyword replaced by a preserved concept of the concept's own category, drawn per sample).
+Data (drawn by the given model, ``imagesets.generated_images``): D_f = ``n_forget`` images of the concept's
+keywords in its contexts (the reference's 800 "a photo of a nude person" images, or a class's images); D_r =
+``n_retain`` images of the preserved concepts in their contexts (the class script's other classes), or of the guide
+prompts when nothing is preserved (the NSFW script's "a photo of a person wearing clothes"). c′: ``pseudo="guide"``
+(default; the NSFW script's choice, the prompt with the guide instead of the keyword) or ``"random"`` (the class
+script's random label: the keyword replaced by a preserved concept of the concept's own category, drawn per sample).
 
 Reference deviation: the released mask code ranks |g| in ascending order and keeps ranks below the threshold, i.e.
 the *least* salient half; ``salient="largest"`` (default) is the paper's rule, ``salient="smallest"`` the code's.
@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from safediff.adapters import Conditioning
 from safediff.concepts import Concept
 from safediff.erasers.base import Eraser
-from safediff.erasers.data import generated_latents
+from safediff.imagesets import generated_images
 from safediff.erasers.modules import all_weights, check_group, group_parameters, in_group
 from safediff.erasers.prompts import as_concept, replace_word, words_of
 from safediff.erasers.training_prompts import prompt_pairs, retain_prompts
@@ -153,8 +153,10 @@ class SalUnRun:
         self.words = [w for c in concepts for w in words_of(c) if w.strip()]
         self.substitutes = self._substitutes(concepts, preserve) if eraser.pseudo == "random" else []
         g = torch.Generator().manual_seed(int(eraser.seed))
-        self.forget, self.forget_of = generated_latents(model, self.forget_prompts, eraser.n_forget, g)
-        self.retain, self.retain_of = generated_latents(model, self.retain_prompts, eraser.n_retain, g)
+        forget = generated_images(model, self.forget_prompts, eraser.n_forget, g, batch_size=16)
+        retain = generated_images(model, self.retain_prompts, eraser.n_retain, g, batch_size=16)
+        self.forget, self.forget_of = forget.latents, forget.captions
+        self.retain, self.retain_of = retain.latents, retain.captions
         self.generator = g  # noise, timesteps and substitutes from here on (checkpointed)
         self.n_train = model.adapter.train_timesteps
         with torch.no_grad():

@@ -53,7 +53,7 @@ from safediff.adapters import Conditioning
 from safediff.attacks.concept_inversion import Inversion, initial_vectors, placeholder_conditioning
 from safediff.concepts import Concept, fill_context
 from safediff.erasers.base import Eraser
-from safediff.erasers.data import generated_latents
+from safediff.imagesets import generated_images
 from safediff.erasers.modules import all_weights, check_group, denoiser_names, group_parameters, in_group
 from safediff.erasers.prompts import GENERIC_TEMPLATES
 from safediff.erasers.training_prompts import prompt_pairs
@@ -161,7 +161,7 @@ class StereoRun:
                                             for t in (c.contexts or GENERIC_TEMPLATES))) + ["{}"]
         self.slots, _ = initial_vectors(model.adapter, eraser.init_word or self.words[0], "eraser stereo")
         self.generator = torch.Generator().manual_seed(int(eraser.seed))
-        self.images, _ = generated_latents(model, self.anchors, eraser.n_images, self.generator)
+        self.images = generated_images(model, self.anchors, eraser.n_images, self.generator, batch_size=16).latents
         self.steps = int(eraser.ddim_steps or model.defaults["steps"])
         self.height, self.width = int(model.defaults["height"]), int(model.defaults["width"])
         self.scheduler = trajectory_scheduler(model, self.steps, self.height, self.width)

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 
 from safediff.adapters import Conditioning
 from safediff.erasers.base import Eraser
-from safediff.erasers.images import image_latents
+from safediff.imagesets import latents_from
 from safediff.erasers.prompts import contexts
 from safediff.erasers.training import fit_denoiser, loss_summary
 from safediff.errors import SafediffError
@@ -183,7 +183,7 @@ class TICoE(Eraser):
         for bank in banks_text:
             prompts = [bank[i % len(bank)] for i in range(self.n_images)]
             seeds = torch.randint(2**31, (self.n_images,), generator=g).tolist()
-            x0, source = image_latents(model, self.images, prompts, seeds, self.image_steps)
+            x0, source = latents_from(model, self.images, prompts, seeds, self.image_steps)
             pools.append(x0)
             sources.append(source)
         with torch.no_grad():
