@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from safediff.adapters import Conditioning
-from safediff.attacks.objectives import noised, repeat_conditioning, training_target
+from safediff.attacks.objectives import repeat_conditioning
 from safediff.attacks.search import SoftPrompt
 from safediff.attacks.spaces import vocabulary
 from safediff.attacks.token_sequences import padded_ids
@@ -232,8 +232,8 @@ class AdvUnlearnRun:
             x0 = images[choices[int(torch.randint(len(choices), (1,), generator=g))]][None]
             t = torch.randint(self.n_train, (1,), generator=g).to(x0.device)
             eps = torch.randn(x0.shape, generator=g, dtype=x0.dtype).to(x0.device)
-            pred = self.current(noised(self.model, x0, eps, t), t, cond)
-            return F.mse_loss(pred.float(), training_target(self.model, x0, eps, t).float())
+            pred = self.current(self.model.adapter.noised(x0, eps, t), t, cond)
+            return F.mse_loss(pred.float(), self.model.adapter.training_target(x0, eps, t).float())
         _, t_value, x = draw_partial(self.model, self.scheduler, self.steps, g, self.original[k:k + 1], self._uncond(1),
                                      self.eraser.start_guidance, self.height, self.width, self.frozen_denoiser)
         t = torch.tensor([t_value], device=self.model.device)

@@ -42,7 +42,6 @@ import torch
 import torch.nn.functional as F
 
 from safediff.adapters import Conditioning
-from safediff.attacks.objectives import noised, training_target
 from safediff.concepts import Concept
 from safediff.erasers.base import Eraser
 from safediff.imagesets import generated_images
@@ -100,8 +99,8 @@ def predicted_x0(model, x_t: torch.Tensor, pred: torch.Tensor, t: torch.Tensor) 
     ``pred_original_sample``); v-prediction: √ᾱ_t x_t − √(1−ᾱ_t) v̂; flow matching: x_σ − σ v̂."""
     one = torch.ones((len(t), 1, 1, 1), device=x_t.device, dtype=torch.float32)
     zero = torch.zeros_like(one)
-    a, b = noised(model, one, zero, t), noised(model, zero, one, t)
-    c, d = training_target(model, one, zero, t), training_target(model, zero, one, t)
+    a, b = model.adapter.noised(one, zero, t), model.adapter.noised(zero, one, t)
+    c, d = model.adapter.training_target(one, zero, t), model.adapter.training_target(zero, one, t)
     return ((d * x_t.float() - b * pred.float()) / (a * d - b * c)).to(x_t.dtype)
 
 
@@ -204,7 +203,7 @@ class DoCoRun:
                           for a in anchor_prompts]
         t = torch.randint(self.n_train, (len(idx),), generator=g).to(x0.device)
         eps = torch.randn(x0.shape, generator=g, dtype=x0.dtype).to(x0.device)
-        x_t = noised(model, x0, eps, t)
+        x_t = model.adapter.noised(x0, eps, t)
         c_a = model.adapter.encode(anchor_prompts)
         with torch.no_grad():
             real = predicted_x0(model, x_t, denoiser_output(model, x_t, t, c_a, params=self.frozen_denoiser), t)
@@ -217,7 +216,7 @@ class DoCoRun:
         if iteration >= e.warmup:
             logits = self.disc(fake.float())
             adversarial = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits))
-            prior = F.mse_loss(pred_anchor.float(), training_target(model, x0, eps, t).float())
+            prior = F.mse_loss(pred_anchor.float(), model.adapter.training_target(x0, eps, t).float())
             g_p = torch.autograd.grad(prior, theta, retain_graph=True, allow_unused=True)
             g_a = torch.autograd.grad(adversarial, theta, allow_unused=True)
             self._set(theta, g_p)

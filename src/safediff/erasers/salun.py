@@ -52,7 +52,6 @@ from safediff.erasers.prompts import as_concept, replace_word, words_of
 from safediff.erasers.training_prompts import prompt_pairs, retain_prompts
 from safediff.erasers.training import TrainingState, loss_summary, run_fingerprint, shuffled, train, trainable
 from safediff.errors import SafediffError
-from safediff.attacks.objectives import noised, training_target
 from safediff.options import option
 from safediff.sampling import denoiser_output
 
@@ -183,7 +182,7 @@ class SalUnRun:
         """(x_t, t, ε) for a batch of latents; t and ε from the run's generator."""
         t = torch.randint(self.n_train, (len(x0),), generator=self.generator).to(x0.device)
         eps = torch.randn(x0.shape, generator=self.generator, dtype=x0.dtype).to(x0.device)
-        return noised(self.model, x0, eps, t), t, eps
+        return self.model.adapter.noised(x0, eps, t), t, eps
 
     def mask(self, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
         """m_S from the forget set (gradients summed over its batches)."""
@@ -198,7 +197,7 @@ class SalUnRun:
                                   None if self.uncond.pooled is None else self.uncond.pooled.expand(len(x0), -1))
             both = denoiser_output(model, torch.cat([x_t, x_t]), torch.cat([t, t]), Conditioning.cat([cond, uncond]))
             e_c, e_u = both.chunk(2)
-            loss = -F.mse_loss(((1 + w) * e_c - w * e_u).float(), training_target(model, x0, eps, t).float())
+            loss = -F.mse_loss(((1 + w) * e_c - w * e_u).float(), model.adapter.training_target(x0, eps, t).float())
             grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
             for (n, _), g in zip(params.items(), grads):
                 if g is not None:
@@ -223,7 +222,7 @@ class SalUnRun:
         out = denoiser_output(model, torch.cat([x_f, x_r]), torch.cat([t_f, t_r]), Conditioning.cat([cond_f, cond_r]))
         pred_f, pred_r = out[:len(f_idx)], out[len(f_idx):]
         forget = F.mse_loss(pred_f.float(), pseudo.float())
-        retain = F.mse_loss(pred_r.float(), training_target(model, x0_r, eps_r, t_r).float())
+        retain = F.mse_loss(pred_r.float(), model.adapter.training_target(x0_r, eps_r, t_r).float())
         loss = forget + e.alpha * retain
         loss.backward()
         with torch.no_grad():
