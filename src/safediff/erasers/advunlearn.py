@@ -21,7 +21,7 @@ model's conditional prediction ε_θo(x_t, c) on the sampled x_t, P4D's objectiv
 upper level trains on c itself; the adversarial prompt is refreshed every ``attack_every`` iterations (reference 1),
 on a keyword drawn anew then.
 
-Modules (``module``; ``erasers.modules``): ``text_encoder`` (default; the reference's ``text_encoder_full``: every
+Modules (``module``; ``adapters.roles`` groups): ``text_encoder`` (default; the reference's ``text_encoder_full``: every
 transformer layer and the final layer norm of every CLIP encoder; SDXL: both), or denoiser groups ``xattn``, ``kv``,
 ``noxattn``, ``full`` (the paper's UNet comparison; on SD3/FLUX the MM-DiT parameters of the same roles). Frozen
 predictions use the weights before training (the encoder's frozen outputs are computed once; denoiser groups are
@@ -62,8 +62,8 @@ from safediff.attacks.token_sequences import padded_ids
 from safediff.concepts import Concept
 from safediff.erasers.base import Eraser
 from safediff.imagesets import generated_images
-from safediff.erasers.modules import (all_weights, check_group, denoiser_names, group_parameters, in_group,
-                                      is_text_group)
+from safediff.adapters.roles import check_group, in_group, is_text_group
+from safediff.erasers.modules import all_weights, denoiser_keys, group_parameters
 from safediff.erasers.training_prompts import prompt_pairs, retain_prompts
 from safediff.erasers.training import (TrainingState, cycled, draw_partial, loss_summary, run_fingerprint, train,
                                        trainable)
@@ -155,7 +155,7 @@ class AdvUnlearn(Eraser):
     def compute(self, model, concepts: list[Concept], preserve, guide, progress):
         params = group_parameters(model, self.module)
         frozen = {n: p.detach().clone() for n, p in params.items()}
-        run = AdvUnlearnRun(self, model, concepts, preserve, guide, denoiser_names(model, frozen))
+        run = AdvUnlearnRun(self, model, concepts, preserve, guide, denoiser_keys(model, frozen))
         state = TrainingState(params, None, {"sampling": run.generator}, losses=[])
         fingerprint = run_fingerprint(self, model, {"prompts": run.prompts, "retain": run.retain})
         with trainable(all_weights(model), params, frozen), torch.enable_grad():

@@ -43,7 +43,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from safediff.adapters.roles import has_role
+from safediff.adapters.roles import in_group
+from safediff.erasers.modules import denoiser_group
 from safediff.erasers.base import Eraser
 from safediff.imagesets import trajectory_latents
 from safediff.erasers.prompts import contexts, replace_word
@@ -54,15 +55,9 @@ from safediff.sampling import denoiser_output
 
 logger = logging.getLogger("safediff")
 
-PARAMETER_GROUPS = ("cross-attn", "full-weight")
+PARAMETER_GROUPS = {"cross-attn": "kv", "full-weight": "full"}  # the paper's names -> ``adapters.roles`` groups
 LOSSES = ("model", "noise")
 
-
-def is_trained(group: str, name: str) -> bool:
-    """Whether parameter group ``group`` trains parameter ``name`` (``unet.…``, ``transformer.…``)."""
-    if group == "cross-attn":
-        return has_role(name, "text_kv")
-    return True
 
 def prompt_pairs(concepts, guide: str | None) -> list[tuple[str, str]]:
     """(target prompt p*, anchor prompt p) for every keyword of every concept in its contexts."""
@@ -117,7 +112,7 @@ class ConceptAblation(Eraser):
         self.losses: list[float] = []
 
     def touches(self, name: str) -> bool:
-        return name.partition(".")[0] in ("unet", "transformer") and is_trained(self.parameters, name)
+        return in_group(PARAMETER_GROUPS[self.parameters], name)
 
     def compute(self, model, concepts, preserve, guide, progress):
         if preserve is not None:
@@ -131,8 +126,7 @@ class ConceptAblation(Eraser):
             targets = model.adapter.encode([p for p, _ in pairs])
             anchors = model.adapter.encode([a for _, a in pairs])
         adapter, T = model.adapter, model.adapter.train_timesteps
-        prefix = adapter.denoiser_component
-        params = {n: p for n, p in model.denoiser.named_parameters() if is_trained(self.parameters, f"{prefix}.{n}")}
+        params = denoiser_group(model, PARAMETER_GROUPS[self.parameters])
         frozen = {n: p.detach().clone() for n, p in params.items()}
         e = self
 

@@ -45,7 +45,8 @@ from safediff.adapters import Conditioning
 from safediff.concepts import Concept
 from safediff.erasers.base import Eraser
 from safediff.imagesets import generated_images
-from safediff.erasers.modules import all_weights, check_group, denoiser_names, group_parameters, in_group
+from safediff.adapters.roles import check_group, in_group
+from safediff.erasers.modules import all_weights, denoiser_keys, group_parameters
 from safediff.erasers.training_prompts import prompt_pairs
 from safediff.erasers.training import TrainingState, cycled, loss_summary, run_fingerprint, train, trainable
 from safediff.errors import SafediffError
@@ -148,7 +149,7 @@ class DoCo(Eraser):
     def compute(self, model, concepts: list[Concept], preserve, guide, progress):
         params = group_parameters(model, self.module)
         frozen = {n: p.detach().clone() for n, p in params.items()}
-        run = DoCoRun(self, model, concepts, guide, denoiser_names(model, frozen))
+        run = DoCoRun(self, model, concepts, guide, denoiser_keys(model, frozen))
         everything = {**params, **{f"discriminator.{n}": p for n, p in run.disc.named_parameters()}}
         state = TrainingState(everything, None, {"noise": run.generator}, losses=[])
         fingerprint = run_fingerprint(self, model, {"pairs": run.pairs})

@@ -48,7 +48,9 @@ from typing import ClassVar
 
 import torch
 
+from safediff.adapters.roles import in_group
 from safediff.erasers.base import Eraser
+from safediff.erasers.modules import denoiser_group
 from safediff.imagesets import latents_from
 from safediff.erasers.prompts import GENERIC_TEMPLATES, WordFinder
 from safediff.erasers.training import fit_denoiser, loss_summary
@@ -59,7 +61,7 @@ from safediff.sampling import denoiser_output
 
 logger = logging.getLogger("safediff")
 
-PARAMETER_GROUPS = ("unet", "cross-attn")
+PARAMETER_GROUPS = {"unet": "full", "cross-attn": "xattn"}  # option values -> ``adapters.roles`` groups
 
 
 class RecordingProcessor:
@@ -169,8 +171,7 @@ class ForgetMeNot(Eraser):
         self.losses: list[float] = []
 
     def touches(self, name: str) -> bool:
-        component, _, rest = name.partition(".")
-        return component == "unet" and (self.parameters == "unet" or ".attn2." in rest)
+        return name.startswith("unet.") and in_group(PARAMETER_GROUPS[self.parameters], name)  # UNet only
 
     def compute(self, model, concepts, preserve, guide, progress):
         if preserve is not None or guide is not None:
@@ -192,7 +193,7 @@ class ForgetMeNot(Eraser):
         mask = concept_positions(model.adapter.tokenizers[0], prompts, [w for _, w in items], eos,
                                  conds.embeds.shape[1], self.use_pooler)
         adapter, T = model.adapter, model.adapter.train_timesteps
-        params = {n: p for n, p in model.denoiser.named_parameters() if self.touches(f"unet.{n}")}
+        params = denoiser_group(model, PARAMETER_GROUPS[self.parameters])
         records: list[tuple[torch.Tensor, int]] = []
         e = self
 

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from safediff.adapters import Conditioning
+from safediff.adapters.roles import denoiser_names, has_role
 from safediff.erasers.base import Eraser
 from safediff.imagesets import encode_images, folder_arrays, resized, trajectory_latents
 from safediff.erasers.prompts import GENERIC_TEMPLATES, as_concept
@@ -133,8 +134,7 @@ class SafeGen(Eraser):
         self.losses: list[float] = []
 
     def touches(self, name: str) -> bool:
-        component, _, rest = name.partition(".")
-        return component == "unet" and ".attn1." in rest
+        return name.startswith("unet.") and has_role(name, "image_self_attention")  # UNet only
 
     def concept_pixels(self, model, concepts) -> tuple[np.ndarray, str]:
         if self.images:
@@ -173,7 +173,8 @@ class SafeGen(Eraser):
         height, width = int(model.defaults["height"]), int(model.defaults["width"])
         scheduler = trajectory_scheduler(model, int(model.defaults["steps"]), height, width)
         adapter, T = model.adapter, model.adapter.train_timesteps
-        params = {n: p for n, p in model.denoiser.named_parameters() if ".attn1." in n}
+        named = dict(model.denoiser.named_parameters())
+        params = {n: named[n] for n in denoiser_names(model, "image_self_attention")}
         g = torch.Generator(device="cpu").manual_seed(int(self.seed))
         e = self
 

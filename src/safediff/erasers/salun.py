@@ -47,7 +47,8 @@ from safediff.adapters import Conditioning
 from safediff.concepts import Concept
 from safediff.erasers.base import Eraser
 from safediff.imagesets import generated_images
-from safediff.erasers.modules import all_weights, check_group, group_parameters, in_group
+from safediff.adapters.roles import check_group, in_group
+from safediff.erasers.modules import all_weights, group_parameters
 from safediff.erasers.prompts import as_concept, replace_word, words_of
 from safediff.erasers.training_prompts import prompt_pairs, retain_prompts
 from safediff.erasers.training import TrainingState, loss_summary, run_fingerprint, shuffled, train, trainable

@@ -35,7 +35,7 @@ erase targets and anchors are taken in turn, not as a shuffled balanced list. St
 ``checkpoint`` (the mined words with it) and resumes bit-identically; an interrupted stage 1 is redone from the seed.
 
 SD3 / FLUX (no STEREO code exists for them; our mapping): both stages carry over unchanged in form. The module
-groups are ESD's roles on the MM-DiT (``erasers.modules``: ``noxattn`` = ESD-u's set), x_t comes from the
+groups are ESD's roles on the MM-DiT (``adapters.roles`` groups: ``noxattn`` = ESD-u's set), x_t comes from the
 flow-matching Euler trajectory, the guidance combinations are taken on velocities (linear, as on ε), and a mined word
 is one learned vector per text encoder (CLIP-L, CLIP-G, T5 on SD3; CLIP-L, T5 on FLUX), each encoder reading the
 placeholder in its own tokens (``concept_inversion.Inversion``).
@@ -54,7 +54,8 @@ from safediff.attacks.concept_inversion import Inversion, initial_vectors, place
 from safediff.concepts import Concept, fill_context
 from safediff.erasers.base import Eraser
 from safediff.imagesets import generated_images
-from safediff.erasers.modules import all_weights, check_group, denoiser_names, group_parameters, in_group
+from safediff.adapters.roles import check_group, in_group
+from safediff.erasers.modules import all_weights, denoiser_keys, group_parameters
 from safediff.erasers.prompts import GENERIC_TEMPLATES
 from safediff.erasers.training_prompts import prompt_pairs
 from safediff.erasers.training import (TrainingState, cycled, draw_partial, loss_summary, run_fingerprint, train,
@@ -121,7 +122,7 @@ class STEREO(Eraser):
     def compute(self, model, concepts: list[Concept], preserve, guide, progress):
         params = group_parameters(model, self.module)
         original = {n: p.detach().clone() for n, p in params.items()}
-        run = StereoRun(self, model, concepts, guide, denoiser_names(model, original))
+        run = StereoRun(self, model, concepts, guide, denoiser_keys(model, original))
         state = TrainingState(params, None, {"sampling": run.generator}, losses=[])
         fingerprint = run_fingerprint(self, model, {"anchors": run.anchors, "words": run.words})
         with trainable(all_weights(model), params, original), torch.enable_grad():
@@ -193,7 +194,7 @@ class StereoRun:
         current = self.word_conds
         mined: list[list[torch.Tensor]] = []
         for k in range(e.rounds):
-            start = denoiser_names(self.model, {n: p.detach().clone() for n, p in params.items()})
+            start = denoiser_keys(self.model, {n: p.detach().clone() for n, p in params.items()})
             self._erase(params, current, start, progress, k)
             vectors = self._mine(progress, k)
             mined.append(vectors)

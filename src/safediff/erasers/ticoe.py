@@ -54,7 +54,9 @@ import torch
 import torch.nn.functional as F
 
 from safediff.adapters import Conditioning
+from safediff.adapters.roles import in_group
 from safediff.erasers.base import Eraser
+from safediff.erasers.modules import denoiser_group
 from safediff.imagesets import latents_from
 from safediff.erasers.prompts import contexts
 from safediff.erasers.training import fit_denoiser, loss_summary
@@ -168,7 +170,7 @@ class TICoE(Eraser):
         self.losses: list[float] = []
 
     def touches(self, name: str) -> bool:
-        return name.startswith(("unet.", "transformer."))
+        return in_group("full", name)
 
     def compute(self, model, concepts, preserve, guide, progress):
         if preserve is not None or guide is not None:
@@ -195,7 +197,7 @@ class TICoE(Eraser):
                         self.residual).to(model.device)
         hvrl.train()
         adapter, T = model.adapter, model.adapter.train_timesteps
-        params = dict(model.denoiser.named_parameters())
+        params = denoiser_group(model, "full")
         frozen = {n: p.detach().clone() for n, p in params.items()}
         e = self
         cache: dict[int, tuple[int, Conditioning]] = {}
