@@ -63,10 +63,9 @@ from safediff.concepts import Concept
 from safediff.erasers.base import Eraser
 from safediff.imagesets import generated_images
 from safediff.adapters.roles import check_group, in_group, is_text_group
-from safediff.erasers.modules import all_weights, denoiser_keys, group_parameters
+from safediff.erasers.modules import denoiser_keys, group_parameters
 from safediff.erasers.training_prompts import prompt_pairs, retain_prompts
-from safediff.erasers.training import (TrainingState, cycled, draw_partial, loss_summary, run_fingerprint, train,
-                                       trainable)
+from safediff.erasers.training import Fit, cycled, draw_partial, loss_summary
 from safediff.errors import SafediffError
 from safediff.options import option
 from safediff.sampling import denoiser_output, trajectory_scheduler
@@ -156,16 +155,13 @@ class AdvUnlearn(Eraser):
         params = group_parameters(model, self.module)
         frozen = {n: p.detach().clone() for n, p in params.items()}
         run = AdvUnlearnRun(self, model, concepts, preserve, guide, denoiser_keys(model, frozen))
-        state = TrainingState(params, None, {"sampling": run.generator}, losses=[])
-        fingerprint = run_fingerprint(self, model, {"prompts": run.prompts, "retain": run.retain})
-        with trainable(all_weights(model), params, frozen), torch.enable_grad():
-            state.optimizer = torch.optim.Adam(list(params.values()), lr=self.lr)
-            resumed = state.load(self.checkpoint, fingerprint) if self.checkpoint else False
-            resumed_at = state.iteration if resumed else None
-            train(state, self.iterations, lambda it: run.step(it, state.carried), checkpoint=self.checkpoint,
-                  checkpoint_every=self.checkpoint_every, fingerprint=fingerprint, desc=self.name, progress=progress)
-            new = {n: p.detach().clone() for n, p in params.items()}
-        self.losses = list(state.losses)
+        extra = {"prompts": run.prompts, "retain": run.retain}
+        with Fit(self, model, params, {"sampling": run.generator}, extra, progress, frozen=frozen) as fit:
+            state = fit.state
+            fit.start(torch.optim.Adam(list(params.values()), lr=self.lr))
+            fit.train(lambda it: run.step(it, state.carried))
+            new = fit.trained()
+        self.losses, resumed_at = list(state.losses), fit.resumed_at
         info = {"module": self.module, "trained_tensors": len(params), "prompts": run.prompts[:6],
                 "retain_prompts": len(run.retain), "attack": {"update": self.attack_update, "steps": self.attack_steps,
                                                               "objective": self.attack_objective,

@@ -46,9 +46,9 @@ from safediff.concepts import Concept
 from safediff.erasers.base import Eraser
 from safediff.imagesets import generated_images
 from safediff.adapters.roles import check_group, in_group
-from safediff.erasers.modules import all_weights, denoiser_keys, group_parameters
+from safediff.erasers.modules import denoiser_keys, group_parameters
 from safediff.erasers.training_prompts import prompt_pairs
-from safediff.erasers.training import TrainingState, cycled, loss_summary, run_fingerprint, train, trainable
+from safediff.erasers.training import Fit, cycled, loss_summary
 from safediff.errors import SafediffError
 from safediff.options import option
 from safediff.sampling import denoiser_output
@@ -150,20 +150,16 @@ class DoCo(Eraser):
         params = group_parameters(model, self.module)
         frozen = {n: p.detach().clone() for n, p in params.items()}
         run = DoCoRun(self, model, concepts, guide, denoiser_keys(model, frozen))
-        everything = {**params, **{f"discriminator.{n}": p for n, p in run.disc.named_parameters()}}
-        state = TrainingState(everything, None, {"noise": run.generator}, losses=[])
-        fingerprint = run_fingerprint(self, model, {"pairs": run.pairs})
-        with trainable(all_weights(model), params, frozen), torch.enable_grad():
-            state.optimizer = torch.optim.AdamW([
+        discriminator = {f"discriminator.{n}": p for n, p in run.disc.named_parameters()}
+        with Fit(self, model, params, {"noise": run.generator}, {"pairs": run.pairs}, progress, frozen=frozen,
+                 side=discriminator) as fit:
+            state = fit.state
+            fit.start(torch.optim.AdamW([
                 {"params": list(params.values()), "lr": self.lr, "weight_decay": self.weight_decay},
-                {"params": list(run.disc.parameters()), "lr": self.d_lr, "weight_decay": 0.0, "betas": (0.5, 0.999)}])
-            resumed = state.load(self.checkpoint, fingerprint) if self.checkpoint else False
-            resumed_at = state.iteration if resumed else None
-            train(state, self.iterations, lambda it: run.step(it, params), checkpoint=self.checkpoint,
-                  checkpoint_every=self.checkpoint_every, fingerprint=fingerprint, desc=self.name, progress=progress,
-                  backward=False)
-            new = {n: p.detach().clone() for n, p in params.items()}
-        self.losses = list(state.losses)
+                {"params": list(run.disc.parameters()), "lr": self.d_lr, "weight_decay": 0.0, "betas": (0.5, 0.999)}]))
+            fit.train(lambda it: run.step(it, params), backward=False)
+            new = fit.trained()
+        self.losses, resumed_at = list(state.losses), fit.resumed_at
         info = {"module": self.module, "pairs": run.pairs[:6], "discriminator_blocks": run.blocks,
                 "conflicts_adjusted": run.conflicts, "steps": len(state.losses), "resumed_at_iteration": resumed_at,
                 **loss_summary(state.losses)}

@@ -48,10 +48,10 @@ from safediff.concepts import Concept
 from safediff.erasers.base import Eraser
 from safediff.imagesets import generated_images
 from safediff.adapters.roles import check_group, in_group
-from safediff.erasers.modules import all_weights, group_parameters
+from safediff.erasers.modules import group_parameters
 from safediff.erasers.prompts import as_concept, replace_word, words_of
 from safediff.erasers.training_prompts import prompt_pairs, retain_prompts
-from safediff.erasers.training import TrainingState, loss_summary, run_fingerprint, shuffled, train, trainable
+from safediff.erasers.training import Fit, loss_summary, shuffled
 from safediff.errors import SafediffError
 from safediff.options import option
 from safediff.sampling import denoiser_output
@@ -120,19 +120,15 @@ class SalUn(Eraser):
         run = SalUnRun(self, model, concepts, preserve, guide)
         params = group_parameters(model, self.module)
         frozen = {n: p.detach().clone() for n, p in params.items()}
-        state = TrainingState(params, None, {"data": run.generator}, losses=[])
-        fingerprint = run_fingerprint(self, model, {"forget": run.forget_prompts, "retain": run.retain_prompts})
-        with trainable(all_weights(model), params, frozen), torch.enable_grad():
+        extra = {"forget": run.forget_prompts, "retain": run.retain_prompts}
+        with Fit(self, model, params, {"data": run.generator}, extra, progress, frozen=frozen) as fit:
+            state = fit.state
             mask = run.mask(params)
-            state.optimizer = torch.optim.Adam(list(params.values()), lr=self.lr)
-            resumed = state.load(self.checkpoint, fingerprint) if self.checkpoint else False
-            resumed_at = state.iteration if resumed else None
+            fit.start(torch.optim.Adam(list(params.values()), lr=self.lr))
             per_epoch = math.ceil(self.n_forget / self.batch)
-            train(state, self.epochs * per_epoch, lambda it: run.step(it, per_epoch, params, mask),
-                  checkpoint=self.checkpoint, checkpoint_every=self.checkpoint_every, fingerprint=fingerprint,
-                  desc=self.name, progress=progress, backward=False)
-            new = {n: p.detach().clone() for n, p in params.items()}
-        self.losses = list(state.losses)
+            fit.train(lambda it: run.step(it, per_epoch, params, mask), self.epochs * per_epoch, backward=False)
+            new = fit.trained()
+        self.losses, resumed_at = list(state.losses), fit.resumed_at
         kept = sum(int(m.sum()) for m in mask.values())
         info = {"module": self.module, "mask_kept": kept, "mask_size": sum(m.numel() for m in mask.values()),
                 "forget_prompts": run.forget_prompts[:6], "retain_prompts": run.retain_prompts[:6],

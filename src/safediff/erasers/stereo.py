@@ -55,11 +55,10 @@ from safediff.concepts import Concept, fill_context
 from safediff.erasers.base import Eraser
 from safediff.imagesets import generated_images
 from safediff.adapters.roles import check_group, in_group
-from safediff.erasers.modules import all_weights, denoiser_keys, group_parameters
+from safediff.erasers.modules import denoiser_keys, group_parameters
 from safediff.erasers.prompts import GENERIC_TEMPLATES
 from safediff.erasers.training_prompts import prompt_pairs
-from safediff.erasers.training import (TrainingState, cycled, draw_partial, loss_summary, run_fingerprint, train,
-                                       trainable)
+from safediff.erasers.training import Fit, TrainingState, cycled, draw_partial, loss_summary, train
 from safediff.errors import SafediffError
 from safediff.options import option
 from safediff.sampling import denoiser_output, trajectory_scheduler
@@ -123,13 +122,10 @@ class STEREO(Eraser):
         params = group_parameters(model, self.module)
         original = {n: p.detach().clone() for n, p in params.items()}
         run = StereoRun(self, model, concepts, guide, denoiser_keys(model, original))
-        state = TrainingState(params, None, {"sampling": run.generator}, losses=[])
-        fingerprint = run_fingerprint(self, model, {"anchors": run.anchors, "words": run.words})
-        with trainable(all_weights(model), params, original), torch.enable_grad():
-            state.optimizer = torch.optim.AdamW(list(params.values()), lr=self.lr, weight_decay=self.weight_decay)
-            resumed = state.load(self.checkpoint, fingerprint) if self.checkpoint else False
-            resumed_at = state.iteration if resumed else None
-            if resumed:
+        extra = {"anchors": run.anchors, "words": run.words}
+        with Fit(self, model, params, {"sampling": run.generator}, extra, progress, frozen=original) as fit:
+            state = fit.state
+            if fit.start(torch.optim.AdamW(list(params.values()), lr=self.lr, weight_decay=self.weight_decay)):
                 mined = run.mined_from(state.carried)
             else:
                 mined = run.search(params, progress)
@@ -138,11 +134,9 @@ class STEREO(Eraser):
                         p.copy_(original[n])
                 state.carried.update(run.carried(mined))
             targets = run.targets(mined)
-            train(state, self.iterations, lambda it: run.erase_once(it, targets), checkpoint=self.checkpoint,
-                  checkpoint_every=self.checkpoint_every, fingerprint=fingerprint, desc=f"{self.name} stage 2",
-                  progress=progress)
-            new = {n: p.detach().clone() for n, p in params.items()}
-        self.losses = list(state.losses)
+            fit.train(lambda it: run.erase_once(it, targets), desc=f"{self.name} stage 2")
+            new = fit.trained()
+        self.losses, resumed_at = list(state.losses), fit.resumed_at
         info = {"module": self.module, "anchors": run.anchors[:6], "erased_words": run.words,
                 "mined_words": len(mined), "search": run.search_log, "ddim_steps": run.steps,
                 "resumed_at_iteration": resumed_at, **loss_summary(state.losses)}
