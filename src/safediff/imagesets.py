@@ -189,12 +189,15 @@ def trajectory_latents(model, prompts: list[str], seeds: list[int], steps: int |
     return torch.cat(out)
 
 
-def latents_from(model, folder: str | None, prompts: list[str], seeds: list[int],
-                                 steps: int | None = None) -> tuple[torch.Tensor, dict]:
-    """x_0 [N, C, h, w] and where they came from: the first ``len(prompts)`` images of ``folder`` (recorded with
-    their sha256), or without a folder the model's samples of ``prompts[i]`` with ``seeds[i]``."""
+def latents_from(model, folder: str | None, prompts: list[str], n: int, generator: torch.Generator,
+                 steps: int | None = None) -> tuple[torch.Tensor, dict]:
+    """x_0 [N, C, h, w] and where they came from: the first ``n`` images of ``folder`` (recorded with their sha256),
+    or without a folder the model's samples (``trajectory_latents``) of ``prompts`` cycled to ``n``, one seed each
+    drawn from ``generator`` (drawn in either case)."""
+    prompts = [prompts[i % len(prompts)] for i in range(n)]
+    seeds = torch.randint(2**31, (n,), generator=generator).tolist()
     if folder:
-        pixels = folder_arrays(folder, len(prompts))
+        pixels = folder_arrays(folder, n)
         return encode_images(model, pixels), {"source": "folder", "images": len(pixels),
                                               "images_sha256": hashlib.sha256(pixels.tobytes()).hexdigest()}
     return trajectory_latents(model, prompts, seeds, steps), {"source": "generated", "images": len(prompts)}

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from safediff.adapters.roles import in_group
 from safediff.erasers.modules import denoiser_group
 from safediff.erasers.base import Eraser
-from safediff.imagesets import trajectory_latents
+from safediff.imagesets import latents_from
 from safediff.erasers.prompts import contexts, replace_word
 from safediff.erasers.training import fit_denoiser, loss_summary
 from safediff.errors import SafediffError
@@ -119,9 +119,8 @@ class ConceptAblation(Eraser):
             logger.warning("Concept Ablation uses no preserve prompts; they are ignored")
         pairs = prompt_pairs(concepts, guide)
         g = torch.Generator(device="cpu").manual_seed(int(self.seed))
+        x0, _ = latents_from(model, None, [a for _, a in pairs], self.n_images, g, self.image_steps)
         pair_of = [i % len(pairs) for i in range(self.n_images)]
-        seeds = torch.randint(2**31, (self.n_images,), generator=g).tolist()
-        x0 = trajectory_latents(model, [pairs[i][1] for i in pair_of], seeds, steps=self.image_steps)
         with torch.no_grad():
             targets = model.adapter.encode([p for p, _ in pairs])
             anchors = model.adapter.encode([a for _, a in pairs])

@@ -182,10 +182,8 @@ class ForgetMeNot(Eraser):
             raise SafediffError("no concept keywords to forget; give at least one concept with a keyword")
         items = list(dict.fromkeys(items))
         g = torch.Generator(device="cpu").manual_seed(int(self.seed))
-        prompt_of = [i % len(items) for i in range(self.n_images)]
-        seeds = torch.randint(2**31, (self.n_images,), generator=g).tolist()
-        x0, source = latents_from(model, self.images, [items[i][0] for i in prompt_of], seeds, self.image_steps)
-        prompt_of = prompt_of[:len(x0)]
+        x0, source = latents_from(model, self.images, [p for p, _ in items], self.n_images, g, self.image_steps)
+        prompt_of = [i % len(items) for i in range(len(x0))]
         prompts = [p for p, _ in items]
         with torch.no_grad():
             conds = model.adapter.encode(prompts)

@@ -183,9 +183,7 @@ class TICoE(Eraser):
         g = torch.Generator(device="cpu").manual_seed(int(self.seed))
         pools, sources = [], []
         for bank in banks_text:
-            prompts = [bank[i % len(bank)] for i in range(self.n_images)]
-            seeds = torch.randint(2**31, (self.n_images,), generator=g).tolist()
-            x0, source = latents_from(model, self.images, prompts, seeds, self.image_steps)
+            x0, source = latents_from(model, self.images, bank, self.n_images, g, self.image_steps)
             pools.append(x0)
             sources.append(source)
         with torch.no_grad():
