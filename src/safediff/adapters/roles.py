@@ -107,10 +107,15 @@ def denoiser_names(model, role: str) -> list[str]:
     return [n for n, _ in model.denoiser.named_parameters() if role in roles(f"{prefix}.{n}")]
 
 
-def check_group(group: str, owner: str) -> str:
-    """``group`` if it is a known group; else one SafediffError line naming the accepted ones."""
+def check_group(group: str, owner: str, trains: str | None = None) -> str:
+    """``group`` if it is a known group (of the text encoders with ``trains="text"``, of the denoiser with
+    ``trains="denoiser"``); else one SafediffError line naming the accepted ones."""
     if group not in GROUPS:
         raise SafediffError(f"{owner}: unknown module '{group}'; accepted: {', '.join(GROUPS)}")
+    if trains is not None and is_text_group(group) != (trains == "text"):
+        accepted = [g for g in GROUPS if is_text_group(g) == (trains == "text")]
+        what = "a text encoder" if trains == "text" else "the denoiser"
+        raise SafediffError(f"{owner} trains {what}; module must be one of {', '.join(accepted)}, got '{group}'")
     return group
 
 

@@ -46,7 +46,6 @@ from safediff.erasers.modules import group_parameters
 from safediff.erasers.prompts import words_of
 from safediff.erasers.training_prompts import prompt_pairs, retain_prompts
 from safediff.erasers.training import Fit, loss_summary, shuffled
-from safediff.errors import SafediffError
 from safediff.options import option
 
 
@@ -97,10 +96,7 @@ class DES(Eraser):
 
     def __post_init__(self):
         super().__post_init__()
-        check_group(self.module, "eraser des")
-        if not self.module.startswith("text_encoder"):
-            raise SafediffError(f"eraser des trains a text encoder; module must be text_encoder_all or "
-                                f"text_encoder, got '{self.module}'")
+        check_group(self.module, "eraser des", trains="text")
         self.losses: list[float] = []
 
     def touches(self, name: str) -> bool:

@@ -135,10 +135,7 @@ class DoCo(Eraser):
 
     def __post_init__(self):
         super().__post_init__()
-        check_group(self.module, "eraser doco")
-        if self.module.startswith("text_encoder"):
-            raise SafediffError(f"eraser doco trains the denoiser; module must be one of kv, xattn, noxattn, full, "
-                                f"got '{self.module}'")
+        check_group(self.module, "eraser doco", trains="denoiser")
         if self.surgery not in SURGERY:
             raise SafediffError(f"eraser doco: surgery must be one of {', '.join(SURGERY)}, got '{self.surgery}'")
         self.losses: list[float] = []

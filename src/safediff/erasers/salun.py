@@ -104,10 +104,7 @@ class SalUn(Eraser):
 
     def __post_init__(self):
         super().__post_init__()
-        check_group(self.module, "eraser salun")
-        if self.module.startswith("text_encoder"):
-            raise SafediffError(f"eraser salun trains the denoiser; module must be one of full, xattn, kv, noxattn, "
-                                f"got '{self.module}'")
+        check_group(self.module, "eraser salun", trains="denoiser")
         for value, accepted, what in ((self.salient, SALIENT, "salient"), (self.pseudo, PSEUDO, "pseudo")):
             if value not in accepted:
                 raise SafediffError(f"eraser salun: {what} must be one of {', '.join(accepted)}, got '{value}'")

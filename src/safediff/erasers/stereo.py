@@ -106,10 +106,7 @@ class STEREO(Eraser):
 
     def __post_init__(self):
         super().__post_init__()
-        check_group(self.module, "eraser stereo")
-        if self.module.startswith("text_encoder"):
-            raise SafediffError(f"eraser stereo trains the denoiser; module must be one of noxattn, xattn, kv, full, "
-                                f"got '{self.module}'")
+        check_group(self.module, "eraser stereo", trains="denoiser")
         if self.sample_with not in SAMPLE_WITH:
             raise SafediffError(f"eraser stereo: sample_with must be one of {', '.join(SAMPLE_WITH)}, got "
                                 f"'{self.sample_with}'")
