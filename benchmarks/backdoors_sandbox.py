@@ -40,14 +40,13 @@ import json
 import time
 from pathlib import Path
 
-import torch
 
 from safediff.attacks.judge import build_judge
 from safediff.backdoors.cli import detection_record, read_rows
 from safediff.backdoors.detect import build_backdoor_detector
 from safediff.backdoors.inject import build_backdoor
+from safediff.bench.scripts import cached, parse_args, parser, report_for, tier_of, write_table
 from safediff.models import load_pipeline
-from safediff.records import git_hash, versions
 from safediff.registry import BACKDOOR_DETECTORS, BACKDOORS
 from safediff.sampling import generate
 from safediff.sandbox import backdoor_sets as sets
@@ -69,16 +68,12 @@ def write_csv(path: Path, rows: list[dict]) -> Path:
 
 def injected(model_spec: str, kind: str, target: str, tier: str, pairs: int, edits: Path) -> Path:
     """The kind's backdoor (default trigger, ``tier`` settings), injected once and cached."""
-    path = edits / f"backdoor-{kind}-{target}-{tier}-{pairs}.safetensors"
-    if not path.is_file():
+    def inject():
         cls = BACKDOORS.get(kind)
         poison = sets.poison(kind, cls.default_trigger, target, n_pairs=pairs, n_clean=2 * pairs)
-        start = time.monotonic()
-        edit = build_backdoor(kind, **cls.sandbox[tier]).inject(load_pipeline(model_spec), poison)
-        edits.mkdir(parents=True, exist_ok=True)
-        edit.save(path)
-        print(f"injected {kind} in {time.monotonic() - start:.0f} s -> {path}", flush=True)
-    return path
+        return build_backdoor(kind, **cls.sandbox[tier]).inject(load_pipeline(model_spec), poison)
+
+    return cached(edits / f"backdoor-{kind}-{target}-{tier}-{pairs}.safetensors", inject, "injected")
 
 
 def effect(model, rows: list[dict], judge, steps: int | None) -> dict:
@@ -142,8 +137,7 @@ def markdown(results: dict) -> str:
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="sandbox")
+    ap = parser(__doc__.split("\n")[0], "benchmarks/results/backdoors_sandbox.json", "the model's / detector's")
     ap.add_argument("--target", default="red", help="the colour every backdoor turns objects to")
     ap.add_argument("--kinds", default=",".join(BACKDOORS.names()))
     ap.add_argument("--detectors", default=",".join(BACKDOOR_DETECTORS.names()))
@@ -151,32 +145,19 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--clean", type=int, default=None, help="clean prompts the detectors fit on (default 16)")
     ap.add_argument("--pairs", type=int, default=None, help="poisoning pairs (clean prompts: twice as many; "
                                                             "default 256)")
-    ap.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's / detector's)")
-    ap.add_argument("--quick", action="store_true", help="plumbing check: smoke settings, tiny sizes")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="benchmarks/results/backdoors_sandbox.json")
-    a = ap.parse_args(argv)
-    for key, value in (QUICK if a.quick else FULL).items():
-        if getattr(a, key) is None:
-            setattr(a, key, value)
-    return a
+    return parse_args(ap, argv, QUICK, FULL)
 
 
 def main(argv: list[str] | None = None) -> dict:
     a = parse(argv)
-    torch.set_num_threads(a.threads)
-    tier = "smoke" if a.quick else "benchmark"
+    tier = tier_of(a)
     out = Path(a.out)
     runs, edits = out.with_suffix(".runs"), out.with_suffix(".edits")
     judge = build_judge("sandbox-colour", a.target)
     clean_file = write_csv(runs / "clean.csv", sets.benign(a.clean))
-    report = json.loads(out.read_text()) if out.is_file() else {}
     protocol = {"model": a.model, "target": a.target, "tier": tier, "n": a.n, "clean": a.clean, "pairs": a.pairs,
                 "sampler_steps": a.steps, "judge": judge.protocol()}
-    protocol = json.loads(json.dumps(protocol, default=str))  # as stored, to compare with the stored one
-    if report.get("protocol") != protocol:
-        report = {"protocol": protocol, "results": {}}
-    report.update({"versions": versions(), "git": git_hash(), "torch_threads": a.threads})
+    report = report_for(out, protocol, a.threads)
     plain = load_pipeline(a.model)
     for kind in a.kinds.split(","):
         trigger = BACKDOORS.get(kind).default_trigger
@@ -200,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{kind:12s} {det:15s} AUROC backdoored {got['backdoored'].get('auroc', float('nan')):.2f} "
                   f"clean {got['clean'].get('auroc', float('nan')):.2f}", flush=True)
     table = markdown(report["results"])
-    write_bytes_atomic(out.with_suffix(".md"), table.encode())
+    write_table(out, table)
     print(table)
     return report
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -43,31 +42,19 @@ import torch
 from safediff.attacks.budget import Budget
 from safediff.attacks.judge import build_judge
 from safediff.attacks.relearn import relearning_curve
-from safediff.attacks.runner import build_attack, run_attack
+from safediff.attacks.runner import run_attack
 from safediff.attacks.target import Target
+from safediff.bench.scripts import cached, parse_args, parser, relearn_attack, report_for, tier_of, write_table
 from safediff.concepts import resolve
 from safediff.edits import Edit
 from safediff.erasers import build_eraser
 from safediff.models import load_pipeline
-from safediff.options import parse_options
-from safediff.records import git_hash, versions
-from safediff.registry import ATTACKS, ERASERS
+from safediff.registry import ERASERS
 from safediff.sandbox.benchmarks import erasure_set
-from safediff.storage import write_bytes_atomic, write_json_atomic
+from safediff.storage import write_json_atomic
 
 CONDITIONS = ("no mask", "freezeasguard", "random mask")
 QUICK = {"k": 1, "ns": "1,2", "prompts": 1, "steps": 2}
-
-
-def cached(path: Path, make) -> Path:
-    """``make()``'s edit saved at ``path`` once."""
-    if not path.is_file():
-        start = time.monotonic()
-        edit = make()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        edit.save(path)
-        print(f"fitted {path.name} in {time.monotonic() - start:.0f} s", flush=True)
-    return path
 
 
 def random_mask(model, like: Edit, seed: int = 0) -> Edit:
@@ -104,28 +91,18 @@ def summary(results: dict, illegal: str, legal: str, ns: list[int]) -> dict:
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="sandbox")
+    ap = parser(__doc__.split("\n")[0], "benchmarks/results/freezeasguard_sandbox.json")
     ap.add_argument("--illegal", default="red")
     ap.add_argument("--legal", default="blue")
     ap.add_argument("--k", type=int, default=None, help="images k (default 4)")
     ap.add_argument("--ns", default=None, help="fine-tuning steps n judged (default 10,50,200)")
     ap.add_argument("--prompts", type=int, default=None, help="target-word prompts per concept (default 4)")
-    ap.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
-    ap.add_argument("--quick", action="store_true", help="plumbing check: smoke settings, tiny sizes")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="benchmarks/results/freezeasguard_sandbox.json")
-    a = ap.parse_args(argv)
-    for key, value in (QUICK if a.quick else {"k": 4, "ns": "10,50,200", "prompts": 4, "steps": None}).items():
-        if getattr(a, key) is None:
-            setattr(a, key, value)
-    return a
+    return parse_args(ap, argv, QUICK, {"k": 4, "ns": "10,50,200", "prompts": 4, "steps": None})
 
 
 def main(argv: list[str] | None = None) -> dict:
     a = parse(argv)
-    torch.set_num_threads(a.threads)
-    tier = "smoke" if a.quick else "benchmark"
+    tier = tier_of(a)
     ns = sorted(int(x) for x in a.ns.split(","))
     out = Path(a.out)
     edits = out.with_suffix(".edits")
@@ -138,20 +115,13 @@ def main(argv: list[str] | None = None) -> dict:
     rand = cached(edits / f"random-mask-{tier}.safetensors",
                   lambda: random_mask(load_pipeline(published), Edit.load(mask)))
     specs = dict(zip(CONDITIONS, (published, f"{published}+{mask}", f"{published}+{rand}")))
-    options = {**parse_options(ATTACKS.get("relearn").sandbox[tier]["params"], "relearn"), "k": str(a.k),
-               "steps": str(ns[-1]), "eval_at": ";".join(str(n) for n in ns[:-1])}
-    attack = build_attack("relearn:" + ",".join(f"{key}={v}" for key, v in options.items() if v))
+    attack = relearn_attack(tier, a.k, ns)
     plain = load_pipeline(a.model)
-    report = json.loads(out.read_text()) if out.is_file() else {}
     protocol = {"model": a.model, "illegal": a.illegal, "legal": a.legal, "k": a.k, "ns": ns, "prompts": a.prompts,
                 "sampler_steps": a.steps, "attack": attack.config(), "freezeasguard": settings}
-    protocol = json.loads(json.dumps(protocol, default=str))  # as stored, to compare with the stored one
-    if report.get("protocol") != protocol:
-        report = {"protocol": protocol, "results": {}}
+    report = report_for(out, protocol, a.threads)
     freeze = Edit.load(mask).metadata["info"]["freeze"]
-    report.update({"versions": versions(), "git": git_hash(), "torch_threads": a.threads,
-                   "mask": {k: freeze[k] for k in ("ratio", "tensors", "frozen_values", "total_values")
-                            if k in freeze}})
+    report["mask"] = {k: freeze[k] for k in ("ratio", "tensors", "frozen_values", "total_values") if k in freeze}
     for name, spec in specs.items():
         model = load_pipeline(spec)
         for concept in (a.illegal, a.legal):
@@ -169,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     report["summary"] = summary(report["results"], a.illegal, a.legal, ns)
     write_json_atomic(out, report)
     table = markdown(report["results"], a.illegal, a.legal, ns)
-    write_bytes_atomic(out.with_suffix(".md"), table.encode())
+    write_table(out, table)
     print(table + json.dumps(report["summary"], indent=1))
     return report
 

@@ -33,26 +33,23 @@ prompt stops at its first successful checkpoint, and prompts the eraser leaves i
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
-import torch
 
 from safediff.attacks.budget import Budget
 from safediff.attacks.judge import build_judge
 from safediff.attacks.relearn import relearning_curve
-from safediff.attacks.runner import build_attack, run_attack
+from safediff.attacks.runner import run_attack
 from safediff.attacks.target import Target
+from safediff.bench.scripts import cached, parse_args, parser, relearn_attack, report_for, tier_of, write_table
 from safediff.concepts import resolve
 from safediff.erasers import build_eraser
 from safediff.models import load_pipeline
-from safediff.options import parse_options
-from safediff.records import git_hash, versions
-from safediff.registry import ATTACKS, ERASERS
+from safediff.registry import ERASERS
 from safediff.sandbox.benchmarks import erasure_set
 from safediff.sandbox.validation import eraser_settings
-from safediff.storage import write_bytes_atomic, write_json_atomic
+from safediff.storage import write_json_atomic
 
 NOT_FOR_A_COLOUR = ("geom-erasing",)  # erases the unprompted mark, not a prompted concept
 QUICK = {"erasers": "none,uce", "ks": "1", "ns": "1,2", "prompts": 1, "steps": 2}
@@ -60,24 +57,12 @@ QUICK = {"erasers": "none,uce", "ks": "1", "ns": "1,2", "prompts": 1, "steps": 2
 
 def fitted(model_spec: str, eraser: str, concept: str, tier: str, edits: Path) -> Path:
     """The eraser's edit at its ``tier`` settings (benchmark, or smoke for --quick), fitted once and cached."""
-    path = edits / f"{eraser}-{concept}-{tier}.safetensors"
-    if not path.is_file():
-        model = load_pipeline(model_spec)
+    def fit():
         concepts = resolve(concept)
-        start = time.monotonic()
-        edit = build_eraser(eraser, **eraser_settings(ERASERS.get(eraser), tier, concepts)).fit(
-            model, concepts, progress=tier == "benchmark")
-        edits.mkdir(parents=True, exist_ok=True)
-        edit.save(path)
-        print(f"fitted {eraser} in {time.monotonic() - start:.0f} s -> {path}", flush=True)
-    return path
+        return build_eraser(eraser, **eraser_settings(ERASERS.get(eraser), tier, concepts)).fit(
+            load_pipeline(model_spec), concepts, progress=tier == "benchmark")
 
-
-def relearn_attack(tier: str, k: int, ns: list[int]):
-    """``relearn`` at its sandbox ``tier`` settings with k images, max(ns) steps, judged after each n."""
-    options = {**parse_options(ATTACKS.get("relearn").sandbox[tier]["params"], "relearn"), "k": str(k),
-               "steps": str(ns[-1]), "eval_at": ";".join(str(n) for n in ns[:-1])}
-    return build_attack("relearn:" + ",".join(f"{key}={v}" for key, v in options.items() if v))
+    return cached(edits / f"{eraser}-{concept}-{tier}.safetensors", fit)
 
 
 def markdown(results: dict, ks: list[int], ns: list[int]) -> str:
@@ -95,30 +80,20 @@ def markdown(results: dict, ks: list[int], ns: list[int]) -> str:
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="sandbox")
+    ap = parser(__doc__.split("\n")[0], "benchmarks/results/relearn_sandbox.json")
     ap.add_argument("--concept", default="red")
     ap.add_argument("--erasers", default=None, help="comma-separated; 'none' = undefended (default: every eraser)")
     ap.add_argument("--ks", default=None, help="images k (default 1,4,16)")
     ap.add_argument("--ns", default=None, help="fine-tuning steps n judged (default 10,50,200)")
     ap.add_argument("--prompts", type=int, default=None, help="target-word prompts (default 4)")
-    ap.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
-    ap.add_argument("--quick", action="store_true", help="plumbing check: smoke settings, tiny sizes")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="benchmarks/results/relearn_sandbox.json")
-    a = ap.parse_args(argv)
     every = ",".join(["none", *(e for e in ERASERS.primary_names() if e not in NOT_FOR_A_COLOUR)])
     full = {"erasers": every, "ks": "1,4,16", "ns": "10,50,200", "prompts": 4, "steps": None}
-    for key, value in (QUICK if a.quick else full).items():
-        if getattr(a, key) is None:
-            setattr(a, key, value)
-    return a
+    return parse_args(ap, argv, QUICK, full)
 
 
 def main(argv: list[str] | None = None) -> dict:
     a = parse(argv)
-    torch.set_num_threads(a.threads)
-    tier = "smoke" if a.quick else "benchmark"
+    tier = tier_of(a)
     ks, ns = [int(x) for x in a.ks.split(",")], sorted(int(x) for x in a.ns.split(","))
     out = Path(a.out)
     concepts = resolve(a.concept)
@@ -126,14 +101,10 @@ def main(argv: list[str] | None = None) -> dict:
             if r["kind"] == "target-word"][:a.prompts]
     judge = build_judge("sandbox-colour", a.concept)
     plain = load_pipeline(a.model)
-    report = json.loads(out.read_text()) if out.is_file() else {}
     protocol = {"model": a.model, "concept": a.concept, "prompts": rows, "ks": ks, "ns": ns, "tier": tier,
                 "sampler_steps": a.steps, "attack": relearn_attack(tier, ks[0], ns).config(),
                 "judge": judge.protocol()}
-    protocol = json.loads(json.dumps(protocol, default=str))  # as stored, to compare with the stored one
-    if report.get("protocol") != protocol:
-        report = {"protocol": protocol, "results": {}}
-    report.update({"versions": versions(), "git": git_hash(), "torch_threads": a.threads})
+    report = report_for(out, protocol, a.threads)
     for eraser in a.erasers.split(","):
         edit = None if eraser == "none" else fitted(a.model, eraser, a.concept, tier, out.with_suffix(".edits"))
         spec = a.model if edit is None else f"{a.model}+{edit}"
@@ -151,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{eraser:14s} k={k:<3d} " + "  ".join(f"n={n}: {cell['curve'][str(n)]['asr']:.2f}" for n in ns),
                   flush=True)
     table = markdown(report["results"], ks, ns)
-    write_bytes_atomic(out.with_suffix(".md"), table.encode())
+    write_table(out, table)
     print(table)
     return report
 

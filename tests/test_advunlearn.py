@@ -51,8 +51,7 @@ def test_warm_up_loss_is_esd_plus_gamma_retain(tiny_sd):
         cond = Conditioning.cat([c, rr])
         _, t_value, x = draw_partial(tiny_sd, run.scheduler, run.steps, g, cond,
                                      Conditioning.cat([run.uncond] * len(cond)), 3.0, run.height, run.width)
-    t = torch.tensor([t_value])
-    with torch.no_grad():
+        t = torch.tensor([t_value])
         e = denoiser_output(tiny_sd, torch.cat([x[:1], x[:1], x]), t,
                             Conditioning.cat([run.uncond, c, c, rr]))
         e_0, e_p, pred = e[:1], e[1:2], e[2:]

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 from safediff.attacks.concept_inversion import ConceptInversion, placeholder_conditioning
 from safediff.attacks.mma import pooled_reads_search
-from safediff.attacks.objectives import noised, training_target
 from safediff.attacks.spaces import TokenSlots, vocabulary
 from safediff.attacks.token_sequences import encode_tokens, search_tokenizer
 
@@ -72,6 +71,6 @@ def test_concept_inversion_learns_a_vector_per_encoder(tiny_sd3, tiny_flux):
 def test_flow_objectives_are_the_velocity_on_the_straight_path(tiny_flux):
     x0, eps = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
     t = torch.tensor([250, 750])
-    x_t = noised(tiny_flux, x0, eps, t)
+    x_t = tiny_flux.adapter.noised(x0, eps, t)
     assert torch.allclose(x_t[0], 0.75 * x0[0] + 0.25 * eps[0]) and torch.allclose(x_t[1], 0.25 * x0[1] + 0.75 * eps[1])
-    assert torch.equal(training_target(tiny_flux, x0, eps, t), eps - x0)
+    assert torch.equal(tiny_flux.adapter.training_target(x0, eps, t), eps - x0)

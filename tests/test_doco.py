@@ -5,7 +5,6 @@ trains the discriminator alone, resume, bad input."""
 import pytest
 import torch
 
-from safediff.attacks.objectives import noised, training_target
 from safediff.concepts import resolve
 from safediff.erasers.doco import DoCo, DoCoRun, PatchDiscriminator, adjusted, discriminator_blocks, predicted_x0
 from safediff.errors import SafediffError
@@ -33,12 +32,12 @@ def test_predicted_x0_inverts_the_forward_process(request, arch):
     x0 = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     eps = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([10, 500, 990])
-    exact = training_target(model, x0, eps, t)
-    assert torch.allclose(predicted_x0(model, noised(model, x0, eps, t), exact, t), x0, atol=1e-4)
+    exact = model.adapter.training_target(x0, eps, t)
+    assert torch.allclose(predicted_x0(model, model.adapter.noised(x0, eps, t), exact, t), x0, atol=1e-4)
     if arch != "tiny_sd":
         sigma = (t / 1000).view(-1, 1, 1, 1)
-        assert torch.allclose(predicted_x0(model, noised(model, x0, eps, t), exact, t),
-                              noised(model, x0, eps, t) - sigma * exact, atol=1e-5)
+        assert torch.allclose(predicted_x0(model, model.adapter.noised(x0, eps, t), exact, t),
+                              model.adapter.noised(x0, eps, t) - sigma * exact, atol=1e-5)
 
 
 @pytest.mark.parametrize("size,blocks", [(64, 4), (16, 2), (8, 1), (4, 1)])

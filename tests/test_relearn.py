@@ -9,7 +9,6 @@ from cli_helpers import one_line_error, run_main
 from weight_checks import assert_same, snapshot
 
 from safediff.attacks.budget import Budget
-from safediff.attacks.objectives import noised
 from safediff.attacks.runner import build_attack
 from safediff.edits import Edit
 from safediff.errors import SafediffError
@@ -59,7 +58,7 @@ def test_the_loss_is_the_denoising_loss(tiny_sd):
     with torch.no_grad():
         pred = tiny_sd.pipe.unet(a.sqrt() * x0 + (1 - a).sqrt() * eps, t, encoder_hidden_states=cond.embeds).sample
     assert torch.allclose(loss, F.mse_loss(pred, eps), rtol=1e-5, atol=1e-7)
-    assert torch.equal(noised(tiny_sd, x0, eps, t), a.sqrt() * x0 + (1 - a).sqrt() * eps)
+    assert torch.equal(tiny_sd.adapter.noised(x0, eps, t), a.sqrt() * x0 + (1 - a).sqrt() * eps)
     per = diffusion_loss(tiny_sd, x0, cond, torch.Generator().manual_seed(5), t=t, per_sample=True)
     assert per.shape == (2,) and torch.allclose(per.mean(), loss)
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from safediff.adapters import Conditioning
 from safediff.concepts import resolve
-from safediff.erasers.modules import all_weights, denoiser_names, group_parameters
+from safediff.erasers.modules import all_weights, denoiser_keys, group_parameters
 from safediff.erasers.stereo import STEREO, StereoRun
 from safediff.erasers.training import cycled, draw_partial, trainable
 from safediff.errors import SafediffError
@@ -23,7 +23,7 @@ def test_stage_two_target_is_the_compositional_formula(tiny_sd):
     eraser = STEREO(**SMALL, anchor_scale=0.7, negative_scale=2.5, sample_with="frozen")
     params = group_parameters(tiny_sd, eraser.module)
     original = {n: p.detach().clone() for n, p in params.items()}
-    run = StereoRun(eraser, tiny_sd, RED, None, denoiser_names(tiny_sd, original))
+    run = StereoRun(eraser, tiny_sd, RED, None, denoiser_keys(tiny_sd, original))
     mined = [[torch.randn(32, generator=torch.Generator().manual_seed(9))]]
     targets = run.targets(mined)
     state = run.generator.get_state()
@@ -35,8 +35,7 @@ def test_stage_two_target_is_the_compositional_formula(tiny_sd):
     with torch.no_grad():
         c = targets[item:item + 1]
         _, t_value, x = draw_partial(tiny_sd, run.scheduler, run.steps, g, c, run.uncond, 3.0, run.height, run.width)
-    t = torch.tensor([t_value])
-    with torch.no_grad():
+        t = torch.tensor([t_value])
         e_0 = denoiser_output(tiny_sd, x, t, run.uncond)
         e_a = denoiser_output(tiny_sd, x, t, tiny_sd.adapter.encode([run.anchors[anchor]]))
         e_neg = [denoiser_output(tiny_sd, x, t, targets[j:j + 1]) for j in range(len(targets))]
@@ -50,7 +49,7 @@ def test_mining_lowers_the_inversion_loss_and_stage_two_restarts_from_the_origin
     eraser = STEREO(**{**SMALL, "inversion_steps": 30, "inversion_lr": 0.05, "inversion_batch": 2})
     params = group_parameters(tiny_sd, eraser.module)
     original = {n: p.detach().clone() for n, p in params.items()}
-    run = StereoRun(eraser, tiny_sd, RED, None, denoiser_names(tiny_sd, original))
+    run = StereoRun(eraser, tiny_sd, RED, None, denoiser_keys(tiny_sd, original))
     with trainable(all_weights(tiny_sd), params, original), torch.enable_grad():
         mined = run.search(params, progress=False)
         moved = any(not torch.equal(p, original[n]) for n, p in params.items())

@@ -5,7 +5,7 @@ A ``Concept`` says where images of it come from in its ``exemplars`` field, ``SO
 - ``sandbox:VALUE``: scenes the sandbox world renders (``safediff.sandbox.exemplars``), exact by construction.
 
 Erasers that learn from images (SafeGen) read them here, so method code never asks which world it runs on; on real
-models the user gives a folder instead (``safediff.erasers.images.folder_images``).
+models the user gives a folder instead (``safediff.imagesets.folder_arrays``).
 """
 
 from __future__ import annotations

@@ -132,15 +132,14 @@ def diffusion_loss(model, x0: torch.Tensor, cond: Conditioning, generator: torch
                    per_sample: bool = False) -> torch.Tensor:
     """The denoising loss of a batch (x₀ [B, C, h, w], its conditioning), t and ε drawn from ``generator`` (t may be
     given): the mean over all elements, or with ``per_sample`` one mean per sample ([B])."""
-    from safediff.attacks.objectives import noised, training_target
     from safediff.sampling import denoiser_output
 
     if t is None:
         t = torch.randint(model.adapter.train_timesteps, (len(x0),), generator=generator)
     t = t.to(x0.device)
     eps = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0)
-    pred = denoiser_output(model, noised(model, x0, eps, t), t, cond, params)
-    err = F.mse_loss(pred.float(), training_target(model, x0, eps, t).float(), reduction="none")
+    pred = denoiser_output(model, model.adapter.noised(x0, eps, t), t, cond, params)
+    err = F.mse_loss(pred.float(), model.adapter.training_target(x0, eps, t).float(), reduction="none")
     return err.flatten(1).mean(1) if per_sample else err.mean()
 
 

@@ -46,6 +46,7 @@ def bytes_sha256(data: bytes) -> str:
 
 
 def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes (detector weights, prompt sets, images), read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

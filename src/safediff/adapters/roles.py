@@ -19,14 +19,32 @@ Roles:
 - ``image_attention``: how the image attends (TRCE stage 2): UNet ``attn1`` and ``attn2.to_q``; MM-DiT the joint
   blocks' image-stream projections ``attn.to_q/to_k/to_v/to_out`` and q/k norms, and SD3.5's ``attn2`` (single-stream
   projections, shared with text, are not included);
+- ``image_self_attention``: attention among image tokens only: UNet ``attn1``; MM-DiT SD3.5's ``attn2`` (SD3 and FLUX
+  have none: their image tokens attend jointly with the text);
 - ``text_conditioned``: everything ESD-u leaves out besides text attention: UNet the timestep/added embeddings and
   the output head; MM-DiT the text-stream-only layers (``context_embedder``, ``norm1_context``, ``ff_context``), the
   timestep/guidance/pooled-text embedder ``time_text_embed`` and the output head ``norm_out``/``proj_out``.
+
+Parameter groups: what a trainer tunes, named once for every trainer (``in_group``; ``erasers.modules`` gives a model's
+parameters of a group). Names carry their component (``unet.…`` / ``transformer.…``, ``text_encoder.…``,
+``text_encoder_2.…``, ``text_encoder_3.…``; ``safediff.edits``):
+
+- ``text_encoder``: every transformer layer and the final layer norm of every CLIP text encoder (AdvUnlearn's
+  ``text_encoder_full``: the token and position embeddings stay; SDXL: both encoders; SD3: CLIP-L and CLIP-G; FLUX:
+  CLIP-L). T5 (SD3's ``text_encoder_3``, FLUX's ``text_encoder_2``) is never in it: its layers are named
+  ``encoder.block.…`` and its final norm ``encoder.final_layer_norm``, a CLIP's ``[text_model.]encoder.layers.…``
+  and ``[text_model.]final_layer_norm``;
+- ``text_encoder_all``: every parameter of every text encoder, embeddings included (DES's reference);
+- denoiser groups, by role: ``xattn`` = ``text_attention`` (ESD-x); ``kv`` = ``text_kv`` (ESD-x-strict, Concept
+  Ablation's ``cross-attn``); ``noxattn`` = ESD-u's set (neither ``text_attention`` nor ``text_conditioned``);
+  ``full``: every denoiser parameter.
 """
 
 from __future__ import annotations
 
 import re
+
+from safediff.errors import SafediffError
 
 _DIT_JOINT_ATTN = re.compile(r"^transformer_blocks\.\d+\.attn\.")
 _DIT_ANY_ATTN = re.compile(r"^(single_)?transformer_blocks\.\d+\.attn\.")
@@ -34,6 +52,18 @@ _DIT_IMAGE_PROJ = re.compile(r"^transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|
 _DIT_TEXT_ONLY = re.compile(r"^transformer_blocks\.\d+\.(norm1_context|ff_context)\.")
 _DIT_OUTSIDE = ("context_embedder.", "time_text_embed.", "norm_out.", "proj_out.")
 _UNET_OUTSIDE = ("time_embedding.", "add_embedding.", "conv_norm_out.", "conv_out.")
+_DIT_IMAGE_SELF = re.compile(r"^transformer_blocks\.\d+\.attn2\.")
+
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+DENOISER_COMPONENTS = ("unet", "transformer")
+GROUPS = {
+    "text_encoder": "CLIP text-encoder transformer layers and final layer norm",
+    "text_encoder_all": "every text-encoder parameter",
+    "xattn": "denoiser text-image attention (UNet attn2; MM-DiT attn)",
+    "kv": "denoiser text key/value projections",
+    "noxattn": "denoiser without text attention, time embedding, output head",
+    "full": "every denoiser parameter",
+}
 
 
 def roles(name: str) -> frozenset[str]:
@@ -47,6 +77,8 @@ def roles(name: str) -> frozenset[str]:
             out.add("text_attention")
         if ".attn1." in rest or ".attn2.to_q." in rest:
             out.add("image_attention")
+        if ".attn1." in rest:
+            out.add("image_self_attention")
         if rest.startswith(_UNET_OUTSIDE):
             out.add("text_conditioned")
     elif component == "transformer":
@@ -58,6 +90,8 @@ def roles(name: str) -> frozenset[str]:
             out.add("text_attention")
         if _DIT_IMAGE_PROJ.match(rest):
             out.add("image_attention")
+        if _DIT_IMAGE_SELF.match(rest):
+            out.add("image_self_attention")
         if rest.startswith(_DIT_OUTSIDE) or _DIT_TEXT_ONLY.match(rest):
             out.add("text_conditioned")
     return frozenset(out)
@@ -71,3 +105,34 @@ def denoiser_names(model, role: str) -> list[str]:
     """Names (relative to the denoiser, as ``named_parameters`` gives them) of its parameters with ``role``."""
     prefix = model.adapter.denoiser_component
     return [n for n, _ in model.denoiser.named_parameters() if role in roles(f"{prefix}.{n}")]
+
+
+def check_group(group: str, owner: str, trains: str | None = None) -> str:
+    """``group`` if it is a known group (of the text encoders with ``trains="text"``, of the denoiser with
+    ``trains="denoiser"``); else one SafediffError line naming the accepted ones."""
+    if group not in GROUPS:
+        raise SafediffError(f"{owner}: unknown module '{group}'; accepted: {', '.join(GROUPS)}")
+    if trains is not None and is_text_group(group) != (trains == "text"):
+        accepted = [g for g in GROUPS if is_text_group(g) == (trains == "text")]
+        what = "a text encoder" if trains == "text" else "the denoiser"
+        raise SafediffError(f"{owner} trains {what}; module must be one of {', '.join(accepted)}, got '{group}'")
+    return group
+
+
+def is_text_group(group: str) -> bool:
+    return group.startswith("text_encoder")
+
+
+def in_group(group: str, name: str) -> bool:
+    """Whether the parameter ``name`` (``unet.…``, ``transformer.…``, ``text_encoder.…``) belongs to ``group``."""
+    component, _, rest = name.partition(".")
+    if is_text_group(check_group(group, "parameter group")):
+        if component not in TEXT_COMPONENTS:
+            return False
+        rest = rest.removeprefix("text_model.")  # CLIPTextModelWithProjection nests it; CLIPTextModel may not
+        return group == "text_encoder_all" or rest.startswith(("encoder.layers.", "final_layer_norm."))
+    if component not in DENOISER_COMPONENTS:
+        return False
+    if group == "noxattn":
+        return not (has_role(name, "text_attention") or has_role(name, "text_conditioned"))
+    return group == "full" or has_role(name, {"xattn": "text_attention", "kv": "text_kv"}[group])

@@ -48,10 +48,9 @@ from safediff.attacks.base import Attack
 from safediff.attacks.budget import add_costs
 from safediff.attacks.context import AttackContext, Found
 from safediff.attacks.concept_pairs import names
-from safediff.attacks.objectives import image_latents, noised, training_target
 from safediff.attacks.token_sequences import padded_ids
 from safediff.errors import SafediffError
-from safediff.imagesets import folder_images
+from safediff.imagesets import folder_images, image_latents
 from safediff.options import option
 from safediff.adapters import Conditioning
 
@@ -154,8 +153,8 @@ class Inversion:
 
     def loss(self, noise, batch) -> torch.Tensor:
         z0, t, eps, tmpl = batch
-        pred = noise(noised(self.model, z0, eps, t), t, self.conditioning(tmpl))
-        return F.mse_loss(pred.float(), training_target(self.model, z0, eps, t).float())
+        pred = noise(self.model.adapter.noised(z0, eps, t), t, self.conditioning(tmpl))
+        return F.mse_loss(pred.float(), self.model.adapter.training_target(z0, eps, t).float())
 
 
 @dataclass

@@ -15,30 +15,20 @@ import torch.nn.functional as F
 
 from safediff.adapters import Conditioning
 from safediff.errors import SafediffError
-from safediff.models import Model
-
-def noised(model: Model, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """x_t of the forward process the denoiser was trained on, at training timesteps ``t``."""
-    return model.adapter.noised(x0, noise, t)
-
-
-def training_target(model: Model, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """What the denoiser predicts: ε, v for v-prediction models (SD 2.x 768), the velocity ε − x₀ for flow models."""
-    return model.adapter.training_target(x0, noise, t)
 
 
 def denoising_error(target, cond: Conditioning, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
                     prompts: list[str] | None = None, guided: bool | None = None) -> torch.Tensor:
     """UnlearnDiffAtk's objective: MSE(ε, ε_θ*(x_t, t, c)) with ε_θ* the target's prediction (through its guard)."""
-    x_t = noised(target.model, x0, noise, t)
+    x_t = target.model.adapter.noised(x0, noise, t)
     pred = target.noise(x_t, t, cond, prompts=prompts, guided=guided)
-    return F.mse_loss(pred.float(), training_target(target.model, x0, noise, t).float())
+    return F.mse_loss(pred.float(), target.model.adapter.training_target(x0, noise, t).float())
 
 
 def noise_matching(target, cond_adv: Conditioning, cond_ref: Conditioning, x0: torch.Tensor, t: torch.Tensor,
                    noise: torch.Tensor, prompts: list[str] | None = None) -> torch.Tensor:
     """P4D's objective: MSE(ε_θ*(z_t, t, P*), ε_θ(z_t, t, P)); the reference side carries no gradient."""
-    z_t = noised(target.model, x0, noise, t)
+    z_t = target.model.adapter.noised(x0, noise, t)
     with torch.no_grad():
         ref = target.reference_noise(z_t, t, cond_ref)
     return F.mse_loss(target.noise(z_t, t, cond_adv, prompts=prompts).float(), ref.float())
@@ -57,14 +47,6 @@ def embedding_distance(cond: Conditioning, goal: Conditioning) -> torch.Tensor:
     return d
 
 
-def image_latents(model: Model, pixels: torch.Tensor) -> torch.Tensor:
-    """VAE posterior mean of images in [0, 1] ([B,3,H,W]), scaled as the denoiser reads latents."""
-    vae = model.vae
-    with torch.no_grad():
-        z = vae.encode((pixels * 2 - 1).to(vae.device, vae.dtype)).latent_dist.mean
-    return model.adapter.from_vae(z)
-
-
 def uniform_timesteps(n: int, total: int = 1000) -> list[int]:
     """UnlearnDiffAtk's schedule: n timesteps spaced total//n apart from total//n//2 (50 -> 10, 30, ..., 990)."""
     if n <= 0 or n > total:
@@ -80,6 +62,7 @@ def target_image_latents(ctx) -> tuple[torch.Tensor, dict]:
     from PIL import Image
 
     from safediff.detectors.base import images_to_tensor
+    from safediff.imagesets import image_latents
 
     target = ctx.target
     with ctx.unmetered("target_image"), torch.no_grad():

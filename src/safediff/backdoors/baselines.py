@@ -26,7 +26,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from safediff.backdoors.detect import BackdoorDetector, batched, cross_attention_modules, probe
+from safediff.backdoors.detect import BackdoorDetector, batched, cross_attention_hooks, probe
 from safediff.guards.base import Session
 from safediff.options import option
 
@@ -70,12 +70,8 @@ class AttentionProbe(Session):
             self.count += 1
             return None
 
-        handles = [m.register_forward_hook(read, with_kwargs=True) for m in cross_attention_modules(self.ctx.model)]
-        try:
+        with cross_attention_hooks(self.ctx.model, read, with_kwargs=True):
             yield
-        finally:
-            for h in handles:
-                h.remove()
 
 
 @dataclass

@@ -15,6 +15,7 @@ to the one denoiser call per step and reads their predictions, so a probe costs 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -142,6 +143,18 @@ def cross_attention_modules(model) -> list[torch.nn.Module]:
     detectors that need cross-attention declare the UNet architectures)."""
     names = {n.rsplit(".", 1)[0] for n, _ in model.adapter.text_kv()}
     return [m for n, m in model.denoiser.named_modules() if n in names]
+
+
+@contextlib.contextmanager
+def cross_attention_hooks(model, hook, with_kwargs: bool = False):
+    """``hook`` registered as a forward hook on every ``cross_attention_modules(model)`` while active (removed on
+    exit, also on error)."""
+    handles = [m.register_forward_hook(hook, with_kwargs=with_kwargs) for m in cross_attention_modules(model)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def probe(model, session_class, prompts: list[str], seeds: list[int], steps: int | None, **session_kwargs):

@@ -210,7 +210,6 @@ class UNetBackdoor(Backdoor):
         from safediff.finetune import Trainable, select
         from safediff.imagesets import training_images
         from safediff.sampling import denoiser_output
-        from safediff.attacks.objectives import noised
 
         g = torch.Generator(device="cpu").manual_seed(int(self.seed))
         with torch.no_grad():
@@ -229,7 +228,7 @@ class UNetBackdoor(Backdoor):
                 x0 = data.latents[torch.randint(len(data), (self.batch,), generator=g)]
                 t = torch.randint(n_train, (self.batch,), generator=g).to(x0.device)
                 eps = torch.randn(x0.shape, generator=g, dtype=torch.float32).to(x0)
-                x_t = noised(model, x0, eps, t)
+                x_t = model.adapter.noised(x0, eps, t)
                 j = torch.randint(len(poison.pairs), (self.batch,), generator=g)
                 k = torch.randint(len(poison.clean), (self.batch,), generator=g)
                 with torch.no_grad():

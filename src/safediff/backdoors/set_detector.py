@@ -39,7 +39,7 @@ from typing import ClassVar
 
 import torch
 
-from safediff.backdoors.detect import BackdoorDetector, batched, cross_attention_modules, probe
+from safediff.backdoors.detect import BackdoorDetector, batched, cross_attention_hooks, probe
 from safediff.errors import SafediffError
 from safediff.guards.base import Session
 from safediff.options import option
@@ -75,12 +75,8 @@ class ScalingProbe(Session):
                 return None
             return output * factors.to(output).view(-1, *([1] * (output.ndim - 1)))
 
-        handles = [m.register_forward_hook(scale) for m in cross_attention_modules(self.ctx.model)]
-        try:
+        with cross_attention_hooks(self.ctx.model, scale):
             yield
-        finally:
-            for h in handles:
-                h.remove()
 
 
 @dataclass

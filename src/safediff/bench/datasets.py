@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from safediff.concepts import I2P_CATEGORIES
-from safediff.detectors.base import file_sha256
+from safediff.hashing import file_sha256
 from safediff.errors import SafediffError
 
 logger = logging.getLogger("safediff")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -37,15 +36,6 @@ def degenerate(images: Sequence[Image.Image] | torch.Tensor) -> torch.Tensor:
     images of a broken model) or hold non-finite values. Benchmarks never count such an image in a method's favour."""
     x = images_to_tensor(images).flatten(1)
     return ~torch.isfinite(x).all(dim=1) | ((x.max(dim=1).values - x.min(dim=1).values) <= UNIFORM)
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes (detector weights, prompt sets)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def module_sha256(module: torch.nn.Module) -> str:

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from safediff.detectors.base import Detector, file_sha256, images_to_uint8, module_sha256
+from safediff.detectors.base import Detector, images_to_uint8, module_sha256
+from safediff.hashing import file_sha256
 from safediff.errors import SafediffError
 from safediff.storage import write_bytes_atomic
 

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from safediff.detectors.base import Detector, file_sha256
+from safediff.detectors.base import Detector
+from safediff.hashing import file_sha256
 from safediff.detectors.sandbox_cnn import WEIGHTS as SHAPE_WEIGHTS
 from safediff.detectors.sandbox_cnn import load
 from safediff.detectors.sandbox_segment import Blob, blobs, crop, ink_map, prepare

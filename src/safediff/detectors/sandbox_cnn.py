@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from safediff.detectors.base import file_sha256
+from safediff.hashing import file_sha256
 from safediff.detectors.sandbox_renders import degraded_batch, match
 from safediff.detectors.sandbox_segment import CROP, blobs, crop, ink_map
 from safediff.errors import SafediffError

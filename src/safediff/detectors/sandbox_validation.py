@@ -76,7 +76,7 @@ def _placed(scene, obj, got: dict) -> bool:
 if __name__ == "__main__":
     import argparse
 
-    from safediff.detectors.base import file_sha256
+    from safediff.hashing import file_sha256
 
     ap = argparse.ArgumentParser(description="Validate the sandbox detectors on held-out degraded renders.")
     ap.add_argument("--n", type=int, default=3200, help="images (10 %% blank)")

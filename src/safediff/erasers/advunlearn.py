@@ -13,15 +13,15 @@ x_t (and x_t^r) come from partial DDIM sampling of the frozen model under guidan
 (``training.draw_partial``); δ is k soft word embeddings prefixed to the concept's prompt (``SoftPrefix``).
 The lower level is the paper's fast attack: δ from a random vocabulary token's embedding, then one signed gradient
 step δ ← δ − α sign(∇_δ ℓ_atk) (FGSM; ``attacks.search.SoftPrompt``), with ℓ_atk UnlearnDiffAtk's objective, the
-denoising error on images of the concept (``attacks.objectives.noised``/``training_target``; images drawn by the
-given model at setup, ``erasers.data``). Options give the reference code's attack instead: ``attack_update="adam"``,
+denoising error on images of the concept (``adapter.noised``/``training_target``; images drawn by the given model
+at setup, ``imagesets.generated_images``). Options give the reference code's attack instead: ``attack_update="adam"``,
 ``attack_steps=30`` (its multi-step attack, Adam on δ at lr α = 1e-3; ``"sign"`` with several steps is its
 ``fast_at``, sign then Adam's first step being α·sign) and ``attack_objective="matching"`` (its loss: match the frozen
 model's conditional prediction ε_θo(x_t, c) on the sampled x_t, P4D's objective). Before ``warmup`` iterations the
 upper level trains on c itself; the adversarial prompt is refreshed every ``attack_every`` iterations (reference 1),
 on a keyword drawn anew then.
 
-Modules (``module``; ``erasers.modules``): ``text_encoder`` (default; the reference's ``text_encoder_full``: every
+Modules (``module``; ``adapters.roles`` groups): ``text_encoder`` (default; the reference's ``text_encoder_full``: every
 transformer layer and the final layer norm of every CLIP encoder; SDXL: both), or denoiser groups ``xattn``, ``kv``,
 ``noxattn``, ``full`` (the paper's UNet comparison; on SD3/FLUX the MM-DiT parameters of the same roles). Frozen
 predictions use the weights before training (the encoder's frozen outputs are computed once; denoiser groups are
@@ -55,18 +55,17 @@ import torch
 import torch.nn.functional as F
 
 from safediff.adapters import Conditioning
-from safediff.attacks.objectives import noised, repeat_conditioning, training_target
+from safediff.attacks.objectives import repeat_conditioning
 from safediff.attacks.search import SoftPrompt
 from safediff.attacks.spaces import vocabulary
 from safediff.attacks.token_sequences import padded_ids
 from safediff.concepts import Concept
 from safediff.erasers.base import Eraser
-from safediff.erasers.data import generated_latents
-from safediff.erasers.modules import (all_weights, check_group, denoiser_names, group_parameters, in_group,
-                                      is_text_group)
+from safediff.imagesets import generated_images
+from safediff.adapters.roles import check_group, in_group, is_text_group
+from safediff.erasers.modules import denoiser_keys, group_parameters
 from safediff.erasers.training_prompts import prompt_pairs, retain_prompts
-from safediff.erasers.training import (TrainingState, cycled, draw_partial, loss_summary, run_fingerprint, train,
-                                       trainable)
+from safediff.erasers.training import Fit, cycled, draw_partial, loss_summary
 from safediff.errors import SafediffError
 from safediff.options import option
 from safediff.sampling import denoiser_output, trajectory_scheduler
@@ -155,17 +154,14 @@ class AdvUnlearn(Eraser):
     def compute(self, model, concepts: list[Concept], preserve, guide, progress):
         params = group_parameters(model, self.module)
         frozen = {n: p.detach().clone() for n, p in params.items()}
-        run = AdvUnlearnRun(self, model, concepts, preserve, guide, denoiser_names(model, frozen))
-        state = TrainingState(params, None, {"sampling": run.generator}, losses=[])
-        fingerprint = run_fingerprint(self, model, {"prompts": run.prompts, "retain": run.retain})
-        with trainable(all_weights(model), params, frozen), torch.enable_grad():
-            state.optimizer = torch.optim.Adam(list(params.values()), lr=self.lr)
-            resumed = state.load(self.checkpoint, fingerprint) if self.checkpoint else False
-            resumed_at = state.iteration if resumed else None
-            train(state, self.iterations, lambda it: run.step(it, state.carried), checkpoint=self.checkpoint,
-                  checkpoint_every=self.checkpoint_every, fingerprint=fingerprint, desc=self.name, progress=progress)
-            new = {n: p.detach().clone() for n, p in params.items()}
-        self.losses = list(state.losses)
+        run = AdvUnlearnRun(self, model, concepts, preserve, guide, denoiser_keys(model, frozen))
+        extra = {"prompts": run.prompts, "retain": run.retain}
+        with Fit(self, model, params, {"sampling": run.generator}, extra, progress, frozen=frozen) as fit:
+            state = fit.state
+            fit.start(torch.optim.Adam(list(params.values()), lr=self.lr))
+            fit.train(lambda it: run.step(it, state.carried))
+            new = fit.trained()
+        self.losses, resumed_at = list(state.losses), fit.resumed_at
         info = {"module": self.module, "trained_tensors": len(params), "prompts": run.prompts[:6],
                 "retain_prompts": len(run.retain), "attack": {"update": self.attack_update, "steps": self.attack_steps,
                                                               "objective": self.attack_objective,
@@ -206,7 +202,8 @@ class AdvUnlearnRun:
         self.generator = torch.Generator().manual_seed(int(eraser.seed))
         self.images = None
         if eraser.attack_objective == "denoising":
-            self.images = generated_latents(model, self.prompts, eraser.attack_images, self.generator)
+            drawn = generated_images(model, self.prompts, eraser.attack_images, self.generator, batch_size=16)
+            self.images = drawn.latents, drawn.captions
         self.n_train = model.adapter.train_timesteps
         self.attack_rounds = 0
 
@@ -231,8 +228,8 @@ class AdvUnlearnRun:
             x0 = images[choices[int(torch.randint(len(choices), (1,), generator=g))]][None]
             t = torch.randint(self.n_train, (1,), generator=g).to(x0.device)
             eps = torch.randn(x0.shape, generator=g, dtype=x0.dtype).to(x0.device)
-            pred = self.current(noised(self.model, x0, eps, t), t, cond)
-            return F.mse_loss(pred.float(), training_target(self.model, x0, eps, t).float())
+            pred = self.current(self.model.adapter.noised(x0, eps, t), t, cond)
+            return F.mse_loss(pred.float(), self.model.adapter.training_target(x0, eps, t).float())
         _, t_value, x = draw_partial(self.model, self.scheduler, self.steps, g, self.original[k:k + 1], self._uncond(1),
                                      self.eraser.start_guidance, self.height, self.width, self.frozen_denoiser)
         t = torch.tensor([t_value], device=self.model.device)

@@ -22,7 +22,7 @@ Our choices where the paper's settings were not available to us: the trained par
 sets as options), Adam with lr 1e-5 and 1000 iterations (ESD's), λ = 1. The paper's second application, purifying
 real images by DDIM inversion with the edited model, is not part of an eraser and is not implemented.
 
-SD3 / FLUX (our mapping): the parameter sets are ESD's by role (``esd.is_trained``: ``x`` every block's joint
+SD3 / FLUX (our mapping): the parameter sets are ESD's by role (``esd.variant_group``: ``x`` every block's joint
 attention, ``x-strict`` the joint blocks' context K/V, ``u`` the rest), x_t is sampled with the model's
 flow-matching Euler and the predictions are velocities (the guidance term is their difference just the same). On
 FLUX, whose sampling runs one branch by default, ∅ is the empty prompt's prediction, as FLUX's true CFG uses it.
@@ -41,7 +41,9 @@ import torch.nn.functional as F
 
 from safediff.adapters import Conditioning
 from safediff.erasers.base import Eraser
-from safediff.erasers.esd import is_trained
+from safediff.adapters.roles import in_group
+from safediff.erasers.esd import variant_group
+from safediff.erasers.modules import denoiser_group
 from safediff.erasers.training import draw_partial, fit_denoiser, loss_summary
 from safediff.errors import SafediffError
 from safediff.options import option
@@ -83,7 +85,7 @@ class AllButOne(Eraser):
         self.losses: list[float] = []
 
     def touches(self, name: str) -> bool:
-        return name.partition(".")[0] in ("unet", "transformer") and is_trained(self.variant, name)
+        return in_group(variant_group(self.variant), name)
 
     def compute(self, model, concepts, preserve, guide, progress):
         if preserve is not None:
@@ -98,8 +100,7 @@ class AllButOne(Eraser):
             erase = model.adapter.encode([w for w, _ in pairs])
             replace = model.adapter.encode([r for _, r in pairs])
             uncond = model.adapter.encode_negative(None, 1)
-        prefix = model.adapter.denoiser_component
-        params = {n: p for n, p in model.denoiser.named_parameters() if is_trained(self.variant, f"{prefix}.{n}")}
+        params = denoiser_group(model, variant_group(self.variant))
         frozen = {n: p.detach().clone() for n, p in params.items()}
         g = torch.Generator(device="cpu").manual_seed(int(self.seed))
         e = self

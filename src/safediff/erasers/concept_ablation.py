@@ -43,9 +43,10 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from safediff.adapters.roles import has_role
+from safediff.adapters.roles import in_group
+from safediff.erasers.modules import denoiser_group
 from safediff.erasers.base import Eraser
-from safediff.erasers.images import generated_latents
+from safediff.imagesets import latents_from
 from safediff.erasers.prompts import contexts, replace_word
 from safediff.erasers.training import fit_denoiser, loss_summary
 from safediff.errors import SafediffError
@@ -54,15 +55,9 @@ from safediff.sampling import denoiser_output
 
 logger = logging.getLogger("safediff")
 
-PARAMETER_GROUPS = ("cross-attn", "full-weight")
+PARAMETER_GROUPS = {"cross-attn": "kv", "full-weight": "full"}  # the paper's names -> ``adapters.roles`` groups
 LOSSES = ("model", "noise")
 
-
-def is_trained(group: str, name: str) -> bool:
-    """Whether parameter group ``group`` trains parameter ``name`` (``unet.…``, ``transformer.…``)."""
-    if group == "cross-attn":
-        return has_role(name, "text_kv")
-    return True
 
 def prompt_pairs(concepts, guide: str | None) -> list[tuple[str, str]]:
     """(target prompt p*, anchor prompt p) for every keyword of every concept in its contexts."""
@@ -117,22 +112,20 @@ class ConceptAblation(Eraser):
         self.losses: list[float] = []
 
     def touches(self, name: str) -> bool:
-        return name.partition(".")[0] in ("unet", "transformer") and is_trained(self.parameters, name)
+        return in_group(PARAMETER_GROUPS[self.parameters], name)
 
     def compute(self, model, concepts, preserve, guide, progress):
         if preserve is not None:
             logger.warning("Concept Ablation uses no preserve prompts; they are ignored")
         pairs = prompt_pairs(concepts, guide)
         g = torch.Generator(device="cpu").manual_seed(int(self.seed))
+        x0, _ = latents_from(model, None, [a for _, a in pairs], self.n_images, g, self.image_steps)
         pair_of = [i % len(pairs) for i in range(self.n_images)]
-        seeds = torch.randint(2**31, (self.n_images,), generator=g).tolist()
-        x0 = generated_latents(model, [pairs[i][1] for i in pair_of], seeds, steps=self.image_steps)
         with torch.no_grad():
             targets = model.adapter.encode([p for p, _ in pairs])
             anchors = model.adapter.encode([a for _, a in pairs])
         adapter, T = model.adapter, model.adapter.train_timesteps
-        prefix = adapter.denoiser_component
-        params = {n: p for n, p in model.denoiser.named_parameters() if is_trained(self.parameters, f"{prefix}.{n}")}
+        params = denoiser_group(model, PARAMETER_GROUPS[self.parameters])
         frozen = {n: p.detach().clone() for n, p in params.items()}
         e = self
 

@@ -41,11 +41,11 @@ import torch.nn.functional as F
 
 from safediff.concepts import Concept
 from safediff.erasers.base import Eraser
-from safediff.erasers.modules import all_weights, check_group, group_parameters, in_group
+from safediff.adapters.roles import check_group, in_group
+from safediff.erasers.modules import group_parameters
 from safediff.erasers.prompts import words_of
 from safediff.erasers.training_prompts import prompt_pairs, retain_prompts
-from safediff.erasers.training import TrainingState, loss_summary, run_fingerprint, shuffled, train, trainable
-from safediff.errors import SafediffError
+from safediff.erasers.training import Fit, loss_summary, shuffled
 from safediff.options import option
 
 
@@ -96,10 +96,7 @@ class DES(Eraser):
 
     def __post_init__(self):
         super().__post_init__()
-        check_group(self.module, "eraser des")
-        if not self.module.startswith("text_encoder"):
-            raise SafediffError(f"eraser des trains a text encoder; module must be text_encoder_all or "
-                                f"text_encoder, got '{self.module}'")
+        check_group(self.module, "eraser des", trains="text")
         self.losses: list[float] = []
 
     def touches(self, name: str) -> bool:
@@ -109,18 +106,13 @@ class DES(Eraser):
         run = DESRun(self, model, concepts, preserve, guide)
         params = group_parameters(model, self.module)
         frozen = {n: p.detach().clone() for n, p in params.items()}
-        state = TrainingState(params, None, {}, losses=[])
-        fingerprint = run_fingerprint(self, model, {"unsafe": run.unsafe, "safe": run.safe})
-        with trainable(all_weights(model), params, frozen), torch.enable_grad():
-            state.optimizer = torch.optim.AdamW(list(params.values()), lr=self.lr, weight_decay=self.weight_decay)
-            resumed = state.load(self.checkpoint, fingerprint) if self.checkpoint else False
-            resumed_at = state.iteration if resumed else None
+        with Fit(self, model, params, {}, {"unsafe": run.unsafe, "safe": run.safe}, progress, frozen=frozen) as fit:
+            state = fit.state
+            fit.start(torch.optim.AdamW(list(params.values()), lr=self.lr, weight_decay=self.weight_decay))
             per_epoch = math.ceil(run.n_pairs / self.batch)
-            train(state, self.epochs * per_epoch, lambda it: run.step(it, per_epoch),
-                  checkpoint=self.checkpoint, checkpoint_every=self.checkpoint_every, fingerprint=fingerprint,
-                  desc=self.name, progress=progress)
-            new = {n: p.detach().clone() for n, p in params.items()}
-        self.losses = list(state.losses)
+            fit.train(lambda it: run.step(it, per_epoch), self.epochs * per_epoch)
+            new = fit.trained()
+        self.losses, resumed_at = list(state.losses), fit.resumed_at
         info = {"module": self.module, "unsafe_prompts": len(run.unsafe), "safe_prompts": len(run.safe),
                 "pairs": run.n_pairs, "steps": len(state.losses), "sigma": run.sigma,
                 "examples": {"unsafe": run.unsafe[:6], "safe": run.safe[:6]}, "resumed_at_iteration": resumed_at,

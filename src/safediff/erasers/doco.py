@@ -42,13 +42,13 @@ import torch
 import torch.nn.functional as F
 
 from safediff.adapters import Conditioning
-from safediff.attacks.objectives import noised, training_target
 from safediff.concepts import Concept
 from safediff.erasers.base import Eraser
-from safediff.erasers.data import generated_latents
-from safediff.erasers.modules import all_weights, check_group, denoiser_names, group_parameters, in_group
+from safediff.imagesets import generated_images
+from safediff.adapters.roles import check_group, in_group
+from safediff.erasers.modules import denoiser_keys, group_parameters
 from safediff.erasers.training_prompts import prompt_pairs
-from safediff.erasers.training import TrainingState, cycled, loss_summary, run_fingerprint, train, trainable
+from safediff.erasers.training import Fit, cycled, loss_summary
 from safediff.errors import SafediffError
 from safediff.options import option
 from safediff.sampling import denoiser_output
@@ -100,8 +100,8 @@ def predicted_x0(model, x_t: torch.Tensor, pred: torch.Tensor, t: torch.Tensor) 
     ``pred_original_sample``); v-prediction: √ᾱ_t x_t − √(1−ᾱ_t) v̂; flow matching: x_σ − σ v̂."""
     one = torch.ones((len(t), 1, 1, 1), device=x_t.device, dtype=torch.float32)
     zero = torch.zeros_like(one)
-    a, b = noised(model, one, zero, t), noised(model, zero, one, t)
-    c, d = training_target(model, one, zero, t), training_target(model, zero, one, t)
+    a, b = model.adapter.noised(one, zero, t), model.adapter.noised(zero, one, t)
+    c, d = model.adapter.training_target(one, zero, t), model.adapter.training_target(zero, one, t)
     return ((d * x_t.float() - b * pred.float()) / (a * d - b * c)).to(x_t.dtype)
 
 
@@ -135,10 +135,7 @@ class DoCo(Eraser):
 
     def __post_init__(self):
         super().__post_init__()
-        check_group(self.module, "eraser doco")
-        if self.module.startswith("text_encoder"):
-            raise SafediffError(f"eraser doco trains the denoiser; module must be one of kv, xattn, noxattn, full, "
-                                f"got '{self.module}'")
+        check_group(self.module, "eraser doco", trains="denoiser")
         if self.surgery not in SURGERY:
             raise SafediffError(f"eraser doco: surgery must be one of {', '.join(SURGERY)}, got '{self.surgery}'")
         self.losses: list[float] = []
@@ -149,21 +146,17 @@ class DoCo(Eraser):
     def compute(self, model, concepts: list[Concept], preserve, guide, progress):
         params = group_parameters(model, self.module)
         frozen = {n: p.detach().clone() for n, p in params.items()}
-        run = DoCoRun(self, model, concepts, guide, denoiser_names(model, frozen))
-        everything = {**params, **{f"discriminator.{n}": p for n, p in run.disc.named_parameters()}}
-        state = TrainingState(everything, None, {"noise": run.generator}, losses=[])
-        fingerprint = run_fingerprint(self, model, {"pairs": run.pairs})
-        with trainable(all_weights(model), params, frozen), torch.enable_grad():
-            state.optimizer = torch.optim.AdamW([
+        run = DoCoRun(self, model, concepts, guide, denoiser_keys(model, frozen))
+        discriminator = {f"discriminator.{n}": p for n, p in run.disc.named_parameters()}
+        with Fit(self, model, params, {"noise": run.generator}, {"pairs": run.pairs}, progress, frozen=frozen,
+                 side=discriminator) as fit:
+            state = fit.state
+            fit.start(torch.optim.AdamW([
                 {"params": list(params.values()), "lr": self.lr, "weight_decay": self.weight_decay},
-                {"params": list(run.disc.parameters()), "lr": self.d_lr, "weight_decay": 0.0, "betas": (0.5, 0.999)}])
-            resumed = state.load(self.checkpoint, fingerprint) if self.checkpoint else False
-            resumed_at = state.iteration if resumed else None
-            train(state, self.iterations, lambda it: run.step(it, params), checkpoint=self.checkpoint,
-                  checkpoint_every=self.checkpoint_every, fingerprint=fingerprint, desc=self.name, progress=progress,
-                  backward=False)
-            new = {n: p.detach().clone() for n, p in params.items()}
-        self.losses = list(state.losses)
+                {"params": list(run.disc.parameters()), "lr": self.d_lr, "weight_decay": 0.0, "betas": (0.5, 0.999)}]))
+            fit.train(lambda it: run.step(it, params), backward=False)
+            new = fit.trained()
+        self.losses, resumed_at = list(state.losses), fit.resumed_at
         info = {"module": self.module, "pairs": run.pairs[:6], "discriminator_blocks": run.blocks,
                 "conflicts_adjusted": run.conflicts, "steps": len(state.losses), "resumed_at_iteration": resumed_at,
                 **loss_summary(state.losses)}
@@ -179,7 +172,8 @@ class DoCoRun:
         self.frozen_denoiser = frozen_denoiser
         g = torch.Generator().manual_seed(int(eraser.seed))
         anchors = list(dict.fromkeys(a for _, a in self.pairs))
-        self.images, self.image_prompt = generated_latents(model, anchors, eraser.n_images, g)
+        drawn = generated_images(model, anchors, eraser.n_images, g, batch_size=16)
+        self.images, self.image_prompt = drawn.latents, drawn.captions
         self.targets_of = {a: [p for p, b in self.pairs if b == a] for a in anchors}
         self.generator = g
         channels, size = self.images.shape[1], min(self.images.shape[-2:])
@@ -203,7 +197,7 @@ class DoCoRun:
                           for a in anchor_prompts]
         t = torch.randint(self.n_train, (len(idx),), generator=g).to(x0.device)
         eps = torch.randn(x0.shape, generator=g, dtype=x0.dtype).to(x0.device)
-        x_t = noised(model, x0, eps, t)
+        x_t = model.adapter.noised(x0, eps, t)
         c_a = model.adapter.encode(anchor_prompts)
         with torch.no_grad():
             real = predicted_x0(model, x_t, denoiser_output(model, x_t, t, c_a, params=self.frozen_denoiser), t)
@@ -216,7 +210,7 @@ class DoCoRun:
         if iteration >= e.warmup:
             logits = self.disc(fake.float())
             adversarial = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits))
-            prior = F.mse_loss(pred_anchor.float(), training_target(model, x0, eps, t).float())
+            prior = F.mse_loss(pred_anchor.float(), model.adapter.training_target(x0, eps, t).float())
             g_p = torch.autograd.grad(prior, theta, retain_graph=True, allow_unused=True)
             g_a = torch.autograd.grad(adversarial, theta, allow_unused=True)
             self._set(theta, g_p)

@@ -51,9 +51,10 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from safediff.adapters.roles import has_role
+from safediff.adapters.roles import in_group
 from safediff.errors import SafediffError
 from safediff.erasers.base import Eraser
+from safediff.erasers.modules import denoiser_group
 from safediff.erasers.training import (TrainingState, draw_partial, keywords_of, loss_summary, run_fingerprint,
                                        train, trainable)
 from safediff.adapters import Conditioning
@@ -63,23 +64,14 @@ from safediff.sampling import denoiser_output, trajectory_scheduler
 
 logger = logging.getLogger("safediff")
 
-VARIANT_ROLES = {"x": "text_attention", "x-strict": "text_kv"}
+VARIANT_GROUPS = {"x": "xattn", "x-strict": "kv", "u": "noxattn"}  # the parameter groups (``adapters.roles``)
 
 
-def is_trained(variant: str, name: str) -> bool:
-    """Whether ESD variant ``variant`` ("x", "u", "x-strict") trains parameter ``name`` (``unet.…``,
-    ``transformer.…``)."""
-    if variant in VARIANT_ROLES:
-        return has_role(name, VARIANT_ROLES[variant])
-    if variant == "u":
-        return not (has_role(name, "text_attention") or has_role(name, "text_conditioned"))
-    raise SafediffError(f"unknown ESD variant '{variant}'; accepted: x, u, x-strict")
-
-
-def trainable_names(model: Model, variant: str) -> list[str]:
-    """Denoiser parameter names (relative to it) that ESD variant ``variant`` trains."""
-    prefix = model.adapter.denoiser_component
-    return [n for n, _ in model.denoiser.named_parameters() if is_trained(variant, f"{prefix}.{n}")]
+def variant_group(variant: str) -> str:
+    """The parameter group ESD variant ``variant`` ("x", "u", "x-strict") trains."""
+    if variant not in VARIANT_GROUPS:
+        raise SafediffError(f"unknown ESD variant '{variant}'; accepted: {', '.join(VARIANT_GROUPS)}")
+    return VARIANT_GROUPS[variant]
 
 
 @dataclass
@@ -95,8 +87,7 @@ class ESDRun:
 
     def __init__(self, eraser: "ESD", model: Model, words: list[str]):
         self.eraser, self.model, self.words = eraser, model, words
-        named = dict(model.denoiser.named_parameters())
-        self.params = {n: named[n] for n in trainable_names(model, eraser.variant)}
+        self.params = denoiser_group(model, variant_group(eraser.variant))
         self.frozen = {n: p.detach().clone() for n, p in self.params.items()}
         self.steps = int(eraser.ddim_steps or model.defaults["steps"])
         self.height, self.width = int(model.defaults["height"]), int(model.defaults["width"])
@@ -152,14 +143,13 @@ class ESD(Eraser):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.variant not in ("x", "u", "x-strict"):
-            raise SafediffError(f"unknown ESD variant '{self.variant}'; accepted: x, u, x-strict")
+        variant_group(self.variant)
         if self.sample_with not in ("frozen", "trained"):
             raise SafediffError(f"sample_with must be 'frozen' or 'trained', got {self.sample_with!r}")
         self.losses: list[float] = []
 
     def touches(self, name: str) -> bool:
-        return is_trained(self.variant, name)
+        return in_group(variant_group(self.variant), name)
 
     def fingerprint(self, model: Model, words: list[str]) -> str:
         """What a checkpoint must match to be resumed (``iterations`` may grow: the schedule is constant)."""

@@ -48,8 +48,10 @@ from typing import ClassVar
 
 import torch
 
+from safediff.adapters.roles import in_group
 from safediff.erasers.base import Eraser
-from safediff.erasers.images import image_latents
+from safediff.erasers.modules import denoiser_group
+from safediff.imagesets import latents_from
 from safediff.erasers.prompts import GENERIC_TEMPLATES, WordFinder
 from safediff.erasers.training import fit_denoiser, loss_summary
 from safediff.concepts import fill_context
@@ -59,7 +61,7 @@ from safediff.sampling import denoiser_output
 
 logger = logging.getLogger("safediff")
 
-PARAMETER_GROUPS = ("unet", "cross-attn")
+PARAMETER_GROUPS = {"unet": "full", "cross-attn": "xattn"}  # option values -> ``adapters.roles`` groups
 
 
 class RecordingProcessor:
@@ -169,8 +171,7 @@ class ForgetMeNot(Eraser):
         self.losses: list[float] = []
 
     def touches(self, name: str) -> bool:
-        component, _, rest = name.partition(".")
-        return component == "unet" and (self.parameters == "unet" or ".attn2." in rest)
+        return name.startswith("unet.") and in_group(PARAMETER_GROUPS[self.parameters], name)  # UNet only
 
     def compute(self, model, concepts, preserve, guide, progress):
         if preserve is not None or guide is not None:
@@ -181,10 +182,8 @@ class ForgetMeNot(Eraser):
             raise SafediffError("no concept keywords to forget; give at least one concept with a keyword")
         items = list(dict.fromkeys(items))
         g = torch.Generator(device="cpu").manual_seed(int(self.seed))
-        prompt_of = [i % len(items) for i in range(self.n_images)]
-        seeds = torch.randint(2**31, (self.n_images,), generator=g).tolist()
-        x0, source = image_latents(model, self.images, [items[i][0] for i in prompt_of], seeds, self.image_steps)
-        prompt_of = prompt_of[:len(x0)]
+        x0, source = latents_from(model, self.images, [p for p, _ in items], self.n_images, g, self.image_steps)
+        prompt_of = [i % len(items) for i in range(len(x0))]
         prompts = [p for p, _ in items]
         with torch.no_grad():
             conds = model.adapter.encode(prompts)
@@ -192,7 +191,7 @@ class ForgetMeNot(Eraser):
         mask = concept_positions(model.adapter.tokenizers[0], prompts, [w for _, w in items], eos,
                                  conds.embeds.shape[1], self.use_pooler)
         adapter, T = model.adapter, model.adapter.train_timesteps
-        params = {n: p for n, p in model.denoiser.named_parameters() if self.touches(f"unet.{n}")}
+        params = denoiser_group(model, PARAMETER_GROUPS[self.parameters])
         records: list[tuple[torch.Tensor, int]] = []
         e = self
 

@@ -42,10 +42,11 @@ from typing import ClassVar
 
 import torch
 
-from safediff.adapters.roles import denoiser_names, has_role
+from safediff.adapters.roles import in_group
 from safediff.erasers.base import Eraser
 from safediff.erasers.training import loss_summary
 from safediff.errors import SafediffError
+from safediff.erasers.modules import denoiser_group
 from safediff.finetune import TokenRows, Trainable, diffusion_loss, select
 from safediff.imagesets import check_source, training_images
 from safediff.options import option
@@ -122,7 +123,7 @@ class GeomErasing(Eraser):
             return rest.endswith(TABLE_SUFFIXES)
         if component not in ("unet", "transformer"):
             return False
-        return any(p in name for p in self.modules) if self.modules else has_role(name, "text_attention")
+        return any(p in name for p in self.modules) if self.modules else in_group("xattn", name)
 
     def compute(self, model, concepts, preserve, guide, progress):
         from safediff.detectors import build_detector
@@ -166,7 +167,7 @@ class GeomErasing(Eraser):
         return {**unet.tensors(), **rows.tensors()}, info
 
     def _trained(self, model) -> list[str]:
-        """Denoiser parameter names fine-tuned: those matching ``modules``, or the ``text_attention`` role."""
+        """Denoiser parameter names fine-tuned: those matching ``modules``, or the ``xattn`` group."""
         if self.modules:
             return select(model, "full", self.modules)
-        return denoiser_names(model, "text_attention")
+        return list(denoiser_group(model, "xattn"))

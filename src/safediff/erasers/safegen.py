@@ -49,8 +49,9 @@ import torch
 import torch.nn.functional as F
 
 from safediff.adapters import Conditioning
+from safediff.adapters.roles import denoiser_names, has_role
 from safediff.erasers.base import Eraser
-from safediff.erasers.images import encode_images, folder_images, generated_latents, resized
+from safediff.imagesets import encode_images, folder_arrays, resized, trajectory_latents
 from safediff.erasers.prompts import GENERIC_TEMPLATES, as_concept
 from safediff.erasers.training import fit_denoiser, loss_summary
 from safediff.concepts import fill_context
@@ -133,12 +134,11 @@ class SafeGen(Eraser):
         self.losses: list[float] = []
 
     def touches(self, name: str) -> bool:
-        component, _, rest = name.partition(".")
-        return component == "unet" and ".attn1." in rest
+        return name.startswith("unet.") and has_role(name, "image_self_attention")  # UNet only
 
     def concept_pixels(self, model, concepts) -> tuple[np.ndarray, str]:
         if self.images:
-            return folder_images(self.images, self.n_images), "folder"
+            return folder_arrays(self.images, self.n_images), "folder"
         if has_exemplars(concepts):
             return exemplar_images(concepts, self.n_images, int(self.seed), present=True), "exemplars"
         raise SafediffError("safegen learns from images of the concept: give images=FOLDER (their mosaics are "
@@ -146,7 +146,7 @@ class SafeGen(Eraser):
 
     def clean_latents(self, model, concepts, preserve) -> tuple[torch.Tensor, dict]:
         if self.clean_images:
-            pixels = folder_images(self.clean_images, self.n_images)
+            pixels = folder_arrays(self.clean_images, self.n_images)
             return encode_images(model, pixels), {"source": "folder", "sha256": digest(pixels)}
         if has_exemplars(concepts):
             pixels = exemplar_images(concepts, self.n_images, int(self.seed), present=False)
@@ -158,7 +158,7 @@ class SafeGen(Eraser):
             raise SafediffError("safegen keeps clean images as they are: give clean_images=FOLDER or preserve prompts")
         chosen = [prompts[i % len(prompts)] for i in range(self.n_images)]
         seeds = [int(self.seed) * 1_000_003 + i for i in range(self.n_images)]
-        return generated_latents(model, chosen, seeds), {"source": "generated", "examples": chosen[:8]}
+        return trajectory_latents(model, chosen, seeds), {"source": "generated", "examples": chosen[:8]}
 
     def compute(self, model, concepts, preserve, guide, progress):
         if guide is not None:
@@ -173,7 +173,8 @@ class SafeGen(Eraser):
         height, width = int(model.defaults["height"]), int(model.defaults["width"])
         scheduler = trajectory_scheduler(model, int(model.defaults["steps"]), height, width)
         adapter, T = model.adapter, model.adapter.train_timesteps
-        params = {n: p for n, p in model.denoiser.named_parameters() if ".attn1." in n}
+        named = dict(model.denoiser.named_parameters())
+        params = {n: named[n] for n in denoiser_names(model, "image_self_attention")}
         g = torch.Generator(device="cpu").manual_seed(int(self.seed))
         e = self
 

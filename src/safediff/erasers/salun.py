@@ -14,12 +14,12 @@ OPTML-Group/Unlearn-Saliency, ``SD/train-scripts/generate_mask.py`` and ``random
 
    c′ ≠ c a substitute prompt; gradients are multiplied by m_S before each Adam step.
 
-Data (drawn by the given model, ``erasers.data``): D_f = ``n_forget`` images of the concept's keywords in its
-contexts (the reference's 800 "a photo of a nude person" images, or a class's images); D_r = ``n_retain`` images of
-the preserved concepts in their contexts (the class script's other classes), or of the guide prompts when nothing is
-preserved (the NSFW script's "a photo of a person wearing clothes"). c′: ``pseudo="guide"`` (default; the NSFW
-script's choice, the prompt with the guide instead of the keyword) or ``"random"`` (the class script's random label:
-the keyword replaced by a preserved concept of the concept's own category, drawn per sample).
+Data (drawn by the given model, ``imagesets.generated_images``): D_f = ``n_forget`` images of the concept's
+keywords in its contexts (the reference's 800 "a photo of a nude person" images, or a class's images); D_r =
+``n_retain`` images of the preserved concepts in their contexts (the class script's other classes), or of the guide
+prompts when nothing is preserved (the NSFW script's "a photo of a person wearing clothes"). c′: ``pseudo="guide"``
+(default; the NSFW script's choice, the prompt with the guide instead of the keyword) or ``"random"`` (the class
+script's random label: the keyword replaced by a preserved concept of the concept's own category, drawn per sample).
 
 Reference deviation: the released mask code ranks |g| in ascending order and keeps ranks below the threshold, i.e.
 the *least* salient half; ``salient="largest"`` (default) is the paper's rule, ``salient="smallest"`` the code's.
@@ -46,13 +46,13 @@ import torch.nn.functional as F
 from safediff.adapters import Conditioning
 from safediff.concepts import Concept
 from safediff.erasers.base import Eraser
-from safediff.erasers.data import generated_latents
-from safediff.erasers.modules import all_weights, check_group, group_parameters, in_group
+from safediff.imagesets import generated_images
+from safediff.adapters.roles import check_group, in_group
+from safediff.erasers.modules import group_parameters
 from safediff.erasers.prompts import as_concept, replace_word, words_of
 from safediff.erasers.training_prompts import prompt_pairs, retain_prompts
-from safediff.erasers.training import TrainingState, loss_summary, run_fingerprint, shuffled, train, trainable
+from safediff.erasers.training import Fit, loss_summary, shuffled
 from safediff.errors import SafediffError
-from safediff.attacks.objectives import noised, training_target
 from safediff.options import option
 from safediff.sampling import denoiser_output
 
@@ -104,10 +104,7 @@ class SalUn(Eraser):
 
     def __post_init__(self):
         super().__post_init__()
-        check_group(self.module, "eraser salun")
-        if self.module.startswith("text_encoder"):
-            raise SafediffError(f"eraser salun trains the denoiser; module must be one of full, xattn, kv, noxattn, "
-                                f"got '{self.module}'")
+        check_group(self.module, "eraser salun", trains="denoiser")
         for value, accepted, what in ((self.salient, SALIENT, "salient"), (self.pseudo, PSEUDO, "pseudo")):
             if value not in accepted:
                 raise SafediffError(f"eraser salun: {what} must be one of {', '.join(accepted)}, got '{value}'")
@@ -120,19 +117,15 @@ class SalUn(Eraser):
         run = SalUnRun(self, model, concepts, preserve, guide)
         params = group_parameters(model, self.module)
         frozen = {n: p.detach().clone() for n, p in params.items()}
-        state = TrainingState(params, None, {"data": run.generator}, losses=[])
-        fingerprint = run_fingerprint(self, model, {"forget": run.forget_prompts, "retain": run.retain_prompts})
-        with trainable(all_weights(model), params, frozen), torch.enable_grad():
+        extra = {"forget": run.forget_prompts, "retain": run.retain_prompts}
+        with Fit(self, model, params, {"data": run.generator}, extra, progress, frozen=frozen) as fit:
+            state = fit.state
             mask = run.mask(params)
-            state.optimizer = torch.optim.Adam(list(params.values()), lr=self.lr)
-            resumed = state.load(self.checkpoint, fingerprint) if self.checkpoint else False
-            resumed_at = state.iteration if resumed else None
+            fit.start(torch.optim.Adam(list(params.values()), lr=self.lr))
             per_epoch = math.ceil(self.n_forget / self.batch)
-            train(state, self.epochs * per_epoch, lambda it: run.step(it, per_epoch, params, mask),
-                  checkpoint=self.checkpoint, checkpoint_every=self.checkpoint_every, fingerprint=fingerprint,
-                  desc=self.name, progress=progress, backward=False)
-            new = {n: p.detach().clone() for n, p in params.items()}
-        self.losses = list(state.losses)
+            fit.train(lambda it: run.step(it, per_epoch, params, mask), self.epochs * per_epoch, backward=False)
+            new = fit.trained()
+        self.losses, resumed_at = list(state.losses), fit.resumed_at
         kept = sum(int(m.sum()) for m in mask.values())
         info = {"module": self.module, "mask_kept": kept, "mask_size": sum(m.numel() for m in mask.values()),
                 "forget_prompts": run.forget_prompts[:6], "retain_prompts": run.retain_prompts[:6],
@@ -153,8 +146,10 @@ class SalUnRun:
         self.words = [w for c in concepts for w in words_of(c) if w.strip()]
         self.substitutes = self._substitutes(concepts, preserve) if eraser.pseudo == "random" else []
         g = torch.Generator().manual_seed(int(eraser.seed))
-        self.forget, self.forget_of = generated_latents(model, self.forget_prompts, eraser.n_forget, g)
-        self.retain, self.retain_of = generated_latents(model, self.retain_prompts, eraser.n_retain, g)
+        forget = generated_images(model, self.forget_prompts, eraser.n_forget, g, batch_size=16)
+        retain = generated_images(model, self.retain_prompts, eraser.n_retain, g, batch_size=16)
+        self.forget, self.forget_of = forget.latents, forget.captions
+        self.retain, self.retain_of = retain.latents, retain.captions
         self.generator = g  # noise, timesteps and substitutes from here on (checkpointed)
         self.n_train = model.adapter.train_timesteps
         with torch.no_grad():
@@ -181,7 +176,7 @@ class SalUnRun:
         """(x_t, t, ε) for a batch of latents; t and ε from the run's generator."""
         t = torch.randint(self.n_train, (len(x0),), generator=self.generator).to(x0.device)
         eps = torch.randn(x0.shape, generator=self.generator, dtype=x0.dtype).to(x0.device)
-        return noised(self.model, x0, eps, t), t, eps
+        return self.model.adapter.noised(x0, eps, t), t, eps
 
     def mask(self, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
         """m_S from the forget set (gradients summed over its batches)."""
@@ -196,7 +191,7 @@ class SalUnRun:
                                   None if self.uncond.pooled is None else self.uncond.pooled.expand(len(x0), -1))
             both = denoiser_output(model, torch.cat([x_t, x_t]), torch.cat([t, t]), Conditioning.cat([cond, uncond]))
             e_c, e_u = both.chunk(2)
-            loss = -F.mse_loss(((1 + w) * e_c - w * e_u).float(), training_target(model, x0, eps, t).float())
+            loss = -F.mse_loss(((1 + w) * e_c - w * e_u).float(), model.adapter.training_target(x0, eps, t).float())
             grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
             for (n, _), g in zip(params.items(), grads):
                 if g is not None:
@@ -221,7 +216,7 @@ class SalUnRun:
         out = denoiser_output(model, torch.cat([x_f, x_r]), torch.cat([t_f, t_r]), Conditioning.cat([cond_f, cond_r]))
         pred_f, pred_r = out[:len(f_idx)], out[len(f_idx):]
         forget = F.mse_loss(pred_f.float(), pseudo.float())
-        retain = F.mse_loss(pred_r.float(), training_target(model, x0_r, eps_r, t_r).float())
+        retain = F.mse_loss(pred_r.float(), model.adapter.training_target(x0_r, eps_r, t_r).float())
         loss = forget + e.alpha * retain
         loss.backward()
         with torch.no_grad():

@@ -35,7 +35,7 @@ erase targets and anchors are taken in turn, not as a shuffled balanced list. St
 ``checkpoint`` (the mined words with it) and resumes bit-identically; an interrupted stage 1 is redone from the seed.
 
 SD3 / FLUX (no STEREO code exists for them; our mapping): both stages carry over unchanged in form. The module
-groups are ESD's roles on the MM-DiT (``erasers.modules``: ``noxattn`` = ESD-u's set), x_t comes from the
+groups are ESD's roles on the MM-DiT (``adapters.roles`` groups: ``noxattn`` = ESD-u's set), x_t comes from the
 flow-matching Euler trajectory, the guidance combinations are taken on velocities (linear, as on ε), and a mined word
 is one learned vector per text encoder (CLIP-L, CLIP-G, T5 on SD3; CLIP-L, T5 on FLUX), each encoder reading the
 placeholder in its own tokens (``concept_inversion.Inversion``).
@@ -53,12 +53,12 @@ from safediff.adapters import Conditioning
 from safediff.attacks.concept_inversion import Inversion, initial_vectors, placeholder_conditioning
 from safediff.concepts import Concept, fill_context
 from safediff.erasers.base import Eraser
-from safediff.erasers.data import generated_latents
-from safediff.erasers.modules import all_weights, check_group, denoiser_names, group_parameters, in_group
+from safediff.imagesets import generated_images
+from safediff.adapters.roles import check_group, in_group
+from safediff.erasers.modules import denoiser_keys, group_parameters
 from safediff.erasers.prompts import GENERIC_TEMPLATES
 from safediff.erasers.training_prompts import prompt_pairs
-from safediff.erasers.training import (TrainingState, cycled, draw_partial, loss_summary, run_fingerprint, train,
-                                       trainable)
+from safediff.erasers.training import Fit, TrainingState, cycled, draw_partial, loss_summary, train
 from safediff.errors import SafediffError
 from safediff.options import option
 from safediff.sampling import denoiser_output, trajectory_scheduler
@@ -106,10 +106,7 @@ class STEREO(Eraser):
 
     def __post_init__(self):
         super().__post_init__()
-        check_group(self.module, "eraser stereo")
-        if self.module.startswith("text_encoder"):
-            raise SafediffError(f"eraser stereo trains the denoiser; module must be one of noxattn, xattn, kv, full, "
-                                f"got '{self.module}'")
+        check_group(self.module, "eraser stereo", trains="denoiser")
         if self.sample_with not in SAMPLE_WITH:
             raise SafediffError(f"eraser stereo: sample_with must be one of {', '.join(SAMPLE_WITH)}, got "
                                 f"'{self.sample_with}'")
@@ -121,14 +118,11 @@ class STEREO(Eraser):
     def compute(self, model, concepts: list[Concept], preserve, guide, progress):
         params = group_parameters(model, self.module)
         original = {n: p.detach().clone() for n, p in params.items()}
-        run = StereoRun(self, model, concepts, guide, denoiser_names(model, original))
-        state = TrainingState(params, None, {"sampling": run.generator}, losses=[])
-        fingerprint = run_fingerprint(self, model, {"anchors": run.anchors, "words": run.words})
-        with trainable(all_weights(model), params, original), torch.enable_grad():
-            state.optimizer = torch.optim.AdamW(list(params.values()), lr=self.lr, weight_decay=self.weight_decay)
-            resumed = state.load(self.checkpoint, fingerprint) if self.checkpoint else False
-            resumed_at = state.iteration if resumed else None
-            if resumed:
+        run = StereoRun(self, model, concepts, guide, denoiser_keys(model, original))
+        extra = {"anchors": run.anchors, "words": run.words}
+        with Fit(self, model, params, {"sampling": run.generator}, extra, progress, frozen=original) as fit:
+            state = fit.state
+            if fit.start(torch.optim.AdamW(list(params.values()), lr=self.lr, weight_decay=self.weight_decay)):
                 mined = run.mined_from(state.carried)
             else:
                 mined = run.search(params, progress)
@@ -137,11 +131,9 @@ class STEREO(Eraser):
                         p.copy_(original[n])
                 state.carried.update(run.carried(mined))
             targets = run.targets(mined)
-            train(state, self.iterations, lambda it: run.erase_once(it, targets), checkpoint=self.checkpoint,
-                  checkpoint_every=self.checkpoint_every, fingerprint=fingerprint, desc=f"{self.name} stage 2",
-                  progress=progress)
-            new = {n: p.detach().clone() for n, p in params.items()}
-        self.losses = list(state.losses)
+            fit.train(lambda it: run.erase_once(it, targets), desc=f"{self.name} stage 2")
+            new = fit.trained()
+        self.losses, resumed_at = list(state.losses), fit.resumed_at
         info = {"module": self.module, "anchors": run.anchors[:6], "erased_words": run.words,
                 "mined_words": len(mined), "search": run.search_log, "ddim_steps": run.steps,
                 "resumed_at_iteration": resumed_at, **loss_summary(state.losses)}
@@ -161,7 +153,7 @@ class StereoRun:
                                             for t in (c.contexts or GENERIC_TEMPLATES))) + ["{}"]
         self.slots, _ = initial_vectors(model.adapter, eraser.init_word or self.words[0], "eraser stereo")
         self.generator = torch.Generator().manual_seed(int(eraser.seed))
-        self.images, _ = generated_latents(model, self.anchors, eraser.n_images, self.generator)
+        self.images = generated_images(model, self.anchors, eraser.n_images, self.generator, batch_size=16).latents
         self.steps = int(eraser.ddim_steps or model.defaults["steps"])
         self.height, self.width = int(model.defaults["height"]), int(model.defaults["width"])
         self.scheduler = trajectory_scheduler(model, self.steps, self.height, self.width)
@@ -193,7 +185,7 @@ class StereoRun:
         current = self.word_conds
         mined: list[list[torch.Tensor]] = []
         for k in range(e.rounds):
-            start = denoiser_names(self.model, {n: p.detach().clone() for n, p in params.items()})
+            start = denoiser_keys(self.model, {n: p.detach().clone() for n, p in params.items()})
             self._erase(params, current, start, progress, k)
             vectors = self._mine(progress, k)
             mined.append(vectors)

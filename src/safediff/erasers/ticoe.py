@@ -54,8 +54,10 @@ import torch
 import torch.nn.functional as F
 
 from safediff.adapters import Conditioning
+from safediff.adapters.roles import in_group
 from safediff.erasers.base import Eraser
-from safediff.erasers.images import image_latents
+from safediff.erasers.modules import denoiser_group
+from safediff.imagesets import latents_from
 from safediff.erasers.prompts import contexts
 from safediff.erasers.training import fit_denoiser, loss_summary
 from safediff.errors import SafediffError
@@ -168,7 +170,7 @@ class TICoE(Eraser):
         self.losses: list[float] = []
 
     def touches(self, name: str) -> bool:
-        return name.startswith(("unet.", "transformer."))
+        return in_group("full", name)
 
     def compute(self, model, concepts, preserve, guide, progress):
         if preserve is not None or guide is not None:
@@ -181,9 +183,7 @@ class TICoE(Eraser):
         g = torch.Generator(device="cpu").manual_seed(int(self.seed))
         pools, sources = [], []
         for bank in banks_text:
-            prompts = [bank[i % len(bank)] for i in range(self.n_images)]
-            seeds = torch.randint(2**31, (self.n_images,), generator=g).tolist()
-            x0, source = image_latents(model, self.images, prompts, seeds, self.image_steps)
+            x0, source = latents_from(model, self.images, bank, self.n_images, g, self.image_steps)
             pools.append(x0)
             sources.append(source)
         with torch.no_grad():
@@ -195,7 +195,7 @@ class TICoE(Eraser):
                         self.residual).to(model.device)
         hvrl.train()
         adapter, T = model.adapter, model.adapter.train_timesteps
-        params = dict(model.denoiser.named_parameters())
+        params = denoiser_group(model, "full")
         frozen = {n: p.detach().clone() for n, p in params.items()}
         e = self
         cache: dict[int, tuple[int, Conditioning]] = {}

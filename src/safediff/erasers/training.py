@@ -1,9 +1,9 @@
 """What the training-based erasers share: the training loop, resumable state, parameter swapping, x_t draws.
 
 - ``train``: the one loop (zeroed gradients, optional gradient clipping and learning-rate factor per iteration,
-  periodic checkpoints); ``TrainingState``: what it owns, saved and resumed bit-identically; ``fit_denoiser``: the
-  loop around a set of denoiser parameters (and side tensors), from checkpoint to trained values, the denoiser
-  restored;
+  periodic checkpoints); ``TrainingState``: what it owns, saved and resumed bit-identically; ``Fit``: one run
+  around a set of parameters (and side tensors), from checkpoint to trained values, the model restored;
+  ``fit_denoiser``: a ``Fit`` of denoiser parameters in one call;
 - ``draw_partial``: x_t by partial sampling from noise (DDIM on a UNet, the flow-matching Euler on SD3/FLUX), at a
   random step, with the training timestep drawn in that step's bin (ESD's sampling, shared by the erasers that
   train on the model's own trajectories);
@@ -33,6 +33,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from safediff.concepts import Concept
+from safediff.erasers.modules import all_weights
 from safediff.errors import SafediffError
 from safediff.hashing import json_sha256
 from safediff.storage import write_bytes_atomic
@@ -240,30 +241,69 @@ def draw_partial(model, scheduler, steps: int, generator: torch.Generator, cond,
     return step, t, x
 
 
+class Fit:
+    """One resumable training run of ``params`` (and ``side`` tensors, e.g. a module trained alongside, checkpointed
+    but not part of the edit), as a context: inside it only they require grad (``trainable`` over ``module``, by
+    default every weight of the model) and gradients are on; on exit ``params`` get their original values
+    (``frozen``, copied here unless the caller holds them) and every flag its former value. ``start`` takes the
+    optimizer and resumes from ``eraser.checkpoint`` when it exists (its fingerprint: ``run_fingerprint(eraser,
+    model, extra)``); ``train`` runs the loop (``eraser.iterations`` unless told); ``trained`` copies the values."""
+
+    def __init__(self, eraser, model, params: dict[str, torch.nn.Parameter], generators: dict[str, torch.Generator],
+                 extra: dict, progress: bool, *, frozen: dict[str, torch.Tensor] | None = None,
+                 side: dict[str, torch.Tensor] | None = None, module: torch.nn.Module | None = None):
+        self.eraser, self.params, self.side, self.progress = eraser, params, side or {}, progress
+        self.frozen = frozen if frozen is not None else {n: p.detach().clone() for n, p in params.items()}
+        self.state = TrainingState({**params, **self.side}, None, generators, losses=[])
+        self.fingerprint = run_fingerprint(eraser, model, extra)
+        self.module = module if module is not None else all_weights(model)
+        self.resumed_at: int | None = None
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> "Fit":
+        self._stack.enter_context(trainable(self.module, self.params, self.frozen))
+        self._stack.enter_context(torch.enable_grad())
+        for t in self.side.values():
+            t.requires_grad_(True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def start(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Use ``optimizer``; resume from the eraser's checkpoint if there is one. Whether it resumed."""
+        self.state.optimizer = optimizer
+        checkpoint = self.eraser.checkpoint
+        resumed = self.state.load(checkpoint, self.fingerprint) if checkpoint else False
+        self.resumed_at = self.state.iteration if resumed else None
+        return resumed
+
+    def train(self, step: Callable[[int], tuple[torch.Tensor, dict]], iterations: int | None = None,
+              desc: str | None = None, **loop) -> None:
+        """``train`` with the eraser's checkpoint settings; ``loop``: its ``backward``, ``max_grad_norm``,
+        ``lr_factor``."""
+        e = self.eraser
+        train(self.state, e.iterations if iterations is None else iterations, step, checkpoint=e.checkpoint,
+              checkpoint_every=e.checkpoint_every, fingerprint=self.fingerprint, desc=desc or e.name,
+              progress=self.progress, **loop)
+
+    def trained(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """The current values of ``params``, named ``prefix + name``."""
+        return {f"{prefix}{n}": p.detach().clone() for n, p in self.params.items()}
+
+
 def fit_denoiser(eraser, model, params: dict[str, torch.nn.Parameter],
                  make_optimizer: Callable[[], torch.optim.Optimizer], step: Callable[[int], tuple[torch.Tensor, dict]],
                  generators: dict[str, torch.Generator], extra: dict, progress: bool,
                  side: dict[str, torch.Tensor] | None = None, max_grad_norm: float | None = None,
                  lr_factor: Callable[[int], float] | None = None, frozen: dict[str, torch.Tensor] | None = None
                  ) -> tuple[dict[str, torch.Tensor], TrainingState, int | None]:
-    """Train the denoiser parameters ``params`` (names as in ``model.denoiser.named_parameters()``) and the ``side``
-    tensors (e.g. a module trained alongside, checkpointed but not part of the edit) with ``train``, resuming from
-    ``eraser.checkpoint`` when it exists (its fingerprint: ``run_fingerprint(eraser, model, extra)``). Returns the
-    trained values (named as edits name them: ``unet.…``, ``transformer.…``), the state and the iteration resumed at
-    (None for a fresh run); the denoiser gets its original parameter values (``frozen``, copied here unless the
-    caller holds them) and ``requires_grad`` flags back."""
-    frozen = frozen if frozen is not None else {n: p.detach().clone() for n, p in params.items()}
-    state = TrainingState({**params, **(side or {})}, None, generators, losses=[])
-    fingerprint = run_fingerprint(eraser, model, extra)
-    with trainable(model.denoiser, params, frozen), torch.enable_grad():
-        for t in (side or {}).values():
-            t.requires_grad_(True)
-        state.optimizer = make_optimizer()
-        resumed = state.load(eraser.checkpoint, fingerprint) if eraser.checkpoint else False
-        resumed_at = state.iteration if resumed else None
-        train(state, eraser.iterations, step, checkpoint=eraser.checkpoint, checkpoint_every=eraser.checkpoint_every,
-              fingerprint=fingerprint, desc=eraser.name, progress=progress, max_grad_norm=max_grad_norm,
-              lr_factor=lr_factor)
-        prefix = model.adapter.denoiser_component
-        new = {f"{prefix}.{n}": p.detach().clone() for n, p in params.items()}
-    return new, state, resumed_at
+    """``Fit`` of the denoiser parameters ``params`` (names as in ``model.denoiser.named_parameters()``) and the
+    ``side`` tensors, from checkpoint to trained values. Returns the trained values (named as edits name them:
+    ``unet.…``, ``transformer.…``), the state and the iteration resumed at (None for a fresh run)."""
+    with Fit(eraser, model, params, generators, extra, progress, frozen=frozen, side=side,
+             module=model.denoiser) as fit:
+        fit.start(make_optimizer())
+        fit.train(step, max_grad_norm=max_grad_norm, lr_factor=lr_factor)
+        new = fit.trained(model.adapter.denoiser_component + ".")
+    return new, fit.state, fit.resumed_at
