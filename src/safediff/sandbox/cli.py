@@ -7,6 +7,7 @@ import sys
 import typer
 
 from safediff.errors import SafediffError
+from safediff.sandbox.train import UNET_STEPS, VAE_STEPS
 
 app = typer.Typer(help="The sandbox: a synthetic world and a tiny Stable-Diffusion-format model trained on it.",
                   no_args_is_help=True)
@@ -23,8 +24,8 @@ def train(
     minutes: float = typer.Option(150.0, "--minutes", help="Wall-clock cap for this run; stops and saves early."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     seed: int = typer.Option(0, "--seed", help="Seed for initialisation, data, noise and timesteps."),
-    vae_steps: int = typer.Option(2000, "--vae-steps", help="VAE training steps."),
-    unet_steps: int = typer.Option(6000, "--unet-steps", help="UNet + text encoder training steps."),
+    vae_steps: int = typer.Option(VAE_STEPS, "--vae-steps", help="VAE training steps."),
+    unet_steps: int = typer.Option(UNET_STEPS, "--unet-steps", help="UNet + text encoder training steps."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per UNet + text encoder step."),
     vae_batch_size: int = typer.Option(16, "--vae-batch-size", help="Images per VAE step."),
     threads: int = typer.Option(2, "--threads", help="torch CPU threads."),

@@ -2,11 +2,9 @@
 
 Model (``vae_config``, ``unet_config``, ``text_config``): a 64x64 image is encoded by a three-level VAE (channels
 32/64/64, downsampling factor 4) into a 16x16x4 latent, the grid of the v1 sandbox's UNet, so the diffusion stage
-costs what it did at 32x32. The UNet and the text encoder are v1's: two levels (64/128 channels, 16x16 and 8x8) with
-cross-attention and self-attention at both, so every position already sees the whole image (where the two objects of
-a scene go); a 3-level (64/128/128) variant costs 3 % more per step but 2.7 M more parameters, and the shipped
-model's size budget (25 MiB in fp32, ``tests/test_sandbox_train.py``) leaves the UNet about 4.5 M. The text encoder is
-a 3-layer ``CLIPTextModel`` of width 128. Sizes in the record's ``parameters``.
+costs what it did at 32x32. The UNet has three levels (64/128/128 channels at 16x16, 8x8 and 4x4) with cross- and
+self-attention at each, so the 4x4 level sees the whole scene at once (which object is left, which right in a
+two-object caption); the text encoder is a 4-layer ``CLIPTextModel`` of width 128. Sizes in the record's ``parameters``.
 
 Stage 1 (VAE, Kingma & Welling 2014 as used by Rombach et al. 2022): minimise
 ``||D(z) - x||^2 + beta * KL(q(z|x) || N(0, I))`` with ``z ~ q(z|x)``, ``beta`` small (1e-6). After it, the latent
@@ -24,9 +22,10 @@ The VAE stage uses batches of ``vae_batch_size`` (16: each 64x64 image already g
 positions), the diffusion stage ``batch_size`` (32); the record keeps each stage's seconds per step. Checkpoints are
 one safetensors file (model, EMA and flattened AdamW state; the JSON state in its metadata) replaced atomically.
 
-Default length (``VAE_STEPS`` = 2000, ``UNET_STEPS`` = 6000): 0.63 s per VAE step and 1.14 s per UNet step measured
-with 2 threads on 2 otherwise idle cores (1.18 s and 1.95 s with 1 thread) give about 136 minutes, inside the
-150-minute ``--minutes`` cap (``docs/sandbox.md``, "Training").
+Default length (``VAE_STEPS`` = 2000, ``UNET_STEPS`` = 6000): 0.63 s per VAE step and about 1.2 s per UNet step
+with 2 threads on 2 otherwise idle cores (1.18 s and 2.0 s with 1 thread) give about 141 minutes, inside the
+150-minute ``--minutes`` cap (``docs/sandbox.md``, "Training"). The learning rate is constant after warm-up, so a
+longer run resumes the same ``--out`` with a larger ``--unet-steps``.
 """
 
 from __future__ import annotations
