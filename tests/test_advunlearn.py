@@ -10,7 +10,7 @@ from safediff.attacks.search import SoftPrompt
 from safediff.concepts import resolve
 from safediff.erasers.advunlearn import AdvUnlearn, AdvUnlearnRun
 from safediff.erasers.modules import all_weights, group_parameters
-from safediff.erasers.training import cycled, draw_partial, trainable
+from safediff.erasers.training import cycled, trainable
 from safediff.errors import SafediffError
 from safediff.sampling import denoiser_output
 
@@ -49,8 +49,7 @@ def test_warm_up_loss_is_esd_plus_gamma_retain(tiny_sd):
         c = adapter.encode([run.prompts[k]])
         rr = adapter.encode([run.retain[i] for i in r])
         cond = Conditioning.cat([c, rr])
-        _, t_value, x = draw_partial(tiny_sd, run.scheduler, run.steps, g, cond,
-                                     Conditioning.cat([run.uncond] * len(cond)), 3.0, run.height, run.width)
+        _, t_value, x = run.trajectories.draw(g, cond, Conditioning.cat([run.uncond] * len(cond)), 3.0)
         t = torch.tensor([t_value])
         e = denoiser_output(tiny_sd, torch.cat([x[:1], x[:1], x]), t,
                             Conditioning.cat([run.uncond, c, c, rr]))

@@ -6,25 +6,25 @@ import torch
 
 from safediff.adapters import Conditioning
 from safediff.concepts import Concept, resolve
-from safediff.erasers import all_but_one as abo
 from safediff.erasers.all_but_one import AllButOne
 from safediff.errors import SafediffError
 from safediff.registry import ERASERS
 from safediff.sampling import denoiser_output
+from safediff.sampling import Trajectories
 
 FAST = dict(iterations=2, lr=1e-3, ddim_steps=2)
 
 
 def record_draws(monkeypatch) -> list:
     seen = []
-    draw = abo.draw_partial
+    draw = Trajectories.draw
 
     def recording(*args, **kwargs):
         out = draw(*args, **kwargs)
         seen.append(out)
         return out
 
-    monkeypatch.setattr(abo, "draw_partial", recording)
+    monkeypatch.setattr(Trajectories, "draw", recording)
     return seen
 
 

@@ -87,8 +87,9 @@ def test_first_loss_is_the_negative_guidance_target_of_the_frozen_model(tiny_sd)
         e_u = tiny_sd.denoiser(batch.x, t, encoder_hidden_states=uncond).sample
     expected = ((1 + eta) ** 2) * ((e_c - e_u) ** 2).mean()
     assert_close(loss, expected, 1e-4, relative=True)  # one 2-row UNet call vs two 1-row calls: max 4.6e-6
-    lo, hi = int(run.scheduler.timesteps[batch.step]), (
-        int(run.scheduler.timesteps[batch.step - 1]) if batch.step else 1000)
+    ts = run.trajectories.scheduler.timesteps
+    lo, hi = int(ts[batch.step]), (
+        int(ts[batch.step - 1]) if batch.step else 1000)
     assert lo <= batch.t < hi, "t lies in the DDIM step's DDPM bin"
 
 

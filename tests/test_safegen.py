@@ -12,7 +12,7 @@ from safediff.erasers.safegen import SafeGen, mosaic, mosaic_target
 from safediff.errors import SafediffError
 from safediff.exemplars import exemplar_images, has_exemplars
 from safediff.registry import ERASERS
-from safediff.sampling import trajectory_scheduler
+from safediff.sampling import Trajectories
 
 FAST = dict(iterations=2, lr=1e-3, batch=2, n_images=2, mosaic_block=8)
 
@@ -30,7 +30,7 @@ def test_the_mosaic_replaces_each_cell_by_its_mean_colour():
 
 
 def test_mosaic_targets_follow_their_formulas(tiny_sd):
-    s = trajectory_scheduler(tiny_sd, 5, 64, 64)
+    s = Trajectories(tiny_sd, 5).scheduler
     g = torch.Generator().manual_seed(0)
     z_c, z_m, eps = (torch.randn(2, 4, 4, 4, generator=g) for _ in range(3))
     t = torch.tensor([10, 700])

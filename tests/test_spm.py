@@ -16,6 +16,7 @@ from safediff.guards.spm import token_sets, transport_rates
 from safediff.registry import ERASERS, GUARDS
 from safediff.sampling import denoiser_output, generate
 from safediff.adapters import Conditioning
+from safediff.sampling import Trajectories
 
 RED = resolve("red")
 FAST = dict(iterations=3, lr=1e-2, warmup=0, ddim_steps=2, anchors=1)
@@ -55,14 +56,14 @@ def test_the_edit_is_the_merged_membrane_of_rank_r(tiny_sd, rank):
 
 def test_first_loss_is_the_negative_guidance_target_of_the_frozen_model(tiny_sd, monkeypatch):
     seen = []
-    draw = spm_module.draw_partial
+    draw = Trajectories.draw
 
     def recording(*args, **kwargs):
         out = draw(*args, **kwargs)
         seen.append(out)
         return out
 
-    monkeypatch.setattr(spm_module, "draw_partial", recording)
+    monkeypatch.setattr(Trajectories, "draw", recording)
     eraser = SPM(iterations=1, lr=1e-3, ddim_steps=3, anchors=2, negative_guidance=2.0, sample_with="frozen")
     eraser.fit(tiny_sd, [Concept("red", ("red",))], progress=False)
     _, t, x = seen[0]

@@ -10,7 +10,7 @@ from safediff.adapters import Conditioning
 from safediff.concepts import resolve
 from safediff.erasers.modules import all_weights, denoiser_keys, group_parameters
 from safediff.erasers.stereo import STEREO, StereoRun
-from safediff.erasers.training import cycled, draw_partial, trainable
+from safediff.erasers.training import cycled, trainable
 from safediff.errors import SafediffError
 from safediff.sampling import denoiser_output
 
@@ -34,7 +34,7 @@ def test_stage_two_target_is_the_compositional_formula(tiny_sd):
     item, anchor = cycled(4, len(targets), 5, 1)[0], cycled(5, len(run.anchors), 5, 1)[0]
     with torch.no_grad():
         c = targets[item:item + 1]
-        _, t_value, x = draw_partial(tiny_sd, run.scheduler, run.steps, g, c, run.uncond, 3.0, run.height, run.width)
+        _, t_value, x = run.trajectories.draw(g, c, run.uncond, 3.0)
         t = torch.tensor([t_value])
         e_0 = denoiser_output(tiny_sd, x, t, run.uncond)
         e_a = denoiser_output(tiny_sd, x, t, tiny_sd.adapter.encode([run.anchors[anchor]]))

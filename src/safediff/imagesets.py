@@ -20,7 +20,7 @@ The training erasers' sources:
   cycled and the seeds drawn from the eraser's generator, so a fit is reproducible from its seed;
 - ``trajectory_latents`` (Concept Ablation, Forget-Me-Not, TICoE, SafeGen): the model's own samples for prompts from
   each seed's Gaussian noise, with classifier-free guidance, at the model's size, with the trajectory scheduler
-  (``sampling.trajectory_scheduler``: DDIM with η = 0 on a UNet, the flow-matching Euler on SD3/FLUX); the final
+  (``sampling.Trajectories``: DDIM with η = 0 on a UNet, the flow-matching Euler on SD3/FLUX); the final
   latents are kept (no decode/encode round trip);
 - ``folder_arrays`` + ``encode_images``: a folder's files as uint8 arrays (at the first one's size), resized to the
   model's size (bilinear) and encoded; ``safediff.exemplars.exemplar_images`` + ``encode_images``: images a concept
@@ -171,21 +171,16 @@ def generated_images(model, prompts: list[str], n: int, generator: torch.Generat
 def trajectory_latents(model, prompts: list[str], seeds: list[int], steps: int | None = None,
                        guidance: float | None = None, batch: int = 16) -> torch.Tensor:
     """[N, C, h, w]: one sample of the model (as it is now) per (prompt, seed), on the trajectory scheduler."""
-    from safediff.sampling import cfg_session, denoise, initial_noise, step_kwargs, trajectory_scheduler
+    from safediff.sampling import Trajectories, initial_noise
 
-    d = model.defaults
-    steps = int(steps or d["steps"])
-    guidance = float(d["guidance"] if guidance is None else guidance)
-    height, width = int(d["height"]), int(d["width"])
+    traj = Trajectories(model, steps)
+    guidance = float(model.defaults["guidance"] if guidance is None else guidance)
     out = []
     for s in range(0, len(prompts), batch):
         part, part_seeds = prompts[s:s + batch], seeds[s:s + batch]
-        scheduler = trajectory_scheduler(model, steps, height, width)
-        noise, _ = initial_noise(model, part_seeds, height, width)
-        session = cfg_session(model, model.adapter.encode(part), model.adapter.encode_negative(None, len(part)),
-                              guidance, scheduler, height, width)
-        out.append(denoise(session, scheduler, model.adapter.initial_latents(scheduler, noise),
-                           kwargs=step_kwargs(scheduler, None, 0.0)))
+        noise, _ = initial_noise(model, part_seeds, traj.height, traj.width)
+        out.append(traj.run(model.adapter.encode(part), model.adapter.encode_negative(None, len(part)), guidance,
+                            noise))
     return torch.cat(out)
 
 

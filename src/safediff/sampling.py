@@ -121,12 +121,54 @@ def make_scheduler(model, name: str | None = None):
     return getattr(diffusers, accepted[name]).from_config(base.config)
 
 
-def trajectory_scheduler(model, steps: int, height: int, width: int):
-    """A fresh deterministic scheduler set to ``steps`` steps at this image size: what trainers sample x_t with (DDIM
-    for UNet models, the model's flow-matching Euler for SD3/FLUX)."""
-    scheduler = make_scheduler(model, model.adapter.trajectory_scheduler)
-    model.adapter.set_timesteps(scheduler, steps, height, width, device=model.device)
-    return scheduler
+class Trajectories:
+    """The model's own deterministic sampling trajectories, as trainers and probes take them: ``steps`` steps (the
+    model's default when None) at the model's native size, on one scheduler set up once (``adapter``'s
+    ``trajectory_scheduler``: DDIM with η = 0 on a UNet, the model's flow-matching Euler on SD3/FLUX; ``denoise``
+    never steps it, so it serves every run)."""
+
+    def __init__(self, model, steps: int | None = None):
+        d = model.defaults
+        self.model = model
+        self.steps = int(steps or d["steps"])
+        self.height, self.width = int(d["height"]), int(d["width"])
+        self.scheduler = make_scheduler(model, model.adapter.trajectory_scheduler)
+        model.adapter.set_timesteps(self.scheduler, self.steps, self.height, self.width, device=model.device)
+
+    def noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """[n, C, h, w] Gaussian latents from ``generator`` (drawn on the CPU, in the model's dtype)."""
+        shape = latent_shape(self.model, self.height, self.width)
+        return torch.randn((n, *shape), generator=generator, dtype=self.model.dtype).to(self.model.device)
+
+    def run(self, cond: Conditioning, uncond: Conditioning, guidance: float, noise: torch.Tensor,
+            n_steps: int | None = None, callback=None, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The latents after the first ``n_steps`` steps (all by default) from ``noise``, with plain classifier-free
+        guidance on ``cond`` (``cfg_session``); ``callback`` and ``params`` as ``denoise`` takes them."""
+        session = cfg_session(self.model, cond, uncond, guidance, self.scheduler, self.height, self.width)
+        return denoise(session, self.scheduler, self.model.adapter.initial_latents(self.scheduler, noise),
+                       n_steps=n_steps, kwargs=step_kwargs(self.scheduler, None, 0.0), params=params,
+                       callback=callback)
+
+    def timestep_bin(self, i: int) -> tuple[int, int]:
+        """[lo, hi): the training timesteps that sampling step ``i`` stands for, from its own timestep up to the
+        previous step's. With 50 DDIM steps over 1000 training steps this is the ESD reference code's 20-wide bin
+        around the step; on the flow-matching models it is the step's bin of the (shifted) schedule in [0, 1000]."""
+        ts = self.scheduler.timesteps
+        lo = int(ts[i])
+        hi = int(ts[i - 1]) if i > 0 else int(self.scheduler.config.num_train_timesteps)
+        return lo, max(hi, lo + 1)
+
+    def draw(self, generator: torch.Generator, cond: Conditioning, uncond: Conditioning, guidance: float,
+             params: dict[str, torch.Tensor] | None = None) -> tuple[int, int, torch.Tensor]:
+        """(sampling step i, training timestep t, x_t) by partial sampling, ESD's draw: i uniform in [0, steps), t
+        uniform in i's bin (``timestep_bin``), x_t the latents after i steps from Gaussian noise with guidance
+        ``guidance`` on ``cond``; every random number from ``generator``, in that order; one x_t per row of ``cond``
+        (``uncond`` has as many rows), all at step i. ``params`` replaces denoiser parameters while sampling."""
+        step = int(torch.randint(self.steps, (1,), generator=generator))
+        lo, hi = self.timestep_bin(step)
+        t = int(torch.randint(lo, hi, (1,), generator=generator))
+        x = self.run(cond, uncond, guidance, self.noise(len(cond), generator), n_steps=step, params=params)
+        return step, t, x
 
 
 def check_settings(steps: int, guidance: float, height: int, width: int, n: int | None = None,

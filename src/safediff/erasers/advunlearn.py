@@ -10,7 +10,7 @@ encoder, which the paper finds the module to robustify; it then plugs into any m
     ℓ_R(θ)     = E_{r ∈ C_retain} ‖ε_θ(x_t^r, r) − ε_θo(x_t^r, r)‖²
 
 x_t (and x_t^r) come from partial DDIM sampling of the frozen model under guidance on c (on r), as ESD's
-(``training.draw_partial``); δ is k soft word embeddings prefixed to the concept's prompt (``SoftPrefix``).
+(``sampling.Trajectories.draw``); δ is k soft word embeddings prefixed to the concept's prompt (``SoftPrefix``).
 The lower level is the paper's fast attack: δ from a random vocabulary token's embedding, then one signed gradient
 step δ ← δ − α sign(∇_δ ℓ_atk) (FGSM; ``attacks.search.SoftPrompt``), with ℓ_atk UnlearnDiffAtk's objective, the
 denoising error on images of the concept (``adapter.noised``/``training_target``; images drawn by the given model
@@ -34,7 +34,7 @@ robust CLIP acts through the pooled modulation alone: for a strong erasure there
 ``module=xattn``). The adversary is k soft tokens after the BOS of *every* encoder's tokenization, CLIP and T5 (δ_j
 in encoder j's input-embedding space; SD 1.x/2.x and SDXL: the CLIP encoder(s) alone, as the reference), so the
 trained encoders learn against an attacker that also moves the frozen T5. x_t comes from the flow-matching Euler
-trajectory (``training.draw_partial``), and the ESD target is taken on velocities (a linear combination, as ESD's).
+trajectory (``sampling.Trajectories.draw``), and the ESD target is taken on velocities (a linear combination, as ESD's).
 
 Retain set C_retain: every preserved concept in its contexts (the reference uses COCO object prompts,
 ``coco_object``), ``retain_batch`` per step without replacement. Prompts: ``prompts="word"`` (reference: each keyword
@@ -65,10 +65,10 @@ from safediff.imagesets import generated_images
 from safediff.adapters.roles import check_group, in_group, is_text_group
 from safediff.erasers.modules import denoiser_keys, group_parameters
 from safediff.erasers.training_prompts import prompt_pairs, retain_prompts
-from safediff.erasers.training import Fit, cycled, draw_partial, loss_summary
+from safediff.erasers.training import Fit, cycled, loss_summary
 from safediff.errors import SafediffError
 from safediff.options import option
-from safediff.sampling import denoiser_output, trajectory_scheduler
+from safediff.sampling import Trajectories, denoiser_output
 
 class SoftPrefix:
     """``prompt`` with k soft tokens δ_j [k, D_j] right after the BOS of every text encoder j's own tokenization:
@@ -166,13 +166,13 @@ class AdvUnlearn(Eraser):
                 "retain_prompts": len(run.retain), "attack": {"update": self.attack_update, "steps": self.attack_steps,
                                                               "objective": self.attack_objective,
                                                               "rounds": run.attack_rounds},
-                "ddim_steps": run.steps, "resumed_at_iteration": resumed_at, **loss_summary(state.losses)}
+                "ddim_steps": run.trajectories.steps, "resumed_at_iteration": resumed_at, **loss_summary(state.losses)}
         return new, info
 
 
 class AdvUnlearnRun:
-    """One fit: prompts and their frozen encodings, the attack's images, the partial-sampling scheduler and the two
-    levels' steps."""
+    """One fit: prompts and their frozen encodings, the attack's images, the model's trajectories (partial
+    sampling) and the two levels' steps."""
 
     @torch.no_grad()
     def __init__(self, eraser: AdvUnlearn, model, concepts: list[Concept], preserve, guide,
@@ -196,9 +196,7 @@ class AdvUnlearnRun:
         # two CLIPs); the others draw their own (T5)
         self.shares = [next(i for i in range(j + 1) if i == j or toks[i].get_vocab() == toks[j].get_vocab())
                        for j in range(len(toks))]
-        self.steps = int(eraser.ddim_steps or model.defaults["steps"])
-        self.height, self.width = int(model.defaults["height"]), int(model.defaults["width"])
-        self.scheduler = trajectory_scheduler(model, self.steps, self.height, self.width)
+        self.trajectories = Trajectories(model, eraser.ddim_steps)
         self.generator = torch.Generator().manual_seed(int(eraser.seed))
         self.images = None
         if eraser.attack_objective == "denoising":
@@ -230,8 +228,8 @@ class AdvUnlearnRun:
             eps = torch.randn(x0.shape, generator=g, dtype=x0.dtype).to(x0.device)
             pred = self.current(self.model.adapter.noised(x0, eps, t), t, cond)
             return F.mse_loss(pred.float(), self.model.adapter.training_target(x0, eps, t).float())
-        _, t_value, x = draw_partial(self.model, self.scheduler, self.steps, g, self.original[k:k + 1], self._uncond(1),
-                                     self.eraser.start_guidance, self.height, self.width, self.frozen_denoiser)
+        _, t_value, x = self.trajectories.draw(g, self.original[k:k + 1], self._uncond(1), self.eraser.start_guidance,
+                                               self.frozen_denoiser)
         t = torch.tensor([t_value], device=self.model.device)
         return F.mse_loss(self.current(x, t, cond).float(), self.frozen(x, t, self.original[k:k + 1]).float())
 
@@ -268,8 +266,8 @@ class AdvUnlearnRun:
         r = cycled(e.seed, len(self.retain), iteration * e.retain_batch, e.retain_batch)
         retain_o = self.retain_original[r]
         cond_o = Conditioning.cat([self.original[k:k + 1], retain_o])
-        _, t_value, x = draw_partial(self.model, self.scheduler, self.steps, g, cond_o, self._uncond(len(cond_o)),
-                                     e.start_guidance, self.height, self.width, self.frozen_denoiser)
+        _, t_value, x = self.trajectories.draw(g, cond_o, self._uncond(len(cond_o)), e.start_guidance,
+                                               self.frozen_denoiser)
         t = torch.tensor([t_value], device=self.model.device)
         x_c, x_r = x[:1], x[1:]
         frozen = self.frozen(torch.cat([x_c, x_c, x_r]), t,

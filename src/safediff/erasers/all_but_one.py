@@ -15,7 +15,7 @@ the unconditional prediction:
 replacement: the concept's guide (or ``guide``); with the empty replacement "" the target guidance term is zero,
 i.e. the concept's prompt is made to predict what the unconditional branch predicts. x_t comes from partial DDIM
 sampling of c_e with the frozen model (classifier-free guidance 3, a random step of S, t drawn in its bin: ESD's
-sampling, ``training.draw_partial``), so the update is made where the concept's trajectories pass.
+sampling, ``sampling.Trajectories.draw``), so the update is made where the concept's trajectories pass.
 
 Our choices where the paper's settings were not available to us: the trained parameters are the cross-attention
 (``variant="x"``, every ``attn2`` parameter: the layers that read the concept's text; ESD's ``u`` and ``x-strict``
@@ -44,10 +44,10 @@ from safediff.erasers.base import Eraser
 from safediff.adapters.roles import in_group
 from safediff.erasers.esd import variant_group
 from safediff.erasers.modules import denoiser_group
-from safediff.erasers.training import draw_partial, fit_denoiser, loss_summary
+from safediff.erasers.training import fit_denoiser, loss_summary
 from safediff.errors import SafediffError
 from safediff.options import option
-from safediff.sampling import denoiser_output, trajectory_scheduler
+from safediff.sampling import Trajectories, denoiser_output
 
 logger = logging.getLogger("safediff")
 
@@ -93,9 +93,7 @@ class AllButOne(Eraser):
         pairs = [(w, c.guide if guide is None else guide) for c in concepts for w in c.keywords if w.strip()]
         if not pairs:
             raise SafediffError("no concept keywords to erase; give at least one concept with a keyword")
-        steps = int(self.ddim_steps or model.defaults["steps"])
-        height, width = int(model.defaults["height"]), int(model.defaults["width"])
-        scheduler = trajectory_scheduler(model, steps, height, width)
+        trajectories = Trajectories(model, self.ddim_steps)
         with torch.no_grad():
             erase = model.adapter.encode([w for w, _ in pairs])
             replace = model.adapter.encode([r for _, r in pairs])
@@ -108,7 +106,7 @@ class AllButOne(Eraser):
         def step(_: int):
             k = int(torch.randint(len(pairs), (1,), generator=g))
             c_e, c_r = erase[k:k + 1], replace[k:k + 1]
-            _, t, x = draw_partial(model, scheduler, steps, g, c_e, uncond, e.start_guidance, height, width, frozen)
+            _, t, x = trajectories.draw(g, c_e, uncond, e.start_guidance, frozen)
             with torch.no_grad():
                 r_u, r_c = denoiser_output(model, torch.cat([x, x]), t, Conditioning.cat([uncond, c_r]),
                                            params=frozen).chunk(2)
@@ -122,7 +120,7 @@ class AllButOne(Eraser):
         new, state, resumed_at = fit_denoiser(self, model, params, optimizer, step, {"training": g},
                                               {"pairs": pairs}, progress, frozen=frozen)
         self.losses = list(state.losses)
-        info = {"pairs": [list(p) for p in pairs], "variant": self.variant, "ddim_steps": steps, "height": height,
-                "width": width, "trained_tensors": len(params), "resumed_at_iteration": resumed_at,
-                **loss_summary(state.losses)}
+        info = {"pairs": [list(p) for p in pairs], "variant": self.variant, "ddim_steps": trajectories.steps,
+                "height": trajectories.height, "width": trajectories.width, "trained_tensors": len(params),
+                "resumed_at_iteration": resumed_at, **loss_summary(state.losses)}
         return new, info

@@ -10,7 +10,7 @@ A LoRA ``ΔW = B A`` (``erasers.low_rank``) on the joint blocks' attention is tr
 - L_esd (ESD in velocity space): ‖v_θ(x_t, c, t) − [v*(x_t, g, t) − η (v*(x_t, c, t) − v*(x_t, g, t))]‖², v* the
   frozen model, c a concept prompt, g its guide (the concept's guide; "" = unconditional, as ESD; the reference
   passes a concept-free prompt here, which ``guide`` gives). x_t: partial sampling of c with the frozen model
-  (``erasers.training.draw_partial`` on ``sampling.trajectory_scheduler``: the flow-matching Euler, CFG
+  (``sampling.Trajectories.draw``: the flow-matching Euler, CFG
   ``start_guidance``), t uniform in the step's bin, as ESD.
 - L_attn (attention-map regulariser): Σ_j ‖A_j‖_F over the concept's token positions j, with A_j the attention
   probabilities of every image query on text token j ([batch, heads, image tokens]) in the joint attention,
@@ -62,10 +62,10 @@ from safediff.errors import SafediffError
 from safediff.erasers.base import Eraser
 from safediff.erasers.low_rank import LowRankDeltas
 from safediff.erasers.prompts import WordFinder, contexts, word_positions
-from safediff.erasers.training import (TrainingState, draw_partial, keywords_of, loss_summary, run_fingerprint,
+from safediff.erasers.training import (TrainingState, keywords_of, loss_summary, run_fingerprint,
                                        train, trainable)
 from safediff.options import option
-from safediff.sampling import denoiser_output, trajectory_scheduler
+from safediff.sampling import Trajectories, denoiser_output
 
 _JOINT_ATTN = re.compile(r"^transformer_blocks\.(\d+)\.attn$")
 LORA_TARGETS = {"text-qk": ("add_q_proj", "add_k_proj"),
@@ -193,7 +193,7 @@ class EraseAnything(Eraser):
         run = EraseAnythingRun(self, model, concepts, preserve, guide)
         new, resumed_at = run.train(progress)
         info = {"prompts": len(run.prompts), "preserve_prompts": len(run.keep), "lora_layers": len(run.base),
-                "steps": run.steps, "resumed_at_iteration": resumed_at, **loss_summary(self.losses)}
+                "steps": run.trajectories.steps, "resumed_at_iteration": resumed_at, **loss_summary(self.losses)}
         return new, info
 
 
@@ -231,9 +231,7 @@ class EraseAnythingRun:
                                 for g in dict.fromkeys(self.guides)}
             self.keep_conds = [adapter.encode([p]) for p in self.keep]
             self.uncond = adapter.encode_negative(None, 1)
-        self.steps = int(eraser.ddim_steps or model.defaults["steps"])
-        self.height, self.width = int(model.defaults["height"]), int(model.defaults["width"])
-        self.scheduler = trajectory_scheduler(model, self.steps, self.height, self.width)
+        self.trajectories = Trajectories(model, eraser.ddim_steps)
         self.generator = torch.Generator().manual_seed(int(eraser.seed))
         targets = LORA_TARGETS[eraser.lora_on]
         named = dict(model.denoiser.named_parameters())
@@ -247,8 +245,7 @@ class EraseAnythingRun:
 
     def draw(self, cond: Conditioning) -> tuple[int, torch.Tensor]:
         """(t, x_t) sampled from ``cond`` by the frozen model (the LoRA is never in the denoiser's weights)."""
-        _, t, x = draw_partial(self.model, self.scheduler, self.steps, self.generator, cond, self.uncond,
-                               self.eraser.start_guidance, self.height, self.width)
+        _, t, x = self.trajectories.draw(self.generator, cond, self.uncond, self.eraser.start_guidance)
         return t, x
 
     # -- forwards --------------------------------------------------------------------------------------------

@@ -55,12 +55,12 @@ from safediff.adapters.roles import in_group
 from safediff.errors import SafediffError
 from safediff.erasers.base import Eraser
 from safediff.erasers.modules import denoiser_group
-from safediff.erasers.training import (TrainingState, draw_partial, keywords_of, loss_summary, run_fingerprint,
+from safediff.erasers.training import (TrainingState, keywords_of, loss_summary, run_fingerprint,
                                        train, trainable)
 from safediff.adapters import Conditioning
 from safediff.models import Model
 from safediff.options import option
-from safediff.sampling import denoiser_output, trajectory_scheduler
+from safediff.sampling import Trajectories, denoiser_output
 
 logger = logging.getLogger("safediff")
 
@@ -89,9 +89,7 @@ class ESDRun:
         self.eraser, self.model, self.words = eraser, model, words
         self.params = denoiser_group(model, variant_group(eraser.variant))
         self.frozen = {n: p.detach().clone() for n, p in self.params.items()}
-        self.steps = int(eraser.ddim_steps or model.defaults["steps"])
-        self.height, self.width = int(model.defaults["height"]), int(model.defaults["width"])
-        self.scheduler = trajectory_scheduler(model, self.steps, self.height, self.width)
+        self.trajectories = Trajectories(model, eraser.ddim_steps)
         with torch.no_grad():
             self.conds = model.adapter.encode(words)
             self.uncond = model.adapter.encode_negative(None, 1)
@@ -101,8 +99,8 @@ class ESDRun:
         """Draw (keyword, DDIM step, DDPM timestep, noise) and sample x_t; all randomness from the run's generator."""
         word = int(torch.randint(len(self.words), (1,), generator=self.generator))
         sampler_params = None if self.eraser.sample_with == "trained" else self.frozen
-        step, t, x = draw_partial(self.model, self.scheduler, self.steps, self.generator, self.conds[word:word + 1],
-                                  self.uncond, self.eraser.start_guidance, self.height, self.width, sampler_params)
+        step, t, x = self.trajectories.draw(self.generator, self.conds[word:word + 1], self.uncond,
+                                            self.eraser.start_guidance, sampler_params)
         return Batch(word, step, t, x)
 
     def loss(self, batch: Batch) -> torch.Tensor:
@@ -168,8 +166,9 @@ class ESD(Eraser):
             self._train(run, state, self.fingerprint(model, words), progress)
             new = {f"{model.adapter.denoiser_component}.{n}": p.detach().clone() for n, p in run.params.items()}
         self.losses = list(state.losses)
-        info = {"variant": self.variant, "keywords": words, "ddim_steps": run.steps, "height": run.height,
-                "width": run.width, "trained_tensors": len(run.params), "resumed_at_iteration": resumed_at,
+        traj = run.trajectories
+        info = {"variant": self.variant, "keywords": words, "ddim_steps": traj.steps, "height": traj.height,
+                "width": traj.width, "trained_tensors": len(run.params), "resumed_at_iteration": resumed_at,
                 **loss_summary(state.losses)}
         return new, info
 

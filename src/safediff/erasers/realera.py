@@ -20,7 +20,7 @@ perturbations that land *outside* that neighbourhood are kept where they were, s
    where ``c_N`` is a concept prompt's conditioning with its concept rows moved to fresh neighbours, ``c_B`` the same
    moved beyond the neighbourhood, ``c_g`` the guide prompt's, ε₀ the model as given to ``fit`` (ε: the denoiser's
    output, the velocity on SD3/FLUX) and x_t drawn as ESD does (partial sampling of the concept prompt with the
-   given model and ``sampling.trajectory_scheduler``: DDIM on UNet models, flow-matching Euler on SD3/FLUX; CFG
+   given model and ``sampling.Trajectories``: DDIM on UNet models, flow-matching Euler on SD3/FLUX; CFG
    ``start_guidance``; t is the last step's timestep). The LoRA is merged: the edit is ``W₁ + B A``.
 
 Our readings of what the paper leaves open: distances are relative to ‖e‖ (``d = ‖η‖/‖e‖``); η is drawn as a
@@ -55,7 +55,7 @@ from safediff.erasers.low_rank import LowRankDeltas
 from safediff.erasers.prompts import WordFinder, build_rows, contexts, replace_word, word_positions
 from safediff.erasers.training import TrainingState, keywords_of, loss_summary, run_fingerprint, train, trainable
 from safediff.options import option
-from safediff.sampling import cfg_session, denoise, denoiser_output, latent_shape, step_kwargs, trajectory_scheduler
+from safediff.sampling import Trajectories, denoiser_output
 
 DRAWS_PER_ROUND = 8  # candidates per wanted sample and round of the rejection sampler
 ROUNDS = 20
@@ -163,8 +163,8 @@ class RealEra(Eraser):
         pooled = {"mined_neighbours_pooled": mined["pooled"][0], "beyond_rows_pooled": mined["pooled"][1]} \
             if "pooled" in mined else {}
         info = {**rows.info, "mined_neighbours": near, "beyond_rows": far, **pooled, "matrices": len(new),
-                "noise_alignment_pairs": len(run.pairs), "ddim_steps": run.steps, "resumed_at_iteration": resumed_at,
-                **loss_summary(losses)}
+                "noise_alignment_pairs": len(run.pairs), "ddim_steps": run.trajectories.steps,
+                "resumed_at_iteration": resumed_at, **loss_summary(losses)}
         return new, info
 
 
@@ -194,9 +194,7 @@ class NoiseAlignment:
             self.cond = [model.adapter.encode([p]) for p, _ in self.pairs]
             self.guide_cond = [model.adapter.encode([g]) for _, g in self.pairs]
             self.uncond = model.adapter.encode_negative(None, 1)
-        self.steps = int(eraser.ddim_steps or model.defaults["steps"])
-        self.height, self.width = int(model.defaults["height"]), int(model.defaults["width"])
-        self.scheduler = trajectory_scheduler(model, self.steps, self.height, self.width)
+        self.trajectories = Trajectories(model, eraser.ddim_steps)
         prefix = model.adapter.denoiser_component + "."
         self.denoiser_names = {name: name.removeprefix(prefix) for name in aligned}
         self.base = {self.denoiser_names[n]: w for n, w in aligned.items()}
@@ -213,14 +211,11 @@ class NoiseAlignment:
 
     def draw(self) -> tuple[int, torch.Tensor, int]:
         """(prompt pair j, x_t, t): x_t after a uniform number of sampling steps of prompt j with the given model."""
-        e, m, g = self.eraser, self.model, self.generator
+        traj, g = self.trajectories, self.generator
         j = int(torch.randint(len(self.pairs), (1,), generator=g))
-        step = int(torch.randint(self.steps, (1,), generator=g))
-        noise = torch.randn((1, *latent_shape(m, self.height, self.width)), generator=g, dtype=m.dtype).to(m.device)
-        session = cfg_session(m, self.cond[j], self.uncond, e.start_guidance, self.scheduler, self.height, self.width)
-        x = denoise(session, self.scheduler, m.adapter.initial_latents(self.scheduler, noise), n_steps=step,
-                    kwargs=step_kwargs(self.scheduler, None, 0.0))
-        return j, x, int(self.scheduler.timesteps[step])
+        step = int(torch.randint(traj.steps, (1,), generator=g))
+        x = traj.run(self.cond[j], self.uncond, self.eraser.start_guidance, traj.noise(1, g), n_steps=step)
+        return j, x, int(traj.scheduler.timesteps[step])
 
     def loss(self, iteration: int):
         e, m = self.eraser, self.model

@@ -58,7 +58,7 @@ from safediff.concepts import fill_context
 from safediff.errors import SafediffError
 from safediff.exemplars import exemplar_images, has_exemplars
 from safediff.options import option
-from safediff.sampling import denoiser_output, trajectory_scheduler
+from safediff.sampling import Trajectories, denoiser_output
 
 logger = logging.getLogger("safediff")
 
@@ -170,8 +170,7 @@ class SafeGen(Eraser):
         z_b, clean = self.clean_latents(model, concepts, preserve)
         with torch.no_grad():
             uncond = model.adapter.encode_negative(None, 1)
-        height, width = int(model.defaults["height"]), int(model.defaults["width"])
-        scheduler = trajectory_scheduler(model, int(model.defaults["steps"]), height, width)
+        scheduler = Trajectories(model).scheduler
         adapter, T = model.adapter, model.adapter.train_timesteps
         named = dict(model.denoiser.named_parameters())
         params = {n: named[n] for n in denoiser_names(model, "image_self_attention")}

@@ -15,7 +15,7 @@ Training, per iteration (reference ``train_spm.py``; θ the frozen model, θ' θ
   unconditional prompt; the reference's ``neutral``);
 - x_t by partial DDIM sampling from noise (classifier-free guidance 3 on c) at a random one of S = 30 steps, with the
   membrane on (``sample_with="trained"``, the reference) or off (``"frozen"``), t drawn in that step's DDPM bin
-  (``training.draw_partial``);
+  (``sampling.Trajectories.draw``);
 - erasing:      L_erase = ‖ε_θ'(x_t, c, t) − [ε_θ(x_t, n, t) − η (ε_θ(x_t, c, t) − ε_θ(x_t, n, t))]‖²   (η = 1)
 - latent anchoring: M = 4 surrogate conditionings a_m are drawn in the text-embedding space: a Gaussian direction over
   the whole conditioning, accepted with probability 1 − cos(a, e_c) (directions far from the target are preferred),
@@ -43,8 +43,9 @@ SD3 / FLUX (no SPM code was published for them; our mapping): the membrane cover
 (``transformer_blocks.N``, FLUX's ``single_transformer_blocks.N``): the joint attention's image and text
 projections, both streams' feed-forwards, the single-stream MLPs; not the adaLN modulation layers (``norm*``), which
 read the timestep embedding rather than tokens (as the UNet's membrane leaves its norms alone). x_t is sampled with
-the model's flow-matching Euler and t drawn in the step's bin of its (shifted) schedule (``training.draw_partial``);
-the anchors perturb the whole conditioning (SD3: CLIP and T5 segments; FLUX: T5) and the pooled CLIP vector.
+the model's flow-matching Euler and t drawn in the step's bin of its (shifted) schedule
+(``sampling.Trajectories.draw``); the anchors perturb the whole conditioning (SD3: CLIP and T5 segments; FLUX: T5)
+and the pooled CLIP vector.
 
 Several concepts at once: yes, one membrane learns them all (the reference's list of prompt settings, one drawn per
 iteration); several membranes can also be stacked by the guard, each with its own transport rate.
@@ -64,12 +65,12 @@ import torch.nn.functional as F
 from safediff.adapters import Conditioning
 from safediff.concepts import Concept
 from safediff.erasers.base import Eraser
-from safediff.erasers.training import (TrainingState, cosine_restarts, draw_partial, loss_summary, run_fingerprint,
+from safediff.erasers.training import (TrainingState, cosine_restarts, loss_summary, run_fingerprint,
                                        train, trainable)
 from safediff.errors import SafediffError
 from safediff.models import Model
 from safediff.options import option
-from safediff.sampling import denoiser_output, trajectory_scheduler
+from safediff.sampling import Trajectories, denoiser_output
 
 logger = logging.getLogger("safediff")
 
@@ -220,9 +221,7 @@ class SPM(Eraser):
             raise SafediffError("no concept keywords to erase; give at least one concept with a keyword")
         generator = torch.Generator(device="cpu").manual_seed(int(self.seed))
         membrane = Membrane(model.denoiser, self.rank, self.alpha, generator)
-        steps = int(self.ddim_steps or model.defaults["steps"])
-        height, width = int(model.defaults["height"]), int(model.defaults["width"])
-        scheduler = trajectory_scheduler(model, steps, height, width)
+        trajectories = Trajectories(model, self.ddim_steps)
         with torch.no_grad():
             targets = model.adapter.encode([w for w, _ in pairs])
             neutrals = model.adapter.encode([g for _, g in pairs])
@@ -234,8 +233,7 @@ class SPM(Eraser):
             cond, neutral = targets[k:k + 1], neutrals[k:k + 1]
             with torch.no_grad():
                 sampler = membrane.weights() if e.sample_with == "trained" else None
-                _, t, x = draw_partial(model, scheduler, steps, generator, cond, uncond, e.start_guidance, height,
-                                       width, sampler)
+                _, t, x = trajectories.draw(generator, cond, uncond, e.start_guidance, sampler)
                 surrogates = anchors(cond, e.anchors, generator)
                 frozen = denoiser_output(model, torch.cat([x] * (2 + e.anchors)), t,
                                          Conditioning.cat([neutral, cond, surrogates]))
@@ -263,7 +261,7 @@ class SPM(Eraser):
             new = {f"{prefix}.{n}": w.detach().clone() for n, w in membrane.weights().items()}
         self.losses = list(state.losses)
         info = {"targets": [list(p) for p in pairs], "adapted_layers": len(membrane.layers),
-                "membrane_parameters": sum(t.numel() for t in state.params.values()), "ddim_steps": steps,
-                "height": height, "width": width, "resumed_at_iteration": resumed_at,
-                **loss_summary(state.losses)}
+                "membrane_parameters": sum(t.numel() for t in state.params.values()),
+                "ddim_steps": trajectories.steps, "height": trajectories.height, "width": trajectories.width,
+                "resumed_at_iteration": resumed_at, **loss_summary(state.losses)}
         return new, info

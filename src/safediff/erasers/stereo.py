@@ -5,7 +5,7 @@ Stage 1, "search thoroughly enough" (adversarial training used only to find prom
    (a) erase the current target c_k from the denoiser (c_0: the concept's keywords; c_k: the word mined in round k−1),
        on top of the previous round's weights θ_{k−1} (frozen during the round), ESD's objective
            ‖ε_θ(x_t, c_k) − [ε_θ_{k−1}(x_t, ∅) − η_s (ε_θ_{k−1}(x_t, c_k) − ε_θ_{k−1}(x_t, ∅))]‖²
-       with x_t from partial DDIM sampling on c_k (``training.draw_partial``);
+       with x_t from partial DDIM sampling on c_k (``sampling.Trajectories.draw``);
    (b) mine: learn a new word v_k against the erased model by concept inversion on images of the concept (the
        objective of safediff's ``concept-inversion`` recipe, ``attacks.concept_inversion.Inversion``: textual
        inversion of one placeholder, Adam on v_k only); c_{k+1} = v_k.
@@ -58,10 +58,10 @@ from safediff.adapters.roles import check_group, in_group
 from safediff.erasers.modules import denoiser_keys, group_parameters
 from safediff.erasers.prompts import GENERIC_TEMPLATES
 from safediff.erasers.training_prompts import prompt_pairs
-from safediff.erasers.training import Fit, TrainingState, cycled, draw_partial, loss_summary, train
+from safediff.erasers.training import Fit, TrainingState, cycled, loss_summary, train
 from safediff.errors import SafediffError
 from safediff.options import option
-from safediff.sampling import denoiser_output, trajectory_scheduler
+from safediff.sampling import Trajectories, denoiser_output
 
 SAMPLE_WITH = ("trained", "frozen")
 
@@ -135,13 +135,14 @@ class STEREO(Eraser):
             new = fit.trained()
         self.losses, resumed_at = list(state.losses), fit.resumed_at
         info = {"module": self.module, "anchors": run.anchors[:6], "erased_words": run.words,
-                "mined_words": len(mined), "search": run.search_log, "ddim_steps": run.steps,
+                "mined_words": len(mined), "search": run.search_log, "ddim_steps": run.trajectories.steps,
                 "resumed_at_iteration": resumed_at, **loss_summary(state.losses)}
         return new, info
 
 
 class StereoRun:
-    """Prompts, images, the partial-sampling scheduler; stage 1 (``search``) and a step of stage 2 (``erase_once``)."""
+    """Prompts, images, the model's trajectories (partial sampling); stage 1 (``search``) and a step of stage 2
+    (``erase_once``)."""
 
     @torch.no_grad()
     def __init__(self, eraser: STEREO, model, concepts: list[Concept], guide, original: dict[str, torch.Tensor]):
@@ -154,9 +155,7 @@ class StereoRun:
         self.slots, _ = initial_vectors(model.adapter, eraser.init_word or self.words[0], "eraser stereo")
         self.generator = torch.Generator().manual_seed(int(eraser.seed))
         self.images = generated_images(model, self.anchors, eraser.n_images, self.generator, batch_size=16).latents
-        self.steps = int(eraser.ddim_steps or model.defaults["steps"])
-        self.height, self.width = int(model.defaults["height"]), int(model.defaults["width"])
-        self.scheduler = trajectory_scheduler(model, self.steps, self.height, self.width)
+        self.trajectories = Trajectories(model, eraser.ddim_steps)
         self.uncond = model.adapter.encode_negative(None, 1)
         self.word_conds = model.adapter.encode(self.words)
         self.anchor_conds = model.adapter.encode(self.anchors)
@@ -199,8 +198,8 @@ class StereoRun:
 
         def step(it: int):
             c = targets[it % len(targets):it % len(targets) + 1]
-            _, t_value, x = draw_partial(self.model, self.scheduler, self.steps, g, c, self.uncond, e.start_guidance,
-                                         self.height, self.width, None if e.sample_with == "trained" else start)
+            _, t_value, x = self.trajectories.draw(g, c, self.uncond, e.start_guidance,
+                                                   None if e.sample_with == "trained" else start)
             t = torch.tensor([t_value], device=self.model.device)
             with torch.no_grad():
                 e_0, e_c = denoiser_output(self.model, torch.cat([x, x]), t, Conditioning.cat([self.uncond, c]),
@@ -240,8 +239,8 @@ class StereoRun:
         item = cycled(e.seed, len(targets), iteration, 1)[0]
         anchor = cycled(e.seed + 1, len(self.anchors), iteration, 1)[0]
         c = targets[item:item + 1]
-        _, t_value, x = draw_partial(model, self.scheduler, self.steps, g, c, self.uncond, e.start_guidance,
-                                     self.height, self.width, None if e.sample_with == "trained" else self.original)
+        _, t_value, x = self.trajectories.draw(g, c, self.uncond, e.start_guidance,
+                                               None if e.sample_with == "trained" else self.original)
         t = torch.tensor([t_value], device=model.device)
         n = len(targets)
         with torch.no_grad():

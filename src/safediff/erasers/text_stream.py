@@ -35,7 +35,7 @@ from safediff.adapters import Conditioning
 from safediff.erasers.base import weights_set_to
 from safediff.erasers.closed_form import uce_transform
 from safediff.erasers.prompts import plan_rows
-from safediff.sampling import cfg_session, denoise, denoiser_output, latent_shape, step_kwargs, trajectory_scheduler
+from safediff.sampling import Trajectories, denoiser_output
 
 CHUNK = 16  # prompts per denoiser call while recording
 
@@ -46,18 +46,14 @@ class _Recorded(Exception):
 
 def probes(model, n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``n`` (x_t [1, C, h, w], t) pairs: unconditional sampling from seeded noise, stopped at evenly spread steps."""
-    steps, height, width = int(model.defaults["steps"]), int(model.defaults["height"]), int(model.defaults["width"])
-    scheduler = trajectory_scheduler(model, steps, height, width)
+    traj = Trajectories(model)
     empty = model.adapter.encode([""])
-    session = cfg_session(model, empty, empty, 1.0, scheduler, height, width)
     g = torch.Generator(device="cpu").manual_seed(int(seed))
     out = []
     for k in range(n):
-        i = math.floor(k * steps / n)
-        noise = torch.randn((1, *latent_shape(model, height, width)), generator=g, dtype=model.dtype).to(model.device)
-        x = denoise(session, scheduler, model.adapter.initial_latents(scheduler, noise), n_steps=i,
-                    kwargs=step_kwargs(scheduler, None, 0.0))
-        out.append((x, scheduler.timesteps[i]))
+        i = math.floor(k * traj.steps / n)
+        x = traj.run(empty, empty, 1.0, traj.noise(1, g), n_steps=i)
+        out.append((x, traj.scheduler.timesteps[i]))
     return out
 
 

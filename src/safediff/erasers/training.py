@@ -1,12 +1,10 @@
-"""What the training-based erasers share: the training loop, resumable state, parameter swapping, x_t draws.
+"""What the training-based erasers share: the training loop, resumable state, parameter swapping (the x_t
+draws on the model's own trajectories are ``sampling.Trajectories``).
 
 - ``train``: the one loop (zeroed gradients, optional gradient clipping and learning-rate factor per iteration,
   periodic checkpoints); ``TrainingState``: what it owns, saved and resumed bit-identically; ``Fit``: one run
   around a set of parameters (and side tensors), from checkpoint to trained values, the model restored;
   ``fit_denoiser``: a ``Fit`` of denoiser parameters in one call;
-- ``draw_partial``: x_t by partial sampling from noise (DDIM on a UNet, the flow-matching Euler on SD3/FLUX), at a
-  random step, with the training timestep drawn in that step's bin (ESD's sampling, shared by the erasers that
-  train on the model's own trajectories);
 - ``cosine_restarts``: diffusers' cosine schedule with hard restarts and linear warm-up, as a factor per iteration.
 
 Resumable training state is one safetensors file, written atomically.
@@ -206,39 +204,6 @@ def cosine_restarts(warmup: int, total: int, cycles: int) -> Callable[[int], flo
         p = (i - warmup) / max(1, total - warmup)
         return 0.0 if p >= 1.0 else 0.5 * (1.0 + math.cos(math.pi * ((cycles * p) % 1.0)))
     return factor
-
-
-def timestep_bin(scheduler, i: int) -> tuple[int, int]:
-    """Training timesteps [lo, hi) that sampling step ``i`` stands for: from its own timestep up to the previous
-    step's (the schedule's end, ``num_train_timesteps``, for the first step).
-
-    With 50 DDIM steps over 1000 training steps this is the reference code's 20-wide bin around the step; on the
-    flow-matching models it is the step's bin of the (shifted) schedule in [0, 1000].
-    """
-    ts = scheduler.timesteps
-    lo = int(ts[i])
-    hi = int(ts[i - 1]) if i > 0 else int(scheduler.config.num_train_timesteps)
-    return lo, max(hi, lo + 1)
-
-
-def draw_partial(model, scheduler, steps: int, generator: torch.Generator, cond, uncond, guidance: float, height: int,
-                 width: int, params: dict[str, torch.Tensor] | None = None) -> tuple[int, int, torch.Tensor]:
-    """(sampling step i, training timestep t, x_t): i uniform in [0, steps), t uniform in i's bin (``timestep_bin``),
-    and x_t the latents after i steps of ``scheduler`` (``sampling.trajectory_scheduler``: DDIM with η = 0 on a UNet,
-    the flow-matching Euler on SD3/FLUX) with classifier-free guidance ``guidance`` on ``cond``, from Gaussian noise;
-    every random number from ``generator``, in that order; one x_t per row of ``cond`` (``uncond`` has as many rows),
-    all at step i. ``params`` replaces denoiser parameters while sampling."""
-    from safediff.sampling import cfg_session, denoise, latent_shape, step_kwargs
-
-    step = int(torch.randint(steps, (1,), generator=generator))
-    lo, hi = timestep_bin(scheduler, step)
-    t = int(torch.randint(lo, hi, (1,), generator=generator))
-    noise = torch.randn((len(cond), *latent_shape(model, height, width)), generator=generator, dtype=model.dtype)
-    noise = noise.to(model.device)
-    session = cfg_session(model, cond, uncond, guidance, scheduler, height, width)
-    x = denoise(session, scheduler, model.adapter.initial_latents(scheduler, noise), n_steps=step,
-                kwargs=step_kwargs(scheduler, None, 0.0), params=params)
-    return step, t, x
 
 
 class Fit:

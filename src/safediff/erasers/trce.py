@@ -63,8 +63,7 @@ from safediff.erasers.training import TrainingState, keywords_of, loss_summary, 
 from safediff.adapters import Conditioning
 from safediff.models import Model
 from safediff.options import option
-from safediff.sampling import (cfg_session, denoise, denoiser_output, latent_shape, step_kwargs,
-                               trajectory_scheduler)
+from safediff.sampling import Trajectories, denoiser_output
 
 TEMPLATES = (
     "{}", "a photo of {}", "an image of {}", "a photograph showing {}", "an illustration of {}", "{} in a photo",
@@ -223,7 +222,8 @@ class TRCE(Eraser):
                 fingerprint = run_fingerprint(self, model, {"pairs": [malicious, safe], "kept": kept})
                 new.update(run.train(original_kv, fingerprint, progress))
             self.losses = list(run.state.losses)
-            info.update(ddim_steps=run.steps, early_steps=run.early, height=run.height, width=run.width,
+            traj = run.trajectories
+            info.update(ddim_steps=traj.steps, early_steps=run.early, height=traj.height, width=traj.width,
                         resumed_at_iteration=run.resumed_at, **loss_summary(run.state.losses))
         return {f"{model.adapter.denoiser_component}.{n}": t for n, t in new.items()}, info
 
@@ -233,10 +233,8 @@ class Stage2:
 
     def __init__(self, eraser: TRCE, model: Model, malicious: list[str], safe: list[str]):
         self.eraser, self.model = eraser, model
-        self.steps = int(eraser.ddim_steps or model.defaults["steps"])
-        self.early = max(1, math.ceil(self.steps * eraser.early_fraction))
-        self.height, self.width = int(model.defaults["height"]), int(model.defaults["width"])
-        self.scheduler = trajectory_scheduler(model, self.steps, self.height, self.width)
+        self.trajectories = Trajectories(model, eraser.ddim_steps)
+        self.early = max(1, math.ceil(self.trajectories.steps * eraser.early_fraction))
         named = dict(model.denoiser.named_parameters())
         self.params = {n: named[n] for n in denoiser_names(model, "image_attention")}
         self.frozen = {n: p.detach().clone() for n, p in self.params.items()}
@@ -252,28 +250,24 @@ class Stage2:
     @torch.no_grad()
     def _trajectories(self) -> tuple[torch.Tensor, torch.Tensor]:
         """[n, early, C, h, w] malicious latents (first part) and [n_u, S, C, h, w] unconditional latents."""
-        e, m = self.eraser, self.model
+        e, traj = self.eraser, self.trajectories
         g = torch.Generator(device="cpu").manual_seed(int(e.seed))
-        shape = latent_shape(m, self.height, self.width)
 
         def trajectory(cond: Conditioning, guidance: float, n_steps: int) -> torch.Tensor:
             """[n_steps, C, h, w]: the latents before each of the first n_steps DDIM steps from fresh noise."""
-            noise = torch.randn((1, *shape), generator=g, dtype=m.dtype).to(m.device)
             seen: list[torch.Tensor] = []
-            session = cfg_session(m, cond, self.uncond, guidance, self.scheduler, self.height, self.width)
-            denoise(session, self.scheduler, m.adapter.initial_latents(self.scheduler, noise), n_steps=n_steps,
-                    kwargs=step_kwargs(self.scheduler, None, 0.0), callback=lambda i, t, x: seen.append(x))
+            traj.run(cond, self.uncond, guidance, traj.noise(1, g), n_steps, callback=lambda i, t, x: seen.append(x))
             return torch.cat(seen)
 
         mal = [trajectory(self.cond_m[p:p + 1], e.trajectory_guidance, self.early)
                for p in self.pair_of[:e.trajectories]]
-        unc = [trajectory(self.uncond, 1.0, self.steps) for _ in range(e.uncond_trajectories)]
+        unc = [trajectory(self.uncond, 1.0, traj.steps) for _ in range(e.uncond_trajectories)]
         return torch.stack(mal), torch.stack(unc)
 
     def loss(self, j: int, k: int, u_idx: torch.Tensor, u_step: torch.Tensor,
              reference: dict[str, torch.Tensor]) -> torch.Tensor:
         """L_erase on trajectory j at early step k, plus γ·L_pres on unconditional samples (u_idx, u_step)."""
-        e, m, ts = self.eraser, self.model, self.scheduler.timesteps
+        e, m, ts = self.eraser, self.model, self.trajectories.scheduler.timesteps
         p = self.pair_of[j]
         z, t = self.malicious_traj[j, k:k + 1], ts[k]
         c_m, c_s = self.cond_m[p:p + 1], self.cond_s[p:p + 1]
@@ -299,7 +293,7 @@ class Stage2:
         j = iteration % e.trajectories
         k = int(torch.randint(self.early, (1,), generator=g))
         u_idx = torch.randint(e.uncond_trajectories, (e.preserve_batch,), generator=g)
-        u_step = torch.randint(self.steps, (e.preserve_batch,), generator=g)
+        u_step = torch.randint(self.trajectories.steps, (e.preserve_batch,), generator=g)
         return j, k, u_idx, u_step
 
     def train(self, original_kv: dict[str, torch.Tensor], fingerprint: str, progress: bool) -> dict:
