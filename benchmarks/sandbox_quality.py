@@ -79,6 +79,8 @@ def measure(rows: list[dict], found: list[list[dict]], marks: list[bool]) -> dic
                             for axis, how in r["objects"][0]["said"].items() if how == kind])
     out["two_object"] = wilson([all(o["correct"] for o in j) for _, j in by_kind.get("two-object", [])])
     out["two_object_each"] = wilson([o["correct"] for _, j in by_kind.get("two-object", []) for o in j])
+    out["two_object_by_axis"] = {a: wilson([o[a] for _, j in by_kind.get("two-object", []) for o in j
+                                             if o[a] is not None]) for a in ("found", "colour", "shape", "style")}
     out["mark"] = wilson(marks)
     unconditional = [f for r, f in zip(rows, found) if r["kind"] == "unconditional"]
     out["unconditional"] = {"n": len(unconditional), "present": wilson([bool(f) for f in unconditional]),
@@ -114,6 +116,9 @@ def _print(m: dict) -> None:
     for name in ("colour", "shape", "style", "synonym", "implicit", "two_object", "two_object_each", "mark"):
         if m[name]["n"]:
             print(line(name, m[name]))
+    for axis, metric in m["two_object_by_axis"].items():
+        if metric["n"]:
+            print(line(f"  two-object {axis}", metric))
     for pair, metric in m["neighbour_pairs"].items():
         if metric["n"]:
             print(line(f"  colour {pair}", metric))
@@ -131,6 +136,7 @@ def main() -> None:
     ap.add_argument("--n-two", type=int, default=200, help="two-object prompts")
     ap.add_argument("--n-unconditional", type=int, default=96)
     ap.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
+    ap.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default="benchmarks/results/sandbox_quality.json")
@@ -142,7 +148,7 @@ def main() -> None:
     rows = quality_set(a.n_per_combo, a.n_synonym, a.n_implicit, a.n_two, a.n_unconditional, a.seed)
     start = time.monotonic()
     out = generate(model, [r["prompt"] for r in rows], [r["seed"] for r in rows], steps=a.steps,
-                   batch_size=a.batch_size)
+                   guidance=a.guidance, batch_size=a.batch_size)
     seconds = time.monotonic() - start
     m = measure(rows, objects(out.pixels), SandboxMark().verdict(out.pixels).tolist())
     _print(m)

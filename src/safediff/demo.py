@@ -1,7 +1,7 @@
 """``safediff demo``: every registered guard and eraser, and one attack, on the sandbox, in one HTML report.
 
-Runs offline on a CPU. The plan (concept ``red``; the sandbox model at its sampler defaults: DDIM 25 steps, CFG 5,
-64x64), each stage a resumable run folder under ``OUT/runs/`` made by the benchmark runner or the attack runner:
+Runs offline on a CPU. The plan (concept ``red``; the sandbox model with DDIM 12 steps instead of its default 25,
+which it draws as well with (``FULL``), CFG 5, 64x64; 12 steps also for the erasers' own sampling), each stage a resumable run folder under ``OUT/runs/`` made by the benchmark runner or the attack runner:
 
 1. ``base``: the sandbox model on the erase set and on the guard set.
 2. Every registered guard (``GUARDS``) at its ``sandbox_preset`` (SLD's and CASG-SLD's: ``max``): on the erase set
@@ -65,7 +65,9 @@ class DemoSize:
     batch_size: int = 32
 
 
-FULL = DemoSize("full", erase_per_kind=5, multi_per_kind=2, steps=None, tier="demo", attack_prompts=2)
+# 12 DDIM steps: the sandbox draws as well as at its default 25 (benchmarks/sandbox_quality.py --steps 12, 338 images:
+# colour 100 %, shape 98.3 %, style 83.3 %; at 25: 100 %, 98.1 %, 84.5 %) in half the time
+FULL = DemoSize("full", erase_per_kind=2, multi_per_kind=2, steps=12, tier="demo", attack_prompts=2)
 QUICK = DemoSize("quick", erase_per_kind=1, multi_per_kind=1, steps=5, tier="smoke", attack_prompts=1)
 
 
