@@ -1,7 +1,8 @@
 """``safediff demo``: every registered guard and eraser, and one attack, on the sandbox, in one HTML report.
 
 Runs offline on a CPU. The plan (concept ``red``; the sandbox model with DDIM 12 steps instead of its default 25,
-which it draws as well with (``FULL``), CFG 5, 64x64; 12 steps also for the erasers' own sampling), each stage a resumable run folder under ``OUT/runs/`` made by the benchmark runner or the attack runner:
+which it draws as well with (``FULL``), CFG 5, 64x64; 12 steps also for the erasers' own sampling), each stage a
+resumable run folder under ``OUT/runs/`` made by the benchmark runner or the attack runner:
 
 1. ``base``: the sandbox model on the erase set and on the guard set.
 2. Every registered guard (``GUARDS``) at its ``sandbox_preset`` (SLD's and CASG-SLD's: ``max``): on the erase set

@@ -273,7 +273,7 @@ def _export(out: Path, m: _Models, tok, state: dict, s: Settings) -> None:
                                    requires_safety_checker=False)
     tmp = out / ".export.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(str(tmp), safe_serialization=True)
+    pipe.save_pretrained(str(tmp), safe_serialization=True, max_shard_size="16MB")  # every file < 20 MB
     for name in ("vocab.json", "merges.txt"):  # the slow-tokenizer files too, for older transformers
         shutil.copyfile(out / ".tokenizer" / name, tmp / "tokenizer" / name)
     m.vae.to(s.device)
