@@ -12,7 +12,8 @@ from safediff.sandbox.train import CHECKPOINT, RECORD, Settings, train
 
 
 def tiny(out, **kw) -> Settings:
-    base = dict(out=str(out), seed=0, vae_steps=2, unet_steps=2, batch_size=4, vae_batch_size=4, threads=1, tiny=True)
+    base = dict(out=str(out), seed=0, vae_steps=2, denoiser_steps=2, batch_size=4, vae_batch_size=4, threads=1,
+                tiny=True)
     return Settings(**{**base, **kw})
 
 
@@ -51,15 +52,16 @@ def test_record_holds_command_seed_steps_and_sampler_defaults(trained):
     assert rec["defaults"] == {"steps": 25, "guidance": 5.0, "height": 64, "width": 64, "scheduler": "DDIM"}
     assert rec["seconds_per_step"]["vae"] > 0 and rec["seconds_per_step"]["unet"] > 0
     assert "--vae-batch-size 4" in rec["command"] and set(rec["parameters"]) == {"vae", "unet", "text_encoder"}
+    assert "--denoiser-steps 2" in rec["command"] and rec["architecture"] == "unet"
     assert set(rec["versions"]) >= {"torch", "diffusers", "transformers"}
     assert "unet_eps_mse" in rec["final_losses"] and "vae_mse" in rec["final_losses"]
 
 
 def test_resume_continues_exactly_where_an_uninterrupted_run_would_be(tmp_path):
-    train(tiny(tmp_path / "a", unet_steps=2))
-    state = train(tiny(tmp_path / "a", unet_steps=4))  # same folder: resumes from the checkpoint
+    train(tiny(tmp_path / "a", denoiser_steps=2))
+    state = train(tiny(tmp_path / "a", denoiser_steps=4))  # same folder: resumes from the checkpoint
     assert state["unet_step"] == 4
-    train(tiny(tmp_path / "b", unet_steps=4))
+    train(tiny(tmp_path / "b", denoiser_steps=4))
     from safetensors.torch import load_file
 
     a = load_file(str(tmp_path / "a" / "unet" / "diffusion_pytorch_model.safetensors"))
@@ -75,7 +77,9 @@ def test_time_cap_stops_early_and_keeps_a_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("change,match", [(dict(minutes=0), "minutes"), (dict(minutes=-1), "minutes"),
-                                          (dict(device="tpu"), "device"), (dict(unet_steps=0), "unet-steps")])
+                                          (dict(device="tpu"), "device"), (dict(denoiser_steps=0), "denoiser-steps"),
+                                          (dict(arch="dit"), "arch.*unet, flux"),
+                                          (dict(arch="flux", vae_from="/nonexistent"), "vae-from.*no trained")])
 def test_bad_settings_are_one_clear_error(tmp_path, change, match):
     with pytest.raises(SafediffError, match=match):
         train(tiny(tmp_path / "o", **change))
@@ -134,8 +138,72 @@ def test_shipped_weights_verify_fit_the_size_budget_and_record_their_command():
     verify_weights()
     files = [p for p in WEIGHTS_DIR.rglob("*") if p.is_file()]
     # the 7.0 M-parameter UNet is 26.8 MiB in fp32, exported in shards of at most 16 MB: every file under 20 MB;
-    # the whole model 34 MiB: room for a FLUX-format sandbox next to it within 80 MB
+    # the whole model 34 MiB: room for the FLUX-format sandbox next to it within 60 MB
     assert all(p.stat().st_size < 20 * 10**6 for p in files)
     assert sum(p.stat().st_size for p in files) <= 40 * 2**20
     rec = json.loads((WEIGHTS_DIR / RECORD).read_text())
     assert rec["command"].startswith("safediff sandbox train") and rec["steps_done"]["unet"] > 0
+
+
+@pytest.fixture(scope="module")
+def trained_flux(trained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sbf")
+    train(tiny(out, arch="flux", vae_from=str(trained)))
+    return out
+
+
+def test_flux_output_is_a_loadable_flux_folder_on_the_given_vae(trained, trained_flux):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from safetensors.torch import load_file
+
+    pipe = FluxPipeline.from_pretrained(str(trained_flux))
+    assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler) and pipe.scheduler.config.use_dynamic_shifting
+    assert not pipe.transformer.config.guidance_embeds  # undistilled: true CFG
+    assert pipe.transformer.config.in_channels == 16 and pipe.vae_scale_factor == 4  # 2x2-packed 16x16x4 latents
+    assert type(pipe.tokenizer_2).__name__.startswith("T5Tokenizer") and pipe.tokenizer_2.model_max_length == 48
+    assert pipe.tokenizer_2.tokenize("a crimson circle") == ["\u2581a", "\u2581crimson", "\u2581circle"]
+    vae_a = load_file(str(trained / "vae" / "diffusion_pytorch_model.safetensors"))
+    vae_b = load_file(str(trained_flux / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(vae_a[k], vae_b[k]) for k in vae_a)  # the UNet sandbox's VAE, untouched
+    assert pipe.vae.config.shift_factor != 0 and pipe.vae.config.scaling_factor > 0
+    image = pipe("a red circle and a blue square", num_inference_steps=2, guidance_scale=1.0, height=64, width=64,
+                 output_type="np").images
+    assert image.shape == (1, 64, 64, 3)
+
+
+def test_flux_record_and_resume(trained, trained_flux, tmp_path):
+    rec = json.loads((trained_flux / RECORD).read_text())
+    assert rec["architecture"] == "flux" and rec["steps_done"] == {"vae": 0, "transformer": 2} and rec["complete"]
+    assert "--arch flux" in rec["command"] and f"--vae-from {trained}" in rec["command"]
+    assert rec["defaults"]["scheduler"] == "euler" and "undistilled" in rec["guidance"]
+    assert set(rec["parameters"]) == {"vae", "transformer", "text_encoder", "text_encoder_2"}
+    assert len(rec["vae"]["sha256"]) == 64 and "transformer_v_mse" in rec["final_losses"]
+    kw = dict(arch="flux", vae_from=str(trained))
+    train(tiny(tmp_path / "a", denoiser_steps=1, **kw))
+    assert train(tiny(tmp_path / "a", denoiser_steps=3, **kw))["transformer_step"] == 3
+    train(tiny(tmp_path / "b", denoiser_steps=3, **kw))
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "a" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SafediffError, match="different settings"):  # resuming needs the same architecture
+        train(tiny(tmp_path / "a", denoiser_steps=4))
+
+
+def test_sandbox_flux_spec_loads_the_shipped_folder_or_says_how_to_train_it(trained_flux, tmp_path, monkeypatch):
+    import shutil
+
+    from safediff import sandbox
+    from safediff.models import load_pipeline
+
+    shipped = tmp_path / "weights_flux"
+    monkeypatch.setitem(sandbox.MODELS, "sandbox-flux", shipped)
+    monkeypatch.setattr(sandbox, "FLUX_WEIGHTS_DIR", shipped)
+    with pytest.raises(SafediffError, match="sandbox train --arch flux --out DIR"):
+        load_pipeline("sandbox-flux")
+    shutil.copytree(trained_flux, shipped, ignore=shutil.ignore_patterns(".*"))
+    write_sums(shipped)
+    model = load_pipeline("sandbox-flux")
+    assert model.adapter.arch == "flux" and model.defaults["scheduler"] == "euler" and model.defaults["height"] == 64
+    assert model.protocol()["spec"] == "sandbox-flux"

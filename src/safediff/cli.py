@@ -19,8 +19,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 @app.command()
 def generate(
-    model: str = typer.Option("sandbox", help="'sandbox', a hub id, or a local diffusers folder; SPEC+EDIT applies "
-                                             "edits"),
+    model: str = typer.Option("sandbox", help="'sandbox', 'sandbox-flux', a hub id, or a diffusers folder; SPEC+EDIT "
+                                              "applies edits"),
     prompt: Optional[str] = typer.Option(None, help="Prompt text ('' = unconditional)."),
     prompts_file: Optional[Path] = typer.Option(None, help="CSV with a 'prompt' column (optional 'seed')."),
     seed: int = typer.Option(0, help="Seed of the first image; image j of a prompt uses seed + j."),
@@ -96,8 +96,8 @@ def generate(
 def bench(
     benchmark: str = typer.Option(..., help="A benchmark name (i2p, i2p-sexual, coco-utility, sandbox-multi, "
                                             "sandbox-erase-red, ...) or a CSV with a 'prompt' column."),
-    model: str = typer.Option("sandbox", help="'sandbox', a hub id, or a local diffusers folder; SPEC+EDIT applies "
-                                             "edits."),
+    model: str = typer.Option("sandbox", help="'sandbox', 'sandbox-flux', a hub id, or a diffusers folder; SPEC+EDIT "
+                                              "applies edits."),
     out: Path = typer.Option(..., help="Run folder: created, or resumed when it holds the same protocol."),
     guard: Optional[str] = typer.Option(None, help="Guard NAME[:PRESET], e.g. sld:max, casg-sld, safree."),
     concept: Optional[str] = typer.Option(None, help="Concept(s) for the guard (default: the benchmark's)."),
@@ -204,8 +204,8 @@ def attack(
 
 @app.command()
 def erase(
-    model: str = typer.Option("sandbox", help="'sandbox', a hub id, or a local diffusers folder; SPEC+EDIT stacks "
-                                             "this edit on earlier ones"),
+    model: str = typer.Option("sandbox", help="'sandbox', 'sandbox-flux', a hub id, or a diffusers folder; SPEC+EDIT "
+                                              "stacks this edit on earlier ones"),
     method: str = typer.Option(..., help="Eraser NAME[:KEY=VALUE,...], e.g. uce, uce:lamb=0.3, esd-x:iterations=150 "
                                          "(lists: a;b)."),
     concept: str = typer.Option(..., help="Concept(s) to erase: a preset (red, sexual, i2p-all), a,b, or free text."),

@@ -1,8 +1,9 @@
 """Loading text-to-image pipelines: model specs, weights identity, sampler defaults, edits applied at load.
 
-``load_pipeline(spec)`` accepts ``"sandbox"`` (the embedded model), a hub id such as ``CompVis/stable-diffusion-v1-4``,
-``stabilityai/stable-diffusion-xl-base-1.0``, ``stabilityai/stable-diffusion-3.5-medium`` or
-``black-forest-labs/FLUX.1-dev``, or a local diffusers folder, optionally followed by edits: ``SPEC+EDIT[+EDIT...]``.
+``load_pipeline(spec)`` accepts ``"sandbox"`` or ``"sandbox-flux"`` (the embedded models), a hub id such as
+``CompVis/stable-diffusion-v1-4``, ``stabilityai/stable-diffusion-xl-base-1.0``,
+``stabilityai/stable-diffusion-3.5-medium`` or ``black-forest-labs/FLUX.1-dev``, or a local diffusers folder,
+optionally followed by edits: ``SPEC+EDIT[+EDIT...]``.
 Weights are read from safetensors only. How each architecture encodes text, calls its denoiser and which projections
 read text is the adapter's business (``safediff.adapters``).
 
@@ -127,17 +128,16 @@ def _load_folder_or_hub(source: str, device, dtype):
 
 def load_pipeline(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                   text_encoder_device: str | torch.device | None = None, cache_text: bool = False) -> Model:
-    """``"sandbox"``, a hub id or a local diffusers folder, optionally ``+EDIT`` files applied in order; the memory
-    options ``text_encoder_device`` and ``cache_text`` are described in the module docstring."""
+    """``"sandbox"``, ``"sandbox-flux"``, a hub id or a local diffusers folder, optionally ``+EDIT`` files applied in
+    order; the memory options ``text_encoder_device`` and ``cache_text`` are described in the module docstring."""
     from safediff.edits import Edit
 
     base, *edit_paths = [s.strip() for s in spec.split("+")]
     folder: Path | None = None
-    if base == "sandbox":
-        from safediff.sandbox import WEIGHTS_DIR, verify_weights
+    if base in ("sandbox", "sandbox-flux"):
+        from safediff.sandbox import MODELS, verify_weights
 
-        verify_weights()
-        folder = Path(WEIGHTS_DIR)
+        folder = verify_weights(MODELS[base])
     elif Path(base).is_dir():
         folder = Path(base)
         index = folder / "model_index.json"
@@ -153,7 +153,7 @@ def load_pipeline(spec: str, device: str | torch.device = "cpu", dtype: torch.dt
                             "(diffusers' StableDiffusionPipeline.from_single_file(...).save_pretrained(DIR, "
                             "safe_serialization=True)) and give DIR")
     elif not HUB_ID.match(base):
-        raise SafediffError(f"unknown model spec '{base}'; accepted: 'sandbox', a hub id like "
+        raise SafediffError(f"unknown model spec '{base}'; accepted: 'sandbox', 'sandbox-flux', a hub id like "
                             "CompVis/stable-diffusion-v1-4, or a local diffusers folder")
     edits = [Edit.load(p) for p in edit_paths]  # every file is checked before the weights are loaded
     pipe = _load_folder_or_hub(str(folder) if folder else base, device, dtype)

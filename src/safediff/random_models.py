@@ -40,17 +40,17 @@ T5_WORDS = (
 ).split()
 
 
-def t5_tokenizer(max_length: int = 32):
+def t5_tokenizer(max_length: int = 32, words: tuple[str, ...] | list[str] = T5_WORDS):
     """A ``T5Tokenizer`` (Unigram, SentencePiece-style ``▁`` word starts, ``</s>`` appended, ``<pad>`` = 0) whose
-    pieces are the words of ``T5_WORDS`` and every printable ASCII character, alone and word-initial; whole words win
-    over spellings (higher score). Built in code, no download."""
+    pieces are ``words`` (default ``T5_WORDS``) and every printable ASCII character, alone and word-initial; whole
+    words win over spellings (higher score). Built in code, no download."""
     import string
 
     from transformers import T5Tokenizer
 
     chars = [c for c in string.printable if not c.isspace()]
     scores = {"<pad>": 0.0, "</s>": 0.0, "<unk>": 0.0, "\u2581": -5.0}
-    for piece, score in [(f"\u2581{w}", -1.0) for w in T5_WORDS] + [(p, -3.0) for c in chars
+    for piece, score in [(f"\u2581{w}", -1.0) for w in words] + [(p, -3.0) for c in chars
                                                                       for p in (f"\u2581{c}", c)]:
         scores.setdefault(piece, score)
     return T5Tokenizer(vocab=list(scores.items()), extra_ids=0, model_max_length=max_length)

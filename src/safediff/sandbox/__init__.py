@@ -5,9 +5,10 @@ grammar) and ``world`` (scenes, rendering, training batches; the public face of 
 ``benchmarks`` draws prompt sets from it and ``scoring`` judges images against their rows; ``tokenizer`` and
 ``train`` build the model. ``docs/sandbox.md`` describes it all.
 
-The shipped weights are exactly what ``safediff sandbox train`` produced (command and seed in
-``weights/safediff_sandbox.json``); ``verify_weights()`` checks them against ``weights/SHA256SUMS`` before use. They
-are still the v1 world's model (32x32, 4 colours, 3 shapes) until the v2 model is trained and shipped in their place.
+Two models of the same world are shipped: ``sandbox`` (Stable Diffusion format, ``weights/``) and ``sandbox-flux``
+(FLUX.1 format, ``weights_flux/``, on the same VAE); ``sandbox.architectures`` describes both. Each folder is exactly
+what ``safediff sandbox train`` produced (command and seed in its ``safediff_sandbox.json``); ``verify_weights``
+checks it against its ``SHA256SUMS`` before use.
 """
 
 from __future__ import annotations
@@ -18,9 +19,15 @@ from pathlib import Path
 from safediff.errors import SafediffError
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+FLUX_WEIGHTS_DIR = Path(__file__).parent / "weights_flux"
+MODELS = {"sandbox": WEIGHTS_DIR, "sandbox-flux": FLUX_WEIGHTS_DIR}  # model spec -> shipped folder
 SUMS_FILE = "SHA256SUMS"
-RETRAIN = ("retrain it with `safediff sandbox train --out DIR` (about 150 minutes on 2 CPU cores) and load that "
-           "folder by giving its path as the model spec, or reinstall safediff")
+
+
+def retrain_hint(folder: Path) -> str:
+    arch = " --arch flux" if Path(folder) == FLUX_WEIGHTS_DIR else ""
+    return (f"retrain it with `safediff sandbox train{arch} --out DIR` (about 150 minutes on 2 CPU cores) and load "
+            "that folder by giving its path as the model spec, or reinstall safediff")
 
 
 def sha256(path: Path) -> str:
@@ -46,14 +53,14 @@ def verify_weights(folder: Path = WEIGHTS_DIR) -> Path:
     folder = Path(folder)
     sums = folder / SUMS_FILE
     if not sums.is_file():
-        raise SafediffError(f"the sandbox weights are missing ({sums} not found); {RETRAIN}")
+        raise SafediffError(f"the sandbox weights are missing ({sums} not found); {retrain_hint(folder)}")
     for line in sums.read_text().splitlines():
         if not line.strip():
             continue
         digest, name = line.split(maxsplit=1)
         path = folder / name.strip()
         if not path.is_file():
-            raise SafediffError(f"sandbox weight file {path} is missing; {RETRAIN}")
+            raise SafediffError(f"sandbox weight file {path} is missing; {retrain_hint(folder)}")
         if sha256(path) != digest:
-            raise SafediffError(f"sandbox weight file {path} is corrupt (sha256 mismatch); {RETRAIN}")
+            raise SafediffError(f"sandbox weight file {path} is corrupt (sha256 mismatch); {retrain_hint(folder)}")
     return folder

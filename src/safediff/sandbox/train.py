@@ -1,31 +1,33 @@
-"""Train the sandbox model from scratch: first the VAE, then the UNet and text encoder together.
+"""Train a sandbox model from scratch: the UNet sandbox (VAE, then UNet and text encoder together) or the FLUX-format
+sandbox (transformer and both text encoders on the UNet sandbox's frozen VAE). The networks are described in
+``architectures``.
 
-Model (``vae_config``, ``unet_config``, ``text_config``): a 64x64 image is encoded by a three-level VAE (channels
-32/64/64, downsampling factor 4) into a 16x16x4 latent, the grid of the v1 sandbox's UNet, so the diffusion stage
-costs what it did at 32x32. The UNet has three levels (64/128/128 channels at 16x16, 8x8 and 4x4) with cross- and
-self-attention at each, so the 4x4 level sees the whole scene at once (which object is left, which right in a
-two-object caption); the text encoder is a 4-layer ``CLIPTextModel`` of width 128. Sizes in the record's ``parameters``.
-
-Stage 1 (VAE, Kingma & Welling 2014 as used by Rombach et al. 2022): minimise
+Stage 1 (VAE, UNet sandbox only; Kingma & Welling 2014 as used by Rombach et al. 2022): minimise
 ``||D(z) - x||^2 + beta * KL(q(z|x) || N(0, I))`` with ``z ~ q(z|x)``, ``beta`` small (1e-6). After it, the latent
-``scaling_factor`` is set to ``1 / std(z)`` over a fixed batch so scaled latents have unit variance.
+``scaling_factor`` is set to ``1 / std(z)`` over a fixed batch so scaled latents have unit variance. The FLUX
+sandbox starts at stage 2 with the VAE of a trained UNet sandbox (``--vae-from``, the shipped one by default), its
+latents shifted by their mean and scaled by ``1 / std`` (``architectures.flux_vae``).
 
-Stage 2 (latent diffusion, Ho et al. 2020; Rombach et al. 2022): with ``z0 = scaling_factor * z``,
-``t ~ U{0..999}``, ``eps ~ N(0, I)``, ``z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps``, minimise
-``||eps - eps_theta(z_t, t, tau(y))||^2`` jointly over the UNet ``eps_theta`` and the text encoder ``tau``; captions
-are empty ~10 % of the time (conditioning dropout for classifier-free guidance, Ho & Salimans 2022). EMA of the
-weights (decay ``min(0.999, (1+n)/(10+n))``) is what gets exported.
+Stage 2 (the denoiser and its text encoders, jointly; one formula for both, the adapter's forward process and
+target as every fine-tuning in safediff uses them): ``x0 = from_vae(z)``, ``t ~ U{0..999}``, ``eps ~ N(0, I)``,
+``x_t = noised(x0, eps, t)``, minimise ``||target(x0, eps, t) - f_theta(x_t, t, tau(y))||^2``. UNet (Ho et al. 2020;
+Rombach et al. 2022): ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``, target ``eps``. FLUX (rectified flow,
+Lipman et al. 2023; Esser et al. 2024): ``sigma = t / 1000``, ``x_t = (1 - sigma) x0 + sigma eps``, target the
+velocity ``eps - x0`` (t uniform, not SD3's logit-normal density). Captions are empty ~10 % of the time
+(conditioning dropout for classifier-free guidance, Ho & Salimans 2022); the FLUX sandbox has no guidance embedding
+(undistilled) and is sampled with true classifier-free guidance. EMA of the weights (decay
+``min(0.999, (1+n)/(10+n))``) is what gets exported.
 
 Data are rendered on the fly (``world.sample_batch``); the batch, noise and timesteps of step ``n`` of a stage come
 from a generator seeded by ``(seed, stage, n)``, so a resumed run sees exactly the data an uninterrupted one would.
 The VAE stage uses batches of ``vae_batch_size`` (16: each 64x64 image already gives its convolutions 4096
 positions), the diffusion stage ``batch_size`` (32); the record keeps each stage's seconds per step. Checkpoints are
-one safetensors file (model, EMA and flattened AdamW state; the JSON state in its metadata) replaced atomically.
+one safetensors file (networks, EMA and flattened AdamW state; the JSON state in its metadata) replaced atomically.
 
-Default length (``VAE_STEPS`` = 2000, ``UNET_STEPS`` = 6000): 0.63 s per VAE step and about 1.2 s per UNet step
-with 2 threads on 2 otherwise idle cores (1.18 s and 2.0 s with 1 thread) give about 141 minutes, inside the
-150-minute ``--minutes`` cap (``docs/sandbox.md``, "Training"). The learning rate is constant after warm-up, so a
-longer run resumes the same ``--out`` with a larger ``--unet-steps``.
+Default length of the UNet sandbox (``VAE_STEPS`` = 2000, ``DENOISER_STEPS`` = 6000): 0.63 s per VAE step and about
+1.2 s per UNet step with 2 threads on 2 otherwise idle cores (1.18 s and 2.0 s with 1 thread) give about 141
+minutes, inside the 150-minute ``--minutes`` cap (``docs/sandbox.md``, "Training"). The learning rate is constant
+after warm-up, so a longer run resumes the same ``--out`` with a larger ``--denoiser-steps``.
 """
 
 from __future__ import annotations
@@ -45,24 +47,30 @@ from tqdm.auto import tqdm
 
 from safediff.errors import SafediffError
 from safediff.sandbox import world
-from safediff.sandbox.tokenizer import MAX_LENGTH, load_tokenizer, write_tokenizer_files
+from safediff.sandbox.architectures import ARCHES, Nets, flux_vae, latent_stats, to_pixels
+from safediff.sandbox.tokenizer import load_tokenizer, write_tokenizer_files
 
 CHECKPOINT = ".checkpoint.safetensors"
 RECORD = "safediff_sandbox.json"
-SAMPLER_DEFAULTS = {"steps": 25, "guidance": 5.0, "height": world.IMAGE_SIZE, "width": world.IMAGE_SIZE,
-                    "scheduler": "DDIM"}
-LATENT_SIZE = world.IMAGE_SIZE // 4
 VAE_STEPS = 2000
-UNET_STEPS = 6000
-BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+DENOISER_STEPS = 6000
+DENOISER = {"unet": "unet", "flux": "transformer"}  # the denoiser component of each architecture
+SCHEDULER = {"unet": "DDIM", "flux": "euler"}  # the sampler each is drawn with by default
+
+
+def sampler_defaults(arch: str) -> dict:
+    return {"steps": 25, "guidance": 5.0, "height": world.IMAGE_SIZE, "width": world.IMAGE_SIZE,
+            "scheduler": SCHEDULER[arch]}
 
 
 @dataclass
 class Settings:
     out: str
     seed: int = 0
+    arch: str = "unet"
+    vae_from: str = ""  # flux: a trained UNet sandbox folder whose VAE is used ("": the shipped sandbox)
     vae_steps: int = VAE_STEPS
-    unet_steps: int = UNET_STEPS
+    denoiser_steps: int = DENOISER_STEPS
     batch_size: int = 32
     vae_batch_size: int = 16
     minutes: float = 150.0
@@ -76,48 +84,41 @@ class Settings:
     kl_weight: float = 1e-6
     checkpoint_minutes: float = 3.0
 
+    @property
+    def denoiser(self) -> str:
+        return DENOISER[self.arch]
+
+    def vae_folder(self) -> Path:
+        from safediff.sandbox import WEIGHTS_DIR
+
+        return Path(self.vae_from) if self.vae_from else WEIGHTS_DIR
+
     def command(self) -> str:
-        cmd = (f"safediff sandbox train --out {self.out} --seed {self.seed} --vae-steps {self.vae_steps} "
-               f"--unet-steps {self.unet_steps} --batch-size {self.batch_size} --vae-batch-size {self.vae_batch_size} "
+        arch = "" if self.arch == "unet" else f" --arch {self.arch}" + (f" --vae-from {self.vae_from}"
+                                                                          if self.vae_from else "")
+        stage1 = f" --vae-steps {self.vae_steps}" if self.arch == "unet" else ""
+        vae_batch = f" --vae-batch-size {self.vae_batch_size}" if self.arch == "unet" else ""
+        cmd = (f"safediff sandbox train --out {self.out} --seed {self.seed}{arch}{stage1} "
+               f"--denoiser-steps {self.denoiser_steps} --batch-size {self.batch_size}{vae_batch} "
                f"--minutes {self.minutes:g} --device {self.device} --threads {self.threads}")
         return cmd + (" --tiny" if self.tiny else "")
 
 
-def vae_config(tiny: bool) -> dict:
-    """Three levels: 64x64 pixels -> 16x16x4 latents."""
-    ch = (8, 16, 16) if tiny else (32, 64, 64)
-    return dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-                up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=ch, layers_per_block=1,
-                latent_channels=4, norm_num_groups=8 if tiny else 32, sample_size=world.IMAGE_SIZE)
-
-
-def unet_config(tiny: bool) -> dict:
-    """Three levels on the 16x16 latent (16x16, 8x8, 4x4), cross-attention at each: the 4x4 level sees the whole
-    scene at once, which two-object captions (which object is left, which right) need."""
-    ch = (16, 32, 32) if tiny else (64, 128, 128)
-    return dict(sample_size=LATENT_SIZE, in_channels=4, out_channels=4, block_out_channels=ch,
-                down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
-                layers_per_block=1, cross_attention_dim=32 if tiny else 128, attention_head_dim=4 if tiny else 8,
-                norm_num_groups=8 if tiny else 32)
-
-
-def text_config(tok, tiny: bool) -> dict:
-    hidden = 32 if tiny else 128
-    return dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden, projection_dim=hidden,
-                num_hidden_layers=1 if tiny else 4, num_attention_heads=4, max_position_embeddings=MAX_LENGTH,
-                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-
-
 def validate(s: Settings) -> None:
+    if s.arch not in ARCHES:
+        raise SafediffError(f"unknown --arch {s.arch!r}; accepted: {', '.join(ARCHES)}")
     if not (s.minutes > 0):
         raise SafediffError(f"--minutes must be > 0, got {s.minutes}")
     if s.device not in ("cpu", "cuda"):
         raise SafediffError(f"unknown --device {s.device!r}; accepted: cpu, cuda")
     if s.device == "cuda" and not torch.cuda.is_available():
         raise SafediffError("--device cuda given but no CUDA device is available; use --device cpu")
-    for name in ("vae_steps", "unet_steps", "batch_size", "vae_batch_size", "threads"):
+    for name in ("vae_steps", "denoiser_steps", "batch_size", "vae_batch_size", "threads"):
         if getattr(s, name) < 1:
             raise SafediffError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
+    if s.arch == "flux" and not (s.vae_folder() / "vae" / "config.json").is_file():
+        raise SafediffError(f"--vae-from {s.vae_folder()} holds no trained sandbox VAE (no vae/config.json); give "
+                            "a folder written by `safediff sandbox train` (the UNet sandbox)")
     out = Path(s.out)
     if out.exists() and not out.is_dir():
         raise SafediffError(f"--out {out} is a file; give an empty or new directory")
@@ -139,45 +140,51 @@ def _step_rng(seed: int, stage: int, step: int) -> tuple[np.random.Generator, to
     return rng, gen
 
 
-def _to_pixels(images: np.ndarray, device: str) -> torch.Tensor:
-    """uint8 [B,H,W,3] -> float [B,3,H,W] in [-1, 1]."""
-    return (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0).to(device)
-
-
 def _lr_lambda(warmup: int):
     return lambda n: min(1.0, (n + 1) / warmup)
 
 
-class _Models:
-    def __init__(self, s: Settings, tok):
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel
+def _vae_sha256(s: Settings) -> str:
+    from safediff.sandbox import sha256
 
-        torch.manual_seed(s.seed)
-        self.vae = AutoencoderKL(**vae_config(s.tiny)).to(s.device)
-        self.unet = UNet2DConditionModel(**unet_config(s.tiny)).to(s.device)
-        self.text = CLIPTextModel(CLIPTextConfig(**text_config(tok, s.tiny))).to(s.device)
-        self.ema = {f"unet.{k}": v.detach().clone() for k, v in self.unet.state_dict().items()}
-        self.ema |= {f"text.{k}": v.detach().clone() for k, v in self.text.state_dict().items()}
+    files = sorted((s.vae_folder() / "vae").glob("*.safetensors"))
+    return sha256(files[0]) if len(files) == 1 else "|".join(sha256(f) for f in files)
+
+
+class _Models:
+    """The networks, their EMA, and the safediff model (adapter) the diffusion step goes through."""
+
+    def __init__(self, s: Settings, tok):
+        from safediff.models import from_pipeline
+
+        vae = flux_vae(s.vae_folder(), s.seed, s.device) if s.arch == "flux" else None
+        self.nets = Nets(s.arch, s.tiny, s.seed, tok, vae).to(s.device)
+        self.vae = self.nets.vae
+        self.ema = {f"{name}.{k}": v.detach().clone() for name, net in self.nets.trainable.items()
+                    for k, v in net.state_dict().items()}
+        self.model = from_pipeline(self.nets.pipeline(), spec=f"sandbox-training-{s.arch}")
 
     def update_ema(self, decay: float) -> None:
         with torch.no_grad():
-            for prefix, model in (("unet.", self.unet), ("text.", self.text)):
-                for k, v in model.state_dict().items():
-                    e = self.ema[prefix + k]
+            for name, net in self.nets.trainable.items():
+                for k, v in net.state_dict().items():
+                    e = self.ema[f"{name}.{k}"]
                     if v.dtype.is_floating_point:
                         e.mul_(decay).add_(v.detach(), alpha=1 - decay)
                     else:
                         e.copy_(v)
 
-    def ema_state(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {k[len(prefix):]: v for k, v in self.ema.items() if k.startswith(prefix)}
+    def ema_states(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {name: {k[len(name) + 1:]: v for k, v in self.ema.items() if k.startswith(name + ".")}
+                for name in self.nets.trainable}
+
+    def saved_modules(self) -> dict[str, torch.nn.Module]:
+        """What a checkpoint holds besides EMA and optimiser: the trainable networks, and the VAE when trained."""
+        return ({"vae": self.vae} if self.nets.arch == "unet" else {}) | self.nets.trainable
 
 
 def _save_checkpoint(path: Path, m: _Models, opt: torch.optim.Optimizer, state: dict) -> None:
-    tensors = {f"vae.{k}": v for k, v in m.vae.state_dict().items()}
-    tensors |= {f"unet.{k}": v for k, v in m.unet.state_dict().items()}
-    tensors |= {f"text.{k}": v for k, v in m.text.state_dict().items()}
+    tensors = {f"{name}.{k}": v for name, mod in m.saved_modules().items() for k, v in mod.state_dict().items()}
     tensors |= {f"ema.{k}": v for k, v in m.ema.items()}
     sd = opt.state_dict()
     for idx, st in sd["state"].items():
@@ -199,9 +206,8 @@ def _load_checkpoint(path: Path, m: _Models, make_opt, device: str) -> tuple[tor
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     tensors = load_file(str(path), device=device)
-    m.vae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("vae.")})
-    m.unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
-    m.text.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("text.")})
+    for name, mod in m.saved_modules().items():
+        mod.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
     m.ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
     state = json.loads(meta["state"])
     opt = make_opt(state["stage"])
@@ -214,18 +220,10 @@ def _load_checkpoint(path: Path, m: _Models, make_opt, device: str) -> tuple[tor
     return opt, state
 
 
-def _scaling_factor(vae, seed: int, device: str, n: int = 512) -> float:
-    rng = np.random.default_rng([seed, 99])
-    images, _, _ = world.sample_batch(rng, n)
-    with torch.no_grad():
-        z = vae.encode(_to_pixels(images, device)).latent_dist.sample(torch.Generator().manual_seed(seed))
-    return float(1.0 / z.float().std())
-
-
 def _vae_step(m: _Models, s: Settings, step: int) -> float:
     rng, gen = _step_rng(s.seed, 1, step)
     images, _, _ = world.sample_batch(rng, s.vae_batch_size)
-    x = _to_pixels(images, s.device)
+    x = to_pixels(images, s.device)
     post = m.vae.encode(x).latent_dist
     eps = torch.randn(post.mean.shape, generator=gen).to(s.device)
     z = post.mean + post.std * eps
@@ -236,69 +234,66 @@ def _vae_step(m: _Models, s: Settings, step: int) -> float:
     return float(mse.detach()) / 4.0  # MSE on [0, 1] pixels
 
 
-def _unet_step(m: _Models, s: Settings, step: int, tok, noise_sched) -> float:
+def _denoiser_step(m: _Models, s: Settings, step: int) -> float:
+    from safediff.sampling import denoiser_output
+
+    adapter = m.model.adapter
     rng, gen = _step_rng(s.seed, 2, step)
     images, captions, _ = world.sample_batch(rng, s.batch_size)
-    ids = tok(captions, padding="max_length", max_length=MAX_LENGTH, truncation=True,
-              return_tensors="pt").input_ids.to(s.device)
+    ids = [adapter.tokenize(captions, k) for k in range(len(adapter.tokenizers))]
     with torch.no_grad():
-        post = m.vae.encode(_to_pixels(images, s.device)).latent_dist
-        z0 = (post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(s.device))
-        z0 = z0 * m.vae.config.scaling_factor
-    noise = torch.randn(z0.shape, generator=gen).to(s.device)
-    t = torch.randint(0, noise_sched.config.num_train_timesteps, (z0.shape[0],), generator=gen).to(s.device)
-    zt = noise_sched.add_noise(z0, noise, t)
-    cond = m.text(ids)[0]
-    pred = m.unet(zt, t, encoder_hidden_states=cond).sample
-    loss = F.mse_loss(pred, noise)
+        post = m.vae.encode(to_pixels(images, s.device)).latent_dist
+        x0 = adapter.from_vae(post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(s.device))
+    noise = torch.randn(x0.shape, generator=gen).to(s.device)
+    t = torch.randint(0, adapter.train_timesteps, (x0.shape[0],), generator=gen).to(s.device)
+    pred = denoiser_output(m.model, adapter.noised(x0, noise, t), t, adapter.encode_ids(ids))
+    loss = F.mse_loss(pred, adapter.training_target(x0, noise, t))
     loss.backward()
     return float(loss.detach())
 
 
-def _export(out: Path, m: _Models, tok, state: dict, s: Settings) -> None:
+def _export(out: Path, m: _Models, state: dict, s: Settings) -> None:
     """Write the diffusers folder (EMA weights) and the record into ``out``, replacing any previous export."""
     import diffusers
     import transformers
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel
 
-    unet = UNet2DConditionModel(**unet_config(s.tiny))
-    unet.load_state_dict({k: v.cpu() for k, v in m.ema_state("unet.").items()})
-    text = CLIPTextModel(m.text.config)
-    text.load_state_dict({k: v.cpu() for k, v in m.ema_state("text.").items()})
-    scheduler = DDIMScheduler(**BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                              prediction_type="epsilon")
-    pipe = StableDiffusionPipeline(vae=m.vae.to("cpu"), text_encoder=text, tokenizer=tok, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    nets = m.nets.copies(m.ema_states())
+    m.vae.to("cpu")
+    pipe = m.nets.pipeline(nets)
     tmp = out / ".export.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(str(tmp), safe_serialization=True, max_shard_size="16MB")  # every file < 20 MB
     for name in ("vocab.json", "merges.txt"):  # the slow-tokenizer files too, for older transformers
         shutil.copyfile(out / ".tokenizer" / name, tmp / "tokenizer" / name)
     m.vae.to(s.device)
-    reproduce = Settings(**{**asdict(s), "vae_steps": state["vae_step"], "unet_steps": state["unet_step"],
+    d = s.denoiser
+    reproduce = Settings(**{**asdict(s), "vae_steps": state["vae_step"], "denoiser_steps": state[f"{d}_step"],
                             "minutes": 600.0})
+    components = {"vae": pipe.vae, d: nets[d], "text_encoder": nets["text"]} | (
+        {"text_encoder_2": nets["text2"]} if "text2" in nets else {})
     record = {
         "command": s.command(),
         "reproduce": reproduce.command(),  # same steps from scratch; --minutes is only a wall-clock cap
         "seed": s.seed,
+        "architecture": s.arch,
         "settings": {k: v for k, v in asdict(s).items() if k != "out"},
-        "steps_done": {"vae": state["vae_step"], "unet": state["unet_step"]},
-        "steps_planned": {"vae": s.vae_steps, "unet": s.unet_steps},
-        "complete": state["vae_step"] >= s.vae_steps and state["unet_step"] >= s.unet_steps,
+        "steps_done": {"vae": state["vae_step"], d: state[f"{d}_step"]},
+        "steps_planned": {"vae": s.vae_steps if s.arch == "unet" else 0, d: s.denoiser_steps},
+        "complete": state["stage"] == 2 and state[f"{d}_step"] >= s.denoiser_steps,
         "minutes": round(state["seconds"] / 60, 2),
         "seconds_per_step": {k: round(state["stage_seconds"][k] / max(1, state[f"{k}_step"]), 3)
-                             for k in ("vae", "unet")},
+                             for k in ("vae", d) if state[f"{k}_step"]},
         "final_losses": state["final_losses"],
         "scaling_factor": m.vae.config.scaling_factor,
-        "parameters": {"vae": sum(p.numel() for p in m.vae.parameters()),
-                       "unet": sum(p.numel() for p in unet.parameters()),
-                       "text_encoder": sum(p.numel() for p in text.parameters())},
+        "parameters": {k: sum(p.numel() for p in mod.parameters()) for k, mod in components.items()},
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                      "transformers": transformers.__version__, "numpy": np.__version__},
-        "defaults": SAMPLER_DEFAULTS,
+        "defaults": sampler_defaults(s.arch),
     }
+    if s.arch == "flux":
+        record["vae"] = {"from": str(s.vae_folder()), "sha256": state["vae_sha256"],
+                         "shift_factor": m.vae.config.shift_factor}
+        record["guidance"] = "undistilled (no guidance embedding): sampled with true classifier-free guidance"
     (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
     for entry in sorted(tmp.iterdir()):
         target = out / entry.name
@@ -310,8 +305,6 @@ def _export(out: Path, m: _Models, tok, state: dict, s: Settings) -> None:
 
 def train(s: Settings) -> dict:
     """Run (or resume) training into ``s.out``; return the record's state. Stops early at ``s.minutes``."""
-    from diffusers import DDPMScheduler
-
     validate(s)
     out = Path(s.out)
     torch.set_num_threads(s.threads)
@@ -321,24 +314,27 @@ def train(s: Settings) -> dict:
         write_tokenizer_files(tok_dir)
     tok = load_tokenizer(tok_dir)
     m = _Models(s, tok)
+    d = s.denoiser
 
     def make_opt(stage: int) -> torch.optim.Optimizer:
         if stage == 1:
             return torch.optim.AdamW(m.vae.parameters(), lr=s.lr_vae)
-        return torch.optim.AdamW(list(m.unet.parameters()) + list(m.text.parameters()), lr=s.lr_unet)
+        return torch.optim.AdamW(m.nets.parameters(), lr=s.lr_unet)
 
     if ckpt.is_file():
         prev = _read_checkpoint_state(ckpt)
-        if prev["identity"] != _identity(s):
+        if {"arch": "unet", **prev["identity"]} != _identity(s):  # checkpoints before sandbox-flux name no arch
             raise SafediffError(f"--out {out} holds a checkpoint from different settings ({prev['identity']}); "
                                 "rerun with those or use a new directory")
         opt, state = _load_checkpoint(ckpt, m, make_opt, s.device)
-        if state["stage"] == 2:
+        if state["stage"] == 2 and s.arch == "unet":
             m.vae.register_to_config(scaling_factor=state["scaling_factor"])
     else:
-        state = {"stage": 1, "vae_step": 0, "unet_step": 0, "seconds": 0.0, "final_losses": {},
-                 "stage_seconds": {"vae": 0.0, "unet": 0.0}, "identity": _identity(s)}
-        opt = make_opt(1)
+        state = {"stage": 1, "vae_step": 0, f"{d}_step": 0, "seconds": 0.0, "final_losses": {},
+                 "stage_seconds": {"vae": 0.0, d: 0.0}, "identity": _identity(s)}
+        if s.arch == "flux":  # the VAE is given: straight to the diffusion stage
+            state.update(stage=2, scaling_factor=m.vae.config.scaling_factor, vae_sha256=_vae_sha256(s))
+        opt = make_opt(state["stage"])
 
     start, last_ckpt = time.monotonic(), time.monotonic()
     seconds0 = state["seconds"]
@@ -347,8 +343,8 @@ def train(s: Settings) -> dict:
     def elapsed() -> float:
         return time.monotonic() - start
 
-    noise_sched = DDPMScheduler(**BETAS)
-    for stage, key, total in ((1, "vae_step", s.vae_steps), (2, "unet_step", s.unet_steps)):
+    for stage, name, total in ((1, "vae", s.vae_steps), (2, d, s.denoiser_steps)):
+        key = f"{name}_step"
         if state["stage"] > stage or stopped:
             continue
         if stage == 2:
@@ -359,7 +355,7 @@ def train(s: Settings) -> dict:
             group["lr"] = group["initial_lr"] * _lr_lambda(s.warmup if stage == 2 else 50)(state[key])
         sched.last_epoch = state[key]
         losses: list[float] = []
-        name = "vae" if stage == 1 else "unet"
+        loss_name = "vae_mse" if stage == 1 else ("unet_eps_mse" if s.arch == "unet" else "transformer_v_mse")
         bar = tqdm(total=total, initial=state[key], desc=f"sandbox {name}", dynamic_ncols=True)
         while state[key] < total:
             if elapsed() > s.minutes * 60:
@@ -367,9 +363,9 @@ def train(s: Settings) -> dict:
                 break
             step_start = time.monotonic()
             opt.zero_grad(set_to_none=True)
-            loss = _vae_step(m, s, state[key]) if stage == 1 else _unet_step(m, s, state[key], tok, noise_sched)
+            loss = _vae_step(m, s, state[key]) if stage == 1 else _denoiser_step(m, s, state[key])
             if stage == 2:
-                torch.nn.utils.clip_grad_norm_(list(m.unet.parameters()) + list(m.text.parameters()), 1.0)
+                torch.nn.utils.clip_grad_norm_(m.nets.parameters(), 1.0)
             opt.step()
             sched.step()
             state[key] += 1
@@ -379,7 +375,7 @@ def train(s: Settings) -> dict:
             state["stage_seconds"][name] += time.monotonic() - step_start
             losses.append(loss)
             avg = float(np.mean(losses[-50:]))
-            state["final_losses"][("vae_mse" if stage == 1 else "unet_eps_mse")] = round(avg, 6)
+            state["final_losses"][loss_name] = round(avg, 6)
             bar.update(1)
             bar.set_postfix(loss=f"{avg:.4f}")
             if time.monotonic() - last_ckpt > s.checkpoint_minutes * 60:
@@ -389,18 +385,18 @@ def train(s: Settings) -> dict:
         bar.close()
         if state[key] >= total and stage == 1 and not stopped:
             m.vae.eval().requires_grad_(False)
-            sf = _scaling_factor(m.vae, s.seed, s.device)
+            sf = 1.0 / latent_stats(m.vae, s.seed, s.device)[1]
             m.vae.register_to_config(scaling_factor=sf)
             state.update(stage=2, scaling_factor=sf)
             opt = make_opt(2)
     state["seconds"] = seconds0 + elapsed()
     _save_checkpoint(ckpt, m, opt, state)
     if state["stage"] == 2:
-        _export(out, m, tok, state, s)
+        _export(out, m, state, s)
     return state
 
 
 def _identity(s: Settings) -> dict:
     """Settings that must not change across a resume (the step counts and time cap may)."""
-    keys = ("seed", "batch_size", "vae_batch_size", "tiny", "lr_vae", "lr_unet", "warmup", "ema", "kl_weight")
-    return {k: getattr(s, k) for k in keys}
+    keys = ("seed", "batch_size", "vae_batch_size", "tiny", "lr_vae", "lr_unet", "warmup", "ema", "kl_weight", "arch")
+    return {k: getattr(s, k) for k in keys} | ({"vae_sha256": _vae_sha256(s)} if s.arch == "flux" else {})
