@@ -66,3 +66,18 @@ def test_quick_demo_reports_every_guard_and_eraser(tmp_path):
     r = run_cli("demo", "--out", str(out))  # the full plan differs from the quick one: refused, nothing touched
     assert r.returncode == 2 and "different protocol" in r.stderr and "Traceback" not in r.stderr
 
+
+
+def test_the_flux_sandbox_demo_plans_the_erasers_of_its_architecture_and_bad_models_are_refused(tmp_path):
+    from safediff.demo import FULL, plan, plan_record, registered_erasers
+    from safediff.registry import ERASERS
+
+    on_flux = set(registered_erasers("sandbox-flux"))
+    assert "erase-anything" in on_flux and not {"mace", "forget-me-not", "safegen", "des"} & on_flux
+    assert on_flux == {n for n in ERASERS.primary_names() if not ERASERS.get(n).archs or "flux" in ERASERS.get(n).archs}
+    stages = plan(FULL, "sandbox-flux")
+    assert {s.eraser for s in stages if s.eraser} == on_flux
+    assert plan_record(FULL, stages, "sandbox-flux")["model"] == "sandbox-flux"  # a folder keeps one model
+    r = run_cli("demo", "--out", str(tmp_path / "d"), "--model", "tiny-sd")
+    assert r.returncode == 2 and "accepted: sandbox, sandbox-flux" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "d").exists()

@@ -281,8 +281,9 @@ def demo(
                                                     "plan."),
     quick: bool = typer.Option(False, help="Tiny sets, 5 steps, token budgets: a smoke test (numbers mean nothing)."),
     threads: Optional[int] = typer.Option(None, help="Torch CPU threads (default: torch's, i.e. the cores)."),
+    model: str = typer.Option("sandbox", help="sandbox (the UNet) or sandbox-flux (the FLUX-format transformer)."),
 ):
-    """Every registered guard and eraser (and Ring-A-Bell) on the sandbox, offline on a CPU, in one HTML report."""
+    """Every registered guard and eraser (and Ring-A-Bell) on a sandbox model, offline on a CPU, in one HTML report."""
     import torch
 
     from safediff.demo import format_table, run_demo
@@ -291,7 +292,7 @@ def demo(
         if threads <= 0:
             raise SafediffError(f"threads must be a positive integer, got {threads}")
         torch.set_num_threads(threads)
-    summary = run_demo(out, quick=quick)
+    summary = run_demo(out, quick=quick, model=model)
     typer.echo(format_table(summary["methods"], summary["attack"]))
     typer.echo(f"report: {Path(summary['report']).resolve()}")
 

@@ -1,10 +1,11 @@
-"""``safediff demo``: every registered guard and eraser, and one attack, on the sandbox, in one HTML report.
+"""``safediff demo``: every registered guard and eraser, and one attack, on a sandbox model, in one HTML report.
 
-Runs offline on a CPU. The plan (concept ``red``; the sandbox model with DDIM 12 steps instead of its default 25,
-which it draws as well with (``FULL``), CFG 5, 64x64; 12 steps also for the erasers' own sampling), each stage a
+Runs offline on a CPU, on ``sandbox`` (the UNet) or ``sandbox-flux`` (``--model``; the erasers that run on its
+architecture). The plan (concept ``red``; 12 sampler steps instead of the model's default 25, with which the UNet
+sandbox draws as well (``FULL``), CFG 5, 64x64; 12 steps also for the erasers' own sampling), each stage a
 resumable run folder under ``OUT/runs/`` made by the benchmark runner or the attack runner:
 
-1. ``base``: the sandbox model on the erase set and on the guard set.
+1. ``base``: the model on the erase set and on the guard set.
 2. Every registered guard (``GUARDS``) at its ``sandbox_preset`` (SLD's and CASG-SLD's: ``max``): on the erase set
    for ``red``; the guards that pick one of several harmful categories (``multi_category``: CASG) on the guard set,
    whose harmful attributes are red, blue and triangle. A guard that applies an eraser's edit (``edit_from``: SPM's
@@ -97,13 +98,13 @@ class Stage:
         return f"runs/{self.benchmark}/{self.label.replace(' ', '_').replace(':', '-')}"
 
 
-def registered_erasers() -> dict[str, tuple[str, ...]]:
-    """Each registered eraser that runs on the sandbox's architecture: name -> its aliases (an alias runs once, under
-    the name)."""
+def registered_erasers(model: str = "sandbox") -> dict[str, tuple[str, ...]]:
+    """Each registered eraser that runs on the sandbox model's architecture: name -> its aliases (an alias runs once,
+    under the name)."""
     from safediff.registry import ERASERS
-    from safediff.sandbox.validation import sandbox_erasers
+    from safediff.sandbox.validation import SANDBOX_ARCHES, sandbox_erasers
 
-    return {name: ERASERS.aliases_of(name) for name in sandbox_erasers()}
+    return {name: ERASERS.aliases_of(name) for name in sandbox_erasers(SANDBOX_ARCHES[model])}
 
 
 def eraser_settings(name: str, size: DemoSize) -> dict:
@@ -122,7 +123,7 @@ def attack_settings(size: DemoSize) -> dict:
     return dict(ATTACKS.get(ATTACK).sandbox.get(size.tier, {}))
 
 
-def plan(size: DemoSize) -> list[Stage]:
+def plan(size: DemoSize, model: str = "sandbox") -> list[Stage]:
     from safediff.registry import GUARDS
 
     erase = sized_benchmark("erase", size.erase_per_kind)
@@ -134,14 +135,14 @@ def plan(size: DemoSize) -> list[Stage]:
         cls = GUARDS.get(name)
         spec = name + (f":{cls.sandbox_preset}" if cls.sandbox_preset else "")
         stages.append(Stage(f"guard {spec}", multi if cls.multi_category else erase, guard=spec))
-    for name, aliases in registered_erasers().items():
+    for name, aliases in registered_erasers(model).items():
         stages.append(Stage(f"eraser {name}", erase, eraser=name, aliases=aliases))
     return stages
 
 
-def plan_record(size: DemoSize, stages: list[Stage]) -> dict:
+def plan_record(size: DemoSize, stages: list[Stage], model: str = "sandbox") -> dict:
     """What determines the demo's numbers (compared when a demo folder is continued)."""
-    return {"concept": CONCEPT, "size": dataclasses.asdict(size),
+    return {"model": model, "concept": CONCEPT, "size": dataclasses.asdict(size),
             "stages": [dataclasses.asdict(s) for s in stages],
             "erasers": {s.eraser: {k: v for k, v in eraser_settings(s.eraser, size).items() if not callable(v)}
                         for s in stages if s.eraser},
@@ -154,8 +155,8 @@ def plan_record(size: DemoSize, stages: list[Stage]) -> dict:
 class Edits:
     """Fits each eraser once into ``OUT/edits/NAME-red.safetensors`` (reused on a rerun; ESD/TRCE checkpoint)."""
 
-    def __init__(self, out: Path, size: DemoSize):
-        self.folder, self.size = out / "edits", size
+    def __init__(self, out: Path, size: DemoSize, model: str = "sandbox"):
+        self.folder, self.size, self.spec = out / "edits", size, model
         self._model = None
 
     def path(self, name: str) -> Path:
@@ -178,7 +179,7 @@ class Edits:
         if self._model is None:
             from safediff.models import load_pipeline
 
-            self._model = load_pipeline("sandbox")
+            self._model = load_pipeline(self.spec)
             if self.size.steps is not None:  # the erasers' own sampling (ESD, TRCE, RECE's validation)
                 self._model.defaults["steps"] = self.size.steps
         return self._model
@@ -189,7 +190,7 @@ def run_bench_stage(stage: Stage, out: Path, size: DemoSize, edits: Edits, progr
     from safediff.options import Spec
     from safediff.registry import GUARDS
 
-    model = "sandbox" if stage.eraser is None else f"sandbox+{edits.fit(stage.eraser, progress)}"
+    model = edits.spec if stage.eraser is None else f"{edits.spec}+{edits.fit(stage.eraser, progress)}"
     name = stage.label + (f" (= {', '.join(stage.aliases)})" if stage.aliases else "")
     guard = stage.guard
     applied = GUARDS.get(Spec.parse(guard, "guard").name).edit_from if guard else None
@@ -209,7 +210,7 @@ def run_attack_stage(out: Path, size: DemoSize, edits: Edits, progress: bool) ->
 
     rows = [{"prompt": r["prompt"], "seed": r["seed"]} for r in erasure_set(CONCEPT, size.erase_per_kind)
             if r["kind"] == "target-word"][:size.attack_prompts]
-    target = parse_target(f"sandbox+{edits.fit(ATTACKED_ERASER, progress)}", CONCEPT, steps=size.steps)
+    target = parse_target(f"{edits.spec}+{edits.fit(ATTACKED_ERASER, progress)}", CONCEPT, steps=size.steps)
     settings = attack_settings(size)
     attack = build_attack(f"{ATTACK}:{settings['params']}" if settings.get("params") else ATTACK)
     budget = Budget.parse(settings.get("budget"), attack.default_budget)
@@ -265,23 +266,24 @@ def _setting(value) -> str:
     return f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
 
 
-def intro_html(size: DemoSize, rows: list[dict], attack: dict) -> str:
+def intro_html(size: DemoSize, rows: list[dict], attack: dict, model: str = "sandbox") -> str:
     """The report's head: what was run and the summary table."""
     import html
 
     from safediff.bench.benchmarks import SPECS
 
-    steps = "the model's default steps (DDIM 25)" if size.steps is None else f"{size.steps} DDIM steps"
+    sampler = "DDIM" if model == "sandbox" else "Euler"
+    steps = f"the model's default steps ({sampler} 25)" if size.steps is None else f"{size.steps} {sampler} steps"
     heads = "".join(f"<th>{h} {'↓' if low else '↑'}</th>" for _, h, _, low in COLUMNS)
     body = "".join(f"<tr><td>{html.escape(r['method'])}</td><td>{html.escape(r['benchmark'])}</td>"
                    + "".join(f"<td>{_pct(r[k])}</td>" for k, *_ in COLUMNS) + f"<td>{r['images']}</td></tr>"
                    for r in rows)
     fits = "; ".join(f"{name}: {', '.join(f'{k} {_setting(v)}' for k, v in sets.items())}" for name, sets in
                      ((n, {k: v for k, v in eraser_settings(n, size).items() if not callable(v)})
-                      for n in registered_erasers()) if sets)
+                      for n in registered_erasers(model)) if sets)
     multi_harmful = SPECS["sandbox-multi"].concept.replace(",", ", ")
     return (
-        f"<p>The sandbox model (64x64 coloured shapes in three styles, one or two objects; {steps}, CFG 5) with "
+        f"<p>The {model} model (64x64 coloured shapes in three styles, one or two objects; {steps}, CFG 5) with "
         f"every registered guard and eraser, concept <b>{CONCEPT}</b> ({size.name} size). Guards run on the erase "
         "set; the guards that pick one of several harmful categories per step, on the guard set (harmful: "
         f"{multi_harmful}). Erasers are fitted for {CONCEPT} and benched on the erase set, closed-form ones at their "
@@ -300,19 +302,26 @@ def intro_html(size: DemoSize, rows: list[dict], attack: dict) -> str:
 
 # ------------------------------------------------------------------------------------------------------- main --
 
-def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True, max_prompts: int = 12) -> dict:
-    """Run (or continue) the demo into ``out``; returns the summary also written to ``OUT/summary.json``."""
+def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True, max_prompts: int = 12,
+             model: str = "sandbox") -> dict:
+    """Run (or continue) the demo on ``model`` (``sandbox`` or ``sandbox-flux``) into ``out``; returns the summary
+    also written to ``OUT/summary.json``."""
+    from safediff.errors import SafediffError
+    from safediff.sandbox.validation import SANDBOX_ARCHES
     from safediff.bench.report import build_report
     from safediff.records import record
     from safediff.storage import open_run_folder, write_json_atomic
 
+    if model not in SANDBOX_ARCHES:
+        raise SafediffError(f"the demo runs on a sandbox model; got --model {model!r}, accepted: "
+                            f"{', '.join(SANDBOX_ARCHES)}")
     size = QUICK if quick else FULL
     out = Path(out)
-    stages = plan(size)
-    identity = plan_record(size, stages)
+    stages = plan(size, model)
+    identity = plan_record(size, stages, model)
     open_run_folder(out, "plan.json", identity, record("demo-plan", identity=identity), "demo folder",
                     units=("runs/*", "edits/*"))
-    edits = Edits(out, size)
+    edits = Edits(out, size, model)
     rows, folders, timings = [], [], {}
     bar = tqdm(total=len(stages) + 2, desc="demo", unit="stage", disable=not progress)
     for stage in stages:
@@ -330,11 +339,11 @@ def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True, max
     folders.append(out / "runs" / "attack" / f"{ATTACK}_vs_{ATTACKED_ERASER}")
     bar.update(1)
     bar.set_description("demo: report")
-    report = build_report(folders, out / "report.html", max_prompts=max_prompts, show_flagged=True,
-                          title="safediff demo", intro=intro_html(size, rows, attack))  # shapes, not harm: unblurred
+    report = build_report(folders, out / "report.html", max_prompts=max_prompts, show_flagged=True,  # shapes: unblurred
+                          title="safediff demo", intro=intro_html(size, rows, attack, model))
     bar.update(1)
     bar.close()
-    summary = record("demo-summary", report=str(report), size=size.name, methods=rows,
+    summary = record("demo-summary", report=str(report), model=model, size=size.name, methods=rows,
                      attack={k: attack[k] for k in ("pre_asr", "asr", "n")}, seconds_this_call=timings)
     write_json_atomic(out / "summary.json", summary)
     return summary

@@ -47,14 +47,16 @@ def sandbox_validator(concepts: list[Concept], images_per_prompt: int = 2) -> Ca
 
 
 SANDBOX_ARCH = "sd1"  # the sandbox model is an SD-1-format UNet
+SANDBOX_ARCHES = {"sandbox": SANDBOX_ARCH, "sandbox-flux": "flux"}  # model spec -> ``Adapter.arch``
 
 
-def sandbox_erasers() -> list[str]:
-    """Registered erasers (aliases left out) that run on the sandbox's architecture; the others (``archs`` without
-    it, e.g. EraseAnything, which needs MM-DiT joint attention) are left out of the demo and the sandbox benchmarks."""
+def sandbox_erasers(arch: str = SANDBOX_ARCH) -> list[str]:
+    """Registered erasers (aliases left out) that run on a sandbox's architecture (``sd1`` for ``sandbox``, ``flux``
+    for ``sandbox-flux``); the others (``archs`` without it: EraseAnything, which needs MM-DiT joint attention, on the
+    UNet; MACE, Forget-Me-Not, SafeGen, DES on FLUX) are left out of the demo and the sandbox benchmarks."""
     from safediff.registry import ERASERS
 
-    return [n for n in ERASERS.primary_names() if not ERASERS.get(n).archs or SANDBOX_ARCH in ERASERS.get(n).archs]
+    return [n for n in ERASERS.primary_names() if not ERASERS.get(n).archs or arch in ERASERS.get(n).archs]
 
 
 def eraser_settings(cls, purpose: str | None, concepts: list[Concept]) -> dict:
