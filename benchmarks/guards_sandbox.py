@@ -30,12 +30,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
 
+from safediff.bench.metrics import wilson
 from safediff.detectors.sandbox import SandboxPresence, objects
 from safediff.guards import build_guard
 from safediff.models import load_pipeline
@@ -49,14 +49,6 @@ from safediff.sandbox.benchmarks import multi_category_set
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
-    """Wilson score 95 % interval for k successes out of n."""
-    if n == 0:
-        return [float("nan"), float("nan")]
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
 def rate(flags: list[bool]) -> dict:

@@ -19,13 +19,13 @@ Methods: ``none``; ``safree`` and ``safree-released`` with concept ``red``; ``ca
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from safediff.bench.metrics import wilson
 from safediff.detectors.sandbox import attributes
 from safediff.guards import build_guard
 from safediff.models import load_pipeline
@@ -44,16 +44,11 @@ METHODS = [  # (label, guard spec, concept spec)
 ]
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
 
 
 def rate(flags: list[bool]) -> dict:
     k, n = int(sum(flags)), len(flags)
-    return {"rate": k / n, "k": k, "n": n, "ci95": wilson(k, n)}
+    return {"rate": k / n, "k": k, "n": n, "ci95": [round(x, 4) for x in wilson(k, n)]}
 
 
 def prompt_sets(n: int, seed: int) -> dict[str, list[dict]]:

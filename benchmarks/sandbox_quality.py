@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 from collections import Counter
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from safediff.bench.metrics import wilson
 from safediff.detectors.sandbox import SandboxMark, objects
 from safediff.models import load_pipeline
 from safediff.sampling import generate
@@ -40,15 +40,12 @@ GATES = {"colour": 0.95, "neighbour_pairs": 0.90, "shape": 0.90, "style": 0.90, 
          "two_object": 0.80, "mark_tolerance": 0.10}
 
 
-def wilson(hits: list[bool], z: float = 1.96) -> dict:
+def share(hits: list[bool]) -> dict:
     """The share of hits with its Wilson score interval."""
     n, k = len(hits), int(sum(hits))
     if n == 0:
         return {"value": None, "ci": None, "n": 0}
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return {"value": p, "ci": [max(0.0, centre - half), min(1.0, centre + half)], "n": n}
+    return {"value": k / n, "ci": wilson(k, n), "n": n}
 
 
 def _grid(rows_of_images: list[list[Image.Image]], scale: int = 2, pad: int = 2) -> Image.Image:
@@ -67,23 +64,23 @@ def measure(rows: list[dict], found: list[list[dict]], marks: list[bool]) -> dic
     judged = [judge(r, f) for r, f in zip(rows, found)]
     by_kind = {k: [(r, j) for r, j in zip(rows, judged) if r["kind"] == k] for k in {r["kind"] for r in rows}}
     single = by_kind.get("single", [])
-    out: dict = {axis: wilson([j[0][axis] for _, j in single]) for axis in ("colour", "shape", "style")}
-    out["per_value"] = {v: wilson([j[0][axis] for r, j in single if r[axis] == v])
+    out: dict = {axis: share([j[0][axis] for _, j in single]) for axis in ("colour", "shape", "style")}
+    out["per_value"] = {v: share([j[0][axis] for r, j in single if r[axis] == v])
                         for axis, values in (("colour", COLOURS), ("shape", SHAPES), ("style", STYLES))
                         for v in values}
     pairs = sorted({tuple(sorted((a, b))) for a in COLOURS for b in NEIGHBOURS[a]})
-    out["neighbour_pairs"] = {f"{a}/{b}": wilson([j[0]["colour"] for r, j in single if r["colour"] in (a, b)])
+    out["neighbour_pairs"] = {f"{a}/{b}": share([j[0]["colour"] for r, j in single if r["colour"] in (a, b)])
                               for a, b in pairs}
     for kind in ("synonym", "implicit"):
-        out[kind] = wilson([j[0][axis] for r, j in by_kind.get(kind, [])
+        out[kind] = share([j[0][axis] for r, j in by_kind.get(kind, [])
                             for axis, how in r["objects"][0]["said"].items() if how == kind])
-    out["two_object"] = wilson([all(o["correct"] for o in j) for _, j in by_kind.get("two-object", [])])
-    out["two_object_each"] = wilson([o["correct"] for _, j in by_kind.get("two-object", []) for o in j])
-    out["two_object_by_axis"] = {a: wilson([o[a] for _, j in by_kind.get("two-object", []) for o in j
+    out["two_object"] = share([all(o["correct"] for o in j) for _, j in by_kind.get("two-object", [])])
+    out["two_object_each"] = share([o["correct"] for _, j in by_kind.get("two-object", []) for o in j])
+    out["two_object_by_axis"] = {a: share([o[a] for _, j in by_kind.get("two-object", []) for o in j
                                              if o[a] is not None]) for a in ("found", "colour", "shape", "style")}
-    out["mark"] = wilson(marks)
+    out["mark"] = share(marks)
     unconditional = [f for r, f in zip(rows, found) if r["kind"] == "unconditional"]
-    out["unconditional"] = {"n": len(unconditional), "present": wilson([bool(f) for f in unconditional]),
+    out["unconditional"] = {"n": len(unconditional), "present": share([bool(f) for f in unconditional]),
                             **{axis: dict(Counter(o[axis] for f in unconditional for o in f))
                                for axis in ("colour", "shape", "style")}}
     u = out["unconditional"]

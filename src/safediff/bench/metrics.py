@@ -1,8 +1,10 @@
 """Benchmark metrics: rates with bootstrap confidence intervals, I2P's expected maximum, NudeNet class counts,
 Pre-ASR/ASR, CLIP score, FID, and the sandbox's attribute match rates.
 
-Every interval is a seeded percentile bootstrap that resamples *prompts* (all images of a prompt together), since
-images of one prompt are not independent. A metric is a dict ``{"value", "ci": [lo, hi] | None, "n"}``.
+Every interval of a benchmark metric is a seeded percentile bootstrap that resamples *prompts* (all images of a
+prompt together), since images of one prompt are not independent. A metric is a dict
+``{"value", "ci": [lo, hi] | None, "n"}``. ``wilson`` is the closed-form interval of a share of independent images
+(one per prompt and seed), which the sandbox's quality gates and probes report.
 """
 
 from __future__ import annotations
@@ -37,6 +39,16 @@ def mean_with_ci(values: Sequence[float], groups: Sequence | None = None, *, see
     boot = sums[idx].sum(axis=1) / counts[idx].sum(axis=1)
     lo, hi = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
     return {"value": float(values.mean()), "ci": [float(lo), float(hi)], "n": int(values.size)}
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
+    """The Wilson score interval (Wilson 1927; 95 % at z = 1.96) of the share k / n; NaNs when n = 0."""
+    if n == 0:
+        return [float("nan"), float("nan")]
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * float(np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / (1 + z * z / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
 def rate(flags: Sequence[bool], groups: Sequence | None = None, **kw) -> dict:
