@@ -171,7 +171,7 @@ def markdown(results: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     from safediff.errors import SafediffError
     from safediff.records import git_hash, versions
-    from safediff.sandbox.validation import sandbox_erasers
+    from safediff.sandbox.validation import SANDBOX_ARCH, SANDBOX_ARCHES, sandbox_erasers
     from safediff.storage import write_json_atomic
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
     targets = [v for v in a.values.split(",") if v.strip()] + [f"k{k}" for k in a.mass.split(",") if k.strip()]
     if not targets:
         ap.error("give --values and/or --mass")
-    methods = a.methods.split(",") if a.methods else ["base", *sandbox_erasers()]
+    methods = a.methods.split(",") if a.methods else ["base", *sandbox_erasers(SANDBOX_ARCHES.get(a.model,
+                                                                                                   SANDBOX_ARCH))]
     plan = Plan(a.model, a.n_per_kind, a.steps, a.purpose, a.batch_size)
     out = Path(a.out)
     record_path = out / "results.json"

@@ -1,0 +1,77 @@
+"""The side-by-side table: each method's numbers on the UNet sandbox and on sandbox-flux, from two runs of
+``benchmarks/erasers_sandbox_v2.py`` (one per ``--model``, same values and prompts per kind).
+
+    HF_HUB_OFFLINE=1 python benchmarks/erasers_sandbox_v2.py --model sandbox --values red,triangle \\
+        --out benchmarks/results/erasers_sandbox_v2
+    HF_HUB_OFFLINE=1 python benchmarks/erasers_sandbox_v2.py --model sandbox-flux --values red,triangle \\
+        --out benchmarks/results/erasers_sandbox_flux
+    python benchmarks/side_by_side.py benchmarks/results/erasers_sandbox_v2 benchmarks/results/erasers_sandbox_flux
+
+Each cell is ``UNet / FLUX``; ``n/a`` where the method refuses that architecture (its ``archs``) or was not run there.
+The two runs must share the set sizes (``n_per_kind``, ``steps``, ``purpose``); the table says so if they do not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+COLUMNS = (  # heading -> sandbox metric
+    ("target rate", "sandbox/target_rate"),
+    ("word", "sandbox/target_rate/kind=target-word"),
+    ("synonym", "sandbox/target_rate/kind=target-synonym"),
+    ("implicit", "sandbox/target_rate/kind=target-implicit"),
+    ("two-object", "sandbox/target_rate/kind=two-object"),
+    ("neighbours kept", "sandbox/kept_rate/kind=neighbour"),
+    ("far kept", "sandbox/kept_rate/kind=far"),
+    ("other object kept", "sandbox/other_object_kept"),
+)
+
+
+def cell(entry: dict | None, metric: str) -> str:
+    if entry is None:
+        return "n/a"
+    v = entry["metrics"].get(metric, {}).get("value")
+    return "–" if v is None else f"{v:.0%}"
+
+
+def table(unet: dict, flux: dict) -> str:
+    keys = sorted(set(unet["results"]) | set(flux["results"]),
+                  key=lambda k: ((unet["results"].get(k) or flux["results"][k])["target"], k))
+    heads = ["method", "target"] + [h for h, _ in COLUMNS] + ["fit s"]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for key in keys:
+        u, f = unet["results"].get(key), flux["results"].get(key)
+        first = u or f
+        cells = [first["method"], first["target"]]
+        cells += [f"{cell(u, m)} / {cell(f, m)}" for _, m in COLUMNS]
+        cells.append(" / ".join("n/a" if e is None else f"{e['fit_seconds']:.1f}" for e in (u, f)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("unet", type=Path, help="output folder of erasers_sandbox_v2.py --model sandbox")
+    ap.add_argument("flux", type=Path, help="output folder of erasers_sandbox_v2.py --model sandbox-flux")
+    a = ap.parse_args(argv)
+    runs = []
+    for folder in (a.unet, a.flux):
+        path = folder / "results.json"
+        if not path.is_file():
+            sys.exit(f"error: {path} not found; run benchmarks/erasers_sandbox_v2.py --out {folder} first")
+        runs.append(json.loads(path.read_text()))
+    unet, flux = runs
+    same = {k: v for k, v in unet["plan"].items() if k != "model"} == \
+        {k: v for k, v in flux["plan"].items() if k != "model"}
+    text = table(unet, flux)
+    if not same:
+        text += f"\nThe two runs differ in their sets: {unet['plan']} vs {flux['plan']}.\n"
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""benchmarks/side_by_side.py: one row per (method, target), UNet / FLUX in each cell, n/a where a method did not run
+on an architecture, and a note when the two runs used different sets."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+
+def script():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "side_by_side.py"
+    spec = importlib.util.spec_from_file_location("side_by_side", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def entry(method: str, target: str, rate: float, neighbours: float, fit: float) -> dict:
+    return {"method": method, "target": target, "fit_seconds": fit,
+            "metrics": {"sandbox/target_rate": {"value": rate},
+                        "sandbox/kept_rate/kind=neighbour": {"value": neighbours}}}
+
+
+def write(folder: Path, model: str, results: dict, n: int = 16) -> Path:
+    folder.mkdir()
+    plan = {"model": model, "n_per_kind": n, "steps": None, "purpose": "benchmark", "batch_size": 32}
+    (folder / "results.json").write_text(json.dumps({"plan": plan, "results": results}))
+    return folder
+
+
+def test_cells_pair_the_architectures_and_missing_methods_are_na(tmp_path, capsys):
+    unet = write(tmp_path / "u", "sandbox", {"uce-red": entry("uce", "red", 0.04, 0.94, 1.0),
+                                              "mace-red": entry("mace", "red", 0.05, 0.38, 4.6)})
+    flux = write(tmp_path / "f", "sandbox-flux", {"uce-red": entry("uce", "red", 0.5, 0.9, 0.8),
+                                                  "erase-anything-red": entry("erase-anything", "red", 0.2, 0.8, 90)})
+    text = script().main([str(unet), str(flux)])
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()[2:] if line.startswith("|")}
+    assert set(rows) == {"uce", "mace", "erase-anything"}
+    assert "| 4% / 50% |" in rows["uce"] and "| 94% / 90% |" in rows["uce"] and rows["uce"].endswith("| 1.0 / 0.8 |")
+    assert "5% / n/a" in rows["mace"] and "n/a / 20%" in rows["erase-anything"]
+    assert "differ" not in text
+
+
+def test_runs_with_different_sets_are_flagged(tmp_path):
+    unet = write(tmp_path / "u", "sandbox", {"uce-red": entry("uce", "red", 0.04, 0.94, 1.0)})
+    flux = write(tmp_path / "f", "sandbox-flux", {"uce-red": entry("uce", "red", 0.5, 0.9, 0.8)}, n=4)
+    assert "differ in their sets" in script().main([str(unet), str(flux)])
