@@ -118,7 +118,26 @@ def test_default_edits_values_only_and_takes_many_concepts(tiny_sd):
     assert edit.metadata["info"]["erase_words"] == ["red", "circle", "striped"]
 
 
-@pytest.mark.parametrize("bad", [{"params": "Q"}, {"retain_scale": 0.0}, {"threshold": -1.0}])
+@pytest.mark.parametrize("bad", [{"params": "Q"}, {"retain_scale": 0.0}, {"threshold": -1.0}, {"tokens": "all"}])
 def test_bad_options_are_one_clear_error(bad):
     with pytest.raises(SafediffError):
         SPEED(**bad)
+
+
+def test_to_end_rows_take_the_word_and_every_later_row_and_keep_those_of_retained_prompts(tiny_sd):
+    concepts = resolve("red")
+    kept = preserve_prompts(list(concepts[0].preserve), ["red"], False)
+    positions = [int(p) for p in tiny_sd.adapter.eos_positions(kept) - 1]
+    length = tiny_sd.adapter.segments[0].length
+    retain = last_token_rows(tiny_sd, kept, to_end=True)
+    assert len(retain) == sum(length - max(p, 0) for p in positions) > len(last_token_rows(tiny_sd, kept))
+    assert torch.equal(retain[0], last_token_rows(tiny_sd, kept[:1])[0])  # each prompt's block starts at its last token
+    eraser = SPEED(params="KV", filter=False, n_aug=0, threshold=1e-10, tokens="to_end")
+    edit = eraser.fit(tiny_sd, concepts, progress=False)
+    assert edit.metadata["info"]["token_convention"] == "to_end"
+    assert len(build_rows(tiny_sd, concepts, None, [], "to_end", False).erase) > \
+        len(build_rows(tiny_sd, concepts, None, [], "last", False).erase)
+    for name, module in kv_projections(tiny_sd).items():
+        old = module.weight.detach().double()
+        delta = edit.tensors[name].double() - old
+        assert (retain @ delta.T).abs().max() <= 1e-4 * (retain @ old.T).abs().max(), name

@@ -184,12 +184,16 @@ def last_token_positions(adapter, prompts: list[str]) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def last_token_rows(model, prompts: list[str]) -> torch.Tensor:
+def last_token_rows(model, prompts: list[str], to_end: bool = False) -> torch.Tensor:
     """[N·S, D] float64: each prompt's row at its last token before the end-of-text token (BOS for the empty prompt):
-    SPEED's "last subject token", in each of the S segments (SD3: CLIP then T5), segment by segment."""
+    SPEED's "last subject token", in each of the S segments (SD3: CLIP then T5), segment by segment. ``to_end``: that
+    row and every later row of its segment (end-of-text and padding), UCE's ``to_end`` convention."""
     embeds = encode_prompts(model, prompts)
-    return torch.cat([embeds[torch.arange(len(prompts)), positions]
-                      for positions in last_token_positions(model.adapter, prompts)])
+    segments, positions = model.adapter.segments, last_token_positions(model.adapter, prompts)
+    if not to_end:
+        return torch.cat([embeds[torch.arange(len(prompts)), p] for p in positions])
+    return torch.cat([embeds[i, p:seg.start + seg.length] for seg, ps in zip(segments, positions)
+                      for i, p in enumerate(ps.tolist())])
 
 
 def as_concept(item: str) -> Concept:

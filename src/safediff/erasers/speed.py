@@ -3,8 +3,8 @@ arXiv 2503.07392; reference code Ouxiang-Li/SPEED ``train_erase_null.py``). Mult
 
 Closed-form null-space editing of the projections that read text. For each edited projection ``W`` (UNet models:
 by default ``attn2.to_v`` only, as the reference scripts' ``--params V``), with ``C_t`` the target rows (each
-concept word's last token), ``C_a`` the anchor rows paired with them (the guide's; guide "" -> BOS, exactly as
-UCE's pairing) and ``S_tt = mean c_t c_tᵀ``, ``S_at = mean c_a c_tᵀ``:
+concept word's last token; ``tokens=to_end``: and every later row, see below), ``C_a`` the anchor rows paired with
+them (the guide's; guide "" -> BOS, exactly as UCE's pairing) and ``S_tt = mean c_t c_tᵀ``, ``S_at = mean c_a c_tᵀ``:
 
 1. Influence-based prior filtering (IPF). ``Δ₀ = W (S_at − S_tt)(I + S_tt)⁻¹`` is the unconstrained edit; a retain
    row ``r`` (the last token of each preserved concept, never one holding an erased word) is kept only when
@@ -29,6 +29,13 @@ Deviations: the DPA copies are filtered against the mean over all copies of a la
 of 8 rows); the k-means of IEC is Lloyd's algorithm from evenly spaced rows (the reference: random initialisation).
 Retain rows come from the concepts' preserve lists (``erasers.prompts.preserve_prompts``; the empty prompt's row is
 BOS, an invariant anyway) instead of the reference's per-task CSVs.
+
+Rows (``tokens``): ``last`` (default) is the paper's and the reference's, the word's last token only. ``to_end`` (not
+in the paper) takes, for targets, anchors and retain rows alike, that row and every later one (end-of-text and
+padding), UCE's 2023 convention. It exists because a causal text encoder writes a word into every later row, and a
+denoiser may read it there: on the UNet sandbox a colour is read from the rows after the word and not from the
+word's row (``benchmarks/token_rows_probe.py``: swapping red's row for blue's leaves red at 100 %, swapping the later
+rows draws blue 100 %), so no edit of the word's row can erase it.
 
 SD3 / FLUX (MM-DiT; not in the paper, which edits SD 1.4's cross-attention). The rule is a least-squares edit over
 rows the layer reads, so it is applied where the rows are the layer's inputs: ``context_embedder``, the one layer
@@ -91,6 +98,8 @@ class SPEED(Eraser):
     n_aug: int = option(10, low=0, help="DPA copies per kept retain row; 0 = no augmentation")
     filter: bool = option(True, help="influence-based prior filtering (multi-concept script: off)")
     erase_scale: float = option(1.0, low=0.0, help="s_e: Δ is linear in it; 1 = the paper, 0 = no change")
+    tokens: str = option("last", help="rows: 'last' (the paper: the word's last token) or 'to_end' (and every later "
+                                      "row, as UCE's 2023 code)")
     expand_prompts: bool = option(False, help="also the word in the concept's contexts (reference: the word alone)")
     also_erase: tuple[str, ...] = option((), help="extra words erased like the keywords (e.g. known synonyms)")
     seed: int = 0
@@ -99,6 +108,8 @@ class SPEED(Eraser):
         super().__post_init__()
         if self.params not in PARAMS:
             raise SafediffError(f"speed: params must be one of {', '.join(PARAMS)}, got {self.params!r}")
+        if self.tokens not in ("last", "to_end"):
+            raise SafediffError(f"speed: tokens must be 'last' or 'to_end', got {self.tokens!r}")
         if self.retain_scale == 0.0:
             raise SafediffError("speed: retain_scale (α) must be > 0 (it makes S_tt P + α I invertible)")
 
@@ -116,12 +127,12 @@ class SPEED(Eraser):
         return reader_projections(model)["tokens"]
 
     def compute(self, model, concepts: list[Concept], preserve, guide, progress):
-        rows = build_rows(model, concepts, guide, [], "last", self.expand_prompts, self.also_erase)
+        rows = build_rows(model, concepts, guide, [], self.tokens, self.expand_prompts, self.also_erase)
         c_t, c_a = rows.erase, rows.guide
         s_tt, s_at = c_t.T @ c_t / len(c_t), c_a.T @ c_t / len(c_t)
         items = [p for c in concepts for p in c.preserve] if preserve is None else [p for p in preserve if p.strip()]
         kept = preserve_prompts(list(dict.fromkeys(items)), rows.info["erase_words"], self.expand_prompts)
-        retain = last_token_rows(model, kept)
+        retain = last_token_rows(model, kept, to_end=self.tokens == "to_end")
         empty = encode_prompts(model, [""])[0]
         invariants = torch.cat([empty[:1], kmeans(empty[1:], N_CLUSTERS)]).T  # [D, 1 + 3]
         generator = torch.Generator().manual_seed(int(self.seed))
