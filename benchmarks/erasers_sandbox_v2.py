@@ -90,11 +90,12 @@ class Measurement:
         from safediff.edits import Edit
         from safediff.erasers import build_eraser
         from safediff.erasers.base import fit_to_file
+        from safediff.options import Spec
         from safediff.registry import ERASERS
         from safediff.sandbox.validation import eraser_settings
 
-        path = self.out / "edits" / f"{name}-{target}.safetensors"
-        settings = eraser_settings(ERASERS.get(name), self.plan.purpose, resolve(concept))
+        path = self.out / "edits" / f"{slug(name)}-{target}.safetensors"
+        settings = eraser_settings(ERASERS.get(Spec.parse(name, "eraser").name), self.plan.purpose, resolve(concept))
         if path.is_file():
             edit = Edit.load(path)
         else:
@@ -110,15 +111,16 @@ class Measurement:
     def entry(self, name: str, target: str) -> dict:
         """Fit (erasers) and bench one method on one target; the entry ``results.json`` keeps."""
         from safediff.bench.runner import BenchConfig, run_benchmark
+        from safediff.options import Spec
         from safediff.registry import ERASERS, GUARDS
 
         concept, benchmark = target_sets(target, self.plan.n_per_kind)
-        label = f"{name}-{target}"
+        label = f"{slug(name)}-{target}"
         config = BenchConfig(benchmark=benchmark, model=self.plan.model, out=self.out / "runs" / label,
                              steps=self.plan.steps, batch_size=self.plan.batch_size, name=label,
                              progress=self.progress)
         entry: dict = {"method": name, "target": target, "concepts": concept, "benchmark": benchmark}
-        if name in ERASERS:
+        if Spec.parse(name, "method").name in ERASERS:
             path, fitted = self.fit(name, target, concept)
             config.model = f"{self.plan.model}+{path}"
             entry.update(kind="eraser", edit=str(path.relative_to(self.out)), **fitted)
@@ -139,6 +141,11 @@ class Measurement:
         entry["run"] = str(config.out.relative_to(self.out))
         entry["metrics"] = {k: v for k, v in metrics.items() if k.startswith("sandbox/") or k == "degenerate_rate"}
         return entry
+
+
+def slug(method: str) -> str:
+    """A method spec (``speed:tokens=to_end``) as a file-name part (``speed_tokens-to_end``)."""
+    return method.replace(":", "_").replace(",", "_").replace("=", "-")
 
 
 def measure(name: str, targets: list[str], plan: Plan, out: Path, progress: bool = True) -> dict[str, dict]:
@@ -168,6 +175,18 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def split_methods(text: str) -> list[str]:
+    """``base,uce;speed:tokens=to_end,n_aug=2`` -> base, uce, speed:tokens=to_end,n_aug=2: a comma starts a new method
+    unless what follows is a KEY=VALUE option of the method before it."""
+    out: list[str] = []
+    for part in (p.strip() for chunk in text.split(";") for p in chunk.split(",")):
+        if part and "=" in part and out and ":" in out[-1]:
+            out[-1] += f",{part}"
+        elif part:
+            out.append(part)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     from safediff.errors import SafediffError
     from safediff.records import git_hash, versions
@@ -176,8 +195,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="sandbox")
-    ap.add_argument("--methods", default=None, help="comma-separated: base, registered erasers or guards "
-                    "(default: base and every registered eraser)")
+    ap.add_argument("--methods", default=None, help="semicolon- or comma-separated: base, registered erasers (with "
+                    "options: speed:tokens=to_end) or guards (default: base and every registered eraser)")
     ap.add_argument("--values", default="", help="sandbox values to erase one at a time, e.g. red,triangle")
     ap.add_argument("--mass", default="", help="mass-erasure sizes, e.g. 1,5,10,20")
     ap.add_argument("--n-per-kind", type=int, default=Plan.n_per_kind)
@@ -192,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
     targets = [v for v in a.values.split(",") if v.strip()] + [f"k{k}" for k in a.mass.split(",") if k.strip()]
     if not targets:
         ap.error("give --values and/or --mass")
-    methods = a.methods.split(",") if a.methods else ["base", *sandbox_erasers(SANDBOX_ARCHES.get(a.model,
+    methods = split_methods(a.methods) if a.methods else ["base", *sandbox_erasers(SANDBOX_ARCHES.get(a.model,
                                                                                                    SANDBOX_ARCH))]
     plan = Plan(a.model, a.n_per_kind, a.steps, a.purpose, a.batch_size)
     out = Path(a.out)

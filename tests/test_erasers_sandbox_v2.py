@@ -75,3 +75,10 @@ def test_another_plan_or_an_unknown_target_is_refused(tiny_folder, tmp_path, san
         mod.target_sets("k3", 1)
     with pytest.raises(SafediffError, match="unknown method"):
         mod.measure("nothing", ["red"], mod.Plan(str(tiny_folder)), tmp_path / "x", progress=False)
+
+
+def test_method_specs_with_options_are_one_method_each_and_name_their_files():
+    mod = script()
+    assert mod.split_methods("base,uce,speed:tokens=to_end,n_aug=2,mace") == \
+        ["base", "uce", "speed:tokens=to_end,n_aug=2", "mace"]
+    assert mod.slug("speed:tokens=to_end,n_aug=2") == "speed_tokens-to_end_n_aug-2"
