@@ -58,15 +58,14 @@ from safediff.records import git_hash, versions
 from safediff.storage import write_json_atomic
 from safediff.erasers import build_eraser
 from safediff.registry import ATTACKS, ERASERS, GUARDS as GUARD_CLASSES
-from safediff.sandbox.validation import eraser_settings
+from safediff.sandbox.validation import eraser_settings, guard_spec as sandbox_guard_spec
 
 CONCEPT = "red"
 GUARDS = {"sld": "sld", "casg": "casg-sld"}  # target -> registered guard, run at its sandbox preset
 
 
 def guard_spec(name: str) -> str:
-    cls = GUARD_CLASSES.get(GUARDS[name])
-    return f"{cls.name}:{cls.sandbox_preset}" if cls.sandbox_preset else cls.name
+    return sandbox_guard_spec(GUARD_CLASSES.get(GUARDS[name]))
 
 
 ERASER_TARGETS = {  # target -> (registered eraser, settings); "esd" is added from --esd

@@ -82,8 +82,9 @@ TARGET_WORD = "sandbox/target_rate/kind=target-word"
 
 def guard_spec(name: str, base: bool = False) -> str:
     """A registered guard at its sandbox preset, optionally reading its concept through the unedited weights."""
-    preset = GUARDS.get(name).sandbox_preset
-    spec = f"{name}:{preset}" if preset else name
+    from safediff.sandbox.validation import guard_spec as sandbox_guard_spec
+
+    spec = sandbox_guard_spec(GUARDS.get(name))
     return (spec + ("," if ":" in spec else ":") + "concept_weights=base") if base else spec
 
 

@@ -113,6 +113,7 @@ class Measurement:
         from safediff.bench.runner import BenchConfig, run_benchmark
         from safediff.options import Spec
         from safediff.registry import ERASERS, GUARDS
+        from safediff.sandbox.validation import SANDBOX_ARCH, SANDBOX_ARCHES, guard_spec
 
         concept, benchmark = target_sets(target, self.plan.n_per_kind)
         label = f"{slug(name)}-{target}"
@@ -125,8 +126,7 @@ class Measurement:
             config.model = f"{self.plan.model}+{path}"
             entry.update(kind="eraser", edit=str(path.relative_to(self.out)), **fitted)
         elif name in GUARDS and name != "none":
-            cls = GUARDS.get(name)
-            config.guard = name + (f":{cls.sandbox_preset}" if cls.sandbox_preset else "")
+            config.guard = guard_spec(GUARDS.get(name), SANDBOX_ARCHES.get(self.plan.model, SANDBOX_ARCH))
             config.concept = concept
             entry.update(kind="guard", guard=config.guard, fit_seconds=0.0)
         elif name == "base":

@@ -81,3 +81,11 @@ def test_the_flux_sandbox_demo_plans_the_erasers_of_its_architecture_and_bad_mod
     r = run_cli("demo", "--out", str(tmp_path / "d"), "--model", "tiny-sd")
     assert r.returncode == 2 and "accepted: sandbox, sandbox-flux" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "d").exists()
+
+
+def test_guards_run_on_the_flux_sandbox_with_their_transformer_options():
+    from safediff.demo import FULL, plan
+
+    guards = {s.guard for s in plan(FULL, "sandbox-flux") if s.guard}
+    assert {"adavd:space=readers", "safree:lra=0", "casg-safree:lra=0", "sld:max"} <= guards
+    assert {s.guard for s in plan(FULL) if s.guard} >= {"adavd", "safree", "sld:max"}

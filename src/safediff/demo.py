@@ -125,6 +125,7 @@ def attack_settings(size: DemoSize) -> dict:
 
 def plan(size: DemoSize, model: str = "sandbox") -> list[Stage]:
     from safediff.registry import GUARDS
+    from safediff.sandbox.validation import SANDBOX_ARCHES, guard_spec
 
     erase = sized_benchmark("erase", size.erase_per_kind)
     multi = sized_benchmark("multi", size.multi_per_kind)
@@ -133,7 +134,7 @@ def plan(size: DemoSize, model: str = "sandbox") -> list[Stage]:
         if name == "none":
             continue
         cls = GUARDS.get(name)
-        spec = name + (f":{cls.sandbox_preset}" if cls.sandbox_preset else "")
+        spec = guard_spec(cls, SANDBOX_ARCHES[model])
         stages.append(Stage(f"guard {spec}", multi if cls.multi_category else erase, guard=spec))
     for name, aliases in registered_erasers(model).items():
         stages.append(Stage(f"eraser {name}", erase, eraser=name, aliases=aliases))

@@ -59,6 +59,15 @@ def sandbox_erasers(arch: str = SANDBOX_ARCH) -> list[str]:
     return [n for n in ERASERS.primary_names() if not ERASERS.get(n).archs or arch in ERASERS.get(n).archs]
 
 
+def guard_spec(cls, arch: str = SANDBOX_ARCH) -> str:
+    """A registered guard's spec on a sandbox: its ``sandbox_preset``, plus its ``transformer_options`` on an MM-DiT
+    (``sandbox-flux``), under which a guard whose defaults read UNet features runs there."""
+    spec = cls.name + (f":{cls.sandbox_preset}" if cls.sandbox_preset else "")
+    if arch in ("sd3", "flux") and cls.transformer_options:
+        spec += ("," if ":" in spec else ":") + cls.transformer_options
+    return spec
+
+
 def eraser_settings(cls, purpose: str | None, concepts: list[Concept]) -> dict:
     """An eraser class's settings on the sandbox for ``purpose`` (its ``sandbox`` table: benchmark, demo, smoke;
     None: its defaults), plus the sandbox validator when the eraser takes one (RECE) and the exact mask provider
