@@ -1,0 +1,34 @@
+"""benchmarks/edit_residuals.py: 1 for an edit that leaves the projections as they were, well below 1 for UCE, which
+maps the concept's rows toward the anchor's by least squares."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+from safediff.concepts import resolve
+from safediff.erasers.uce import UCE
+
+
+def script():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "edit_residuals.py"
+    spec = importlib.util.spec_from_file_location("edit_residuals", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_residual_is_one_for_no_change_and_small_for_uce(tiny_sd):
+    from types import SimpleNamespace
+
+    from safediff.erasers.closed_form import kv_projections
+
+    mod = script()
+    moved = UCE().fit(tiny_sd, resolve("red"), progress=False)
+    projections = kv_projections(tiny_sd)
+    unchanged = SimpleNamespace(tensors={name: projections[name].weight.detach().clone() for name in moved.tensors})
+    r0 = mod.residuals(tiny_sd, unchanged, "red", "to_end")
+    r1 = mod.residuals(tiny_sd, moved, "red", "to_end")
+    assert r0 and set(r0) == set(r1)
+    assert all(abs(v - 1.0) < 1e-6 for v in r0.values())
+    assert all(v < 0.9 for v in r1.values())

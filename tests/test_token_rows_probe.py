@@ -1,0 +1,52 @@
+"""benchmarks/token_rows_probe.py: each condition swaps exactly the rows it names (on the shipped sandbox's encoder;
+no sampling), and the probe refuses words that are not one token."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from safediff.sandbox import WEIGHTS_DIR
+
+pytestmark = pytest.mark.skipif(not (WEIGHTS_DIR / "SHA256SUMS").is_file(), reason="sandbox weights absent")
+
+
+def script():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "token_rows_probe.py"
+    spec = importlib.util.spec_from_file_location("token_rows_probe", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    from safediff.models import load_pipeline
+
+    return load_pipeline("sandbox")
+
+
+def test_each_condition_swaps_the_rows_it_names(sandbox):
+    mod = script()
+    prompts = ["a red circle", "a striped red square on white"]
+    own = sandbox.adapter.encode(prompts).embeds
+    other = sandbox.adapter.encode([mod.swapped(p, "red", "blue") for p in prompts]).embeds
+    positions = mod.word_positions(sandbox, prompts, "red")
+    assert positions == [2, 3]  # BOS, a, red / BOS, a, striped, red
+    assert torch.equal(own[:, :2], other[:, :2])  # causal: rows before the word do not read it
+    swapped = {c: mod.conditioning(sandbox, prompts, "red", "blue", c).embeds for c in mod.CONDITIONS}
+    assert torch.equal(swapped["none"], own)
+    for i, pos in enumerate(positions):
+        word = swapped["word"][i]
+        assert torch.equal(word[pos], other[i, pos]) and torch.equal(word[pos + 1:], own[i, pos + 1:])
+        after = swapped["after"][i]
+        assert torch.equal(after[:pos + 1], own[i, :pos + 1]) and torch.equal(after[pos + 1:], other[i, pos + 1:])
+        assert torch.equal(swapped["word+after"][i, pos:], other[i, pos:])
+
+
+def test_a_word_of_several_tokens_is_refused(sandbox):
+    with pytest.raises(SystemExit, match="one-token word"):
+        script().word_positions(sandbox, ["a reddish circle"], "reddish")
