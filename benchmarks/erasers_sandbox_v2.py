@@ -20,8 +20,8 @@ and ``/kind=...``; lower is better), ``sandbox/kept_rate/kind=neighbour|far|othe
 
 Resumable: edits are kept in ``OUT/edits/<method>-<target>.safetensors`` (iterative fits checkpoint beside them and
 resume), runs in ``OUT/runs/<method>-<target>/`` (the runner resumes them), finished entries in ``OUT/results.json``;
-a rerun skips what is done. ``OUT/results.md`` is the table. The results record the protocol (model, set size,
-steps, purpose); an ``OUT`` made with another protocol is refused. Once the v2 sandbox weights are shipped:
+a rerun skips what is done. ``OUT/results.md`` is the table. The results record the protocol (model and its weights'
+sha256, set size, steps, purpose); an ``OUT`` made with another protocol (or other weights) is refused:
 
     HF_HUB_OFFLINE=1 python benchmarks/erasers_sandbox_v2.py --methods base,speed,concept-prune,mace,realera,adavd \\
         --values red,triangle,outlined --n-per-kind 16
@@ -47,6 +47,7 @@ class Plan:
     """What determines every number of an output folder (recorded as its protocol)."""
 
     model: str = "sandbox"
+    model_sha256: str = ""  # the model's weights (``Model.base_sha256``): results of other weights are never mixed
     n_per_kind: int = 16  # rows per kind of the single-value sets (the mass-erasure sets have a fixed size)
     steps: int | None = None  # denoising steps of fits and benches (None: the model's default)
     purpose: str = "benchmark"  # which of each eraser's sandbox settings
@@ -213,7 +214,9 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error("give --values and/or --mass")
     methods = split_methods(a.methods) if a.methods else ["base", *sandbox_erasers(SANDBOX_ARCHES.get(a.model,
                                                                                                    SANDBOX_ARCH))]
-    plan = Plan(a.model, a.n_per_kind, a.steps, a.purpose, a.batch_size)
+    from safediff.models import load_pipeline
+
+    plan = Plan(a.model, load_pipeline(a.model).base_sha256, a.n_per_kind, a.steps, a.purpose, a.batch_size)
     out = Path(a.out)
     record_path = out / "results.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {"plan": asdict(plan), "results": {}}

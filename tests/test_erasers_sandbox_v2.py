@@ -61,7 +61,7 @@ def test_measures_an_eraser_a_guard_and_mass_erasure_then_resumes(tiny_folder, t
     assert again["results"] == results and edit.stat().st_mtime_ns == stamp
 
     monkeypatch.undo()
-    entry = mod.measure("speed", ["red"], mod.Plan(str(tiny_folder), 1, 2, "smoke", 64), tmp_path, progress=False)
+    entry = mod.measure("speed", ["red"], mod.Plan(str(tiny_folder), "", 1, 2, "smoke", 64), tmp_path, progress=False)
     assert entry["red"]["edit_sha256"] == speed["edit_sha256"]  # the saved edit is reused, the run re-read
     assert entry["red"]["metrics"] == metrics
 
@@ -71,6 +71,18 @@ def test_another_plan_or_an_unknown_target_is_refused(tiny_folder, tmp_path, san
     (tmp_path / "results.json").write_text('{"plan": {"model": "other"}, "results": {}}')
     with pytest.raises(SafediffError, match="another plan"):
         mod.main(["--model", str(tiny_folder), "--values", "red", "--out", str(tmp_path), "--quiet"])
+    from safediff.models import load_pipeline
+    from safediff.random_models import build_pipeline
+
+    retrained = tmp_path / "retrained"  # results of this folder's earlier weights; now it holds other weights
+    old_weights = load_pipeline(str(tiny_folder)).base_sha256
+    plan = {**mod.asdict(mod.Plan(str(retrained), old_weights)), "n_per_kind": 1}
+    (tmp_path / "results.json").write_text(mod.json.dumps({"plan": plan, "results": {}}))
+    build_pipeline("tiny-sd", seed=1).save_pretrained(retrained)
+    assert load_pipeline(str(retrained)).base_sha256 != old_weights
+    with pytest.raises(SafediffError, match="another plan"):
+        mod.main(["--model", str(retrained), "--values", "red", "--n-per-kind", "1", "--out", str(tmp_path),
+                  "--quiet"])
     with pytest.raises(SafediffError, match="unknown target"):
         mod.target_sets("k3", 1)
     with pytest.raises(SafediffError, match="unknown method"):
