@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> str:
             sys.exit(f"error: {path} not found; run benchmarks/erasers_sandbox_v2.py --out {folder} first")
         runs.append(json.loads(path.read_text()))
     unet, flux = runs
-    same = {k: v for k, v in unet["plan"].items() if k != "model"} == \
-        {k: v for k, v in flux["plan"].items() if k != "model"}
+    sets = [{k: v for k, v in run["plan"].items() if k not in ("model", "model_sha256")} for run in runs]
+    same = sets[0] == sets[1]
     text = table(unet, flux)
     if not same:
         text += f"\nThe two runs differ in their sets: {unet['plan']} vs {flux['plan']}.\n"
