@@ -24,7 +24,8 @@ def entry(method: str, target: str, rate: float, neighbours: float, fit: float) 
 
 def write(folder: Path, model: str, results: dict, n: int = 16) -> Path:
     folder.mkdir()
-    plan = {"model": model, "model_sha256": model * 4, "n_per_kind": n, "steps": None, "purpose": "benchmark", "batch_size": 32}
+    plan = {"model": model, "model_sha256": model * 4, "n_per_kind": n, "steps": None, "purpose": "benchmark",
+            "batch_size": 32}
     (folder / "results.json").write_text(json.dumps({"plan": plan, "results": results}))
     return folder
 
