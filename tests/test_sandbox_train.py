@@ -207,3 +207,40 @@ def test_sandbox_flux_spec_loads_the_shipped_folder_or_says_how_to_train_it(trai
     model = load_pipeline("sandbox-flux")
     assert model.adapter.arch == "flux" and model.defaults["scheduler"] == "euler" and model.defaults["height"] == 64
     assert model.protocol()["spec"] == "sandbox-flux"
+
+
+def test_flux_step_is_the_rectified_flow_loss_of_diffusers_flux_pipeline(trained, tmp_path):
+    """An independent reference for the FLUX training step: diffusers' own FluxPipeline encodes the captions, packs
+    the latents and builds the position ids; x_sigma = (1 - sigma) x0 + sigma eps, target eps - x0."""
+    from diffusers import FluxPipeline
+
+    from safediff.sandbox import world
+    from safediff.sandbox import train as trainer
+    from safediff.sandbox.architectures import to_pixels
+    from safediff.sandbox.tokenizer import load_tokenizer, write_tokenizer_files
+
+    s = tiny(tmp_path / "o", arch="flux", vae_from=str(trained))
+    m = trainer._Models(s, load_tokenizer(write_tokenizer_files(tmp_path / "tok")))
+    loss = trainer._denoiser_step(m, s, 3)
+
+    rng, gen = trainer._step_rng(s.seed, 2, 3)
+    images, captions, _ = world.sample_batch(rng, s.batch_size)
+    pipe = m.nets.pipeline()
+    assert isinstance(pipe, FluxPipeline)
+    with torch.no_grad():
+        embeds, pooled, text_ids = pipe.encode_prompt(captions, captions, max_sequence_length=48)
+        post = pipe.vae.encode(to_pixels(images, "cpu")).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        x0 = (z - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+        noise = torch.randn(x0.shape, generator=gen)
+        sigma = torch.randint(0, 1000, (len(x0),), generator=gen).float() / 1000
+        xt = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * noise
+        b, c, h, w = xt.shape
+        pred = pipe.transformer(hidden_states=FluxPipeline._pack_latents(xt, b, c, h, w), timestep=sigma,
+                                pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids,
+                                img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", xt.dtype),
+                                return_dict=False)[0]
+        pred = FluxPipeline._unpack_latents(pred, h * pipe.vae_scale_factor, w * pipe.vae_scale_factor,
+                                            pipe.vae_scale_factor)
+        reference = torch.nn.functional.mse_loss(pred, noise - x0)
+    assert abs(loss - float(reference)) <= 1e-5 * float(reference)
