@@ -7,7 +7,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from safediff.errors import SafediffError
-from safediff.sandbox import WEIGHTS_DIR, verify_weights, write_sums
+from safediff.sandbox import FLUX_WEIGHTS_DIR, WEIGHTS_DIR, verify_weights, write_sums
 from safediff.sandbox.train import CHECKPOINT, RECORD, Settings, train
 
 
@@ -244,3 +244,13 @@ def test_flux_step_is_the_rectified_flow_loss_of_diffusers_flux_pipeline(trained
                                             pipe.vae_scale_factor)
         reference = torch.nn.functional.mse_loss(pred, noise - x0)
     assert abs(loss - float(reference)) <= 1e-5 * float(reference)
+
+
+@pytest.mark.skipif(not (FLUX_WEIGHTS_DIR / "SHA256SUMS").is_file(), reason="shipped sandbox-flux weights absent")
+def test_shipped_flux_weights_verify_and_both_sandboxes_fit_in_60_mb():
+    verify_weights(FLUX_WEIGHTS_DIR)
+    files = [p for d in (WEIGHTS_DIR, FLUX_WEIGHTS_DIR) for p in d.rglob("*") if p.is_file()]
+    assert all(p.stat().st_size < 20 * 10**6 for p in files)
+    assert sum(p.stat().st_size for p in files) <= 60 * 10**6
+    rec = json.loads((FLUX_WEIGHTS_DIR / RECORD).read_text())
+    assert rec["architecture"] == "flux" and "--arch flux" in rec["command"] and rec["steps_done"]["transformer"] > 0
