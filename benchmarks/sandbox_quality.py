@@ -149,9 +149,9 @@ def main() -> None:
     seconds = time.monotonic() - start
     m = measure(rows, objects(out.pixels), SandboxMark().verdict(out.pixels).tolist())
     _print(m)
-    result = {"model": a.model, "settings": out.settings, "seed": a.seed, "images": len(rows),
-              "seconds": round(seconds, 1), "thresholds": GATES, "mark_share_in_training": P_MARK, **m,
-              "all_passed": all(m["gates"].values())}
+    result = {"model": a.model, "model_sha256": model.base_sha256, "settings": out.settings, "seed": a.seed,
+              "images": len(rows), "seconds": round(seconds, 1), "thresholds": GATES,
+              "mark_share_in_training": P_MARK, **m, "all_passed": all(m["gates"].values())}
     for path in (Path(a.json), Path(a.grid)):
         path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(a.json + ".tmp")
