@@ -37,17 +37,18 @@ def swapped(prompt: str, value: str, swap: str) -> str:
 
 
 def word_positions(model, prompts: list[str], value: str) -> list[int]:
-    """The index of ``value``'s token in each prompt's token ids (it must be one token, present once)."""
-    ids = model.adapter.tokenize(prompts, 0)
-    tok = model.adapter.tokenizers[0]
-    target = tok(value, add_special_tokens=False).input_ids
-    if len(target) != 1:
-        raise SystemExit(f"error: '{value}' is {len(target)} tokens; the probe needs a one-token word")
+    """The position of ``value``'s token in each prompt's token ids (``erasers.prompts.word_positions``; it must be
+    one token, present once)."""
+    from safediff.erasers.prompts import WordFinder, word_positions as positions_of
+
+    finder, length = WordFinder(model.adapter.tokenizers[0]), model.adapter.window(0)
+    if len(finder.ids(value)) != 1:
+        raise SystemExit(f"error: '{value}' is {len(finder.ids(value))} tokens; the probe needs a one-token word")
     out = []
-    for row in ids.tolist():
-        hits = [i for i, t in enumerate(row) if t == target[0]]
+    for prompt in prompts:
+        hits = positions_of(finder, prompt, value, length)
         if len(hits) != 1:
-            raise SystemExit(f"error: '{value}' appears {len(hits)} times in a prompt's tokens")
+            raise SystemExit(f"error: '{value}' appears {len(hits)} times in the tokens of {prompt!r}")
         out.append(hits[0])
     return out
 

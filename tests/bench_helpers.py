@@ -1,10 +1,25 @@
-"""Tiny random CLIP models built from configs (no downloads) and a tiny pipeline folder, for the bench tests."""
+"""Tiny random CLIP models built from configs (no downloads) and a tiny pipeline folder, for the bench tests; and
+``load_benchmark``, which imports a script of ``benchmarks/`` (not a package) as a module."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
 
 import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module, registered in ``sys.modules`` (its dataclasses resolve their annotations
+    through it)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def tiny_clip(seed: int = 0, image_size: int = 32, projection: int = 16):

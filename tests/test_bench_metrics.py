@@ -124,3 +124,15 @@ def test_inception_needs_torch_fidelity(monkeypatch):
 
 
 # ---- metrics drawn from run records ----
+
+
+def test_wilson_interval_matches_closed_form_values():
+    import math
+
+    from safediff.bench.metrics import wilson
+
+    lo, hi = wilson(0, 10)
+    assert lo == 0.0 and abs(hi - 1.96**2 / (10 + 1.96**2)) < 1e-12  # k = 0: upper bound z^2 / (n + z^2)
+    lo, hi = wilson(5, 10)
+    assert abs(lo - 0.2366) < 1e-4 and abs(hi - 0.7634) < 1e-4 and abs((lo + hi) / 2 - 0.5) < 1e-12
+    assert all(math.isnan(x) for x in wilson(0, 0))

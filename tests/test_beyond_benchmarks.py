@@ -2,22 +2,17 @@
 their tables come from the runner's own records, a rerun resumes instead of recomputing, and the published masks
 are what the attack honoured."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from safediff.attacks.relearn import relearning_curve
+from bench_helpers import load_benchmark
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def script(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark(name)
 
 
 def stored(report: dict) -> dict:

@@ -3,23 +3,18 @@ readings of the pair get a utility run and every attack cell through the one run
 from the cells, and a second call reuses everything; the Pareto front of the plot is the set of non-dominated
 points."""
 
-import importlib.util
 import json
 import random
-from pathlib import Path
 
 import pytest
 
 from safediff.bench.plots import pareto_chart, pareto_front
+from bench_helpers import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("defence_in_depth", ROOT / "benchmarks" / "defence_in_depth.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("defence_in_depth")
 
 
 def test_quick_matrix_and_resume(tiny_folder, tmp_path, monkeypatch):

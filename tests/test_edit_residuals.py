@@ -1,21 +1,14 @@
 """benchmarks/edit_residuals.py: 1 for an edit that leaves the projections as they were, well below 1 for UCE, which
 maps the concept's rows toward the anchor's by least squares."""
 
-import importlib.util
-import sys
-from pathlib import Path
 
 from safediff.concepts import resolve
 from safediff.erasers.uce import UCE
+from bench_helpers import load_benchmark
 
 
 def script():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "edit_residuals.py"
-    spec = importlib.util.spec_from_file_location("edit_residuals", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("edit_residuals")
 
 
 def test_residual_is_one_for_no_change_and_small_for_uce(tiny_sd):

@@ -1,22 +1,15 @@
 """benchmarks/erasers_sandbox_v2.py at a tiny budget on a tiny random model folder: an eraser is fitted and benched,
 a guard benched, a mass-erasure set run; the JSON and the table are written; a rerun reuses edits and runs."""
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
 from safediff.errors import SafediffError
+from bench_helpers import load_benchmark
 
 
 def script():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "erasers_sandbox_v2.py"
-    spec = importlib.util.spec_from_file_location("erasers_sandbox_v2", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("erasers_sandbox_v2")
 
 
 @pytest.fixture(scope="module")

@@ -1,19 +1,13 @@
 """benchmarks/side_by_side.py: one row per (method, target), UNet / FLUX in each cell, n/a where a method did not run
 on an architecture, and a note when the two runs used different sets."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
+from bench_helpers import load_benchmark
 
 
 def script():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "side_by_side.py"
-    spec = importlib.util.spec_from_file_location("side_by_side", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("side_by_side")
 
 
 def entry(method: str, target: str, rate: float, neighbours: float, fit: float) -> dict:

@@ -1,7 +1,5 @@
 """The fast path changes how the UNet runs, not what it computes; the speed benchmark runs at tiny size on CPU."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 
@@ -9,6 +7,7 @@ from float_bounds import assert_close
 from safediff.errors import SafediffError
 from safediff.sampling import generate
 from safediff.speed import optimize
+from bench_helpers import load_benchmark
 
 
 def test_channels_last_and_sdpa_match_eager(tiny_sd):
@@ -24,10 +23,7 @@ def test_unknown_compile_mode(tiny_sd):
 
 
 def test_gpu_speed_benchmark_runs_tiny_on_cpu(tmp_path):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_speed.py"
-    spec = importlib.util.spec_from_file_location("gpu_speed", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("gpu_speed")
     record = mod.main(["--arch", "tiny-sd", "--steps", "2", "--batch-sizes", "1", "--repeats", "1",
                        "--out", str(tmp_path / "speed.json")])
     rows = {r["row"]: r for r in record["rows"]}

@@ -1,25 +1,18 @@
 """benchmarks/token_rows_probe.py: each condition swaps exactly the rows it names (on the shipped sandbox's encoder;
 no sampling), and the probe refuses words that are not one token."""
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from safediff.sandbox import WEIGHTS_DIR
+from bench_helpers import load_benchmark
 
 pytestmark = pytest.mark.skipif(not (WEIGHTS_DIR / "SHA256SUMS").is_file(), reason="sandbox weights absent")
 
 
 def script():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "token_rows_probe.py"
-    spec = importlib.util.spec_from_file_location("token_rows_probe", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("token_rows_probe")
 
 
 @pytest.fixture(scope="module")
