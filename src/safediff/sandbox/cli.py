@@ -29,8 +29,10 @@ def train(
     vae_from: str = typer.Option("", "--vae-from", help="flux: the UNet sandbox folder whose trained VAE is used "
                                                         "(default: the shipped sandbox)."),
     vae_steps: int = typer.Option(VAE_STEPS, "--vae-steps", help="VAE training steps (unet)."),
-    denoiser_steps: int = typer.Option(DENOISER_STEPS, "--denoiser-steps", "--unet-steps",
-                                       help="Denoiser (UNet or transformer) + text encoder training steps."),
+    denoiser_steps: int | None = typer.Option(None, "--denoiser-steps", "--unet-steps",
+                                              help="Denoiser (UNet or transformer) + text encoder training steps "
+                                                   f"(default: {DENOISER_STEPS['unet']} unet, "
+                                                   f"{DENOISER_STEPS['flux']} flux)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per denoiser + text encoder step."),
     vae_batch_size: int = typer.Option(16, "--vae-batch-size", help="Images per VAE step."),
     threads: int = typer.Option(2, "--threads", help="torch CPU threads."),

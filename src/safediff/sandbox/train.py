@@ -24,10 +24,11 @@ The VAE stage uses batches of ``vae_batch_size`` (16: each 64x64 image already g
 positions), the diffusion stage ``batch_size`` (32); the record keeps each stage's seconds per step. Checkpoints are
 one safetensors file (networks, EMA and flattened AdamW state; the JSON state in its metadata) replaced atomically.
 
-Default length of the UNet sandbox (``VAE_STEPS`` = 2000, ``DENOISER_STEPS`` = 6000): 0.63 s per VAE step and about
-1.2 s per UNet step with 2 threads on 2 otherwise idle cores (1.18 s and 2.0 s with 1 thread) give about 141
-minutes, inside the 150-minute ``--minutes`` cap (``docs/sandbox.md``, "Training"). The learning rate is constant
-after warm-up, so a longer run resumes the same ``--out`` with a larger ``--denoiser-steps``.
+Default lengths (``VAE_STEPS`` = 2000; ``DENOISER_STEPS``: 6000 UNet, 11000 FLUX transformer steps): 0.63 s per VAE
+step and about 1.2 s per UNet step with 2 threads on 2 otherwise idle cores (1.18 s and 2.0 s with 1 thread) give
+about 141 minutes for the UNet sandbox; 0.73 s per transformer step (1.2 s with 1 thread) about 134 minutes for
+sandbox-flux; both inside the 150-minute ``--minutes`` cap (``docs/sandbox.md``, "Training"). The learning rate is
+constant after warm-up, so a longer run resumes the same ``--out`` with a larger ``--denoiser-steps``.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from safediff.sandbox.tokenizer import load_tokenizer, write_tokenizer_files
 CHECKPOINT = ".checkpoint.safetensors"
 RECORD = "safediff_sandbox.json"
 VAE_STEPS = 2000
-DENOISER_STEPS = 6000
+DENOISER_STEPS = {"unet": 6000, "flux": 11000}  # the shipped models' lengths
 DENOISER = {"unet": "unet", "flux": "transformer"}  # the denoiser component of each architecture
 SCHEDULER = {"unet": "DDIM", "flux": "euler"}  # the sampler each is drawn with by default
 
@@ -70,7 +71,7 @@ class Settings:
     arch: str = "unet"
     vae_from: str = ""  # flux: a trained UNet sandbox folder whose VAE is used ("": the shipped sandbox)
     vae_steps: int = VAE_STEPS
-    denoiser_steps: int = DENOISER_STEPS
+    denoiser_steps: int | None = None  # None: the architecture's ``DENOISER_STEPS``
     batch_size: int = 32
     vae_batch_size: int = 16
     minutes: float = 150.0
@@ -83,6 +84,10 @@ class Settings:
     ema: float = 0.999
     kl_weight: float = 1e-6
     checkpoint_minutes: float = 3.0
+
+    def __post_init__(self):
+        if self.denoiser_steps is None:
+            self.denoiser_steps = DENOISER_STEPS.get(self.arch, 0)  # an unknown arch is named by ``validate``
 
     @property
     def denoiser(self) -> str:
