@@ -37,9 +37,13 @@ def cell(entry: dict | None, metric: str) -> str:
     return "–" if v is None else f"{v:.0%}"
 
 
-def table(unet: dict, flux: dict) -> str:
-    keys = sorted(set(unet["results"]) | set(flux["results"]),
-                  key=lambda k: ((unet["results"].get(k) or flux["results"][k])["target"], k))
+def table(unet: dict, flux: dict, targets: set[str] | None = None) -> str:
+    """Rows of every method-target entry of either run (``targets``: only those targets)."""
+    def target(k: str) -> str:
+        return (unet["results"].get(k) or flux["results"][k])["target"]
+
+    keys = sorted((k for k in set(unet["results"]) | set(flux["results"]) if targets is None or target(k) in targets),
+                  key=lambda k: (target(k), k))
     heads = ["method", "target"] + [h for h, _ in COLUMNS] + ["fit s"]
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for key in keys:
@@ -56,6 +60,7 @@ def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("unet", type=Path, help="output folder of erasers_sandbox_v2.py --model sandbox")
     ap.add_argument("flux", type=Path, help="output folder of erasers_sandbox_v2.py --model sandbox-flux")
+    ap.add_argument("--targets", default="", help="only these targets, e.g. red,triangle (default: all)")
     a = ap.parse_args(argv)
     runs = []
     for folder in (a.unet, a.flux):
@@ -66,7 +71,7 @@ def main(argv: list[str] | None = None) -> str:
     unet, flux = runs
     sets = [{k: v for k, v in run["plan"].items() if k not in ("model", "model_sha256")} for run in runs]
     same = sets[0] == sets[1]
-    text = table(unet, flux)
+    text = table(unet, flux, {t for t in a.targets.split(",") if t.strip()} or None)
     if not same:
         text += f"\nThe two runs differ in their sets: {unet['plan']} vs {flux['plan']}.\n"
     print(text)

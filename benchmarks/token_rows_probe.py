@@ -2,18 +2,21 @@
 
 SPEED (and UCE with ``tokens=last``) edit a projection so that it maps the *row of the concept word* (its last token)
 to the anchor's row. In a causal text encoder (CLIP) every later token also reads the word: in "a red circle" the rows
-of "circle", EOS and the padding have attended to "red". If the denoiser can read the colour from those rows, an edit
-of the word's row alone cannot erase it. This probe measures that on ground truth: for prompts naming ``--value`` by
-its word (``sandbox.benchmarks.erasure_set``, kind ``target-word``) it swaps rows of the encoding with those of the
-same prompt naming ``--swap`` instead (same length: one-token words, so positions align) and reads the images with
-the exact detectors:
+of "circle", EOS and the padding have attended to "red"; in a bidirectional one (T5, FLUX's token sequence) every row
+has. If the denoiser can read the value from those rows, an edit of the word's row alone cannot erase it. This probe
+measures that on ground truth: for prompts naming ``--value`` by its word (``sandbox.benchmarks.erasure_set``, kind
+``target-word``) it swaps rows of the token sequence with those of the same prompt naming ``--swap`` instead (same
+length: one-token words, so positions align) and reads the images with the exact detectors:
 
 - ``none``: the prompt's own encoding;
 - ``word``: only the word's row swapped (what a perfect last-token edit achieves);
 - ``after``: every row *after* the word swapped, the word's own row kept;
-- ``word+after``: the word's row and every later row swapped (by causality, the swap prompt's whole encoding).
+- ``word+after``: the word's row and every later row swapped (in a causal encoder: the swap prompt's whole sequence);
+- ``all``: every row swapped (differs from ``word+after`` only in a bidirectional encoder);
+- ``pooled`` (models with a pooled vector, e.g. FLUX's CLIP): only the pooled vector swapped, every row kept.
 
-Reported: the rate of ``--value`` and of ``--swap`` in each condition (Wilson 95 % intervals), with the protocol.
+Models with one token sequence (``adapter.segments``: SD 1/2, SDXL, FLUX.1). Reported: the rate of ``--value`` and of
+``--swap`` in each condition (Wilson 95 % intervals), with the protocol.
 
     HF_HUB_OFFLINE=1 python benchmarks/token_rows_probe.py --value red --swap blue --n 32 \\
         --out benchmarks/results/token_rows_probe.json
@@ -28,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-CONDITIONS = ("none", "word", "after", "word+after")
+CONDITIONS = ("none", "word", "after", "word+after", "all", "pooled")
 
 
 def swapped(prompt: str, value: str, swap: str) -> str:
@@ -37,11 +40,13 @@ def swapped(prompt: str, value: str, swap: str) -> str:
 
 
 def word_positions(model, prompts: list[str], value: str) -> list[int]:
-    """The position of ``value``'s token in each prompt's token ids (``erasers.prompts.word_positions``; it must be
-    one token, present once)."""
+    """The row of ``value``'s token in each prompt's token sequence (``erasers.prompts.word_positions`` in the
+    tokenization of the model's one segment; it must be one token, present once)."""
     from safediff.erasers.prompts import WordFinder, word_positions as positions_of
 
-    finder, length = WordFinder(model.adapter.tokenizers[0]), model.adapter.window(0)
+    (segment,) = model.adapter.segments
+    k = segment.encoders[0]
+    finder, length = WordFinder(model.adapter.tokenizers[k]), model.adapter.window(k)
     if len(finder.ids(value)) != 1:
         raise SystemExit(f"error: '{value}' is {len(finder.ids(value))} tokens; the probe needs a one-token word")
     out = []
@@ -49,7 +54,7 @@ def word_positions(model, prompts: list[str], value: str) -> list[int]:
         hits = positions_of(finder, prompt, value, length)
         if len(hits) != 1:
             raise SystemExit(f"error: '{value}' appears {len(hits)} times in the tokens of {prompt!r}")
-        out.append(hits[0])
+        out.append(segment.start + hits[0])
     return out
 
 
@@ -60,6 +65,10 @@ def conditioning(model, prompts: list[str], value: str, swap: str, condition: st
     if condition == "none":
         return own
     other = model.adapter.encode([swapped(p, value, swap) for p in prompts])
+    if condition == "pooled":
+        return Conditioning(own.embeds, other.pooled)
+    if condition == "all":
+        return Conditioning(other.embeds, own.pooled)
     embeds = own.embeds.clone()
     for i, pos in enumerate(word_positions(model, prompts, value)):
         lo = pos + (condition == "after")
@@ -92,12 +101,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: --value and --swap must be two sandbox values of one axis; got {a.value}, {a.swap}")
     axis = axis_of(a.value)
     model = load_pipeline(a.model)
-    if model.adapter.arch not in ("sd1", "sd2"):
-        raise SystemExit("error: the probe swaps rows of the one CLIP encoding of SD-1/2-format models")
+    if len(model.adapter.segments) != 1:
+        raise SystemExit(f"error: the probe swaps rows of one token sequence; {model.adapter.arch} has "
+                         f"{len(model.adapter.segments)} (accepted: SD 1/2, SDXL, FLUX.1)")
     rows = [r for r in erasure_set(a.value, n_per_kind=a.n) if r["kind"] == "target-word"][:a.n]
     prompts, seeds = [r["prompt"] for r in rows], [r["seed"] for r in rows]
     results, t0 = {}, time.perf_counter()
-    for condition in CONDITIONS:
+    has_pooled = model.adapter.encode(prompts[:1]).pooled is not None
+    for condition in [c for c in CONDITIONS if c != "pooled" or has_pooled]:
         cond = conditioning(model, prompts, a.value, a.swap, condition)
         with torch.no_grad():
             images = generate(model, prompts, seeds, conditioning=cond, progress=False).pixels

@@ -41,3 +41,12 @@ def test_runs_with_different_sets_are_flagged(tmp_path):
     unet = write(tmp_path / "u", "sandbox", {"uce-red": entry("uce", "red", 0.04, 0.94, 1.0)})
     flux = write(tmp_path / "f", "sandbox-flux", {"uce-red": entry("uce", "red", 0.5, 0.9, 0.8)}, n=4)
     assert "differ in their sets" in script().main([str(unet), str(flux)])
+
+
+def test_targets_keep_only_the_named_targets(tmp_path):
+    unet = write(tmp_path / "u", "sandbox", {"uce-red": entry("uce", "red", 0.04, 0.94, 1.0),
+                                              "uce-triangle": entry("uce", "triangle", 0.12, 1.0, 1.1)})
+    flux = write(tmp_path / "f", "sandbox-flux", {"uce-red": entry("uce", "red", 0.5, 0.9, 0.8)})
+    rows = [line for line in script().main([str(unet), str(flux), "--targets", "triangle"]).splitlines()[2:]
+            if line.startswith("|")]
+    assert len(rows) == 1 and "| triangle |" in rows[0] and rows[0].startswith("| uce |")

@@ -1,11 +1,12 @@
-"""benchmarks/token_rows_probe.py: each condition swaps exactly the rows it names (on the shipped sandbox's encoder;
-no sampling), and the probe refuses words that are not one token."""
+"""benchmarks/token_rows_probe.py: each condition swaps exactly the rows it names (on the shipped sandboxes' encoders:
+CLIP's causal sequence, FLUX's bidirectional T5 sequence and pooled CLIP; no sampling), and the probe refuses words
+that are not one token."""
 
 
 import pytest
 import torch
 
-from safediff.sandbox import WEIGHTS_DIR
+from safediff.sandbox import FLUX_WEIGHTS_DIR, WEIGHTS_DIR
 from bench_helpers import load_benchmark
 
 pytestmark = pytest.mark.skipif(not (WEIGHTS_DIR / "SHA256SUMS").is_file(), reason="sandbox weights absent")
@@ -43,3 +44,23 @@ def test_each_condition_swaps_the_rows_it_names(sandbox):
 def test_a_word_of_several_tokens_is_refused(sandbox):
     with pytest.raises(SystemExit, match="one-token word"):
         script().word_positions(sandbox, ["a reddish circle"], "reddish")
+
+
+@pytest.mark.skipif(not (FLUX_WEIGHTS_DIR / "SHA256SUMS").is_file(), reason="sandbox-flux weights absent")
+def test_on_flux_the_rows_are_t5_and_the_pooled_vector_is_swapped_alone():
+    from safediff.models import load_pipeline
+
+    flux, mod = load_pipeline("sandbox-flux"), script()
+    prompts = ["a red circle", "a striped red square on white"]
+    own = flux.adapter.encode(prompts)
+    other = flux.adapter.encode([mod.swapped(p, "red", "blue") for p in prompts])
+    positions = mod.word_positions(flux, prompts, "red")
+    assert positions == [1, 2]  # T5 has no BOS: a, red / a, striped, red
+    assert not torch.equal(own.embeds[:, 0], other.embeds[:, 0])  # bidirectional: rows before the word read it too
+    swapped = {c: mod.conditioning(flux, prompts, "red", "blue", c) for c in mod.CONDITIONS}
+    assert torch.equal(swapped["all"].embeds, other.embeds) and torch.equal(swapped["all"].pooled, own.pooled)
+    assert torch.equal(swapped["pooled"].embeds, own.embeds) and torch.equal(swapped["pooled"].pooled, other.pooled)
+    for i, pos in enumerate(positions):
+        word = swapped["word"][i].embeds
+        assert torch.equal(word[:pos], own.embeds[i, :pos]) and torch.equal(word[pos], other.embeds[i, pos])
+        assert torch.equal(swapped["word"][i].pooled, own.pooled[i])

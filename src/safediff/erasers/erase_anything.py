@@ -149,7 +149,7 @@ class EraseAnything(Eraser):
     archs: ClassVar[tuple[str, ...]] = ("sd3", "flux")
     archs_reason: ClassVar[str] = ("its losses read MM-DiT joint attention (image queries on text keys) and train "
                                    "its LoRA; on UNet models use esd-x or uce")
-    # the sandbox is an SD-1 UNet model, which the method refuses: smoke settings only (contract suite on SD3/FLUX)
+    # no 'benchmark' entry: sandbox-flux benchmarks run it at its defaults (the UNet sandbox it refuses)
     sandbox: ClassVar[dict[str, dict]] = {"smoke": {"iterations": 2, "rank": 2, "ddim_steps": 2,
                                                     "irrelevant": 2}}
     zero_strength: ClassVar[dict] = {"lr": 0.0}
