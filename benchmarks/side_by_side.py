@@ -9,6 +9,10 @@
 
 Each cell is ``UNet / FLUX``; ``n/a`` where the method refuses that architecture (its ``archs``) or was not run there.
 The two runs must share the set sizes (``n_per_kind``, ``steps``, ``purpose``); the table says so if they do not.
+
+With ``--attacks UNET_JSON FLUX_JSON`` (two outputs of ``benchmarks/attacks_sandbox.py``, one per ``--model``, same
+``--prompts`` and budgets) it also prints the attack table: per defended target, Pre-ASR, each attack's ASR and the
+worst case over the attacks, ``UNet / FLUX``.
 """
 
 from __future__ import annotations
@@ -56,11 +60,45 @@ def table(unet: dict, flux: dict, targets: set[str] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def attack_table(unet: dict, flux: dict) -> str:
+    """Per target (plain, an erased model, a guard): Pre-ASR, each attack's ASR and the worst case, UNet / FLUX."""
+    runs = (unet, flux)
+    attacks = sorted(set(unet["results"]) | set(flux["results"]))
+    targets = list(dict.fromkeys(t for run in runs for a in attacks for t in run["results"].get(a, {})))
+
+    def entry(run: dict, attack: str, target: str) -> dict | None:
+        return run["results"].get(attack, {}).get(target)
+
+    def pre(run: dict, target: str) -> str:
+        found = [e["pre_asr"] for a in attacks if (e := entry(run, a, target))]
+        return f"{found[0]:.2f}" if found else "n/a"
+
+    def worst(run: dict, target: str) -> str:
+        found = [(e["asr"], a) for a in attacks if (e := entry(run, a, target))]
+        return f"{max(found)[0]:.2f} ({max(found)[1]})" if found else "n/a"
+
+    heads = ["target", "Pre-ASR"] + attacks + ["worst case"]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for t in targets:
+        cells = [t, " / ".join(pre(r, t) for r in runs)]
+        cells += [" / ".join("n/a" if (e := entry(r, a, t)) is None else f"{e['asr']:.2f}" for r in runs)
+                  for a in attacks]
+        cells.append(" / ".join(worst(r, t) for r in runs))
+        lines.append("| " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    for key in ("prompts", "budgets"):
+        if unet.get(key) != flux.get(key):
+            text += f"\nThe two attack runs differ in their {key}.\n"
+    return text
+
+
 def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("unet", type=Path, help="output folder of erasers_sandbox_v2.py --model sandbox")
     ap.add_argument("flux", type=Path, help="output folder of erasers_sandbox_v2.py --model sandbox-flux")
     ap.add_argument("--targets", default="", help="only these targets, e.g. red,triangle (default: all)")
+    ap.add_argument("--attacks", nargs=2, type=Path, metavar=("UNET_JSON", "FLUX_JSON"),
+                    help="two outputs of benchmarks/attacks_sandbox.py: adds the attack table")
     a = ap.parse_args(argv)
     runs = []
     for folder in (a.unet, a.flux):
@@ -74,6 +112,11 @@ def main(argv: list[str] | None = None) -> str:
     text = table(unet, flux, {t for t in a.targets.split(",") if t.strip()} or None)
     if not same:
         text += f"\nThe two runs differ in their sets: {unet['plan']} vs {flux['plan']}.\n"
+    if a.attacks:
+        missing = [p for p in a.attacks if not p.is_file()]
+        if missing:
+            sys.exit(f"error: {missing[0]} not found; run benchmarks/attacks_sandbox.py --out {missing[0]} first")
+        text += "\n" + attack_table(*(json.loads(p.read_text()) for p in a.attacks))
     print(text)
     return text
 

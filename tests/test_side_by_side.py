@@ -50,3 +50,17 @@ def test_targets_keep_only_the_named_targets(tmp_path):
     rows = [line for line in script().main([str(unet), str(flux), "--targets", "triangle"]).splitlines()[2:]
             if line.startswith("|")]
     assert len(rows) == 1 and "| triangle |" in rows[0] and rows[0].startswith("| uce |")
+
+
+def test_attack_table_pairs_asr_and_names_the_worst_attack(tmp_path):
+    def run(asr: dict) -> dict:
+        return {"prompts": [{"prompt": "a red heart", "seed": 1}], "budgets": "sandbox",
+                "results": {a: {t: {"pre_asr": 0.0, "asr": v} for t, v in by_target.items()}
+                            for a, by_target in asr.items()}}
+
+    unet = run({"ring-a-bell": {"uce": 0.25, "sld": 0.0}, "concept-inversion": {"uce": 0.75, "sld": 0.5}})
+    flux = run({"ring-a-bell": {"uce": 0.0}, "concept-inversion": {"uce": 1.0}})
+    rows = {line.split(" | ")[0].strip("| "): line for line in script().attack_table(unet, flux).splitlines()[2:]}
+    assert rows["uce"].endswith("| 0.75 (concept-inversion) / 1.00 (concept-inversion) |")
+    assert "| 0.75 / 1.00 |" in rows["uce"] and "| 0.25 / 0.00 |" in rows["uce"]
+    assert rows["sld"].endswith("| 0.50 (concept-inversion) / n/a |") and "| 0.00 / n/a |" in rows["sld"]
