@@ -74,8 +74,12 @@ def attack_table(unet: dict, flux: dict) -> str:
         return f"{found[0]:.2f}" if found else "n/a"
 
     def worst(run: dict, target: str) -> str:
-        found = [(e["asr"], a) for a in attacks if (e := entry(run, a, target))]
-        return f"{max(found)[0]:.2f} ({max(found)[1]})" if found else "n/a"
+        found = {a: e["asr"] for a in attacks if (e := entry(run, a, target))}
+        if not found:
+            return "n/a"
+        top = max(found.values())
+        names = [a for a, v in found.items() if v == top]
+        return f"{top:.2f} ({names[0] if len(names) == 1 else f'{len(names)} attacks'})"
 
     heads = ["target", "Pre-ASR"] + attacks + ["worst case"]
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
