@@ -26,8 +26,8 @@ one safetensors file (networks, EMA and flattened AdamW state; the JSON state in
 
 Default lengths (``VAE_STEPS`` = 2000; ``DENOISER_STEPS``: 6000 UNet, 11000 FLUX transformer steps): 0.63 s per VAE
 step and about 1.2 s per UNet step with 2 threads on 2 otherwise idle cores (1.18 s and 2.0 s with 1 thread) give
-about 141 minutes for the UNet sandbox; 0.73 s per transformer step (1.2 s with 1 thread) about 134 minutes for
-sandbox-flux; both inside the 150-minute ``--minutes`` cap (``docs/sandbox.md``, "Training"). The learning rate is
+about 141 minutes for the UNet sandbox; 0.73-0.75 s per transformer step (1.2 s with 1 thread) about 137 minutes
+for sandbox-flux; both inside the 150-minute ``--minutes`` cap (``docs/sandbox.md``, "Training"). The learning rate is
 constant after warm-up, so a longer run resumes the same ``--out`` with a larger ``--denoiser-steps``.
 """
 
