@@ -14,12 +14,13 @@ import torch
 from safediff.adapters import Conditioning
 from safediff.attacks.token_sequences import search_tokenizer, sequence_ids
 from safediff.errors import SafediffError
+from safediff.identity import ByIdentity
 from safediff.models import Model
 from safediff.tokens import is_whole_word_piece, marks_word_start, word_ends
 
 LAYOUTS = ("prefix", "suffix", "every", "free")
 
-_VOCAB_CACHE: dict[tuple[int, str], torch.Tensor] = {}
+_VOCAB_CACHE: dict[str, ByIdentity[torch.Tensor]] = {"all": ByIdentity(), "words": ByIdentity()}
 
 
 def vocabulary(tokenizer, mode: str = "words") -> torch.Tensor:
@@ -27,8 +28,8 @@ def vocabulary(tokenizer, mode: str = "words") -> torch.Tensor:
     ``</w>`` suffix, SentencePiece's ``▁`` prefix) whose decoded text tokenizes back to exactly that one token."""
     if mode not in ("all", "words"):
         raise SafediffError(f"unknown vocabulary '{mode}'; accepted: all, words")
-    key = (id(tokenizer), mode)
-    if key not in _VOCAB_CACHE:
+    cache = _VOCAB_CACHE[mode]
+    if tokenizer not in cache:
         special = set(tokenizer.all_special_ids)
         ids = [i for i in range(len(tokenizer)) if i not in special]
         if mode == "words":
@@ -40,8 +41,8 @@ def vocabulary(tokenizer, mode: str = "words") -> torch.Tensor:
             ids = [i for i, t, e in zip(ids, texts, enc) if t and e == [i]]
         if not ids:
             raise SafediffError(f"the tokenizer has no '{mode}' tokens to search over")
-        _VOCAB_CACHE[key] = torch.tensor(ids, dtype=torch.long)
-    return _VOCAB_CACHE[key]
+        cache[tokenizer] = torch.tensor(ids, dtype=torch.long)
+    return cache[tokenizer]
 
 
 class TokenSlots:

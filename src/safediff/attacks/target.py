@@ -18,6 +18,7 @@ from safediff.attacks.budget import ComputeMeter
 from safediff.concepts import Concept, resolve
 from safediff.errors import SafediffError
 from safediff.guards.base import GenerationContext, Guard, NoGuard, start_session
+from safediff.identity import ByIdentity
 from safediff.models import Model
 from safediff.sampling import SamplerSettings, denoiser_output, generate, guided_eps, latent_shape, make_scheduler
 
@@ -42,7 +43,7 @@ class Target:
     height: int | None = None
     width: int | None = None
     scheduler: str | None = None
-    _uncond: dict = field(default_factory=dict, repr=False)
+    _uncond: ByIdentity = field(default_factory=ByIdentity, repr=False)
     _call_costs: dict | None = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -77,10 +78,10 @@ class Target:
     # --- noise predictions (differentiable in cond) ---
     def uncond(self, model: Model, batch: int) -> Conditioning:
         """The unconditional branch (cached per model; its one encoding is counted when first made)."""
-        if id(model) not in self._uncond:
+        if model not in self._uncond:
             with torch.no_grad():
-                self._uncond[id(model)] = model.adapter.encode_negative(None, 1)
-        u = self._uncond[id(model)]
+                self._uncond[model] = model.adapter.encode_negative(None, 1)
+        u = self._uncond[model]
         return Conditioning(u.embeds.expand(batch, -1, -1),
                             None if u.pooled is None else u.pooled.expand(batch, -1))
 

@@ -21,6 +21,7 @@ import torch
 
 from safediff.errors import SafediffError
 from safediff.hashing import tensors_sha256
+from safediff.identity import ByIdentity
 from safediff.records import SCHEMA_VERSION, check_record
 
 HEADER_KEY = "safediff_edit"
@@ -82,7 +83,7 @@ class Edit:
         metadata = {"kind": "edit", "schema_version": SCHEMA_VERSION, "parents": [], **metadata,
                     "edit_sha256": self.digest}
         self.metadata = json.loads(json.dumps(metadata, default=str))  # exactly what a saved file reads back
-        self._originals: dict[int, dict[str, torch.Tensor]] = {}  # id(model) -> tensors replaced by apply
+        self._originals: ByIdentity[dict[str, torch.Tensor]] = ByIdentity()  # model -> tensors replaced by apply
 
     @property
     def method(self) -> str:
@@ -138,7 +139,7 @@ class Edit:
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(self.tensors[name].to(device=p.device, dtype=p.dtype))
-        self._originals[id(model)] = originals
+        self._originals[model] = originals
         model.edits.append(self)
         return self
 
@@ -149,7 +150,7 @@ class Edit:
         if model.edits[-1] is not self:
             raise SafediffError(f"revert edits in reverse order: the last applied edit is {model.edits[-1]!r}, "
                                 f"not {self!r}")
-        originals = self._originals.pop(id(model))
+        originals = self._originals.pop(model)
         with torch.no_grad():
             for name, t in originals.items():
                 resolve_parameter(model, name).copy_(t)
@@ -159,7 +160,7 @@ class Edit:
         """The tensors this edit replaced in ``model`` (it must be applied there)."""
         if not self.is_applied(model):
             raise SafediffError(f"this {self.method} edit is not applied to the model")
-        return self._originals[id(model)]
+        return self._originals[model]
 
     # files --------------------------------------------------------------------------------------------------
     def save(self, path: str | Path, exclusive: bool = False) -> Path:

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from safediff.concepts import Concept
 from safediff.errors import SafediffError
 from safediff.guards.base import GenerationContext, Guard, Session
+from safediff.identity import ByIdentity
 from safediff.options import check_fields, option, with_preset
 
 METRICS = ("clipcos_tokenuni", "clipcos", "tokenuni")
@@ -158,12 +159,12 @@ class SPMGuard(Guard):
         if sorted({c.name for c in self.concepts}) != trained:
             raise SafediffError(f"spm: the membranes erase {', '.join(trained)}; give --concept {','.join(trained)}")
         self.values = dataclasses.asdict(self.params)
-        self._layers: tuple[tuple, dict[str, MembraneLayer]] | None = None
+        self._layers: ByIdentity[tuple[tuple, dict[str, MembraneLayer]]] = ByIdentity()  # model -> (edits, layers)
 
     def layers(self, model) -> dict[str, MembraneLayer]:
         """Module name -> the module and its ΔW per membrane (computed once per model state)."""
-        key = (id(model), tuple(e.digest for e in model.edits))
-        if self._layers is None or self._layers[0] != key:
+        key = tuple(e.digest for e in model.edits)
+        if model not in self._layers or self._layers[model][0] != key:
             per_edit = [edit.deltas(model) for edit in self.edits]
             names = sorted({n for d in per_edit for n in d})
             layers = {}
@@ -172,8 +173,8 @@ class SPMGuard(Guard):
                 module = model.denoiser.get_submodule(module_name)
                 zero = torch.zeros(module.weight.shape, dtype=torch.float32, device=module.weight.device)
                 layers[module_name] = MembraneLayer(module, [d.get(name, zero) for d in per_edit])
-            self._layers = (key, layers)
-        return self._layers[1]
+            self._layers[model] = (key, layers)
+        return self._layers[model][1]
 
     def start(self, ctx: GenerationContext) -> Session:
         p = self.params
