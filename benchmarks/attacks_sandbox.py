@@ -198,7 +198,7 @@ def main() -> None:
             write_json_atomic(out, report)
             c = entry["compute_per_attacked_prompt"]
             print(f"{attack_name:18s} {target_name:6s} Pre-ASR {res['pre_asr']:.2f} -> ASR {res['asr']:.2f}  "
-                  f"per attacked prompt: UNet fwd {c.get('unet_forward', 0):.0f} bwd {c.get('unet_backward', 0):.0f} "
+                  f"per attacked prompt: fwd {c.get('unet_forward', 0):.0f} bwd {c.get('unet_backward', 0):.0f} "
                   f"text-enc {c.get('text_encoder', 0):.0f} {c.get('seconds', 0):.1f} s", flush=True)
     report["total_seconds"] = round(time.monotonic() - start, 1)  # this call (finished prompts are skipped)
     report["seconds_all_runs"] = round(sum(e["seconds_all_prompts"] for r in report["results"].values()

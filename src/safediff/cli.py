@@ -168,7 +168,8 @@ def attack(
                                         "nudenet:exposed9,threshold=0.45."),
     out: Path = typer.Option(..., help="RUN folder: created, or resumed when it holds the same protocol."),
     budget: Optional[str] = typer.Option(None, help="Per-prompt limits key=value[,key=value]: iterations, "
-                                                    "unet_forward, unet_backward, text_encoder, seconds."),
+                                                    "unet_forward, unet_backward (denoiser calls: UNet or "
+                                                    "transformer), text_encoder, seconds."),
     seed: int = typer.Option(0, help="Seed of prompt i is the row's seed, else seed + i."),
     steps: Optional[int] = typer.Option(None, help="Denoising steps of judged generations (default: the model's)."),
     guidance: Optional[float] = typer.Option(None, help="CFG scale (default: the model's)."),

@@ -31,8 +31,9 @@ class Budget:
     """Limits per prompt; None = unlimited. Counted units are respected exactly; ``seconds`` before each unit."""
 
     iterations: int | None = None
-    unet_forward: int | None = None  # UNet forward *calls* (one call may hold several branches/samples)
-    unet_backward: int | None = None  # backward passes through the UNet
+    # the denoiser's calls: the UNet's, or the transformer's on SD3/FLUX (the keys keep the papers' names)
+    unet_forward: int | None = None  # denoiser forward *calls* (one call may hold several branches/samples)
+    unet_backward: int | None = None  # backward passes through the denoiser
     text_encoder: int | None = None  # text-encoder forward calls
     seconds: float | None = None
 
