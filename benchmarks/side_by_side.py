@@ -10,6 +10,10 @@
 Each cell is ``UNet / FLUX``; ``n/a`` where the method refuses that architecture (its ``archs``) or was not run there.
 The two runs must share the set sizes (``n_per_kind``, ``steps``, ``purpose``); the table says so if they do not.
 
+``--compact``: one row per method, the target rate and the neighbours kept of each target (``UNet / FLUX``).
+``--plot PNG``: per target and architecture, each method's target rate against its neighbours kept (lower-left to
+upper-left is better; the Pareto front joined), one number per method in every panel.
+
 With ``--attacks UNET_JSON FLUX_JSON`` (two outputs of ``benchmarks/attacks_sandbox.py``, one per ``--model``, same
 ``--prompts`` and budgets) it also prints the attack table: per defended target, Pre-ASR, each attack's ASR and the
 worst case over the attacks, ``UNet / FLUX``.
@@ -22,6 +26,7 @@ import json
 import sys
 from pathlib import Path
 
+RATE, NEIGHBOURS = "sandbox/target_rate", "sandbox/kept_rate/kind=neighbour"
 COLUMNS = (  # heading -> sandbox metric
     ("target rate", "sandbox/target_rate"),
     ("word", "sandbox/target_rate/kind=target-word"),
@@ -58,6 +63,60 @@ def table(unet: dict, flux: dict, targets: set[str] | None = None) -> str:
         cells.append(" / ".join("n/a" if e is None else f"{e['fit_seconds']:.1f}" for e in (u, f)))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def compact_table(unet: dict, flux: dict, targets: list[str]) -> str:
+    """One row per method: target rate and neighbours kept of each target, ``UNet / FLUX``; fit seconds summed."""
+    heads = ["method"] + [f"{t}: {h}" for t in targets for h in ("target rate", "neighbours kept")] + ["fit s"]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for method in methods(unet, flux, targets):
+        cells = [method]
+        for t in targets:
+            u, f = unet["results"].get(f"{method}-{t}"), flux["results"].get(f"{method}-{t}")
+            cells += [f"{cell(u, m)} / {cell(f, m)}" for m in (RATE, NEIGHBOURS)]
+        fits = []
+        for run in (unet, flux):
+            found = [run["results"][k]["fit_seconds"] for t in targets if (k := f"{method}-{t}") in run["results"]]
+            fits.append(f"{sum(found):.0f}" if found else "n/a")
+        lines.append("| " + " | ".join(cells + [" / ".join(fits)]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def methods(unet: dict, flux: dict, targets: list[str]) -> list[str]:
+    """Every method with an entry for one of ``targets`` in either run, ``base`` first, then by name."""
+    found = {e["method"] for run in (unet, flux) for e in run["results"].values() if e["target"] in targets}
+    return sorted(found, key=lambda m: (m != "base", m))
+
+
+def plot(unet: dict, flux: dict, targets: list[str], path: Path) -> None:
+    """A grid of Pareto charts (``safediff.bench.plots.pareto_chart``): a row per target, UNet left, FLUX right;
+    method k has mark k in every panel."""
+    import io
+
+    from PIL import Image
+
+    from safediff.bench.plots import pareto_chart
+
+    names = methods(unet, flux, targets)
+    panels = []
+    for t in targets:
+        for arch, run in (("UNet (sandbox)", unet), ("FLUX (sandbox-flux)", flux)):
+            points, marks = [], []
+            for k, method in enumerate(names):
+                e = run["results"].get(f"{method}-{t}")
+                values = None if e is None else [e["metrics"].get(m, {}).get("value") for m in (RATE, NEIGHBOURS)]
+                if values is not None and None not in values:
+                    points.append((method, *values))
+                    marks.append(k + 1)
+            png = pareto_chart(f"{arch}: erase {t} ({len(points)} methods)", points, "target rate (lower is better)",
+                               "neighbours kept (higher is better)", marks=marks)
+            panels.append(Image.open(io.BytesIO(png)).convert("RGB"))
+    w, h = max(p.width for p in panels), max(p.height for p in panels)
+    grid = Image.new("RGB", (2 * w, h * len(targets)), "white")
+    for i, panel in enumerate(panels):
+        grid.paste(panel, ((i % 2) * w, (i // 2) * h))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
 
 
 def attack_table(unet: dict, flux: dict) -> str:
@@ -101,6 +160,8 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("unet", type=Path, help="output folder of erasers_sandbox_v2.py --model sandbox")
     ap.add_argument("flux", type=Path, help="output folder of erasers_sandbox_v2.py --model sandbox-flux")
     ap.add_argument("--targets", default="", help="only these targets, e.g. red,triangle (default: all)")
+    ap.add_argument("--compact", action="store_true", help="one row per method: target rate and neighbours kept")
+    ap.add_argument("--plot", type=Path, default=None, help="also draw the Pareto charts into this PNG")
     ap.add_argument("--attacks", nargs=2, type=Path, metavar=("UNET_JSON", "FLUX_JSON"),
                     help="two outputs of benchmarks/attacks_sandbox.py: adds the attack table")
     a = ap.parse_args(argv)
@@ -113,7 +174,9 @@ def main(argv: list[str] | None = None) -> str:
     unet, flux = runs
     sets = [{k: v for k, v in run["plan"].items() if k not in ("model", "model_sha256")} for run in runs]
     same = sets[0] == sets[1]
-    text = table(unet, flux, {t for t in a.targets.split(",") if t.strip()} or None)
+    chosen = [t for t in a.targets.split(",") if t.strip()] or sorted({e["target"] for run in runs
+                                                                      for e in run["results"].values()})
+    text = compact_table(unet, flux, chosen) if a.compact else table(unet, flux, set(chosen))
     if not same:
         text += f"\nThe two runs differ in their sets: {unet['plan']} vs {flux['plan']}.\n"
     if a.attacks:
@@ -121,6 +184,9 @@ def main(argv: list[str] | None = None) -> str:
         if missing:
             sys.exit(f"error: {missing[0]} not found; run benchmarks/attacks_sandbox.py --out {missing[0]} first")
         text += "\n" + attack_table(*(json.loads(p.read_text()) for p in a.attacks))
+    if a.plot:
+        plot(unet, flux, chosen, a.plot)
+        text += f"\nPareto charts: {a.plot}\n"
     print(text)
     return text
 

@@ -64,3 +64,41 @@ def test_attack_table_pairs_asr_and_names_the_worst_attack(tmp_path):
     assert rows["uce"].endswith("| 0.75 (concept-inversion) / 1.00 (concept-inversion) |")
     assert "| 0.75 / 1.00 |" in rows["uce"] and "| 0.25 / 0.00 |" in rows["uce"]
     assert rows["sld"].endswith("| 0.50 (concept-inversion) / n/a |") and "| 0.00 / n/a |" in rows["sld"]
+
+
+def test_compact_has_one_row_per_method_with_each_targets_rate_and_neighbours(tmp_path):
+    unet = write(tmp_path / "u", "sandbox", {"uce-red": entry("uce", "red", 0.04, 0.94, 1.0),
+                                              "uce-triangle": entry("uce", "triangle", 0.12, 1.0, 1.1),
+                                              "base-red": entry("base", "red", 0.91, 0.94, 0.0)})
+    flux = write(tmp_path / "f", "sandbox-flux", {"uce-red": entry("uce", "red", 0.5, 0.9, 0.8)})
+    text = script().main([str(unet), str(flux), "--targets", "red,triangle", "--compact"])
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    assert lines[0] == ("| method | red: target rate | red: neighbours kept | triangle: target rate | "
+                        "triangle: neighbours kept | fit s |")
+    assert lines[2].startswith("| base |")  # base first
+    assert lines[3] == "| uce | 4% / 50% | 94% / 90% | 12% / n/a | 100% / n/a | 2 / 1 |"
+
+
+def test_plot_draws_a_panel_per_target_and_architecture(tmp_path):
+    from PIL import Image
+
+    unet = write(tmp_path / "u", "sandbox", {"uce-red": entry("uce", "red", 0.04, 0.94, 1.0),
+                                              "uce-triangle": entry("uce", "triangle", 0.12, 1.0, 1.1)})
+    flux = write(tmp_path / "f", "sandbox-flux", {"uce-red": entry("uce", "red", 0.5, 0.9, 0.8)})
+    one = tmp_path / "one.png"
+    script().main([str(unet), str(flux), "--targets", "red", "--plot", str(one)])
+    two = tmp_path / "two.png"
+    script().main([str(unet), str(flux), "--targets", "red,triangle", "--plot", str(two)])
+    a, b = Image.open(one), Image.open(two)
+    assert a.width == b.width and b.height == 2 * a.height  # two panels a row, one row per target
+    assert Image.open(one).convert("L").getextrema()[0] < 128  # something drawn
+
+
+def test_pareto_chart_marks_must_match_the_points():
+    import pytest
+
+    from safediff.bench.plots import pareto_chart
+
+    with pytest.raises(ValueError, match="2 marks for 1 points"):
+        pareto_chart("t", [("a", 0.1, 0.9)], "x", "y", marks=[1, 2])
+    assert pareto_chart("t", [("a", 0.1, 0.9)], "x", "y", marks=[7])[:4] == b"\x89PNG"

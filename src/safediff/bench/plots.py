@@ -3,7 +3,6 @@ with its Pareto front."""
 
 from __future__ import annotations
 
-
 from PIL import Image, ImageDraw, ImageFont
 
 from safediff.storage import png_bytes
@@ -69,12 +68,16 @@ def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
 
 
 def pareto_chart(title: str, points: list[tuple[str, float, float]], x_label: str, y_label: str,
-                 goal: tuple[float, float] | None = None) -> bytes:
+                 goal: tuple[float, float] | None = None, marks: list[int] | None = None) -> bytes:
     """Scatter of labelled points in [0, 1]², x lower-is-better and y higher-is-better, the Pareto front joined by
-    a line and, with ``goal`` = (x_max, y_min), the goal's corner shaded. Returns PNG bytes."""
+    a line and, with ``goal`` = (x_max, y_min), the goal's corner shaded. ``marks``: a number per point, written
+    beside it and before its legend entry, that also picks its colour: the same item keeps its number and colour
+    across charts, and can be found among many whose colours repeat. Returns PNG bytes."""
+    if marks is not None and len(marks) != len(points):
+        raise ValueError(f"pareto_chart: {len(marks)} marks for {len(points)} points")
     font = ImageFont.load_default()
     left, top, size, legend_w = 60, 40, 420, 260
-    width, height = left + size + 30 + legend_w, top + size + 50
+    width, height = left + size + 30 + legend_w, max(top + size + 50, top + 14 * len(points) + 10)
     img = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(img)
     d.text((left, 10), title, fill="black", font=font)
@@ -99,9 +102,12 @@ def pareto_chart(title: str, points: list[tuple[str, float, float]], x_label: st
         d.line([xy(*by_label[label]) for label in front], fill=(214, 39, 40), width=2)
     for k, (label, x, y) in enumerate(points):
         cx, cy = xy(x, y)
-        colour = PALETTE[k % len(PALETTE)]
+        colour = PALETTE[(k if marks is None else marks[k]) % len(PALETTE)]
         d.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=colour, outline="black" if label in front else colour)
+        mark = "" if marks is None else f"{marks[k]} "
+        if mark:
+            d.text((cx + 6, cy - 6), str(marks[k]), fill=colour, font=font)
         ly = top + 14 * k
         d.ellipse([left + size + 30, ly + 2, left + size + 38, ly + 10], fill=colour)
-        d.text((left + size + 44, ly), ("* " if label in front else "") + label, fill="black", font=font)
+        d.text((left + size + 44, ly), mark + ("* " if label in front else "") + label, fill="black", font=font)
     return png_bytes(img)
