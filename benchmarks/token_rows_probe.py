@@ -77,6 +77,12 @@ def conditioning(model, prompts: list[str], value: str, swap: str, condition: st
     return Conditioning(embeds, own.pooled)
 
 
+def conditions(model) -> list[str]:
+    """The conditions a model can be probed under: ``pooled`` only where the conditioning has a pooled vector."""
+    has_pooled = model.adapter.encode([""]).pooled is not None
+    return [c for c in CONDITIONS if c != "pooled" or has_pooled]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="sandbox")
@@ -107,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [r for r in erasure_set(a.value, n_per_kind=a.n) if r["kind"] == "target-word"][:a.n]
     prompts, seeds = [r["prompt"] for r in rows], [r["seed"] for r in rows]
     results, t0 = {}, time.perf_counter()
-    has_pooled = model.adapter.encode(prompts[:1]).pooled is not None
-    for condition in [c for c in CONDITIONS if c != "pooled" or has_pooled]:
+    for condition in conditions(model):
         cond = conditioning(model, prompts, a.value, a.swap, condition)
         with torch.no_grad():
             images = generate(model, prompts, seeds, conditioning=cond, progress=False).pixels

@@ -41,6 +41,10 @@ def test_each_condition_swaps_the_rows_it_names(sandbox):
         assert torch.equal(swapped["word+after"][i, pos:], other[i, pos:])
 
 
+def test_the_unet_sandbox_has_no_pooled_condition(sandbox):
+    assert script().conditions(sandbox) == [c for c in script().CONDITIONS if c != "pooled"]
+
+
 def test_a_word_of_several_tokens_is_refused(sandbox):
     with pytest.raises(SystemExit, match="one-token word"):
         script().word_positions(sandbox, ["a reddish circle"], "reddish")
@@ -57,6 +61,7 @@ def test_on_flux_the_rows_are_t5_and_the_pooled_vector_is_swapped_alone():
     positions = mod.word_positions(flux, prompts, "red")
     assert positions == [1, 2]  # T5 has no BOS: a, red / a, striped, red
     assert not torch.equal(own.embeds[:, 0], other.embeds[:, 0])  # bidirectional: rows before the word read it too
+    assert mod.conditions(flux) == list(mod.CONDITIONS)
     swapped = {c: mod.conditioning(flux, prompts, "red", "blue", c) for c in mod.CONDITIONS}
     assert torch.equal(swapped["all"].embeds, other.embeds) and torch.equal(swapped["all"].pooled, own.pooled)
     assert torch.equal(swapped["pooled"].embeds, own.embeds) and torch.equal(swapped["pooled"].pooled, other.pooled)
