@@ -1,10 +1,11 @@
-"""How far a saved edit of the cross-attention K/V moves a concept's rows toward its anchor's, layer by layer.
+"""How far a saved edit of the layers reading token rows moves a concept's rows toward its anchor's, layer by layer.
 
 For each edited projection W -> W', with C_t the concept's rows and C_a the anchor's (``erasers.prompts.build_rows``
 with the given token convention and guide ""), the residual ``‖C_t W'ᵀ − C_a Wᵀ‖ / ‖C_t Wᵀ − C_a Wᵀ‖``: 0 when the
 edit maps the concept exactly onto the anchor, 1 when it leaves the concept where it was. A diagnostic for
 closed-form erasers (UCE, SPEED, ...) that do not erase on ground truth: is the least-squares edit itself weak, or
-does the denoiser read the concept elsewhere?
+does the denoiser read the concept elsewhere? The layers: the UNet's cross-attention K/V; on an MM-DiT (SD3, FLUX)
+the one layer reading the encoders' token rows, ``context_embedder`` (``closed_form.reader_projections``).
 
     HF_HUB_OFFLINE=1 python benchmarks/edit_residuals.py --concept red --tokens to_end \\
         benchmarks/results/erasers_sandbox_v2/edits/speed-red.safetensors ...
@@ -20,11 +21,12 @@ import torch
 
 def residuals(model, edit, concept: str, tokens: str) -> dict[str, float]:
     from safediff.concepts import resolve
-    from safediff.erasers.closed_form import kv_projections
+    from safediff.erasers.closed_form import kv_projections, reader_projections
     from safediff.erasers.prompts import build_rows
 
     rows = build_rows(model, resolve(concept), None, [], tokens, False)
-    projections = kv_projections(model)
+    projections = (kv_projections(model) if model.adapter.text_stream_is_encoder_output()
+                   else reader_projections(model)["tokens"])
     out = {}
     for name, new in edit.tensors.items():
         if name not in projections:
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in a.edits:
         r = residuals(model, Edit.load(path), a.concept, a.tokens)
         if not r:
-            print(f"{path}: edits no cross-attention K/V projection")
+            print(f"{path}: edits no layer reading the token rows")
             continue
         values = sorted(r.values())
         print(f"{path}: residual over {a.tokens} rows, {len(r)} projections: min {values[0]:.2f}, "
