@@ -5,7 +5,7 @@ with the given token convention and guide ""), the residual ``‖C_t W'ᵀ − C
 edit maps the concept exactly onto the anchor, 1 when it leaves the concept where it was. A diagnostic for
 closed-form erasers (UCE, SPEED, ...) that do not erase on ground truth: is the least-squares edit itself weak, or
 does the denoiser read the concept elsewhere? The layers: the UNet's cross-attention K/V; on an MM-DiT (SD3, FLUX)
-the one layer reading the encoders' token rows, ``context_embedder`` (``closed_form.reader_projections``).
+the one layer reading the encoders' token rows, ``context_embedder`` (``closed_form.token_row_readers``).
 
     HF_HUB_OFFLINE=1 python benchmarks/edit_residuals.py --concept red --tokens to_end \\
         benchmarks/results/erasers_sandbox_v2/edits/speed-red.safetensors ...
@@ -21,12 +21,11 @@ import torch
 
 def residuals(model, edit, concept: str, tokens: str) -> dict[str, float]:
     from safediff.concepts import resolve
-    from safediff.erasers.closed_form import kv_projections, reader_projections
+    from safediff.erasers.closed_form import token_row_readers
     from safediff.erasers.prompts import build_rows
 
     rows = build_rows(model, resolve(concept), None, [], tokens, False)
-    projections = (kv_projections(model) if model.adapter.text_stream_is_encoder_output()
-                   else reader_projections(model)["tokens"])
+    projections = token_row_readers(model)
     out = {}
     for name, new in edit.tensors.items():
         if name not in projections:

@@ -105,8 +105,7 @@ def pareto_chart(title: str, points: list[tuple[str, float, float]], x_label: st
         colour = PALETTE[(k if marks is None else marks[k]) % len(PALETTE)]
         d.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=colour, outline="black" if label in front else colour)
         mark = "" if marks is None else f"{marks[k]} "
-        if mark:
-            d.text((cx + 6, cy - 6), str(marks[k]), fill=colour, font=font)
+        d.text((cx + 6, cy - 6), mark, fill=colour, font=font)
         ly = top + 14 * k
         d.ellipse([left + size + 30, ly + 2, left + size + 38, ly + 10], fill=colour)
         d.text((left + size + 44, ly), mark + ("* " if label in front else "") + label, fill="black", font=font)

@@ -44,6 +44,14 @@ def reader_projections(model) -> dict[str, dict[str, torch.nn.Linear]]:
             for space, layers in model.adapter.text_readers().items()}
 
 
+def token_row_readers(model) -> dict[str, torch.nn.Linear]:
+    """The layers that read the encoders' token rows directly: the cross-attention K/V where the text stream is the
+    encoder output (UNet models), else the MM-DiT's ``context_embedder`` (``reader_projections``' token space)."""
+    if model.adapter.text_stream_is_encoder_output():
+        return kv_projections(model)
+    return reader_projections(model)["tokens"]
+
+
 def uce_transform(erase: torch.Tensor, guide: torch.Tensor, preserve: torch.Tensor, lamb: float,
                   erase_scale: float, preserve_scale: float, preserve_target: torch.Tensor | None = None
                   ) -> torch.Tensor:

@@ -57,7 +57,7 @@ import torch
 from safediff.concepts import Concept
 from safediff.errors import SafediffError
 from safediff.erasers.base import Eraser
-from safediff.erasers.closed_form import kv_projections, null_space_delta, null_space_projector, reader_projections
+from safediff.erasers.closed_form import null_space_delta, null_space_projector, token_row_readers
 from safediff.erasers.prompts import build_rows, encode_prompts, last_token_rows, preserve_prompts
 from safediff.options import option
 
@@ -122,9 +122,7 @@ class SPEED(Eraser):
     def projections(self, model) -> dict[str, torch.nn.Linear]:
         """The edited Linears by edit-parameter name: UNet ``params`` among the cross-attention K/V; MM-DiT the layer
         reading the token rows (``context_embedder``)."""
-        if model.adapter.text_stream_is_encoder_output():
-            return {name: m for name, m in kv_projections(model).items() if self.touches(name)}
-        return reader_projections(model)["tokens"]
+        return {name: m for name, m in token_row_readers(model).items() if self.touches(name)}
 
     def compute(self, model, concepts: list[Concept], preserve, guide, progress):
         rows = build_rows(model, concepts, guide, [], self.tokens, self.expand_prompts, self.also_erase)
