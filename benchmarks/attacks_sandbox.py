@@ -4,8 +4,12 @@ Targets (all for the concept ``red``): ``plain`` (the sandbox model), ``uce``, `
 ``esd`` (ESD-x, the cross-attention variant for a specific concept; ``--esd esd-u`` for the other) erased models --
 each eraser at its class's ``sandbox["benchmark"]`` settings, the same as in the eraser table, cached in
 ``OUT.edits/`` -- and the guarded plain model at each guard's ``sandbox_preset`` (``sld``: SLD-max, ``casg``:
-CASG-SLD max). Also on request: ``rece-hard`` (RECE's λ_reg = 1e-3 setting) and
-``rece-keep`` (RECE with ``keep_erased``), the two RECE settings whose validator keeps an epoch beyond UCE here.
+CASG-SLD max). Also on request: ``rece-hard`` (RECE's λ_reg = 1e-3 setting), ``rece-keep`` (RECE with
+``keep_erased``), the two RECE settings whose validator keeps an epoch beyond UCE here, and any other registered
+eraser by its name (``salun``, ``ticoe``, ``advunlearn``, ...), at the same settings. ``--edits-from FOLDER`` takes
+an eraser's edit for red from a ``benchmarks/erasers_sandbox_v2.py`` output made at the same settings (purpose
+``benchmark``, the model's own steps; its plan is checked, and an edit made for other weights is refused on loading)
+instead of fitting it again: the attacked edit is then the very one of the side-by-side table.
 
 Prompts: the ``target-word`` rows of ``safediff.sandbox.benchmarks.erasure_set("red", N)`` (``--prompts N``, default
 8: "the red circle", "an image of a red square", ...), each with its own seed. Judge: ``sandbox-colour`` flagging
@@ -42,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -76,9 +81,26 @@ ERASER_TARGETS = {  # target -> (registered eraser, settings); "esd" is added fr
 }
 
 
-def fitted_edit(model_spec: str, target: str, eraser: str, settings: dict, edits: Path) -> Path:
+def table_edit(folder: Path | None, eraser: str) -> Path | None:
+    """The eraser's edit for red in an erasers_sandbox_v2 output folder, if that folder's plan fitted at these
+    settings (purpose ``benchmark``, the model's own steps); None when there is none."""
+    if folder is None or not (folder / f"{eraser}-{CONCEPT}.safetensors").is_file():
+        return None
+    plan = json.loads((folder.parent / "results.json").read_text())["plan"]
+    if plan["purpose"] != "benchmark" or plan["steps"] is not None:
+        raise SystemExit(f"--edits-from {folder}: its edits were fitted with purpose={plan['purpose']}, "
+                         f"steps={plan['steps']}; accepted: an output of purpose benchmark at the model's own steps")
+    return folder / f"{eraser}-{CONCEPT}.safetensors"
+
+
+def fitted_edit(model_spec: str, target: str, eraser: str, settings: dict, edits: Path,
+                edits_from: Path | None = None) -> Path:
     variant = bool(ERASER_TARGETS.get(target, (None, {}))[1])  # a variant's edit is named after it, else the eraser
     path = edits / f"{target if variant else eraser}-{CONCEPT}.safetensors"
+    if not path.is_file() and not variant and (found := table_edit(edits_from, eraser)):
+        edits.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(found, path)
+        print(f"{target}: the edit of {found}")
     if not path.is_file():
         model = load_pipeline(model_spec)
         start = time.monotonic()
@@ -90,7 +112,8 @@ def fitted_edit(model_spec: str, target: str, eraser: str, settings: dict, edits
     return path
 
 
-def targets(model_spec: str, erasers: dict[str, tuple[str, dict]], edits: Path, names: list[str]) -> dict[str, Target]:
+def targets(model_spec: str, erasers: dict[str, tuple[str, dict]], edits: Path, names: list[str],
+            edits_from: Path | None = None) -> dict[str, Target]:
     plain = load_pipeline(model_spec)
     concepts = resolve(CONCEPT)
     out = {}
@@ -101,9 +124,10 @@ def targets(model_spec: str, erasers: dict[str, tuple[str, dict]], edits: Path, 
             out[name] = Target(model=plain, guard=build_guard(guard_spec(name), CONCEPT), concepts=concepts,
                                spec=f"{model_spec}:{guard_spec(name)}")
         else:
-            if name not in erasers:
-                raise SystemExit(f"unknown target '{name}'; accepted: plain, {', '.join(GUARDS)}, {', '.join(erasers)}")
-            spec = f"{model_spec}+{fitted_edit(model_spec, name, *erasers[name], edits)}"
+            if name not in erasers and name not in ERASERS.primary_names():
+                raise SystemExit(f"unknown target '{name}'; accepted: plain, {', '.join(GUARDS)}, {', '.join(erasers)}"
+                                 f" or a registered eraser ({', '.join(ERASERS.primary_names())})")
+            spec = f"{model_spec}+{fitted_edit(model_spec, name, *erasers.get(name, (name, {})), edits, edits_from)}"
             out[name] = Target(model=load_pipeline(spec), concepts=concepts, spec=spec, reference_model=plain)
     return out
 
@@ -155,6 +179,8 @@ def main() -> None:
     ap.add_argument("--targets", default="plain,uce,rece,esd,sld,casg")
     ap.add_argument("--esd", default="esd-x")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--edits-from", type=Path, default=None, help="an erasers_sandbox_v2.py output's edits folder "
+                    "(e.g. benchmarks/results/erasers_sandbox_flux/edits): attack its edits instead of refitting")
     ap.add_argument("--budgets", choices=("sandbox", "default"), default="sandbox",
                     help="'sandbox': each attack's CPU-sized sandbox['benchmark']; 'default': its own defaults")
     args = ap.parse_args()
@@ -167,7 +193,8 @@ def main() -> None:
     erasers = {**ERASER_TARGETS, "esd": (args.esd, {})}
     judge = build_judge("sandbox-colour", CONCEPT)
     start = time.monotonic()
-    all_targets = targets(args.model, erasers, out.with_suffix(".edits"), args.targets.split(","))
+    all_targets = targets(args.model, erasers, out.with_suffix(".edits"), args.targets.split(","),
+                          args.edits_from)
     setup_seconds = time.monotonic() - start
     report = {"concept": CONCEPT, "prompts": rows, "judge": judge.protocol(), "budgets": args.budgets, "settings": {},
               "results": {},

@@ -12,7 +12,9 @@ Methods (``--methods``, default every registered eraser): a registered eraser is
 ``sandbox[--purpose]`` settings (default ``benchmark``: a few CPU-minutes each on the sandbox UNet), the sandbox
 validator when it takes one (RECE) and the exact mask provider when it takes one (MACE), through
 ``sandbox.validation.eraser_settings``; the edit is saved and benched as ``MODEL+EDIT``. A registered guard (e.g.
-``adavd``) is benched at its ``sandbox_preset`` with the target's concepts, nothing fitted. ``base`` is the model
+``adavd``) is benched at its ``sandbox_preset`` with the target's concepts, nothing fitted, except the edit of a guard
+that applies an eraser's edit (``edit_from``: SPM's membrane, fitted as that eraser's row is, and counted in its fit
+seconds); ``guard:NAME`` names the guard where an eraser has the same name (``guard:spm``). ``base`` is the model
 alone. The sandbox metrics (``sandbox.metrics``) are read from each run's results: ``sandbox/target_rate`` (overall
 and ``/kind=...``; lower is better), ``sandbox/kept_rate/kind=neighbour|far|other-attribute|kept`` and
 ``sandbox/other_object_kept`` (higher is better), with the fit's seconds (``Edit`` metadata: the wall time of
@@ -122,21 +124,30 @@ class Measurement:
                              steps=self.plan.steps, batch_size=self.plan.batch_size, name=label,
                              progress=self.progress)
         entry: dict = {"method": name, "target": target, "concepts": concept, "benchmark": benchmark}
-        if Spec.parse(name, "method").name in ERASERS:
+        guard = name.removeprefix("guard:")  # the prefix names the guard where an eraser has the same name (spm)
+        if guard == name and Spec.parse(name, "method").name in ERASERS:
             path, fitted = self.fit(name, target, concept)
             config.model = f"{self.plan.model}+{path}"
             entry.update(kind="eraser", edit=str(path.relative_to(self.out)), **fitted)
-        elif name in GUARDS and name != "none":
-            config.guard = guard_spec(GUARDS.get(name), SANDBOX_ARCHES.get(self.plan.model, SANDBOX_ARCH))
+        elif guard in GUARDS and guard != "none":
+            cls = GUARDS.get(guard)
+            config.guard = guard_spec(cls, SANDBOX_ARCHES.get(self.plan.model, SANDBOX_ARCH))
             config.concept = concept
-            entry.update(kind="guard", guard=config.guard, fit_seconds=0.0)
+            entry.update(kind="guard", fit_seconds=0.0)
+            if cls.edit_from:  # a guard applying an eraser's edit (SPM's membrane): that eraser's edit of the target
+                path, fitted = self.fit(cls.edit_from, target, concept)
+                config.guard += f"{',' if ':' in config.guard else ':'}edit={path}"
+                entry.update(edit=str(path.relative_to(self.out)), fit_seconds=fitted["fit_seconds"],
+                             edit_sha256=fitted["edit_sha256"])
+            entry["guard"] = config.guard
         elif name == "base":
             entry.update(kind="base", fit_seconds=0.0)
         else:
             from safediff.errors import SafediffError
 
             raise SafediffError(f"unknown method {name!r}; accepted: base, a registered eraser "
-                                f"({', '.join(ERASERS.primary_names())}) or guard ({', '.join(GUARDS.names())})")
+                                f"({', '.join(ERASERS.primary_names())}) or guard ({', '.join(GUARDS.names())}; "
+                                "guard:NAME where an eraser has the same name)")
         results = run_benchmark(config)
         metrics = results["results"][results["method"]]
         entry["run"] = str(config.out.relative_to(self.out))

@@ -87,3 +87,16 @@ def test_method_specs_with_options_are_one_method_each_and_name_their_files():
     assert mod.split_methods("base,uce,speed:tokens=to_end,n_aug=2,mace") == \
         ["base", "uce", "speed:tokens=to_end,n_aug=2", "mace"]
     assert mod.slug("speed:tokens=to_end,n_aug=2") == "speed_tokens-to_end_n_aug-2"
+
+
+def test_a_guard_applying_an_erasers_edit_is_named_by_its_prefix_and_shares_the_erasers_fit(tiny_folder, tmp_path,
+                                                                                            sandbox_detectors):
+    mod = script()
+    record = mod.main(["--model", str(tiny_folder), "--methods", "spm,guard:spm", "--values", "red", "--n-per-kind",
+                       "1", "--steps", "2", "--purpose", "smoke", "--batch-size", "64", "--out", str(tmp_path),
+                       "--quiet"])
+    eraser, guard = record["results"]["spm-red"], record["results"]["guard:spm-red"]
+    assert eraser["kind"] == "eraser" and guard["kind"] == "guard"
+    assert guard["edit"] == eraser["edit"] and guard["edit_sha256"] == eraser["edit_sha256"]  # one fit, both rows
+    assert guard["guard"] == f"spm:edit={tmp_path / eraser['edit']}" and guard["fit_seconds"] == eraser["fit_seconds"]
+    assert (tmp_path / guard["run"] / "results.json").is_file()

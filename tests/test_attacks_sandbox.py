@@ -1,0 +1,47 @@
+"""benchmarks/attacks_sandbox.py: any registered eraser is a target, and ``--edits-from`` attacks the very edit of an
+erasers_sandbox_v2 output (copied, never refitted) only when that output fitted at the attack's settings."""
+
+import json
+
+import pytest
+
+from bench_helpers import load_benchmark
+
+
+def script():
+    return load_benchmark("attacks_sandbox")
+
+
+def table(tmp_path, purpose="benchmark", steps=None):
+    folder = tmp_path / "table"
+    (folder / "edits").mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({"plan": {"purpose": purpose, "steps": steps}, "results": {}}))
+    return folder / "edits"
+
+
+def test_a_table_edit_is_copied_not_refitted(tmp_path, monkeypatch):
+    mod = script()
+    edits_from = table(tmp_path)
+    (edits_from / "salun-red.safetensors").write_bytes(b"the table's edit")
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("an edit of the table was fitted again")
+
+    monkeypatch.setattr(mod, "build_eraser", no_fit)
+    path = mod.fitted_edit("sandbox", "salun", "salun", {}, tmp_path / "edits", edits_from)
+    assert path == tmp_path / "edits" / "salun-red.safetensors" and path.read_bytes() == b"the table's edit"
+    assert mod.table_edit(edits_from, "doco") is None and mod.table_edit(None, "salun") is None
+
+
+def test_a_table_fitted_at_other_settings_is_refused(tmp_path):
+    mod = script()
+    edits_from = table(tmp_path, purpose="smoke", steps=2)
+    (edits_from / "uce-red.safetensors").write_bytes(b"x")
+    with pytest.raises(SystemExit, match="purpose=smoke, steps=2; accepted"):
+        mod.table_edit(edits_from, "uce")
+
+
+def test_an_unknown_target_names_what_is_accepted(tiny_folder, tmp_path):
+    mod = script()
+    with pytest.raises(SystemExit, match="unknown target 'nothing'; accepted: plain, sld, casg, .*salun"):
+        mod.targets(str(tiny_folder), dict(mod.ERASER_TARGETS), tmp_path, ["nothing"])
