@@ -5,9 +5,10 @@ Targets (all for the concept ``red``): ``plain`` (the sandbox model), ``uce``, `
 each eraser at its class's ``sandbox["benchmark"]`` settings, the same as in the eraser table, cached in
 ``OUT.edits/`` -- and the guarded plain model at each guard's ``sandbox_preset`` (``sld``: SLD-max, ``casg``:
 CASG-SLD max). Also on request: ``rece-hard`` (RECE's λ_reg = 1e-3 setting), ``rece-keep`` (RECE with
-``keep_erased``), the two RECE settings whose validator keeps an epoch beyond UCE here, and any other registered
-eraser by its name (``salun``, ``ticoe``, ``advunlearn``, ...), at the same settings. ``--edits-from FOLDER`` takes
-an eraser's edit for red from a ``benchmarks/erasers_sandbox_v2.py`` output made at the same settings (purpose
+``keep_erased``), the two RECE settings whose validator keeps an epoch beyond UCE here, any other registered eraser by
+its name (``salun``, ``ticoe``, ``advunlearn``, ...), at the same settings, and any registered guard that needs no
+fitted edit (``adavd``, ``safree``, ...), at its sandbox preset for the model's architecture. ``--edits-from FOLDER``
+takes an eraser's edit for red from a ``benchmarks/erasers_sandbox_v2.py`` output made at the same settings (purpose
 ``benchmark``, the model's own steps; its plan is checked, and an edit made for other weights is refused on loading)
 instead of fitting it again: the attacked edit is then the very one of the side-by-side table.
 
@@ -63,14 +64,21 @@ from safediff.records import git_hash, versions
 from safediff.storage import write_json_atomic
 from safediff.erasers import build_eraser
 from safediff.registry import ATTACKS, ERASERS, GUARDS as GUARD_CLASSES
-from safediff.sandbox.validation import eraser_settings, guard_spec as sandbox_guard_spec
+from safediff.sandbox.validation import SANDBOX_ARCH, SANDBOX_ARCHES, eraser_settings, guard_spec as sandbox_guard_spec
 
 CONCEPT = "red"
 GUARDS = {"sld": "sld", "casg": "casg-sld"}  # target -> registered guard, run at its sandbox preset
 
 
-def guard_spec(name: str) -> str:
-    return sandbox_guard_spec(GUARD_CLASSES.get(GUARDS[name]))
+def guard_spec(name: str, model_spec: str = "sandbox") -> str:
+    """The target's guard (an alias above or a registered guard's name) at its sandbox preset for the model's
+    architecture."""
+    return sandbox_guard_spec(GUARD_CLASSES.get(GUARDS.get(name, name)), SANDBOX_ARCHES.get(model_spec, SANDBOX_ARCH))
+
+
+def attackable_guards() -> list[str]:
+    """Registered guards a target can name: those that need nothing fitted (SPM's transport applies an edit)."""
+    return [g for g in GUARD_CLASSES.names() if g != "none" and not GUARD_CLASSES.get(g).edit_from]
 
 
 ERASER_TARGETS = {  # target -> (registered eraser, settings); "esd" is added from --esd
@@ -120,13 +128,15 @@ def targets(model_spec: str, erasers: dict[str, tuple[str, dict]], edits: Path, 
     for name in names:
         if name == "plain":
             out[name] = Target(model=plain, concepts=concepts, spec=model_spec)
-        elif name in GUARDS:
-            out[name] = Target(model=plain, guard=build_guard(guard_spec(name), CONCEPT), concepts=concepts,
-                               spec=f"{model_spec}:{guard_spec(name)}")
+        elif name in GUARDS or (name in attackable_guards() and name not in ERASERS.primary_names()):
+            spec = guard_spec(name, model_spec)
+            out[name] = Target(model=plain, guard=build_guard(spec, CONCEPT), concepts=concepts,
+                               spec=f"{model_spec}:{spec}")
         else:
             if name not in erasers and name not in ERASERS.primary_names():
-                raise SystemExit(f"unknown target '{name}'; accepted: plain, {', '.join(GUARDS)}, {', '.join(erasers)}"
-                                 f" or a registered eraser ({', '.join(ERASERS.primary_names())})")
+                raise SystemExit(f"unknown target '{name}'; accepted: plain, {', '.join(GUARDS)}, {', '.join(erasers)},"
+                                 f" a registered eraser ({', '.join(ERASERS.primary_names())}) or guard "
+                                 f"({', '.join(attackable_guards())})")
             spec = f"{model_spec}+{fitted_edit(model_spec, name, *erasers.get(name, (name, {})), edits, edits_from)}"
             out[name] = Target(model=load_pipeline(spec), concepts=concepts, spec=spec, reference_model=plain)
     return out

@@ -2,6 +2,7 @@
 erasers_sandbox_v2 output (copied, never refitted) only when that output fitted at the attack's settings."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -43,5 +44,14 @@ def test_a_table_fitted_at_other_settings_is_refused(tmp_path):
 
 def test_an_unknown_target_names_what_is_accepted(tiny_folder, tmp_path):
     mod = script()
-    with pytest.raises(SystemExit, match="unknown target 'nothing'; accepted: plain, sld, casg, .*salun"):
+    with pytest.raises(SystemExit, match="unknown target 'nothing'; accepted: plain, sld, casg, .*salun.*adavd"):
         mod.targets(str(tiny_folder), dict(mod.ERASER_TARGETS), tmp_path, ["nothing"])
+
+
+def test_a_registered_guard_is_a_target_at_its_preset_for_the_architecture(tiny_folder):
+    mod = script()
+    assert "spm" not in mod.attackable_guards() and {"adavd", "safree", "sld"} <= set(mod.attackable_guards())
+    assert mod.guard_spec("adavd", "sandbox-flux") == "adavd:space=readers" and mod.guard_spec("adavd") == "adavd"
+    assert mod.guard_spec("casg") == "casg-sld:max"
+    target = mod.targets(str(tiny_folder), {}, Path("unused"), ["adavd"])["adavd"]
+    assert target.spec == f"{tiny_folder}:adavd" and target.guard is not None
