@@ -16,7 +16,8 @@ upper-left is better; the Pareto front joined), one number per method in every p
 
 With ``--attacks UNET_JSON FLUX_JSON`` (two outputs of ``benchmarks/attacks_sandbox.py``, one per ``--model``, same
 ``--prompts`` and budgets) it also prints the attack table: per defended target, Pre-ASR, each attack's ASR and the
-worst case over the attacks, ``UNet / FLUX``.
+worst case over the attacks, ``UNet / FLUX``; with ``--compact`` each method's row gains its worst-case ASR (the
+attack target read as the method from its spec: the edit's eraser, the guard, ``base`` for the plain model).
 """
 
 from __future__ import annotations
@@ -65,15 +66,25 @@ def table(unet: dict, flux: dict, targets: set[str] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compact_table(unet: dict, flux: dict, targets: list[str]) -> str:
-    """One row per method: target rate and neighbours kept of each target, ``UNet / FLUX``; fit seconds summed."""
-    heads = ["method"] + [f"{t}: {h}" for t in targets for h in ("target rate", "neighbours kept")] + ["fit s"]
+def compact_table(unet: dict, flux: dict, targets: list[str], attacks: tuple[dict, dict] | None = None) -> str:
+    """One row per method: target rate and neighbours kept of each target, ``UNet / FLUX``; with ``attacks`` (the two
+    attack reports) the worst-case ASR on the attacks' concept (``–`` where the method was not attacked); fit seconds
+    summed."""
+    heads = ["method"] + [f"{t}: {h}" for t in targets for h in ("target rate", "neighbours kept")]
+    worst = [worst_cases(report) for report in attacks] if attacks else None
+    if attacks:
+        heads.append(f"{attacks[0]['concept']}: worst-case ASR")
+    heads.append("fit s")
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for method in methods(unet, flux, targets):
         cells = [method]
         for t in targets:
             u, f = unet["results"].get(f"{method}-{t}"), flux["results"].get(f"{method}-{t}")
             cells += [f"{cell(u, m)} / {cell(f, m)}" for m in (RATE, NEIGHBOURS)]
+        if worst:
+            ran = [any(k.startswith(f"{method}-") for k in run["results"]) for run in (unet, flux)]
+            cells.append(" / ".join("n/a" if not r else f"{w[method][0]:.2f}" if method in w else "–"
+                                    for r, w in zip(ran, worst)))
         fits = []
         for run in (unet, flux):
             found = [run["results"][k]["fit_seconds"] for t in targets if (k := f"{method}-{t}") in run["results"]]
@@ -119,6 +130,30 @@ def plot(unet: dict, flux: dict, targets: list[str], path: Path) -> None:
     grid.save(path)
 
 
+def defence(report: dict, target: str, entry: dict) -> str:
+    """The side-by-side method an attack target is, read from its spec: ``MODEL+.../esd-x-red.safetensors`` -> esd-x,
+    ``MODEL:casg-sld:max`` -> casg-sld, the model alone -> base; the target's own name where there is no spec."""
+    spec, model = entry.get("target"), report.get("model", "")
+    if not spec or not spec.startswith(model):
+        return target
+    rest = spec[len(model):]
+    if not rest:
+        return "base"
+    if rest.startswith("+"):
+        return Path(rest[1:]).name.removesuffix(f"-{report.get('concept', '')}.safetensors")
+    return rest[1:].split(":")[0]
+
+
+def worst_cases(report: dict) -> dict[str, tuple[float, list[str]]]:
+    """Per defended method (``defence``): the highest ASR of the attacks run against it, and the attacks reaching
+    it."""
+    found: dict[str, dict[str, float]] = {}
+    for attack, by_target in report["results"].items():
+        for target, e in by_target.items():
+            found.setdefault(defence(report, target, e), {})[attack] = e["asr"]
+    return {m: (max(v.values()), [a for a, x in v.items() if x == max(v.values())]) for m, v in found.items()}
+
+
 def attack_table(unet: dict, flux: dict) -> str:
     """Per target (plain, an erased model, a guard): Pre-ASR, each attack's ASR and the worst case, UNet / FLUX."""
     runs = (unet, flux)
@@ -133,11 +168,10 @@ def attack_table(unet: dict, flux: dict) -> str:
         return f"{found[0]:.2f}" if found else "n/a"
 
     def worst(run: dict, target: str) -> str:
-        found = {a: e["asr"] for a in attacks if (e := entry(run, a, target))}
-        if not found:
+        found = next((e for a in attacks if (e := entry(run, a, target))), None)
+        if found is None:
             return "n/a"
-        top = max(found.values())
-        names = [a for a, v in found.items() if v == top]
+        top, names = worst_cases(run)[defence(run, target, found)]
         return f"{top:.2f} ({names[0] if len(names) == 1 else f'{len(names)} attacks'})"
 
     heads = ["target", "Pre-ASR"] + attacks + ["worst case"]
@@ -176,14 +210,17 @@ def main(argv: list[str] | None = None) -> str:
     same = sets[0] == sets[1]
     chosen = [t for t in a.targets.split(",") if t.strip()] or sorted({e["target"] for run in runs
                                                                       for e in run["results"].values()})
-    text = compact_table(unet, flux, chosen) if a.compact else table(unet, flux, set(chosen))
-    if not same:
-        text += f"\nThe two runs differ in their sets: {unet['plan']} vs {flux['plan']}.\n"
+    reports = None
     if a.attacks:
         missing = [p for p in a.attacks if not p.is_file()]
         if missing:
             sys.exit(f"error: {missing[0]} not found; run benchmarks/attacks_sandbox.py --out {missing[0]} first")
-        text += "\n" + attack_table(*(json.loads(p.read_text()) for p in a.attacks))
+        reports = tuple(json.loads(p.read_text()) for p in a.attacks)
+    text = compact_table(unet, flux, chosen, reports) if a.compact else table(unet, flux, set(chosen))
+    if not same:
+        text += f"\nThe two runs differ in their sets: {unet['plan']} vs {flux['plan']}.\n"
+    if reports:
+        text += "\n" + attack_table(*reports)
     if a.plot:
         plot(unet, flux, chosen, a.plot)
         text += f"\nPareto charts: {a.plot}\n"

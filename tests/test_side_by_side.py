@@ -102,3 +102,37 @@ def test_pareto_chart_marks_must_match_the_points():
     with pytest.raises(ValueError, match="2 marks for 1 points"):
         pareto_chart("t", [("a", 0.1, 0.9)], "x", "y", marks=[1, 2])
     assert pareto_chart("t", [("a", 0.1, 0.9)], "x", "y", marks=[7])[:4] == b"\x89PNG"
+
+
+def test_compact_with_attacks_gives_each_method_its_worst_case_read_from_the_target_spec(tmp_path):
+    def report(model: str, cells: dict) -> dict:
+        return {"model": model, "concept": "red", "prompts": [], "budgets": "sandbox",
+                "results": {a: {t: {"pre_asr": 0.0, "asr": v, "target": spec} for t, (spec, v) in by_t.items()}
+                            for a, by_t in cells.items()}}
+
+    unet = write(tmp_path / "u", "sandbox", {"base-red": entry("base", "red", 0.91, 0.94, 0.0),
+                                              "esd-x-red": entry("esd-x", "red", 0.08, 0.81, 42),
+                                              "casg-sld-red": entry("casg-sld", "red", 0.01, 0.0, 0),
+                                              "mace-red": entry("mace", "red", 0.05, 0.38, 5)})
+    flux = write(tmp_path / "f", "sandbox-flux", {"base-red": entry("base", "red", 0.9, 0.81, 0.0),
+                                                  "esd-x-red": entry("esd-x", "red", 0.89, 0.38, 24),
+                                                  "casg-sld-red": entry("casg-sld", "red", 0.04, 0.0, 0)})
+    edit = "benchmarks/results/a.edits/esd-x-red.safetensors"
+    attacks_u = report("sandbox", {"relearn": {"plain": ("sandbox", 1.0), "esd": (f"sandbox+{edit}", 1.0),
+                                               "casg": ("sandbox:casg-sld:max", 0.0)},
+                                   "concept-arithmetic": {"esd": (f"sandbox+{edit}", 0.25),
+                                                          "casg": ("sandbox:casg-sld:max", 0.75)}})
+    attacks_f = report("sandbox-flux", {"relearn": {"esd": (f"sandbox-flux+{edit}", 0.5)}})
+    mod = script()
+    assert mod.worst_cases(attacks_u) == {"base": (1.0, ["relearn"]), "esd-x": (1.0, ["relearn"]),
+                                          "casg-sld": (0.75, ["concept-arithmetic"])}
+    paths = []
+    for name, r in (("u.json", attacks_u), ("f.json", attacks_f)):
+        paths.append(tmp_path / name)
+        paths[-1].write_text(json.dumps(r))
+    text = mod.main([str(unet), str(flux), "--targets", "red", "--compact", "--attacks", *map(str, paths)])
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in text.splitlines() if line.startswith("|")}
+    assert rows["method"][3] == "red: worst-case ASR"
+    assert rows["esd-x"][3] == "1.00 / 0.50" and rows["casg-sld"][3] == "0.75 / –" and rows["base"][3] == "1.00 / –"
+    assert rows["mace"][3] == "– / n/a"  # not attacked on the UNet; not run on FLUX
+    assert "| 0.75 (concept-arithmetic) / n/a |" in text  # the attack table's worst case, from the same helper
