@@ -208,12 +208,16 @@ def main() -> None:
     setup_seconds = time.monotonic() - start
     report = {"concept": CONCEPT, "prompts": rows, "judge": judge.protocol(), "budgets": args.budgets, "settings": {},
               "results": {},
-              "model": args.model, "versions": versions(), "git": git_hash(), "torch_threads": args.threads,
+              "model": args.model, "model_sha256": next(iter(all_targets.values())).reference.base_sha256,
+              "versions": versions(), "git": git_hash(), "torch_threads": args.threads,
               "setup_seconds": round(setup_seconds, 1)}
     earlier = json.loads(out.read_text()) if out.is_file() else {}
-    if {k: earlier.get(k) for k in ("prompts", "budgets", "model")} == {k: report[k] for k in ("prompts", "budgets",
-                                                                                              "model")}:
+    same = ("prompts", "budgets", "model", "model_sha256")  # the same spec with other weights is another protocol
+    if {k: earlier.get(k) for k in same} == {k: report[k] for k in same}:
         report["settings"], report["results"] = earlier["settings"], earlier["results"]  # cells of earlier calls
+    elif earlier:
+        differ = ", ".join(k for k in same if earlier.get(k) != report[k])
+        raise SystemExit(f"{out} holds cells of another protocol ({differ} differ); choose another --out")
     for attack_name in args.attacks.split(","):
         tier = ATTACKS.get(attack_name).sandbox.get("benchmark", {}) if args.budgets == "sandbox" else {}
         attack = build_attack(f"{attack_name}:{tier['params']}" if tier.get("params") else attack_name)

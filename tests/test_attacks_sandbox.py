@@ -55,3 +55,17 @@ def test_a_registered_guard_is_a_target_at_its_preset_for_the_architecture(tiny_
     assert mod.guard_spec("casg") == "casg-sld:max"
     target = mod.targets(str(tiny_folder), {}, Path("unused"), ["adavd"])["adavd"]
     assert target.spec == f"{tiny_folder}:adavd" and target.guard is not None
+
+
+def test_cells_of_other_weights_under_the_same_spec_are_refused(tiny_folder, tmp_path, monkeypatch):
+    from safediff.sandbox.benchmarks import erasure_set
+
+    mod = script()
+    rows = [{"prompt": r["prompt"], "seed": r["seed"]} for r in erasure_set("red", 1) if r["kind"] == "target-word"][:1]
+    out = tmp_path / "attacks.json"
+    out.write_text(json.dumps({"prompts": rows, "budgets": "sandbox", "model": str(tiny_folder),
+                               "model_sha256": "weights of an earlier training", "settings": {}, "results": {}}))
+    monkeypatch.setattr("sys.argv", ["attacks_sandbox.py", "--model", str(tiny_folder), "--prompts", "1",
+                                     "--targets", "plain", "--out", str(out)])
+    with pytest.raises(SystemExit, match=r"another protocol \(model_sha256 differ\); choose another --out"):
+        mod.main()
