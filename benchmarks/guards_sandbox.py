@@ -15,9 +15,11 @@ Methods (all SLD-family ones at the same preset, default ``max``):
 ``none``; ``negative-prompt`` (all harmful words as the negative prompt); ``sld`` (all harmful words in ONE concept,
 as SLD does); ``sld-oracle`` (SLD told each harmful prompt's own attribute; harmful prompts only, since a benign
 prompt has no attribute to be told); ``casg-sld`` (one category per harmful attribute, chosen per step and sample);
-and ``safree`` / ``casg-safree`` when they are registered. CASG's choice is compared with the prompt's true harmful
+and ``safree``, ``casg-safree``, ``safree-released`` and ``adavd`` at their sandbox specs for the model's
+architecture (``sandbox.validation.guard_spec``). CASG's choice is compared with the prompt's true harmful
 attribute ("selection accuracy", over all guided steps). A sweep of the safety scale s_S (other parameters of the
-preset fixed) traces the efficacy/utility trade-off (PNG). The presets were tuned for 50 steps; we run DDIM 25.
+preset fixed) traces the efficacy/utility trade-off (PNG). The presets were tuned for 50 steps; we run the model's
+sampler (DDIM 25 on the sandbox, Euler 25 on sandbox-flux).
 
 Resumable: finished runs are kept in ``OUT.partial.json`` (wall times then come from different sessions; the JSON
 says which). Reproduce with
@@ -45,6 +47,7 @@ from safediff.registry import GUARDS
 from safediff.sampling import generate
 from safediff.sandbox import scoring
 from safediff.sandbox.benchmarks import multi_category_set
+from safediff.sandbox.validation import guard_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -168,14 +171,19 @@ def methods(args) -> list[tuple[str, object, bool]]:
         ("casg-sld", lambda s: (lambda r: ("all", build_guard(f"casg-sld:{p},safety_scale={s}", harmful_text))),
          False),
     ]
-    for name in ("safree", "casg-safree"):
+    for name in ("safree", "casg-safree", "safree-released", "adavd"):  # at their sandbox specs for the architecture
         if name in GUARDS:
-            out.append((name, lambda s, name=name: (lambda r: ("all", build_guard(name, harmful_text))), False))
+            spec = guard_spec(GUARDS.get(name), args.arch)
+            out.append((name, lambda s, spec=spec: (lambda r: ("all", build_guard(spec, harmful_text))), False))
     return out
 
 
 def run_all(model, rows, args, partial_path: Path) -> dict:
-    done = json.loads(partial_path.read_text()) if partial_path.is_file() else {}
+    earlier = json.loads(partial_path.read_text()) if partial_path.is_file() else {}
+    if earlier and earlier.get("model_sha256") != model.base_sha256:
+        raise SystemExit(f"{partial_path} holds runs of other weights ({earlier.get('model_sha256')}); "
+                         "delete it or choose another --out")
+    done = earlier.get("runs", {})
     session = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     plan = []
     for label, factory, harmful_only in methods(args):
@@ -191,7 +199,7 @@ def run_all(model, rows, args, partial_path: Path) -> dict:
         res = run_method(model, subset, guard_for, args)
         res.update({"method": label, "safety_scale": scale, "session": session})
         done[run_id] = res
-        write_json_atomic(partial_path, done)
+        write_json_atomic(partial_path, {"model_sha256": model.base_sha256, "runs": done})
     return {"runs": done}
 
 
@@ -206,11 +214,11 @@ def table(result: dict, args) -> str:
         return f"{100 * r['rate']:.0f}% [{100 * r['ci95'][0]:.0f}, {100 * r['ci95'][1]:.0f}]"
 
     lines = ["| method | harmful rate (harmful prompts) | " + " | ".join(f"{a}" for a in args.harmful)
-             + " | benign attribute kept | benign accuracy (utility) | benign prompts made harmful | UNet evals/step "
-             "| time/image vs none |",
+             + " | benign attribute kept | benign accuracy (utility) | benign prompts made harmful "
+             "| denoiser evals/step | time/image vs none |",
              "|---|---|" + "---|" * len(args.harmful) + "---|---|---|---|---|"]
     order = ["none", "negative-prompt", f"sld@{args.table_scale:g}", f"sld-oracle@{args.table_scale:g}",
-             f"casg-sld@{args.table_scale:g}", "safree", "casg-safree"]
+             f"casg-sld@{args.table_scale:g}", "safree", "casg-safree", "safree-released", "adavd"]
     for run_id in order:
         if run_id not in runs:
             continue
@@ -242,47 +250,17 @@ def table(result: dict, args) -> str:
 
 
 def plot(result: dict, args, path: Path) -> None:
-    import matplotlib
+    """Every run with a benign accuracy (each method, each s_S of the sweep) as harmful rate against utility, the
+    Pareto front joined (``safediff.bench.plots.pareto_chart``)."""
+    from safediff.bench.plots import pareto_chart
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = result["runs"]
-    scales = sorted(set(args.sweep) | {args.table_scale})
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for label, style in (("sld", "o-"), ("sld-oracle", "s--"), ("casg-sld", "^-")):
-        ys = [runs[f"{label}@{s:g}"]["harmful_rate"]["rate"] for s in scales if f"{label}@{s:g}" in runs]
-        xs = [s for s in scales if f"{label}@{s:g}" in runs]
-        a.plot(xs, ys, style, label=label)
-    a.axhline(runs["none"]["harmful_rate"]["rate"], color="grey", lw=1, ls=":", label="none")
-    a.set_xscale("log")
-    a.set_xlabel("safety scale s_S")
-    a.set_ylabel("harmful rate on harmful prompts")
-    a.set_ylim(-0.02, 1.02)
-    a.set_title("Efficacy vs safety scale")
-    a.legend()
-    for label, style in (("sld", "o-"), ("casg-sld", "^-")):
-        pts = [runs[f"{label}@{s:g}"] for s in scales if f"{label}@{s:g}" in runs]
-        b.plot([m["benign_accuracy"]["rate"] for m in pts], [m["harmful_rate"]["rate"] for m in pts], style,
-               label=f"{label} (s_S sweep)")
-    for label, marker in (("none", "k*"), ("negative-prompt", "rD"), ("safree", "gP"), ("casg-safree", "mX")):
-        if label in runs:
-            m = runs[label]
-            b.plot([m["benign_accuracy"]["rate"]], [m["harmful_rate"]["rate"]], marker, ms=9, label=label)
-    b.set_xlim(-0.02, 1.02)
-    b.set_ylim(-0.02, 1.02)
-    b.set_xlabel("benign accuracy (utility)")
-    b.set_ylabel("harmful rate on harmful prompts")
-    b.set_title("Trade-off (down-right is better)")
-    b.legend(fontsize=8)
-    fig.suptitle(f"Sandbox, harmful = {', '.join(args.harmful)}; DDIM {args.steps} steps, preset {args.preset}")
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
+    points = [(run_id.replace("@", " s_S="), m["harmful_rate"]["rate"], m["benign_accuracy"]["rate"])
+              for run_id, m in result["runs"].items() if "benign_accuracy" in m]
+    png = pareto_chart(f"{args.model}: harmful = {', '.join(args.harmful)}; {args.scheduler} {args.steps} steps",
+                       points, "harmful rate on harmful prompts (lower is better)",
+                       "benign accuracy (higher is better)", marks=list(range(1, len(points) + 1)))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    write_bytes_atomic(path, tmp.read_bytes())
-    tmp.unlink()
+    write_bytes_atomic(path, png)
 
 
 def main() -> None:
@@ -293,9 +271,10 @@ def main() -> None:
                                                                  "implicit/two-object) per harmful value")
     ap.add_argument("--n-benign", type=int, default=36)
     ap.add_argument("--seed", type=int, default=0, help="prompt-set seed (row seeds come from it)")
-    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     ap.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
-    ap.add_argument("--scheduler", default="ddim")
+    ap.add_argument("--scheduler", default=None, help="default: the model's (DDIM on the sandbox, Euler on "
+                    "sandbox-flux)")
     ap.add_argument("--preset", default="max")
     ap.add_argument("--table-scale", type=float, default=5000.0, help="s_S of the table row (max: 5000)")
     ap.add_argument("--sweep", default="30,300", help="extra s_S values for the trade-off curve")
@@ -312,7 +291,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     model = load_pipeline(args.model)
+    args.arch = model.adapter.arch
     args.guidance = float(model.defaults["guidance"] if args.guidance is None else args.guidance)
+    args.steps = model.defaults["steps"] if args.steps is None else args.steps
+    args.scheduler = model.defaults.get("scheduler", "ddim") if args.scheduler is None else args.scheduler
     rows = multi_category_set(args.harmful, n_per_kind=args.n_per_kind, n_benign=args.n_benign, seed=args.seed)
     out = Path(args.out)
     partial = out.with_suffix(".partial.json")
@@ -340,7 +322,8 @@ def main() -> None:
     }
     write_json_atomic(out, record)
     md = table(result, args)
-    header = (f"# Guards on the sandbox, harmful = {', '.join(args.harmful)}\n\nDDIM {args.steps} steps, CFG "
+    header = (f"# Guards on {args.model}, harmful = {', '.join(args.harmful)}\n\n{args.scheduler} {args.steps} steps, "
+              f"CFG "
               f"{args.guidance:g}, {len(rows)} prompts ({sum(r['category'] == 'harmful' for r in rows)} harmful, "
               f"{args.n_benign} benign), CPU {torch.get_num_threads()} thread(s). Rates with Wilson 95% intervals. "
               f"Reproduce: `HF_HUB_OFFLINE=1 python benchmarks/guards_sandbox.py`. Full record: `{out.name}`.\n\n")
