@@ -59,6 +59,15 @@ def test_shift_factor_is_the_reference_sigmoid():
     assert float(shift_factor(cos, PAPER)[0]) == pytest.approx(1.0)
 
 
+def test_gradients_through_the_rule_are_finite_far_from_the_targets():
+    """Attacks (concept inversion) differentiate through the guard: a value anti-aligned with its target puts
+    exp(−a (cos − b)) = exp(193) beyond float32, and the quotient form of σ then had a NaN gradient."""
+    t = torch.tensor([[1.0, 0.0, 0.0]])
+    v = torch.tensor([[[0.0, 1.0, 0.0], [-1.0, 0.2, 0.0], [1.0, 0.01, 0.0]]], requires_grad=True)
+    decompose(v, t, PAPER, fixed=()).square().sum().backward()
+    assert torch.isfinite(v.grad).all()
+
+
 def test_guard_changes_values_only_during_the_loop_and_skips_late_timesteps(tiny_sd):
     prompts, seeds = ["a red circle"], [5]
     before = pipeline_state(tiny_sd)

@@ -71,7 +71,9 @@ PRESETS = {"paper": {"a": 100.0, "b": 0.93, "c": 2.0, "decomp_timestep": 0, "spa
 
 
 def shift_factor(cos: torch.Tensor, p: AdaVDParams) -> torch.Tensor:
-    return p.c / (1.0 + torch.exp(-p.a * (cos - p.b)))
+    """σ(cos) = c / (1 + exp(−a (cos − b))), as a sigmoid: the quotient form overflows exp at a = 100 far from b,
+    which is harmless forward but makes its gradient inf/inf = NaN, and attacks differentiate through the guard."""
+    return p.c * torch.sigmoid(p.a * (cos - p.b))
 
 
 def gram_schmidt(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
