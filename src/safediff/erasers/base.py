@@ -7,7 +7,7 @@ restore the original tensors). Apply the result with ``edit.apply(model)``. Buil
 ``safediff.erasers.build_eraser("uce:lamb=0.3")``.
 
 Class metadata read by the demo, the benchmarks and the contract suite (``tests/contract``):
-- ``sandbox``: settings per purpose on the sandbox: ``benchmark`` (``benchmarks/erasers_sandbox.py``), ``demo``
+- ``sandbox``: settings per purpose on the sandbox: ``benchmark`` (``benchmarks/erasers_sandbox_v2.py``), ``demo``
   (``safediff demo``, sized for its 10-minute budget) and ``smoke`` (``demo --quick`` and the contract tests on tiny
   models: the fewest steps that exercise every code path);
 - ``touches(name)``: whether a parameter name (``unet.….attn2.to_k.weight``) is one the method may change;
