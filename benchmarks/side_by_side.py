@@ -17,7 +17,8 @@ upper-left is better; the Pareto front joined), one number per method in every p
 With ``--attacks UNET_JSON FLUX_JSON`` (two outputs of ``benchmarks/attacks_sandbox.py``, one per ``--model``, same
 ``--prompts`` and budgets) it also prints the attack table: per defended target, Pre-ASR, each attack's ASR and the
 worst case over the attacks, ``UNet / FLUX``; with ``--compact`` each method's row gains its worst-case ASR (the
-attack target read as the method from its spec: the edit's eraser, the guard, ``base`` for the plain model).
+attack target read as the method from its spec: the edit's eraser, the guard, ``base`` for the plain model; a method
+not attacked whose edit is byte-identical to an attacked one's shows that one's, e.g. ``1.00 (= uce)``).
 """
 
 from __future__ import annotations
@@ -82,15 +83,26 @@ def compact_table(unet: dict, flux: dict, targets: list[str], attacks: tuple[dic
             u, f = unet["results"].get(f"{method}-{t}"), flux["results"].get(f"{method}-{t}")
             cells += [f"{cell(u, m)} / {cell(f, m)}" for m in (RATE, NEIGHBOURS)]
         if worst:
-            ran = [any(k.startswith(f"{method}-") for k in run["results"]) for run in (unet, flux)]
-            cells.append(" / ".join("n/a" if not r else f"{w[method][0]:.2f}" if method in w else "–"
-                                    for r, w in zip(ran, worst)))
+            concept = attacks[0]["concept"]
+            cells.append(" / ".join(worst_cell(run, w, method, concept) for run, w in zip((unet, flux), worst)))
         fits = []
         for run in (unet, flux):
             found = [run["results"][k]["fit_seconds"] for t in targets if (k := f"{method}-{t}") in run["results"]]
             fits.append(f"{sum(found):.0f}" if found else "n/a")
         lines.append("| " + " | ".join(cells + [" / ".join(fits)]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def worst_cell(run: dict, worst: dict[str, tuple[float, list[str]]], method: str, concept: str) -> str:
+    """A method's worst-case ASR in one run: its own, else that of an attacked method whose edit for the concept is
+    byte-identical (``= uce``: RECE keeping its UCE start); ``n/a`` where it did not run, ``–`` where not attacked."""
+    if not any(k.startswith(f"{method}-") for k in run["results"]):
+        return "n/a"
+    if method in worst:
+        return f"{worst[method][0]:.2f}"
+    sha = run["results"].get(f"{method}-{concept}", {}).get("edit_sha256")
+    same = [m for m in worst if sha and run["results"].get(f"{m}-{concept}", {}).get("edit_sha256") == sha]
+    return f"{worst[same[0]][0]:.2f} (= {same[0]})" if same else "–"
 
 
 def methods(unet: dict, flux: dict, targets: list[str]) -> list[str]:
