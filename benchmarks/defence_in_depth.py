@@ -6,10 +6,12 @@ Defences (``safediff.attacks.target`` specs; ``sandbox`` stands for ``--model``)
 - every registered eraser at its class's ``sandbox["benchmark"]`` settings (RECE with the sandbox validator), fitted
   once into ``OUT.edits/NAME-red-benchmark.safetensors`` (resumable fits): ``sandbox+EDIT``;
 - every registered guard at its ``sandbox_preset``: ``sandbox:GUARD[:PRESET]``;
-- pairs: the ``--pair-erasers`` best erasers x the ``--pair-guards`` best guards with concept branches (ranked by
-  worst-case ASR, then neighbour utility), each twice: the guard reading its concept through the edited model
-  (``E+G``, ``concept_weights=edited``, the papers' definition) and through the unedited weights (``E+G/base``,
-  ``concept_weights=base``, ``safediff.guards.unedited``): ``sandbox+EDIT:GUARD:PRESET[,concept_weights=base]``.
+- pairs: the ``--pair-erasers`` best erasers x the ``--pair-guards`` best guards (ranked by worst-case ASR, then
+  neighbour utility): the guard reading its concept through the edited model (``E+G``, ``concept_weights=edited``,
+  the papers' definition) and, for a guard with concept branches (SLD, negative prompt, ...), also through the
+  unedited weights (``E+G/base``, ``concept_weights=base``, ``safediff.guards.unedited``):
+  ``sandbox+EDIT:GUARD:PRESET[,concept_weights=base]``. A guard without concept branches (AdaVD: it projects the
+  values of the concept's tokens, computed by the model it runs on) pairs the first way only.
 Attacks: every registered attack at its default parameters and budget (``--budgets default``, the robust-erasure
 issue's protocol and ``benchmarks/attacks_sandbox.py --budgets default``'s) or at its CPU-sized ``sandbox["benchmark"]``
 ones (``--budgets sandbox``), through ``safediff.attacks.runner.run_attack`` (attacks go through the guard), on the
@@ -212,6 +214,14 @@ def ranked(report: dict, kind: str, names: list[str]) -> list[str]:
             if e["kind"] == kind]
 
 
+def pair_defences(report: dict, erasers: list[str], guards: list[str], n_erasers: int, n_guards: int) -> list[dict]:
+    """The best ``n_erasers`` erasers x the best ``n_guards`` guards (``ranked``), each pair with the guard reading its
+    concept through the edited model and, where the guard has concept branches, through the unedited weights too."""
+    return [{"label": f"{e}+{g}" + ("/base" if base else ""), "kind": "pair", "eraser": e, "guard": guard_spec(g, base)}
+            for e in ranked(report, "eraser", erasers)[:n_erasers] for g in ranked(report, "guard", guards)[:n_guards]
+            for base in ((False, True) if GUARDS.get(g).concept_branches else (False,))]
+
+
 def markdown(report: dict) -> str:
     lines = ["| defence | worst ASR (attack) | neighbour kept (rel.) | far kept (rel.) | red on target-word | "
              "defence cost | attacks: UNet fwd / bwd / s per attacked prompt | attacks: s, all prompts | goal |",
@@ -286,18 +296,14 @@ def main(argv: list[str] | None = None) -> dict:
     singles += [{"label": e, "kind": "eraser", "eraser": e, "guard": None} for e in erasers]
     singles += [{"label": g, "kind": "guard", "eraser": None, "guard": guard_spec(g)} for g in guards]
     pairs = []
-    with_branches = [g for g in guards if GUARDS.get(g).concept_branches]
     for stage in (singles, pairs):
         for d in stage:
             report["defences"].setdefault(d["label"], {"kind": d["kind"], "eraser": d["eraser"], "guard": d["guard"]})
             utility_cell(defences, d, a.utility_rows, out, report)
             attack_cells(defences, d, attacks, tiers["attacks"], rows, out, report)
             summarise(report)
-        if stage is singles:  # the pairs: the best erasers x the best guards with concept branches, each both ways
-            pairs += [{"label": f"{e}+{g}" + ("/base" if base else ""), "kind": "pair", "eraser": e,
-                       "guard": guard_spec(g, base)}
-                      for e in ranked(report, "eraser", erasers)[:a.pair_erasers]
-                      for g in ranked(report, "guard", with_branches)[:a.pair_guards] for base in (False, True)]
+        if stage is singles:
+            pairs += pair_defences(report, erasers, guards, a.pair_erasers, a.pair_guards)
     write_bytes_atomic(out.with_suffix(".png"), plot(report))
     report["seconds_this_call"] = round(time.monotonic() - start, 1)
     write_json_atomic(out, report)

@@ -54,6 +54,17 @@ def test_quick_matrix_and_resume(tiny_folder, tmp_path, monkeypatch):
     assert mod.main(argv)["defences"] == defences
 
 
+def test_pairs_take_the_best_of_each_kind_and_read_through_base_only_with_concept_branches():
+    mod = _module()
+    done = {"uce": ("eraser", 1.0, 0.94), "mace": ("eraser", 0.5, 0.38), "esd-x": ("eraser", 1.0, 0.81),
+            "sld": ("guard", 1.0, 0.0), "adavd": ("guard", 1.0, 0.94)}
+    report = {"defences": {n: {"kind": k, "worst_asr": w, "utility": {"neighbour": u}} for n, (k, w, u) in done.items()}}
+    pairs = mod.pair_defences(report, ["uce", "mace", "esd-x", "doco"], ["sld", "adavd"], 2, 2)
+    assert [p["label"] for p in pairs] == ["mace+adavd", "mace+sld", "mace+sld/base", "uce+adavd", "uce+sld",
+                                           "uce+sld/base"]  # doco: not finished, so not ranked
+    assert all(p["guard"].endswith("concept_weights=base") == p["label"].endswith("/base") for p in pairs)
+
+
 def test_bad_size_is_one_line(tmp_path):
     from safediff.errors import SafediffError
 
