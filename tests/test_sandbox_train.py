@@ -49,7 +49,7 @@ def test_record_holds_command_seed_steps_and_sampler_defaults(trained):
     rec = json.loads((trained / RECORD).read_text())
     assert rec["seed"] == 0 and rec["steps_done"] == {"vae": 2, "unet": 2} and rec["complete"]
     assert rec["command"].startswith("safediff sandbox train --out ") and "--seed 0" in rec["command"]
-    assert rec["defaults"] == {"steps": 25, "guidance": 5.0, "height": 64, "width": 64, "scheduler": "DDIM"}
+    assert rec["defaults"] == {"steps": 25, "guidance": 5.0, "height": 64, "width": 64, "scheduler": "ddim"}
     assert rec["seconds_per_step"]["vae"] > 0 and rec["seconds_per_step"]["unet"] > 0
     assert "--vae-batch-size 4" in rec["command"] and set(rec["parameters"]) == {"vae", "unet", "text_encoder"}
     assert "--denoiser-steps 2" in rec["command"] and rec["architecture"] == "unet"
@@ -250,6 +250,15 @@ def test_flux_step_is_the_rectified_flow_loss_of_diffusers_flux_pipeline(trained
 
 
 @pytest.mark.skipif(not (FLUX_WEIGHTS_DIR / "SHA256SUMS").is_file(), reason="shipped sandbox-flux weights absent")
+@pytest.mark.parametrize("spec", ["sandbox", "sandbox-flux"])
+def test_shipped_sampler_default_is_a_scheduler_name_the_model_accepts(spec):
+    from safediff.models import load_pipeline
+    from safediff.sampling import make_scheduler
+
+    model = load_pipeline(spec)
+    assert type(make_scheduler(model, model.defaults["scheduler"])) is type(model.pipe.scheduler)
+
+
 def test_shipped_flux_weights_verify_and_both_sandboxes_fit_in_60_mb():
     verify_weights(FLUX_WEIGHTS_DIR)
     files = [p for d in (WEIGHTS_DIR, FLUX_WEIGHTS_DIR) for p in d.rglob("*") if p.is_file()]

@@ -56,7 +56,7 @@ RECORD = "safediff_sandbox.json"
 VAE_STEPS = 2000
 DENOISER_STEPS = {"unet": 6000, "flux": 11000}  # the shipped models' lengths
 DENOISER = {"unet": "unet", "flux": "transformer"}  # the denoiser component of each architecture
-SCHEDULER = {"unet": "DDIM", "flux": "euler"}  # the sampler each is drawn with by default
+SCHEDULER = {"unet": "ddim", "flux": "euler"}  # the sampler each is drawn with by default
 
 
 def sampler_defaults(arch: str) -> dict:
