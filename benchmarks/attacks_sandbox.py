@@ -26,14 +26,15 @@ the report shows why: the objective's first vs last values, the best judge score
 the 0.5 threshold) and whether the attack's target image (the unconstrained model's image of the prompt) shows red
 at all.
 
-    HF_HUB_OFFLINE=1 python benchmarks/attacks_sandbox.py --out benchmarks/results/attacks_sandbox.json
+    HF_HUB_OFFLINE=1 python benchmarks/attacks_sandbox.py --prompts 4 --targets plain,uce,esd,sld \
+        --out benchmarks/results/attacks_sandbox_v2_small.json
 
-Cost measured (benchmarks/results/attacks_sandbox.json, ``seconds_all_runs``): 4,330 s of attack + no-attack
-generation over the 42 (target, attack) cells on a shared 2-core CPU at load ~8, plus ~7 min for ESD-x's fit --
-well over the 10 minutes aimed at; ``--prompts 4 --targets uce,esd,sld`` is the small run. Read with care: RECE
-with its registered defaults keeps epoch 0 (its validator's choice), i.e. exactly the UCE edit, so its column equals
-UCE's; CASG with the single category ``red`` selects that category at every step, i.e. it is SLD-max, so its column
-equals SLD's.
+Cost measured on 2 idle cores with ``--threads 2`` and ``--prompts 4`` (the README's side-by-side runs): 2,726 s of
+attack and no-attack generation over 120 (target, attack) cells on the sandbox (15 targets; 4-60 s a cell) and 770 s
+over 64 cells on sandbox-flux (8 targets), plus each eraser's fit unless ``--edits-from`` supplies it. Read with care:
+RECE with its registered defaults keeps epoch 0 (its validator's choice), i.e. exactly the UCE edit (the same
+sha256), so it is not attacked separately; CASG with the single category ``red`` selects that category at every step,
+i.e. it is SLD-max.
 
 ``--budgets default`` runs each attack at its own default hyper-parameters and budget instead, e.g. the text-side
 attacks against UCE:

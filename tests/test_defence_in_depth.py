@@ -58,7 +58,8 @@ def test_pairs_take_the_best_of_each_kind_and_read_through_base_only_with_concep
     mod = _module()
     done = {"uce": ("eraser", 1.0, 0.94), "mace": ("eraser", 0.5, 0.38), "esd-x": ("eraser", 1.0, 0.81),
             "sld": ("guard", 1.0, 0.0), "adavd": ("guard", 1.0, 0.94)}
-    report = {"defences": {n: {"kind": k, "worst_asr": w, "utility": {"neighbour": u}} for n, (k, w, u) in done.items()}}
+    report = {"defences": {n: {"kind": k, "worst_asr": w, "utility": {"neighbour": u}}
+                           for n, (k, w, u) in done.items()}}
     pairs = mod.pair_defences(report, ["uce", "mace", "esd-x", "doco"], ["sld", "adavd"], 2, 2)
     assert [p["label"] for p in pairs] == ["mace+adavd", "mace+sld", "mace+sld/base", "uce+adavd", "uce+sld",
                                            "uce+sld/base"]  # doco: not finished, so not ranked

@@ -114,14 +114,16 @@ def test_compact_with_attacks_gives_each_method_its_worst_case_read_from_the_tar
                                               "esd-x-red": entry("esd-x", "red", 0.08, 0.81, 42),
                                               "casg-sld-red": entry("casg-sld", "red", 0.01, 0.0, 0),
                                               "mace-red": entry("mace", "red", 0.05, 0.38, 5),
-                                              "rece-red": {**entry("rece", "red", 0.08, 0.81, 70), "edit_sha256": "e1"}})
+                                              "rece-red": {**entry("rece", "red", 0.08, 0.81, 70),
+                                                           "edit_sha256": "e1"}})
     json_u = json.loads((unet / "results.json").read_text())
     json_u["results"]["esd-x-red"]["edit_sha256"] = "e1"
     (unet / "results.json").write_text(json.dumps(json_u))
     flux = write(tmp_path / "f", "sandbox-flux", {"base-red": entry("base", "red", 0.9, 0.81, 0.0),
                                                   "esd-x-red": entry("esd-x", "red", 0.89, 0.38, 24),
                                                   "casg-sld-red": entry("casg-sld", "red", 0.04, 0.0, 0),
-                                                  "rece-red": {**entry("rece", "red", 0.1, 0.7, 9), "edit_sha256": "f"}})
+                                                  "rece-red": {**entry("rece", "red", 0.1, 0.7, 9),
+                                                               "edit_sha256": "f"}})
     edit = "benchmarks/results/a.edits/esd-x-red.safetensors"
     attacks_u = report("sandbox", {"relearn": {"plain": ("sandbox", 1.0), "esd": (f"sandbox+{edit}", 1.0),
                                                "casg": ("sandbox:casg-sld:max", 0.0)},
