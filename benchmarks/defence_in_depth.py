@@ -43,7 +43,9 @@ one eraser's 7 attacks take ~3,300 s (concept arithmetic ~80 s, concept inversio
 attacked): 11 erasers x ~3,300 s + (6 guards + 4 pairs) x ~5,300 s ~ 25 h, plus fits (~11 x a few minutes ~ 1 h)
 and utility (22 x 256 images, ~15 min). ``--budgets sandbox`` (~770 s per eraser, ~1,200 s per guard: ~5.7 h + 1.3 h)
 is the affordable run; ``--prompts 4 --utility-rows 16`` halves either; ``--erasers uce,advunlearn --guards sld
---attacks concept-inversion,concept-arithmetic`` is a quick look.
+--attacks concept-inversion,concept-arithmetic`` is a quick look. Measured on the v2 sandbox (2 idle cores,
+``--threads 2``): ``--erasers uce --guards adavd,sld --pair-erasers 1 --pair-guards 2 --budgets sandbox --prompts 4
+--utility-rows 16`` (7 defences x 8 attacks, the README's table) took 2,944 s.
 """
 
 from __future__ import annotations
