@@ -188,14 +188,19 @@ def markdown(results: dict) -> str:
 
 
 def split_methods(text: str) -> list[str]:
-    """``base,uce;speed:tokens=to_end,n_aug=2`` -> base, uce, speed:tokens=to_end,n_aug=2: a comma starts a new method
-    unless what follows is a KEY=VALUE option of the method before it."""
+    """``base,uce;speed:tokens=to_end,n_aug=2`` -> base, uce, speed:tokens=to_end,n_aug=2: a semicolon always starts a
+    new method; a comma does unless what follows is a KEY=VALUE option of the method before it (``NAME:KEY=VALUE``
+    is a method of its own)."""
     out: list[str] = []
-    for part in (p.strip() for chunk in text.split(";") for p in chunk.split(",")):
-        if part and "=" in part and out and ":" in out[-1]:
-            out[-1] += f",{part}"
-        elif part:
-            out.append(part)
+    for chunk in text.split(";"):
+        first = True
+        for part in (p.strip() for p in chunk.split(",")):
+            option = "=" in part and ":" not in part.split("=", 1)[0]
+            if part and option and not first and out and ":" in out[-1]:
+                out[-1] += f",{part}"
+            elif part:
+                out.append(part)
+                first = False
     return out
 
 

@@ -86,6 +86,11 @@ def test_method_specs_with_options_are_one_method_each_and_name_their_files():
     mod = script()
     assert mod.split_methods("base,uce,speed:tokens=to_end,n_aug=2,mace") == \
         ["base", "uce", "speed:tokens=to_end,n_aug=2", "mace"]
+    # a semicolon, or a NAME:KEY=VALUE part, starts a method even after a method with options
+    assert mod.split_methods("uce:expand_prompts=false,padding=shifted;uce:tokens=last;trce:stages=1") == \
+        ["uce:expand_prompts=false,padding=shifted", "uce:tokens=last", "trce:stages=1"]
+    assert mod.split_methods("uce:padding=shifted,uce:tokens=last,lamb=0.1") == \
+        ["uce:padding=shifted", "uce:tokens=last,lamb=0.1"]
     assert mod.slug("speed:tokens=to_end,n_aug=2") == "speed_tokens-to_end_n_aug-2"
 
 
