@@ -25,8 +25,9 @@ tokens after it meet the same tokens of the guide prompt. Padding rows (after Eo
 ``padding="same_position"`` (default): padding carries position, and one linear map cannot move every erase prompt's
 padding by a position while keeping the preserved prompts' padding where it is. On the sandbox the relative residual
 ``‖W_new c − W_old g‖/‖W_old c − W_old g‖`` over the erase rows is 0.22 (same position) vs 0.29 (shifted) for "red"
-and 0.20 vs 0.46 for "triangle", with the preserved rows' drift equal or smaller (measured on the v1 sandbox;
-``benchmarks/results/erasers_sandbox_v2`` has the image-level rates of ``uce`` and ``uce:padding=shifted``).
+and 0.20 vs 0.46 for "triangle", with the preserved rows' drift equal or smaller (measured on the v1 sandbox). On
+the v2 sandbox the two give the same image-level rates (red 4 %, triangle 12 %: ``uce`` and ``uce:padding=shifted``
+in ``benchmarks/results/erasers_sandbox_v2``).
 Preserved prompts contribute all their rows (the reference's convention), and the empty prompt is always preserved.
 
 Several encoders. Each *segment* of the conditioning (``adapter.segments``: SD3's CLIP tokens and T5 tokens) is
