@@ -96,7 +96,7 @@ def compact_table(unet: dict, flux: dict, targets: list[str], attacks: tuple[dic
 def worst_cell(run: dict, worst: dict[str, tuple[float, list[str]]], method: str, concept: str) -> str:
     """A method's worst-case ASR in one run: its own, else that of an attacked method whose edit for the concept is
     byte-identical (``= uce``: RECE keeping its UCE start); ``n/a`` where it did not run, ``–`` where not attacked."""
-    if not any(k.startswith(f"{method}-") for k in run["results"]):
+    if not any(e["method"] == method for e in run["results"].values()):  # not a key prefix: esd-x vs esd-x-strict
         return "n/a"
     if method in worst:
         return f"{worst[method][0]:.2f}"
