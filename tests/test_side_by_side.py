@@ -122,6 +122,7 @@ def test_compact_with_attacks_gives_each_method_its_worst_case_read_from_the_tar
     flux = write(tmp_path / "f", "sandbox-flux", {"base-red": entry("base", "red", 0.9, 0.81, 0.0),
                                                   "esd-x-red": entry("esd-x", "red", 0.89, 0.38, 24),
                                                   "casg-sld-red": entry("casg-sld", "red", 0.04, 0.0, 0),
+                                                  "mace-x-red": entry("mace-x", "red", 0.5, 0.5, 1),  # not mace
                                                   "rece-red": {**entry("rece", "red", 0.1, 0.7, 9),
                                                                "edit_sha256": "f"}})
     edit = "benchmarks/results/a.edits/esd-x-red.safetensors"
