@@ -3,15 +3,16 @@ the concept red: worst-case ASR, utility on neighbour and far colours, compute o
 
 Defences (``safediff.attacks.target`` specs; ``sandbox`` stands for ``--model``):
 - ``none``: the model as trained (the reference for utility);
-- every registered eraser at its class's ``sandbox["benchmark"]`` settings (RECE with the sandbox validator), fitted
-  once into ``OUT.edits/NAME-red-benchmark.safetensors`` (resumable fits): ``sandbox+EDIT``;
-- every registered guard at its ``sandbox_preset``: ``sandbox:GUARD[:PRESET]``;
+- every registered eraser at its class's ``sandbox["benchmark"]`` settings (RECE with the sandbox validator), with
+  the options its spec gives (``--erasers "uce;rece:concept_type=object-hard"``), fitted once into
+  ``OUT.edits/SPEC-red-benchmark.safetensors`` (resumable fits): ``sandbox+EDIT``;
+- every registered guard at its ``sandbox_preset``, or as its spec gives (``--guards sld:medium``):
+  ``sandbox:GUARD[:PRESET]``;
 - pairs: the ``--pair-erasers`` best erasers x the ``--pair-guards`` best guards (ranked by worst-case ASR, then
   neighbour utility): the guard reading its concept through the edited model (``E+G``, ``concept_weights=edited``,
-  the papers' definition) and, for a guard with concept branches (SLD, negative prompt, ...), also through the
-  unedited weights (``E+G/base``, ``concept_weights=base``, ``safediff.guards.unedited``):
-  ``sandbox+EDIT:GUARD:PRESET[,concept_weights=base]``. A guard without concept branches (AdaVD: it projects the
-  values of the concept's tokens, computed by the model it runs on) pairs the first way only.
+  the papers' definition) and, for a guard that can (concept branches: SLD, negative prompt; AdaVD's value targets),
+  also through the unedited weights (``E+G/base``, ``concept_weights=base``, ``safediff.guards.unedited``):
+  ``sandbox+EDIT:GUARD:PRESET[,concept_weights=base]``. A guard that cannot (SAFREE) pairs the first way only.
 Attacks: every registered attack at its default parameters and budget (``--budgets default``, the robust-erasure
 issue's protocol and ``benchmarks/attacks_sandbox.py --budgets default``'s) or at its CPU-sized ``sandbox["benchmark"]``
 ones (``--budgets sandbox``), through ``safediff.attacks.runner.run_attack`` (attacks go through the guard), on the
@@ -71,6 +72,7 @@ from safediff.erasers import build_eraser
 from safediff.erasers.base import fit_to_file
 from safediff.guards import build_guard
 from safediff.models import load_pipeline
+from safediff.options import Spec, split_specs
 from safediff.records import git_hash, versions
 from safediff.registry import ATTACKS, ERASERS, GUARDS
 from safediff.sampling import generate
@@ -84,12 +86,19 @@ KEPT = {"neighbour": "sandbox/kept_rate/kind=neighbour", "far": "sandbox/kept_ra
 TARGET_WORD = "sandbox/target_rate/kind=target-word"
 
 
-def guard_spec(name: str, base: bool = False) -> str:
-    """A registered guard at its sandbox preset, optionally reading its concept through the unedited weights."""
+def guard_spec(guard: str, base: bool = False) -> str:
+    """A guard spec as given (``sld:medium``) or, a bare name, the registered guard at its sandbox preset; optionally
+    reading its concept through the unedited weights."""
     from safediff.sandbox.validation import guard_spec as sandbox_guard_spec
 
-    spec = sandbox_guard_spec(GUARDS.get(name))
+    spec = guard if ":" in guard else sandbox_guard_spec(GUARDS.get(guard))
     return (spec + ("," if ":" in spec else ":") + "concept_weights=base") if base else spec
+
+
+def reads_through_base(guard: str) -> bool:
+    """Whether ``concept_weights=base`` applies to the guard (``safediff.guards.unedited``)."""
+    cls = GUARDS.get(Spec.parse(guard, "guard").name)
+    return cls.concept_branches or cls.concept_read_at_start
 
 
 def slug(label: str) -> str:
@@ -109,10 +118,10 @@ class Defences:
         return self.models[spec]
 
     def edit(self, eraser: str) -> Path:
-        path = self.edits_dir / f"{eraser}-{CONCEPT}-{self.purpose}.safetensors"
+        path = self.edits_dir / f"{slug(eraser)}-{CONCEPT}-{self.purpose}.safetensors"
         if not path.is_file():
             self.edits_dir.mkdir(parents=True, exist_ok=True)
-            settings = eraser_settings(ERASERS.get(eraser), self.purpose, resolve(CONCEPT))
+            settings = eraser_settings(ERASERS.get(Spec.parse(eraser, "eraser").name), self.purpose, resolve(CONCEPT))
             fit_to_file(build_eraser(eraser, **settings), load_pipeline(self.base), resolve(CONCEPT), path,
                         progress=True)
         return path
@@ -218,10 +227,11 @@ def ranked(report: dict, kind: str, names: list[str]) -> list[str]:
 
 def pair_defences(report: dict, erasers: list[str], guards: list[str], n_erasers: int, n_guards: int) -> list[dict]:
     """The best ``n_erasers`` erasers x the best ``n_guards`` guards (``ranked``), each pair with the guard reading its
-    concept through the edited model and, where the guard has concept branches, through the unedited weights too."""
+    concept through the edited model and, where the guard can (``reads_through_base``), through the unedited weights
+    too."""
     return [{"label": f"{e}+{g}" + ("/base" if base else ""), "kind": "pair", "eraser": e, "guard": guard_spec(g, base)}
             for e in ranked(report, "eraser", erasers)[:n_erasers] for g in ranked(report, "guard", guards)[:n_guards]
-            for base in ((False, True) if GUARDS.get(g).concept_branches else (False,))]
+            for base in ((False, True) if reads_through_base(g) else (False,))]
 
 
 def markdown(report: dict) -> str:
@@ -279,10 +289,11 @@ def main(argv: list[str] | None = None) -> dict:
             raise SafediffError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
     torch.set_num_threads(a.threads)
     out = Path(a.out)
-    erasers, guards, attacks = (x.split(",") if x else [] for x in (a.erasers, a.guards, a.attacks))
-    for registry, names in ((ERASERS, erasers), (GUARDS, guards), (ATTACKS, attacks)):
-        for name in names:
-            registry.get(name)
+    erasers, guards, attacks = (split_specs(x) if x else [] for x in (a.erasers, a.guards, a.attacks))
+    for registry, kind, specs in ((ERASERS, "eraser", erasers), (GUARDS, "guard", guards),
+                                  (ATTACKS, "attack", attacks)):
+        for spec in specs:
+            registry.get(Spec.parse(spec, kind).name)
     rows = [{"prompt": r["prompt"], "seed": r["seed"]} for r in erasure_set(CONCEPT, a.prompts)
             if r["kind"] == "target-word"][:a.prompts]
     tiers = {"erasers": "smoke" if a.quick else "benchmark",

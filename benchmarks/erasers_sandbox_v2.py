@@ -187,25 +187,9 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def split_methods(text: str) -> list[str]:
-    """``base,uce;speed:tokens=to_end,n_aug=2`` -> base, uce, speed:tokens=to_end,n_aug=2: a semicolon always starts a
-    new method; a comma does unless what follows is a KEY=VALUE option of the method before it (``NAME:KEY=VALUE``
-    is a method of its own)."""
-    out: list[str] = []
-    for chunk in text.split(";"):
-        first = True
-        for part in (p.strip() for p in chunk.split(",")):
-            option = "=" in part and ":" not in part.split("=", 1)[0]
-            if part and option and not first and out and ":" in out[-1]:
-                out[-1] += f",{part}"
-            elif part:
-                out.append(part)
-                first = False
-    return out
-
-
 def main(argv: list[str] | None = None) -> dict:
     from safediff.errors import SafediffError
+    from safediff.options import split_specs
     from safediff.records import git_hash, versions
     from safediff.sandbox.validation import SANDBOX_ARCH, SANDBOX_ARCHES, sandbox_erasers
     from safediff.storage import write_json_atomic
@@ -228,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
     targets = [v for v in a.values.split(",") if v.strip()] + [f"k{k}" for k in a.mass.split(",") if k.strip()]
     if not targets:
         ap.error("give --values and/or --mass")
-    methods = split_methods(a.methods) if a.methods else ["base", *sandbox_erasers(SANDBOX_ARCHES.get(a.model,
+    methods = split_specs(a.methods) if a.methods else ["base", *sandbox_erasers(SANDBOX_ARCHES.get(a.model,
                                                                                                    SANDBOX_ARCH))]
     from safediff.models import load_pipeline
 

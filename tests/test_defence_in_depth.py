@@ -54,15 +54,18 @@ def test_quick_matrix_and_resume(tiny_folder, tmp_path, monkeypatch):
     assert mod.main(argv)["defences"] == defences
 
 
-def test_pairs_take_the_best_of_each_kind_and_read_through_base_only_with_concept_branches():
+def test_pairs_take_the_best_of_each_kind_and_read_through_base_only_where_the_guard_can():
     mod = _module()
     done = {"uce": ("eraser", 1.0, 0.94), "mace": ("eraser", 0.5, 0.38), "esd-x": ("eraser", 1.0, 0.81),
-            "sld": ("guard", 1.0, 0.0), "adavd": ("guard", 1.0, 0.94)}
+            "sld:medium": ("guard", 1.0, 0.0), "adavd": ("guard", 1.0, 0.94), "safree": ("guard", 1.0, 0.5)}
     report = {"defences": {n: {"kind": k, "worst_asr": w, "utility": {"neighbour": u}}
                            for n, (k, w, u) in done.items()}}
-    pairs = mod.pair_defences(report, ["uce", "mace", "esd-x", "doco"], ["sld", "adavd"], 2, 2)
-    assert [p["label"] for p in pairs] == ["mace+adavd", "mace+sld", "mace+sld/base", "uce+adavd", "uce+sld",
-                                           "uce+sld/base"]  # doco: not finished, so not ranked
+    pairs = mod.pair_defences(report, ["uce", "mace", "esd-x", "doco"], ["sld:medium", "adavd", "safree"], 2, 3)
+    assert [p["label"] for p in pairs] == [
+        "mace+adavd", "mace+adavd/base", "mace+safree", "mace+sld:medium", "mace+sld:medium/base",
+        "uce+adavd", "uce+adavd/base", "uce+safree", "uce+sld:medium", "uce+sld:medium/base"]  # doco: not finished
+    assert [p["guard"] for p in pairs[:5]] == ["adavd", "adavd:concept_weights=base", "safree", "sld:medium",
+                                               "sld:medium,concept_weights=base"]  # as given, else sandbox preset
     assert all(p["guard"].endswith("concept_weights=base") == p["label"].endswith("/base") for p in pairs)
 
 

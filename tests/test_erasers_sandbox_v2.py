@@ -83,13 +83,15 @@ def test_another_plan_or_an_unknown_target_is_refused(tiny_folder, tmp_path, san
 
 
 def test_method_specs_with_options_are_one_method_each_and_name_their_files():
+    from safediff.options import split_specs
+
     mod = script()
-    assert mod.split_methods("base,uce,speed:tokens=to_end,n_aug=2,mace") == \
+    assert split_specs("base,uce,speed:tokens=to_end,n_aug=2,mace") == \
         ["base", "uce", "speed:tokens=to_end,n_aug=2", "mace"]
     # a semicolon, or a NAME:KEY=VALUE part, starts a method even after a method with options
-    assert mod.split_methods("uce:expand_prompts=false,padding=shifted;uce:tokens=last;trce:stages=1") == \
+    assert split_specs("uce:expand_prompts=false,padding=shifted;uce:tokens=last;trce:stages=1") == \
         ["uce:expand_prompts=false,padding=shifted", "uce:tokens=last", "trce:stages=1"]
-    assert mod.split_methods("uce:padding=shifted,uce:tokens=last,lamb=0.1") == \
+    assert split_specs("uce:padding=shifted,uce:tokens=last,lamb=0.1") == \
         ["uce:padding=shifted", "uce:tokens=last,lamb=0.1"]
     assert mod.slug("speed:tokens=to_end,n_aug=2") == "speed_tokens-to_end_n_aug-2"
 

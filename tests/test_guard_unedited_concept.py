@@ -109,3 +109,35 @@ def test_bad_input_is_one_line(spec, message):
     with pytest.raises(SafediffError, match=message) as err:
         build_guard(spec, "red")
     assert "\n" not in str(err.value)
+
+
+def adavd_targets(model, spec: str) -> list[torch.Tensor]:
+    scheduler = make_scheduler(model)
+    scheduler.set_timesteps(3)
+    cond, uncond = model.adapter.encode(PROMPTS), model.adapter.encode_negative(None, len(PROMPTS))
+    session = build_guard(spec, "red").start(GenerationContext(model, PROMPTS, cond, uncond, 5.0, scheduler.timesteps,
+                                                               32, 32))
+    return [t.detach() for t in session.targets]
+
+
+def test_adavd_reads_its_value_targets_through_the_unedited_weights(tiny_sd, edit):
+    """AdaVD reads its concept once, in start(): with ``concept_weights=base`` its targets t_k = W_v e_k are the
+    unedited model's (text encoder and value projections), its hooks act on the edited model's values."""
+    edit.apply(tiny_sd)
+    base, edited = adavd_targets(tiny_sd, "adavd:concept_weights=base"), adavd_targets(tiny_sd, "adavd")
+    loaded = pipeline_state(tiny_sd)
+    images = [generate(tiny_sd, PROMPTS, [3, 4], steps=3, guard=build_guard(spec, "red"), progress=False).latents
+              for spec in ("adavd", "adavd:concept_weights=base")]
+    assert pipeline_state(tiny_sd) == loaded  # the edited weights are back after start()
+    edit.revert(tiny_sd)
+    unedited = adavd_targets(tiny_sd, "adavd")
+    assert all(torch.equal(b, u) for b, u in zip(base, unedited))
+    assert max((e - u).abs().max() for e, u in zip(edited, unedited)) > 1e-4  # the edit moves them
+    assert (images[0] - images[1]).abs().max() > 1e-5
+
+
+def test_adavd_without_edits_base_is_the_default_bit_for_bit(tiny_sd):
+    runs = [generate(tiny_sd, PROMPTS, [3, 4], steps=3, guard=build_guard(spec, "red"), progress=False)
+            for spec in ("adavd", "adavd:concept_weights=base")]
+    assert torch.equal(runs[0].latents, runs[1].latents)
+    assert runs[1].settings["guard"]["concept_weights"] == "base"

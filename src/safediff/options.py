@@ -66,6 +66,23 @@ def _parts(text: str) -> list[str]:
     return [p.strip() for p in (text or "").split(",") if p.strip()]
 
 
+def split_specs(text: str) -> list[str]:
+    """``base,uce;speed:tokens=to_end,n_aug=2`` -> base, uce, speed:tokens=to_end,n_aug=2 (a list of specs on one
+    command line): a semicolon always starts a new spec; a comma does unless what follows is a KEY=VALUE option of the
+    spec before it (``NAME:KEY=VALUE`` is a spec of its own)."""
+    out: list[str] = []
+    for chunk in text.split(";"):
+        first = True
+        for part in (p.strip() for p in chunk.split(",")):
+            option = "=" in part and ":" not in part.split("=", 1)[0]
+            if part and option and not first and out and ":" in out[-1]:
+                out[-1] += f",{part}"
+            elif part:
+                out.append(part)
+                first = False
+    return out
+
+
 def parse_options(text: str | None, owner: str) -> dict[str, str]:
     """``"k=5, lr=0.01"`` -> ``{"k": "5", "lr": "0.01"}`` (the options part of a spec, e.g. a budget)."""
     out: dict[str, str] = {}

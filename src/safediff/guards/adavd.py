@@ -124,7 +124,11 @@ class AdaVDSession(Session):
     def __init__(self, ctx: GenerationContext, params: AdaVDParams, rows: torch.Tensor):
         super().__init__(ctx)
         self.params = params
-        self.rows = rows  # [n, D] keyword rows e_k
+        self.layers = hooked_layers(ctx.model.adapter, params.space)
+        # t_k = W e_k (+ b) per hooked layer, read here, at the session's start, through the weights loaded now (so
+        # ``concept_weights=base`` reads them through the unedited ones, ``guards.unedited``)
+        self.targets = [torch.nn.functional.linear(rows.to(device=m.weight.device, dtype=m.weight.dtype), m.weight,
+                                                   m.bias) for m in self.layers]
         self.fixed = bos_positions(ctx.model.adapter)
         self.step = 0
 
@@ -137,17 +141,12 @@ class AdaVDSession(Session):
 
     @contextlib.contextmanager
     def unet_hooks(self):
-        targets: dict[int, torch.Tensor] = {}
+        def hook_for(target: torch.Tensor):
+            def hook(module, args, output):
+                return decompose(output, target, self.params, self.fixed) if self.active() else None
+            return hook
 
-        def hook(module, args, output):
-            if not self.active():
-                return None
-            if id(module) not in targets:  # t_k = W_v e_k, once per layer and session
-                e = self.rows.to(device=module.weight.device, dtype=module.weight.dtype)
-                targets[id(module)] = torch.nn.functional.linear(e, module.weight, module.bias)
-            return decompose(output, targets[id(module)], self.params, self.fixed)
-
-        handles = [m.register_forward_hook(hook) for m in hooked_layers(self.ctx.model.adapter, self.params.space)]
+        handles = [m.register_forward_hook(hook_for(t)) for m, t in zip(self.layers, self.targets)]
         try:
             yield
         finally:
@@ -165,6 +164,7 @@ class AdaVD(Guard):
     presets = PRESETS
     params_class = AdaVDParams
     transformer_options = "space=readers"  # MM-DiT context value projections do not read the encoder rows
+    concept_read_at_start = True  # keyword rows and targets are computed in start() (``concept_weights=base``)
 
     def __init__(self, concepts: list[Concept], preset: str | None = None, **overrides):
         self.concepts = list(concepts)

@@ -70,8 +70,10 @@ class Guard:
     (the preset the sandbox runs use), ``multi_category`` (the guard picks one of several harmful categories, so it is
     measured on a set with several), ``zero_strength`` (options under which the guard must be plain CFG; None when
     the method has no such setting, with the reason in ``zero_strength_reason``), ``concept_branches`` (its sessions
-name the branches that carry its concept, ``Session.concept_branches``), ``continuous`` (options under which
-    the update is a continuous function of the noise predictions, so rounding that differs between UNet batch sizes
+    name the branches that carry its concept, ``Session.concept_branches``), ``concept_read_at_start`` (it reads its
+    concept only in ``start``, through the weights loaded then, e.g. AdaVD's value targets), ``continuous`` (options
+    under which the update is a continuous function of the noise predictions, so rounding that differs between UNet
+    batch sizes
     stays rounding-sized: the contract's batch-independence check runs there), ``needs_cfg`` (the guard steers the
     classifier-free-guidance branches, so it acts only when CFG is on), ``transformer_options`` (options under which
     a guard whose defaults read UNet features runs on SD3/FLUX, which it refuses otherwise), ``edit_from`` (the
@@ -81,6 +83,7 @@ name the branches that carry its concept, ``Session.concept_branches``), ``conti
     name = "none"
     default_concept: str | None = None
     concept_branches = False  # whether its sessions name concept branches (``concept_weights=base`` applies)
+    concept_read_at_start = False  # whether it reads its concept only in ``start`` (``concept_weights=base`` applies)
     sandbox_preset: str | None = None
     multi_category = False
     zero_strength: str | None = ""

@@ -8,7 +8,7 @@ direction ε_S − ε_∅ shrinks, and stacking the guard on the eraser guards l
 SLD-max's rate on the UCE model rose from 0.125 to 0.375).
 
 ``concept_weights`` is an option of every guard whose concept lives in branches of its own (``sld``, ``casg-sld``,
-``negative-prompt``):
+``negative-prompt``) or is read once when generation starts (``adavd``: its value targets t_k = W_v e_k):
 
 - ``edited`` (default, the papers' definition: a guard reads the model it runs on): nothing changes, and nothing is
   recorded, so existing results keep their protocol;
@@ -20,7 +20,9 @@ SLD-max's rate on the UCE model rose from 0.125 to 0.375).
   concept rows follow exactly the unedited model while the ∅ and prompt rows follow the edited one: the eraser
   removes the concept from what the prompt asks, the guard steers away from the concept as the unedited model knows
   it. Extra cost: the hooked modules run once more on the concept rows (K/V edits: the cross-attention
-  projections only).
+  projections only). A guard that reads its concept once in ``start`` (AdaVD) does so with every edited weight set
+  to its base value for that call: AdaVD then removes from the edited model's values the directions the unedited
+  model gives the concept's keywords. No extra cost per step.
 
 SD3 / FLUX: the same, on the transformer (``transformer.…`` edits): the hooked modules (linear layers, norms) also
 compute each sample on its own, and joint attention mixes text and image tokens within a sample only; FLUX's packed
@@ -140,6 +142,9 @@ class BaseConceptGuard:
         prefix = ctx.model.adapter.denoiser_component + "."
         denoiser = {n.removeprefix(prefix): t for n, t in base.items() if n.startswith(prefix)}
         text = {n: t for n, t in base.items() if not n.startswith(prefix)}
+        if not self.inner.concept_branches:  # it reads its concept in start() only: all of it through base weights
+            with weights_set_to(ctx.model, base), torch.no_grad():  # a constant, as the unedited weights are
+                return self.inner.start(ctx)
         with weights_set_to(ctx.model, text):  # these guards encode only their concept texts in start()
             session = self.inner.start(ctx)
         return BaseConceptSession(session, denoiser) if denoiser else session
@@ -155,7 +160,7 @@ def with_concept_weights(guard, mode: str):
         raise SafediffError(f"guard {guard.name}: concept_weights must be one of {', '.join(MODES)}, got '{mode}'")
     if mode == "edited":
         return guard
-    if not getattr(guard, "concept_branches", False):
+    if not (guard.concept_branches or guard.concept_read_at_start):
         raise SafediffError(f"guard {guard.name} has no concept branches to read through unedited weights; "
-                            "concept_weights=base is available for sld, casg-sld, negative-prompt")
+                            "concept_weights=base is available for sld, casg-sld, negative-prompt, adavd")
     return BaseConceptGuard(guard)
