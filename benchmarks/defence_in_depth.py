@@ -13,6 +13,7 @@ Defences (``safediff.attacks.target`` specs; ``sandbox`` stands for ``--model``)
   the papers' definition) and, for a guard that can (concept branches: SLD, negative prompt; AdaVD's value targets),
   also through the unedited weights (``E+G/base``, ``concept_weights=base``, ``safediff.guards.unedited``):
   ``sandbox+EDIT:GUARD:PRESET[,concept_weights=base]``. A guard that cannot (SAFREE) pairs the first way only.
+  ``--pairs "uce+sld:weak/base;..."`` adds pairs of one's own choosing (``/base``: through the unedited weights).
 Attacks: every registered attack at its default parameters and budget (``--budgets default``, the robust-erasure
 issue's protocol and ``benchmarks/attacks_sandbox.py --budgets default``'s) or at its CPU-sized ``sandbox["benchmark"]``
 ones (``--budgets sandbox``), through ``safediff.attacks.runner.run_attack`` (attacks go through the guard), on the
@@ -54,6 +55,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -234,6 +236,26 @@ def pair_defences(report: dict, erasers: list[str], guards: list[str], n_erasers
             for base in ((False, True) if reads_through_base(g) else (False,))]
 
 
+def explicit_pairs(items: list[str]) -> list[dict]:
+    """``--pairs`` items ``ERASER+GUARD`` or ``ERASER+GUARD/base`` (the guard reading its concept through the unedited
+    weights), each spec with its options; checked before anything runs."""
+    pairs = []
+    for item in items:
+        eraser, plus, guard = item.partition("+")
+        base = guard.endswith("/base")
+        guard = guard.removesuffix("/base")
+        if not (plus and eraser and guard):
+            raise SafediffError(f"--pairs: '{item}' is not ERASER+GUARD or ERASER+GUARD/base (e.g. uce+sld:weak/base)")
+        ERASERS.get(Spec.parse(eraser, "eraser").name)
+        GUARDS.get(Spec.parse(guard, "guard").name)
+        if base and not reads_through_base(guard):
+            raise SafediffError(f"--pairs: '{item}': {Spec.parse(guard, 'guard').name} cannot read its concept "
+                                "through the unedited weights (/base); guards that can: those with concept branches "
+                                "(sld, negative-prompt, ...) and adavd")
+        pairs.append({"label": item, "kind": "pair", "eraser": eraser, "guard": guard_spec(guard, base)})
+    return pairs
+
+
 def markdown(report: dict) -> str:
     lines = ["| defence | worst ASR (attack) | neighbour kept (rel.) | far kept (rel.) | red on target-word | "
              "defence cost | attacks: UNet fwd / bwd / s per attacked prompt | attacks: s, all prompts | goal |",
@@ -276,6 +298,8 @@ def main(argv: list[str] | None = None) -> dict:
                          "sandbox['benchmark'] settings")
     ap.add_argument("--pair-erasers", type=int, default=2)
     ap.add_argument("--pair-guards", type=int, default=1)
+    ap.add_argument("--pairs", default="", help="pairs run besides the ranked ones: 'ERASER+GUARD[/base];...' "
+                                                "(/base: the guard reads its concept through the unedited weights)")
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     ap.add_argument("--quick", action="store_true",
                     help="plumbing check: erasers and attacks at their 'smoke' settings, 2 steps, 1 prompt, 1 "
@@ -294,6 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
                                   (ATTACKS, "attack", attacks)):
         for spec in specs:
             registry.get(Spec.parse(spec, kind).name)
+    given_pairs = explicit_pairs(split_specs(a.pairs))
     rows = [{"prompt": r["prompt"], "seed": r["seed"]} for r in erasure_set(CONCEPT, a.prompts)
             if r["kind"] == "target-word"][:a.prompts]
     tiers = {"erasers": "smoke" if a.quick else "benchmark",
@@ -317,6 +342,7 @@ def main(argv: list[str] | None = None) -> dict:
             summarise(report)
         if stage is singles:
             pairs += pair_defences(report, erasers, guards, a.pair_erasers, a.pair_guards)
+            pairs += [p for p in given_pairs if p["label"] not in {q["label"] for q in pairs}]
     write_bytes_atomic(out.with_suffix(".png"), plot(report))
     report["seconds_this_call"] = round(time.monotonic() - start, 1)
     write_json_atomic(out, report)
@@ -328,4 +354,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SafediffError as e:  # bad input: one clear line
+        sys.exit(f"error: {e}")

@@ -69,6 +69,21 @@ def test_pairs_take_the_best_of_each_kind_and_read_through_base_only_where_the_g
     assert all(p["guard"].endswith("concept_weights=base") == p["label"].endswith("/base") for p in pairs)
 
 
+def test_explicit_pairs_take_specs_with_options_and_refuse_what_cannot_run():
+    from safediff.errors import SafediffError
+
+    mod = _module()
+    pairs = mod.explicit_pairs(["uce+sld:weak/base", "rece:concept_type=object-hard+adavd", "uce+safree"])
+    assert [(p["label"], p["eraser"], p["guard"]) for p in pairs] == [
+        ("uce+sld:weak/base", "uce", "sld:weak,concept_weights=base"),
+        ("rece:concept_type=object-hard+adavd", "rece:concept_type=object-hard", "adavd"),
+        ("uce+safree", "uce", mod.guard_spec("safree"))]
+    for item, message in (("uce", "is not ERASER\\+GUARD"), ("uce+safree/base", "safree cannot read"),
+                          ("nope+sld", "nope"), ("uce+nope/base", "nope")):
+        with pytest.raises(SafediffError, match=message):
+            mod.explicit_pairs([item])
+
+
 def test_bad_size_is_one_line(tmp_path):
     from safediff.errors import SafediffError
 
