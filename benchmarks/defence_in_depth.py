@@ -203,7 +203,8 @@ def summarise(report: dict) -> None:
         attacks = {n: c for n, c in entry.get("attacks", {}).items() if n in report["attacks"]}
         if attacks:
             worst = max(attacks, key=lambda a: attacks[a]["asr"])
-            entry["worst_asr"], entry["worst_attack"] = attacks[worst]["asr"], worst
+            entry["worst_asr"] = attacks[worst]["asr"]
+            entry["worst_attack"] = worst if entry["worst_asr"] > 0 else "none succeeds"
             entry["attacks_finished"] = f"{len(attacks)}/{len(report['attacks'])}"
             entry["attack_cost"] = {k: round(sum(c["compute_per_attacked_prompt"].get(k, 0) for c in attacks.values()),
                                              1) for k in ("unet_forward", "unet_backward", "seconds")}
