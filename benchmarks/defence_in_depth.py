@@ -46,8 +46,10 @@ attacked): 11 erasers x ~3,300 s + (6 guards + 4 pairs) x ~5,300 s ~ 25 h, plus 
 and utility (22 x 256 images, ~15 min). ``--budgets sandbox`` (~770 s per eraser, ~1,200 s per guard: ~5.7 h + 1.3 h)
 is the affordable run; ``--prompts 4 --utility-rows 16`` halves either; ``--erasers uce,advunlearn --guards sld
 --attacks concept-inversion,concept-arithmetic`` is a quick look. Measured on the v2 sandbox (2 idle cores,
-``--threads 2``): ``--erasers uce --guards adavd,sld --pair-erasers 1 --pair-guards 2 --budgets sandbox --prompts 4
---utility-rows 16`` (7 defences x 8 attacks, the README's table) took 2,944 s.
+``--threads 2``, the README's table): ``--erasers "uce;rece:concept_type=object-hard" --guards adavd,sld
+--pair-erasers 2 --pair-guards 2 --pairs "uce+sld:weak/base;uce+sld:medium/base;uce+sld:strong/base" --budgets sandbox
+--prompts 4 --utility-rows 16`` (16 defences x 8 attacks) took 6,900 s of attack and utility runs, 5-13 min per
+defence.
 """
 
 from __future__ import annotations
