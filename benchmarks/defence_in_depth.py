@@ -57,7 +57,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -71,7 +70,7 @@ from safediff.bench.plots import pareto_chart, pareto_front
 from safediff.bench.runner import BenchConfig, run_benchmark
 from safediff.concepts import resolve
 from safediff.edits import Edit
-from safediff.errors import SafediffError
+from safediff.errors import SafediffError, run_script
 from safediff.erasers import build_eraser
 from safediff.erasers.base import fit_to_file
 from safediff.guards import build_guard
@@ -357,7 +356,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except SafediffError as e:  # bad input: one clear line
-        sys.exit(f"error: {e}")
+    run_script(main)

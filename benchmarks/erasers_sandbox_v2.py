@@ -34,11 +34,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from safediff.errors import run_script
 
 KINDS = ("target-word", "target-synonym", "target-heldout-template", "target-implicit", "two-object")
 KEPT = ("neighbour", "far", "other-attribute", "kept")
@@ -241,11 +242,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception as e:  # one clear line for the errors the toolkit names
-        from safediff.errors import SafediffError
-
-        if isinstance(e, SafediffError):
-            sys.exit(f"error: {e}")
-        raise
+    run_script(main)

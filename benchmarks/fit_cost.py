@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from safediff.errors import SafediffError
+from safediff.errors import SafediffError, run_script
 from safediff.options import Spec, split_specs
 from safediff.records import git_hash, versions
 from safediff.registry import ERASERS
@@ -114,7 +114,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except SafediffError as e:  # bad input: one clear line
-        sys.exit(f"error: {e}")
+    run_script(main)

@@ -35,6 +35,8 @@ def test_quick_matrix_and_resume(tiny_folder, tmp_path, monkeypatch):
         cells = entry["attacks"]
         assert set(cells) == {"concept-arithmetic", "concept-inversion"}
         assert entry["worst_asr"] == max(c["asr"] for c in cells.values())
+        assert (cells[entry["worst_attack"]]["asr"] == entry["worst_asr"] > 0 if entry["worst_asr"] > 0
+                else entry["worst_attack"] == "none succeeds")
         for name, cell in cells.items():  # the cell is the runner's own results.json
             run = json.loads((out.with_suffix(".runs") / f"{mod.slug(label)}__{name}" / "results.json").read_text())
             assert (cell["pre_asr"], cell["asr"], cell["n"]) == (run["pre_asr"], run["asr"], run["n"])
