@@ -48,7 +48,7 @@ from safediff.erasers import build_eraser
 from safediff.models import load_pipeline
 from safediff.registry import ERASERS
 from safediff.sandbox.benchmarks import erasure_set
-from safediff.sandbox.validation import eraser_settings
+from safediff.sandbox.validation import SANDBOX_ARCH, SANDBOX_ARCHES, eraser_settings, sandbox_erasers
 from safediff.storage import write_json_atomic
 
 NOT_FOR_A_COLOUR = ("geom-erasing",)  # erases the unprompted mark, not a prompted concept
@@ -86,9 +86,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--ks", default=None, help="images k (default 1,4,16)")
     ap.add_argument("--ns", default=None, help="fine-tuning steps n judged (default 10,50,200)")
     ap.add_argument("--prompts", type=int, default=None, help="target-word prompts (default 4)")
-    every = ",".join(["none", *(e for e in ERASERS.primary_names() if e not in NOT_FOR_A_COLOUR)])
-    full = {"erasers": every, "ks": "1,4,16", "ns": "10,50,200", "prompts": 4, "steps": None}
-    return parse_args(ap, argv, QUICK, full)
+    a = parse_args(ap, argv, QUICK, {"ks": "1,4,16", "ns": "10,50,200", "prompts": 4, "steps": None})
+    if a.erasers is None:  # every eraser that runs on the model's architecture (EraseAnything not on the UNet)
+        arch = SANDBOX_ARCHES.get(a.model, SANDBOX_ARCH)
+        a.erasers = ",".join(["none", *(e for e in sandbox_erasers(arch) if e not in NOT_FOR_A_COLOUR)])
+    return a
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -38,6 +38,15 @@ def test_the_relearning_curve_counts_a_success_from_its_step_on():
     assert curve["10"]["per_attacked_prompt"]["steps"] == 10
 
 
+def test_relearn_benchmark_defaults_to_the_erasers_of_the_models_architecture():
+    mod = script("relearn_sandbox")
+    unet, flux = (mod.parse(argv).erasers.split(",") for argv in ([], ["--model", "sandbox-flux"]))
+    assert unet[0] == flux[0] == "none" and "uce" in unet and "uce" in flux
+    assert "erase-anything" not in unet and "erase-anything" in flux  # MM-DiT joint attention only
+    assert "mace" in unet and "mace" not in flux  # UNet cross-attention only
+    assert "geom-erasing" not in unet + flux  # erases the unprompted mark, not a colour
+
+
 def test_relearn_benchmark_quick(tmp_path, tiny_folder):
     out = tmp_path / "relearn.json"
     report = script("relearn_sandbox").main(["--quick", "--model", str(tiny_folder), "--out", str(out)])

@@ -42,6 +42,12 @@ def test_measures_an_eraser_a_guard_and_mass_erasure_then_resumes(tiny_folder, t
     assert results["adavd-red"]["kind"] == "guard" and results["adavd-red"]["guard"] == "adavd"
     table = (tmp_path / "results.md").read_text()
     assert table.count("\n") == 2 + 4 and "| speed | red |" in table
+    heads = [h.strip() for h in table.splitlines()[0].strip("|").split("|")]
+    rows = {tuple(c.strip() for c in line.strip("|").split("|"))[:2]: [c.strip() for c in line.strip("|").split("|")]
+            for line in table.splitlines()[2:]}
+    mcp = heads.index("MCP")  # TICoE's fidelity metric: only a set with neighbour rows has it
+    assert rows[("speed", "red")][mcp] == f"{metrics['sandbox/mcp']['value']:.0%}"
+    assert rows[("speed", "k1")][mcp] == "–" and "sandbox/mcp" not in results["speed-k1"]["metrics"]
 
     edit = tmp_path / speed["edit"]
     stamp = edit.stat().st_mtime_ns
