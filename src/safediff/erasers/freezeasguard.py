@@ -71,7 +71,7 @@ class FreezeAsGuard(Eraser):
     name: ClassVar[str] = "freezeasguard"
     paper: ClassVar[str] = ("Huang, Wang, Gao, FreezeAsGuard: Mitigating Illegal Adaptation of Diffusion Models via "
                             "Selective Tensor Freezing, arXiv 2405.17472 (2024)")
-    # sandbox: a few CPU minutes on the 4.3 M-parameter UNet (world renders; gradient steps sized for it, untuned)
+    # sandbox: a few CPU minutes on the 7.0 M-parameter UNet (world renders; gradient steps sized for it, untuned)
     sandbox: ClassVar[dict[str, dict]] = {
         "benchmark": {"source": "world", "n_images": 32, "batch": 8, "relearn_steps": 100, "relearn_lr": 1e-4,
                       "iterations": 300, "user_lr": 1e-3},
