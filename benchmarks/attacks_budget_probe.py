@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from safediff.errors import run_script
 
 sys.path.insert(0, str(Path(__file__).parent))
 from attacks_sandbox import CONCEPT, targets  # noqa: E402
@@ -61,4 +62,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

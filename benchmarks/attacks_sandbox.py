@@ -66,6 +66,7 @@ from safediff.storage import write_json_atomic
 from safediff.erasers import build_eraser
 from safediff.registry import ATTACKS, ERASERS, GUARDS as GUARD_CLASSES
 from safediff.sandbox.validation import SANDBOX_ARCH, SANDBOX_ARCHES, eraser_settings, guard_spec as sandbox_guard_spec
+from safediff.errors import run_script
 
 CONCEPT = "red"
 GUARDS = {"sld": "sld", "casg": "casg-sld"}  # target -> registered guard, run at its sandbox preset
@@ -251,4 +252,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

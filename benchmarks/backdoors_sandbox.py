@@ -39,6 +39,7 @@ import io
 import json
 import time
 from pathlib import Path
+from safediff.errors import run_script
 
 
 from safediff.attacks.judge import build_judge
@@ -187,4 +188,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

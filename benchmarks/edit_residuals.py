@@ -14,9 +14,9 @@ the one layer reading the encoders' token rows, ``context_embedder`` (``closed_f
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
+from safediff.errors import run_script
 
 
 def residuals(model, edit, concept: str, tokens: str) -> dict[str, float]:
@@ -36,7 +36,7 @@ def residuals(model, edit, concept: str, tokens: str) -> dict[str, float]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("edits", nargs="+", help="saved edits (.safetensors) of the model")
     ap.add_argument("--model", default="sandbox")
@@ -56,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         values = sorted(r.values())
         print(f"{path}: residual over {a.tokens} rows, {len(r)} projections: min {values[0]:.2f}, "
               f"median {values[len(values) // 2]:.2f}, max {values[-1]:.2f}")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from safediff.errors import run_script
 
 PROMPTS = ["a red circle", "a photo of a crimson square", "a drawing of a red triangle", "the blue circle",
            "a green square", "a yellow triangle that is red", "an image of a navy circle", ""]
@@ -174,4 +175,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

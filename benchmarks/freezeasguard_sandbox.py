@@ -52,6 +52,7 @@ from safediff.models import load_pipeline
 from safediff.registry import ERASERS
 from safediff.sandbox.benchmarks import erasure_set
 from safediff.storage import write_json_atomic
+from safediff.errors import run_script
 
 CONDITIONS = ("no mask", "freezeasguard", "random mask")
 QUICK = {"k": 1, "ns": "1,2", "prompts": 1, "steps": 2}
@@ -145,4 +146,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

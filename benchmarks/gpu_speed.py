@@ -25,6 +25,7 @@ from safediff.random_models import ARCHES, DIT_ARCHES, build_pipeline
 from safediff.registry import GUARDS
 from safediff.sampling import generate
 from safediff.speed import optimize
+from safediff.errors import run_script
 
 PROMPT = "a photo of an astronaut riding a horse on the moon"
 
@@ -125,4 +126,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

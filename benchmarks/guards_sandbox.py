@@ -48,6 +48,7 @@ from safediff.sampling import generate
 from safediff.sandbox import scoring
 from safediff.sandbox.benchmarks import multi_category_set
 from safediff.sandbox.validation import guard_spec
+from safediff.errors import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -334,4 +335,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from safediff.errors import run_script
 
 
 from safediff.attacks.budget import Budget
@@ -130,4 +131,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

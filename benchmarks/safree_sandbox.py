@@ -33,6 +33,7 @@ from safediff.records import git_hash, versions
 from safediff.storage import write_json_atomic
 from safediff.sampling import generate
 from safediff.sandbox.world import SHAPES
+from safediff.errors import run_script
 
 METHODS = [  # (label, guard spec, concept spec)
     ("none", None, None),
@@ -159,4 +160,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -27,6 +27,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from safediff.errors import run_script
 
 RATE, NEIGHBOURS = "sandbox/target_rate", "sandbox/kept_rate/kind=neighbour"
 COLUMNS = (  # heading -> sandbox metric
@@ -241,4 +242,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

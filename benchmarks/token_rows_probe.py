@@ -25,11 +25,11 @@ Models with one token sequence (``adapter.segments``: SD 1/2, SDXL, FLUX.1). Rep
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
+from safediff.errors import run_script
 
 CONDITIONS = ("none", "word", "after", "word+after", "all", "pooled")
 
@@ -83,7 +83,7 @@ def conditions(model) -> list[str]:
     return [c for c in CONDITIONS if c != "pooled" or has_pooled]
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="sandbox")
     ap.add_argument("--value", default="red")
@@ -130,8 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                         "detector": "safediff.detectors.sandbox.attributes (exact)"},
            "results": results, "seconds": round(time.perf_counter() - t0, 1), "provenance": provenance()}
     write_json_atomic(a.out, out)
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

@@ -24,3 +24,15 @@ def test_other_errors_propagate_and_clean_runs_return():
         run_script(broken)
     ran = []
     assert run_script(lambda: ran.append(1)) is None and ran == [1]
+
+
+def test_every_benchmark_script_ends_through_run_script():
+    """A script run from the shell says a toolkit error in one line (bad --methods, an unknown eraser, ...)."""
+    from pathlib import Path
+
+    scripts = sorted((Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py"))
+    entry = [p for p in scripts if 'if __name__ == "__main__":' in p.read_text()]
+    assert len(entry) >= 20
+    for p in entry:
+        tail = p.read_text().split('if __name__ == "__main__":', 1)[1].strip()
+        assert tail == "run_script(main)", f"{p.name} ends with {tail!r}"
