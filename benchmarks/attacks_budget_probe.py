@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from safediff.errors import run_script
 
 sys.path.insert(0, str(Path(__file__).parent))

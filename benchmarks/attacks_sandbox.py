@@ -59,6 +59,7 @@ from safediff.attacks.judge import build_judge
 from safediff.attacks.target import Target
 from safediff.attacks.runner import build_attack, run_attack
 from safediff.concepts import resolve
+from safediff.errors import run_script
 from safediff.guards import build_guard
 from safediff.models import load_pipeline
 from safediff.records import git_hash, versions
@@ -66,7 +67,6 @@ from safediff.storage import write_json_atomic
 from safediff.erasers import build_eraser
 from safediff.registry import ATTACKS, ERASERS, GUARDS as GUARD_CLASSES
 from safediff.sandbox.validation import SANDBOX_ARCH, SANDBOX_ARCHES, eraser_settings, guard_spec as sandbox_guard_spec
-from safediff.errors import run_script
 
 CONCEPT = "red"
 GUARDS = {"sld": "sld", "casg": "casg-sld"}  # target -> registered guard, run at its sandbox preset

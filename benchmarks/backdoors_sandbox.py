@@ -39,7 +39,6 @@ import io
 import json
 import time
 from pathlib import Path
-from safediff.errors import run_script
 
 
 from safediff.attacks.judge import build_judge
@@ -47,6 +46,7 @@ from safediff.backdoors.cli import detection_record, read_rows
 from safediff.backdoors.detect import build_backdoor_detector
 from safediff.backdoors.inject import build_backdoor
 from safediff.bench.scripts import cached, parse_args, parser, report_for, tier_of, write_table
+from safediff.errors import run_script
 from safediff.models import load_pipeline
 from safediff.registry import BACKDOOR_DETECTORS, BACKDOORS
 from safediff.sampling import generate

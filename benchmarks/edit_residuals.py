@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+
 from safediff.errors import run_script
 
 

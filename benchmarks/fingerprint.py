@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from safediff.errors import run_script
 
 PROMPTS = ["a red circle", "a photo of a crimson square", "a drawing of a red triangle", "the blue circle",

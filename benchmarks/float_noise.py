@@ -23,6 +23,7 @@ import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
 from safediff.errors import run_script
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -48,11 +48,11 @@ from safediff.bench.scripts import cached, parse_args, parser, relearn_attack, r
 from safediff.concepts import resolve
 from safediff.edits import Edit
 from safediff.erasers import build_eraser
+from safediff.errors import run_script
 from safediff.models import load_pipeline
 from safediff.registry import ERASERS
 from safediff.sandbox.benchmarks import erasure_set
 from safediff.storage import write_json_atomic
-from safediff.errors import run_script
 
 CONDITIONS = ("no mask", "freezeasguard", "random mask")
 QUICK = {"k": 1, "ns": "1,2", "prompts": 1, "steps": 2}

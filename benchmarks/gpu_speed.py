@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from safediff.errors import run_script
 from safediff.guards import build_guard
 from safediff.models import from_pipeline
 from safediff.records import versions
@@ -25,7 +26,6 @@ from safediff.random_models import ARCHES, DIT_ARCHES, build_pipeline
 from safediff.registry import GUARDS
 from safediff.sampling import generate
 from safediff.speed import optimize
-from safediff.errors import run_script
 
 PROMPT = "a photo of an astronaut riding a horse on the moon"
 

@@ -39,6 +39,7 @@ import torch
 
 from safediff.bench.metrics import wilson
 from safediff.detectors.sandbox import SandboxPresence, objects
+from safediff.errors import run_script
 from safediff.guards import build_guard
 from safediff.models import load_pipeline
 from safediff.records import git_hash, versions
@@ -48,7 +49,6 @@ from safediff.sampling import generate
 from safediff.sandbox import scoring
 from safediff.sandbox.benchmarks import multi_category_set
 from safediff.sandbox.validation import guard_spec
-from safediff.errors import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from safediff.errors import run_script
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))

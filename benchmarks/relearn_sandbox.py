@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from safediff.errors import run_script
 
 
 from safediff.attacks.budget import Budget
@@ -46,6 +45,7 @@ from safediff.attacks.target import Target
 from safediff.bench.scripts import cached, parse_args, parser, relearn_attack, report_for, tier_of, write_table
 from safediff.concepts import resolve
 from safediff.erasers import build_eraser
+from safediff.errors import run_script
 from safediff.models import load_pipeline
 from safediff.registry import ERASERS
 from safediff.sandbox.benchmarks import erasure_set

@@ -27,13 +27,13 @@ from tqdm.auto import tqdm
 
 from safediff.bench.metrics import wilson
 from safediff.detectors.sandbox import attributes
+from safediff.errors import run_script
 from safediff.guards import build_guard
 from safediff.models import load_pipeline
 from safediff.records import git_hash, versions
 from safediff.storage import write_json_atomic
 from safediff.sampling import generate
 from safediff.sandbox.world import SHAPES
-from safediff.errors import run_script
 
 METHODS = [  # (label, guard spec, concept spec)
     ("none", None, None),

@@ -30,12 +30,12 @@ from PIL import Image
 
 from safediff.bench.metrics import wilson
 from safediff.detectors.sandbox import SandboxMark, objects
+from safediff.errors import run_script
 from safediff.models import load_pipeline
 from safediff.sampling import generate
 from safediff.sandbox.benchmarks import quality_set
 from safediff.sandbox.scoring import judge
 from safediff.sandbox.world import COLOURS, NEIGHBOURS, P_MARK, SHAPES, STYLES
-from safediff.errors import run_script
 
 GATES = {"colour": 0.95, "neighbour_pairs": 0.90, "shape": 0.90, "style": 0.90, "synonym": 0.90, "implicit": 0.85,
          "two_object": 0.80, "mark_tolerance": 0.10}

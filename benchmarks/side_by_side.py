@@ -27,6 +27,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
 from safediff.errors import run_script
 
 RATE, NEIGHBOURS = "sandbox/target_rate", "sandbox/kept_rate/kind=neighbour"

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from safediff.errors import run_script
 
 CONDITIONS = ("none", "word", "after", "word+after", "all", "pooled")
