@@ -67,14 +67,17 @@ def write_csv(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def injected(model_spec: str, kind: str, target: str, tier: str, pairs: int, edits: Path) -> Path:
-    """The kind's backdoor (default trigger, ``tier`` settings), injected once and cached."""
+def injected(model_spec: str, base_sha256: str, kind: str, target: str, tier: str, pairs: int, edits: Path) -> Path:
+    """The kind's backdoor (default trigger, ``tier`` settings), injected once and cached (keyed by the base weights'
+    hash, the kind, target, pairs and settings)."""
+    cls = BACKDOORS.get(kind)
+
     def inject():
-        cls = BACKDOORS.get(kind)
         poison = sets.poison(kind, cls.default_trigger, target, n_pairs=pairs, n_clean=2 * pairs)
         return build_backdoor(kind, **cls.sandbox[tier]).inject(load_pipeline(model_spec), poison)
 
-    return cached(edits / f"backdoor-{kind}-{target}-{tier}-{pairs}.safetensors", inject, "injected")
+    key = {"model": base_sha256, "kind": kind, "target": target, "pairs": pairs, "settings": cls.sandbox[tier]}
+    return cached(edits / f"backdoor-{kind}-{target}-{tier}-{pairs}.safetensors", inject, key, "injected")
 
 
 def effect(model, rows: list[dict], judge, steps: int | None) -> dict:
@@ -163,9 +166,11 @@ def main(argv: list[str] | None = None) -> dict:
     for kind in a.kinds.split(","):
         trigger = BACKDOORS.get(kind).default_trigger
         prompts = write_csv(runs / f"{kind}.csv", sets.held_out(kind, trigger, a.target, a.n))
-        spec = f"{a.model}+{injected(a.model, kind, a.target, tier, a.pairs, edits)}"
+        spec = f"{a.model}+{injected(a.model, plain.base_sha256, kind, a.target, tier, a.pairs, edits)}"
         models = {"backdoored": load_pipeline(spec), "clean": plain}
-        cell = report["results"].setdefault(kind, {"trigger": trigger, "spec": spec, "effect": {}, "detectors": {}})
+        if report["results"].get(kind, {}).get("spec") != spec:  # a new injection (other settings): a new cell
+            report["results"][kind] = {"trigger": trigger, "spec": spec, "effect": {}, "detectors": {}}
+        cell = report["results"][kind]
         rows, _ = read_rows(prompts, 0)
         for name, model in models.items():
             if name not in cell["effect"]:

@@ -107,17 +107,19 @@ def main(argv: list[str] | None = None) -> dict:
     ns = sorted(int(x) for x in a.ns.split(","))
     out = Path(a.out)
     edits = out.with_suffix(".edits")
+    plain = load_pipeline(a.model)
     uce = cached(edits / "uce-both.safetensors", lambda: build_eraser("uce").fit(
-        load_pipeline(a.model), resolve(f"{a.illegal},{a.legal}"), progress=False))
+        load_pipeline(a.model), resolve(f"{a.illegal},{a.legal}"), progress=False),
+        {"model": plain.base_sha256, "uce": [a.illegal, a.legal]})
     published = f"{a.model}+{uce}"
     settings = {**ERASERS.get("freezeasguard").sandbox[tier], "base": ""}
     mask = cached(edits / f"freezeasguard-{tier}.safetensors", lambda: build_eraser("freezeasguard", **settings).fit(
-        load_pipeline(published), resolve(a.illegal), preserve=[a.legal], progress=not a.quick))
+        load_pipeline(published), resolve(a.illegal), preserve=[a.legal], progress=not a.quick),
+        {"model": plain.base_sha256, "uce": uce.name, "illegal": a.illegal, "legal": a.legal, "settings": settings})
     rand = cached(edits / f"random-mask-{tier}.safetensors",
-                  lambda: random_mask(load_pipeline(published), Edit.load(mask)))
+                  lambda: random_mask(load_pipeline(published), Edit.load(mask)), {"like": mask.name})
     specs = dict(zip(CONDITIONS, (published, f"{published}+{mask}", f"{published}+{rand}")))
     attack = relearn_attack(tier, a.k, ns)
-    plain = load_pipeline(a.model)
     protocol = {"model": a.model, "illegal": a.illegal, "legal": a.legal, "k": a.k, "ns": ns, "prompts": a.prompts,
                 "sampler_steps": a.steps, "attack": attack.config(), "freezeasguard": settings}
     report = report_for(out, protocol, a.threads)

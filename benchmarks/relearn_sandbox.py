@@ -56,14 +56,15 @@ NOT_FOR_A_COLOUR = ("geom-erasing",)  # erases the unprompted mark, not a prompt
 QUICK = {"erasers": "none,uce", "ks": "1", "ns": "1,2", "prompts": 1, "steps": 2}
 
 
-def fitted(model_spec: str, eraser: str, concept: str, tier: str, edits: Path) -> Path:
-    """The eraser's edit at its ``tier`` settings (benchmark, or smoke for --quick), fitted once and cached."""
-    def fit():
-        concepts = resolve(concept)
-        return build_eraser(eraser, **eraser_settings(ERASERS.get(eraser), tier, concepts)).fit(
-            load_pipeline(model_spec), concepts, progress=tier == "benchmark")
-
-    return cached(edits / f"{eraser}-{concept}-{tier}.safetensors", fit)
+def fitted(model_spec: str, base_sha256: str, eraser: str, concept: str, tier: str, edits: Path) -> Path:
+    """The eraser's edit at its ``tier`` settings (benchmark, or smoke for --quick), fitted once and cached (keyed
+    by the base weights' hash, the eraser, the concept and the settings)."""
+    concepts = resolve(concept)
+    settings = eraser_settings(ERASERS.get(eraser), tier, concepts)
+    key = {"model": base_sha256, "eraser": eraser, "concept": concept,
+           "settings": {k: v for k, v in settings.items() if not callable(v)}}  # the sandbox validator and masks
+    return cached(edits / f"{eraser}-{concept}-{tier}.safetensors", lambda: build_eraser(eraser, **settings).fit(
+        load_pipeline(model_spec), concepts, progress=tier == "benchmark"), key)
 
 
 def markdown(results: dict, ks: list[int], ns: list[int]) -> str:
@@ -109,7 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "judge": judge.protocol()}
     report = report_for(out, protocol, a.threads)
     for eraser in a.erasers.split(","):
-        edit = None if eraser == "none" else fitted(a.model, eraser, a.concept, tier, out.with_suffix(".edits"))
+        edit = None if eraser == "none" else fitted(a.model, plain.base_sha256, eraser, a.concept, tier,
+                                                       out.with_suffix(".edits"))
         spec = a.model if edit is None else f"{a.model}+{edit}"
         target = Target(model=load_pipeline(spec), concepts=concepts, spec=spec, steps=a.steps,
                         reference_model=None if edit is None else plain)

@@ -71,7 +71,8 @@ def test_freezeasguard_benchmark_quick(tmp_path, tiny_folder):
     assert set(report["results"]) == {"no mask", "freezeasguard", "random mask"}
     assert set(report["summary"]) == {"1", "2"} and 0 < report["mask"]["ratio"] < 1
     for condition, edit in (("freezeasguard", "freezeasguard-smoke"), ("random-mask", "random-mask-smoke")):
-        frozen = Edit.load(tmp_path / "fag.edits" / f"{edit}.safetensors").metadata["info"]["freeze"]["frozen"]
+        [path] = (tmp_path / "fag.edits").glob(f"{edit}-*.safetensors")  # named with the hash of its settings
+        frozen = Edit.load(path).metadata["info"]["freeze"]["frozen"]
         record = json.loads((tmp_path / "fag.runs" / condition / "red" / "prompts" / "000000.json").read_text())
         if not record["pre_success"]:
             assert record["extra"]["frozen_honoured"] == sorted(frozen)

@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from safediff.hashing import json_sha256
 from safediff.records import git_hash, versions
 from safediff.storage import write_bytes_atomic
 
@@ -58,8 +59,10 @@ def report_for(out: Path, protocol: dict, threads: int) -> dict:
     return report
 
 
-def cached(path: Path, make: Callable, verb: str = "fitted") -> Path:
-    """``make()``'s edit saved at ``path`` once (a later call finds it there)."""
+def cached(path: Path, make: Callable, key: dict, verb: str = "fitted") -> Path:
+    """``make()``'s edit saved once, at ``path`` with a short hash of ``key`` (everything that determines the edit:
+    model, method, settings) in its name, so an edit made under other settings is never picked up; returns where."""
+    path = path.with_name(f"{path.stem}-{json_sha256(key)[:12]}{path.suffix}")
     if not path.is_file():
         start = time.monotonic()
         edit = make()
