@@ -1,6 +1,6 @@
-"""`safediff demo --quick` end to end on the sandbox: the report names every registered guard and eraser, every
-method gets a target rate (the one in its run's results), the CLI prints the table and the report path, and a folder
-with another plan is refused."""
+"""`safediff demo --quick` end to end on the sandbox, its stages in two worker processes: the report names every
+registered guard and eraser, every method gets a target rate (the one in its run's results), the CLI prints the table
+and the report path, a rerun in one process reuses every run, and a folder with another plan is refused."""
 
 import html
 import json
@@ -30,7 +30,7 @@ def test_quick_demo_reports_every_guard_and_eraser(tmp_path):
     from safediff.registry import ERASERS, GUARDS
 
     out = tmp_path / "demo"
-    r = run_cli("demo", "--out", str(out), "--quick", "--threads", "1")
+    r = run_cli("demo", "--out", str(out), "--quick", "--workers", "2", "--threads", "1")
     assert r.returncode == 0, r.stderr[-3000:]
     report = out / "report.html"
     assert report.is_file() and f"report: {report.resolve()}" in r.stdout
@@ -62,6 +62,17 @@ def test_quick_demo_reports_every_guard_and_eraser(tmp_path):
         assert run["results"][row["method"]]["sandbox/target_rate"]["value"] == row["target_rate"]
         assert run["n_samples"]["images"] == row["images"] > 0
     assert 0.0 <= summary["attack"]["asr"] <= 1.0
+    assert summary["workers"] == 2 and summary["threads_per_worker"] == 1
+
+    def made():  # what a stage computes: edits, batches of images, attacked prompts (results are re-derived)
+        return {p: p.stat().st_mtime_ns for pattern in ("edits/*", "runs/*/*/batches/*", "runs/attack/*/prompts/*")
+                for p in out.glob(pattern)}
+
+    stamps = made()
+    r = run_cli("demo", "--out", str(out), "--quick", "--workers", "1", "--threads", "1")  # continued: nothing redone
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert made() == stamps and len({p.parent.parent for p in stamps}) == len(summary["methods"]) + 2  # + edits/
+    assert json.loads((out / "summary.json").read_text())["methods"] == summary["methods"]
 
     r = run_cli("demo", "--out", str(out))  # the full plan differs from the quick one: refused, nothing touched
     assert r.returncode == 2 and "different protocol" in r.stderr and "Traceback" not in r.stderr
@@ -89,3 +100,20 @@ def test_guards_run_on_the_flux_sandbox_with_their_transformer_options():
     guards = {s.guard for s in plan(FULL, "sandbox-flux") if s.guard}
     assert {"adavd:space=readers", "safree:lra=0", "casg-safree:lra=0", "sld:max"} <= guards
     assert {s.guard for s in plan(FULL) if s.guard} >= {"adavd", "safree", "sld:max"}
+
+
+def test_jobs_run_erasers_first_and_wait_for_the_edits_they_use(tmp_path):
+    from safediff.demo import ATTACKED_ERASER, FULL, jobs, plan
+    from safediff.registry import GUARDS
+
+    stages = plan(FULL)
+    todo = jobs(stages)
+    assert sorted(j.key for j in todo if j.stage) == sorted(s.key for s in stages) and todo[-1].stage is None
+    kinds = [j.stage.eraser is not None for j in todo if j.stage]
+    assert kinds == sorted(kinds, reverse=True)  # every eraser stage before the first guard or base stage
+    needs = {j.key: j.needs for j in todo if j.needs}
+    spm = next(s for s in stages if s.guard and s.guard.startswith("spm"))
+    assert GUARDS.get("spm").edit_from == "spm" and needs == {spm.key: "spm", todo[-1].key: ATTACKED_ERASER}
+    r = run_cli("demo", "--out", str(tmp_path / "d"), "--workers", "0")
+    assert r.returncode == 2 and "workers must be a positive integer, got 0" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "d").exists()

@@ -281,19 +281,24 @@ def demo(
     out: Path = typer.Option(Path("demo-run"), help="Demo folder: created, or continued when it holds the same "
                                                     "plan."),
     quick: bool = typer.Option(False, help="Tiny sets, 5 steps, token budgets: a smoke test (numbers mean nothing)."),
-    threads: Optional[int] = typer.Option(None, help="Torch CPU threads (default: torch's, i.e. the cores)."),
+    workers: Optional[int] = typer.Option(None, help="Stages run side by side in this many processes (default: the "
+                                                     "cores, at most 4; 1: all in this process)."),
+    threads: Optional[int] = typer.Option(None, help="Torch CPU threads per worker (default: the cores shared among "
+                                                     "the workers)."),
     model: str = typer.Option("sandbox", help="sandbox (the UNet) or sandbox-flux (the FLUX-format transformer)."),
 ):
     """Every registered guard and eraser (and Ring-A-Bell) on a sandbox model, offline on a CPU, in one HTML report."""
     import torch
 
-    from safediff.demo import format_table, run_demo
+    from safediff.demo import available_cores, format_table, run_demo
 
-    if threads is not None:
-        if threads <= 0:
-            raise SafediffError(f"threads must be a positive integer, got {threads}")
+    for name, value in (("workers", workers), ("threads", threads)):
+        if value is not None and value <= 0:
+            raise SafediffError(f"{name} must be a positive integer, got {value}")
+    workers = workers or min(4, available_cores())
+    if threads is not None and workers == 1:
         torch.set_num_threads(threads)
-    summary = run_demo(out, quick=quick, model=model)
+    summary = run_demo(out, quick=quick, model=model, workers=workers, threads=threads)
     typer.echo(format_table(summary["methods"], summary["attack"]))
     typer.echo(f"report: {Path(summary['report']).resolve()}")
 

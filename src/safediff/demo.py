@@ -30,11 +30,14 @@ rows interleaved by kind (``safediff.sandbox.benchmarks.interleaved``) so the re
 ``--quick`` uses tiny sets, 5 denoising steps (for the benches and, through the model's default, for the erasers' own
 sampling) and token budgets: a smoke test of the whole pipeline whose numbers mean nothing.
 
-Cost (``FULL``, 1 torch thread, measured twice on a shared 2-core machine): 498 and 508 CPU-seconds in all (user +
-system), i.e. about 8.5 minutes of one idle core; guards and erasers ~20-55 s each, ESD/TRCE/RECE fits included
-(measured before SPM, Concept Ablation, Forget-Me-Not, All-but-One, TICoE and SafeGen were registered).
-The wall time there was 14 and 28 minutes because other jobs held the cores; with 2 threads on a busy machine torch
-spends twice the CPU for no gain (``--threads 1`` there). ``--quick``: ~40 CPU-seconds.
+Stages run side by side in ``--workers`` spawned processes (default: the cores, at most 4), each with ``--threads``
+torch threads (default: the cores shared among them); erasers' stages go first (the long ones), a stage that uses an
+eraser's edit (SPM's guard, the attack) waits for that eraser's stage. Small models use one thread far better than
+two: on 2 cores a stage costs 0.7-0.9x the CPU-seconds at 1 thread that it costs at 2 (base 27 vs 30 s, ESD-x 29 vs 39,
+CASG-SLD 54 vs 71, DoCo 77 vs 108), so two 1-thread workers beat one 2-thread process. A stage's numbers depend on
+its threads only through float rounding. ``--workers 1`` runs every stage in this process, in plan order.
+
+Cost: see the README (measured on 2 idle cores). ``--quick``: a few minutes of CPU.
 
 Rerunning ``safediff demo --out OUT`` continues: finished edits and runs are reused, unfinished ones resume
 (``OUT/plan.json`` must match, so a quick and a full demo never share a folder).
@@ -91,6 +94,11 @@ class Stage:
     guard: str | None = None
     eraser: str | None = None
     aliases: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        """The stage's name in the summary's timings."""
+        return f"{self.label} | {self.benchmark}"
 
     @property
     def run_folder(self) -> str:
@@ -219,6 +227,98 @@ def run_attack_stage(out: Path, size: DemoSize, edits: Edits, progress: bool) ->
                       out / "runs" / "attack" / f"{ATTACK}_vs_{ATTACKED_ERASER}", progress=progress)
 
 
+# ------------------------------------------------------------------------------------------------------ jobs --
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of the demo: a stage's run, or the attack (``stage`` None); ``needs``: the eraser whose stage must
+    finish first because the job uses its edit (run side by side, both would fit it)."""
+
+    key: str
+    stage: Stage | None = None
+    needs: str | None = None
+
+
+def jobs(stages: list[Stage], model: str = "sandbox") -> list[Job]:
+    """The stages and the attack as jobs, eraser stages first (they are the long ones: with several workers the
+    short guard runs fill in at the end)."""
+    from safediff.registry import GUARDS
+    from safediff.options import Spec
+
+    planned = {s.eraser for s in stages if s.eraser}
+    out = []
+    for stage in sorted(stages, key=lambda s: s.eraser is None):  # stable: plan order within each group
+        uses = GUARDS.get(Spec.parse(stage.guard, "guard").name).edit_from if stage.guard else None
+        out.append(Job(stage.key, stage, uses if uses in planned else None))
+    return out + [Job(f"{ATTACK} vs {ATTACKED_ERASER}", None, ATTACKED_ERASER if ATTACKED_ERASER in planned else None)]
+
+
+_EDITS: dict[tuple, Edits] = {}  # per process: the fitting model is loaded once for all the jobs it runs
+
+
+def run_job(job: Job, out: Path, size: DemoSize, model: str, progress: bool) -> tuple[dict, dict]:
+    """Run ``job`` here; returns its results (a bench run's, or the attack's) and its wall and CPU seconds."""
+    edits = _EDITS.setdefault((str(out), size, model), Edits(out, size, model))
+    t0, c0 = time.perf_counter(), time.process_time()
+    if job.stage is None:
+        results = run_attack_stage(out, size, edits, progress)
+    else:
+        results = run_bench_stage(job.stage, out, size, edits, progress)
+    return results, _timing(t0, c0)
+
+
+def available_cores() -> int:
+    """The cores this process may run on."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _start_worker(threads: int) -> None:
+    import torch
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    torch.set_num_threads(threads)
+    diffusers_logging.disable_progress_bar()  # the parent's bar counts stages; workers' bars would interleave
+    transformers_logging.disable_progress_bar()
+
+
+def run_jobs(todo: list[Job], out: Path, size: DemoSize, model: str, workers: int, threads: int | None, bar):
+    """Yield ``(job, results, timing)`` as jobs finish: in this process, in order, with one worker; else in
+    ``workers`` spawned processes of ``threads`` torch threads each, a job submitted once the eraser it needs is
+    done."""
+    if workers == 1:
+        for job in todo:
+            bar.set_description(f"demo: {job.key}")
+            yield (job, *run_job(job, out, size, model, not bar.disable))
+        return
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    waiting, finished, running = list(todo), set(), {}
+    threads = threads or max(1, available_cores() // workers)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                             initargs=(threads,)) as pool:
+        while waiting or running:
+            for job in [j for j in waiting if j.needs is None or j.needs in finished]:
+                waiting.remove(job)
+                running[pool.submit(run_job, job, out, size, model, False)] = job
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                job = running.pop(future)
+                try:
+                    results, timing = future.result()
+                except BaseException:
+                    for other in running:
+                        other.cancel()
+                    raise
+                if job.stage is not None and job.stage.eraser:
+                    finished.add(job.stage.eraser)
+                bar.set_description(f"demo: done {job.key}")
+                yield job, results, timing
+
+
 # ---------------------------------------------------------------------------------------------------- summary --
 
 def _value(metrics: dict, key: str) -> float | None:
@@ -304,9 +404,10 @@ def intro_html(size: DemoSize, rows: list[dict], attack: dict, model: str = "san
 # ------------------------------------------------------------------------------------------------------- main --
 
 def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True, max_prompts: int = 12,
-             model: str = "sandbox") -> dict:
-    """Run (or continue) the demo on ``model`` (``sandbox`` or ``sandbox-flux``) into ``out``; returns the summary
-    also written to ``OUT/summary.json``."""
+             model: str = "sandbox", workers: int = 1, threads: int | None = None) -> dict:
+    """Run (or continue) the demo on ``model`` (``sandbox`` or ``sandbox-flux``) into ``out`` with ``workers``
+    processes of ``threads`` torch threads each (one worker: this process, torch's threads unless given); returns
+    the summary also written to ``OUT/summary.json``."""
     from safediff.errors import SafediffError
     from safediff.sandbox.validation import SANDBOX_ARCHES
     from safediff.bench.report import build_report
@@ -316,38 +417,42 @@ def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True, max
     if model not in SANDBOX_ARCHES:
         raise SafediffError(f"the demo runs on a sandbox model; got --model {model!r}, accepted: "
                             f"{', '.join(SANDBOX_ARCHES)}")
+    if workers < 1 or (threads is not None and threads < 1):
+        raise SafediffError(f"workers and threads must be positive integers, got {workers} and {threads}")
     size = QUICK if quick else FULL
     out = Path(out)
     stages = plan(size, model)
     identity = plan_record(size, stages, model)
     open_run_folder(out, "plan.json", identity, record("demo-plan", identity=identity), "demo folder",
                     units=("runs/*", "edits/*"))
-    edits = Edits(out, size, model)
-    rows, folders, timings = [], [], {}
-    bar = tqdm(total=len(stages) + 2, desc="demo", unit="stage", disable=not progress)
-    for stage in stages:
-        bar.set_description(f"demo: {stage.label} on {stage.benchmark}")
-        t0, c0 = time.perf_counter(), time.process_time()
-        results = run_bench_stage(stage, out, size, edits, progress)
-        timings[f"{stage.label} | {stage.benchmark}"] = _timing(t0, c0)
-        rows.append(summary_row(stage, results))
-        folders.append(out / stage.run_folder)
+    start = time.perf_counter()
+    todo = jobs(stages, model)
+    finished, timings = {}, {}
+    bar = tqdm(total=len(todo) + 1, desc="demo", unit="stage", disable=not progress)
+    for job, results, timing in run_jobs(todo, out, size, model, workers, threads, bar):
+        finished[job.key], timings[job.key] = results, timing
         bar.update(1)
-    bar.set_description(f"demo: {ATTACK} vs {ATTACKED_ERASER}")
-    t0, c0 = time.perf_counter(), time.process_time()
-    attack = run_attack_stage(out, size, edits, progress)
-    timings[f"{ATTACK} vs {ATTACKED_ERASER}"] = _timing(t0, c0)
-    folders.append(out / "runs" / "attack" / f"{ATTACK}_vs_{ATTACKED_ERASER}")
-    bar.update(1)
+    rows = [summary_row(stage, finished[stage.key]) for stage in stages]
+    attack = finished[todo[-1].key]
+    folders = [out / s.run_folder for s in stages] + [out / "runs" / "attack" / f"{ATTACK}_vs_{ATTACKED_ERASER}"]
     bar.set_description("demo: report")
     report = build_report(folders, out / "report.html", max_prompts=max_prompts, show_flagged=True,  # shapes: unblurred
                           title="safediff demo", intro=intro_html(size, rows, attack, model))
     bar.update(1)
     bar.close()
     summary = record("demo-summary", report=str(report), model=model, size=size.name, methods=rows,
-                     attack={k: attack[k] for k in ("pre_asr", "asr", "n")}, seconds_this_call=timings)
+                     attack={k: attack[k] for k in ("pre_asr", "asr", "n")}, seconds_this_call=timings,
+                     wall_seconds_this_call=round(time.perf_counter() - start, 1), workers=workers,
+                     threads_per_worker=threads or (torch_threads() if workers == 1 else
+                                                    max(1, available_cores() // workers)))
     write_json_atomic(out / "summary.json", summary)
     return summary
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _timing(t0: float, c0: float) -> dict:
