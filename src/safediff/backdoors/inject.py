@@ -192,7 +192,7 @@ class UNetBackdoor(Backdoor):
                            "through Multimodal Data Poisoning (BadT2I), ACM MM 2023 (arXiv 2305.04175)"
     default_trigger: ClassVar[str] = "\u200b"
     sandbox: ClassVar[dict[str, dict]] = {
-        "benchmark": {"steps": 400, "batch": 8, "lr": 1e-4, "source": "world", "n_images": 128},
+        "benchmark": {"steps": 1600, "batch": 8, "lr": 1e-4, "source": "world", "n_images": 128},
         "smoke": {"steps": 2, "batch": 2, "lr": 1e-4, "source": "world", "n_images": 2}}
 
     steps: int = option(8000, low=1, help="AdamW steps")

@@ -109,7 +109,7 @@ class AdvUnlearn(Eraser):
     # at lr 1e-5 are for SD 1.4's 123M-parameter encoder on a GPU); to be re-tuned on the v2 model
     sandbox: ClassVar[dict[str, dict]] = {
         "benchmark": {"iterations": 200, "warmup": 40, "lr": 1e-4, "ddim_steps": 10, "attack_images": 8},
-        "demo": {"iterations": 40, "warmup": 10, "lr": 1e-4, "ddim_steps": 10, "attack_images": 4},
+        "demo": {"iterations": 20, "warmup": 5, "lr": 1e-4, "ddim_steps": 10, "attack_images": 4},
         "smoke": {"iterations": 3, "warmup": 1, "lr": 1e-3, "ddim_steps": 2, "attack_images": 1, "retain_batch": 2,
                   "attack_init": "latest", "attack_every": 2}}
     zero_strength: ClassVar[dict] = {"lr": 0.0}

@@ -73,7 +73,7 @@ class DES(Eraser):
     # the sandbox's text encoder is 4 layers of 128-d: 10 epochs of its ~900 pairs (batch 128) at lr 1e-4 are
     # ~80 steps of text-encoder passes only, seconds on a CPU; to be re-tuned once the v2 sandbox model lands
     sandbox: ClassVar[dict[str, dict]] = {"benchmark": {"epochs": 10, "lr": 1e-4},
-                                          "demo": {"epochs": 4, "lr": 1e-4},
+                                          "demo": {"epochs": 2, "lr": 1e-4},
                                           "smoke": {"epochs": 1, "lr": 1e-3, "batch": 8}}
     zero_strength: ClassVar[dict] = {"lr": 0.0}
     archs: ClassVar[tuple[str, ...]] = ("sd1", "sd2", "sdxl")

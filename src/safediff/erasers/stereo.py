@@ -76,7 +76,7 @@ class STEREO(Eraser):
     sandbox: ClassVar[dict[str, dict]] = {
         "benchmark": {"erase_iterations": 100, "iterations": 150, "erase_lr": 1e-4, "lr": 1e-4,
                       "inversion_steps": 100, "inversion_batch": 4, "n_images": 16, "ddim_steps": 10},
-        "demo": {"erase_iterations": 20, "iterations": 40, "erase_lr": 1e-4, "lr": 1e-4, "inversion_steps": 20,
+        "demo": {"erase_iterations": 10, "iterations": 20, "erase_lr": 1e-4, "lr": 1e-4, "inversion_steps": 20,
                  "inversion_batch": 4, "n_images": 4, "ddim_steps": 10},
         "smoke": {"rounds": 1, "erase_iterations": 1, "iterations": 2, "erase_lr": 1e-3, "lr": 1e-3,
                   "inversion_steps": 1, "n_images": 1, "ddim_steps": 2}}
