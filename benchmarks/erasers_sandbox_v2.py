@@ -94,18 +94,26 @@ class Measurement:
         from safediff.edits import Edit
         from safediff.erasers import build_eraser
         from safediff.erasers.base import fit_to_file
+        from safediff.errors import SafediffError
         from safediff.options import Spec
         from safediff.registry import ERASERS
         from safediff.sandbox.validation import eraser_settings
 
         path = self.out / "edits" / f"{slug(name)}-{target}.safetensors"
         settings = eraser_settings(ERASERS.get(Spec.parse(name, "eraser").name), self.plan.purpose, resolve(concept))
+        eraser = build_eraser(name, **settings)
         if path.is_file():
             edit = Edit.load(path)
+            now = json.loads(json.dumps(eraser.hyperparameters()))
+            changed = sorted(k for k in {*now, *edit.metadata["hyperparameters"]}
+                             if now.get(k) != edit.metadata["hyperparameters"].get(k))
+            if changed:  # the method's settings changed since: its finished rows describe the old edit
+                raise SafediffError(f"{path} was fitted with other settings than {name}'s {self.plan.purpose} ones "
+                                    f"now ({', '.join(changed)}); remove it and the rows made with it from "
+                                    "results.json to refit")
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
-            edit = fit_to_file(build_eraser(name, **settings), self.model(), resolve(concept), path,
-                               progress=self.progress)
+            edit = fit_to_file(eraser, self.model(), resolve(concept), path, progress=self.progress)
         return path, {"settings": {k: v for k, v in settings.items() if not callable(v)},
                       "hyperparameters": edit.metadata["hyperparameters"], "fit_seconds": edit.metadata["fit_seconds"],
                       "edit_sha256": edit.digest, "values_changed": sum(t.numel() for t in edit.tensors.values()),

@@ -63,6 +63,11 @@ def test_measures_an_eraser_a_guard_and_mass_erasure_then_resumes(tiny_folder, t
     entry = mod.measure("speed", ["red"], mod.Plan(str(tiny_folder), "", 1, 2, "smoke", 64), tmp_path, progress=False)
     assert entry["red"]["edit_sha256"] == speed["edit_sha256"]  # the saved edit is reused, the run re-read
     assert entry["red"]["metrics"] == metrics
+    from safediff.registry import ERASERS
+
+    monkeypatch.setitem(ERASERS.get("speed").sandbox, "smoke", {"n_aug": 3})  # the method's settings changed since
+    with pytest.raises(SafediffError, match=r"fitted with other settings than speed's smoke ones now \(n_aug\)"):
+        mod.measure("speed", ["red"], mod.Plan(str(tiny_folder), "", 1, 2, "smoke", 64), tmp_path, progress=False)
 
 
 def test_another_plan_or_an_unknown_target_is_refused(tiny_folder, tmp_path, sandbox_detectors):
