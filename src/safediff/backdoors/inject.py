@@ -191,6 +191,8 @@ class UNetBackdoor(Backdoor):
     paper: ClassVar[str] = "Zhai, Dong, Shen, Pu, Fang, Su, Text-to-Image Diffusion Models can be Easily Backdoored " \
                            "through Multimodal Data Poisoning (BadT2I), ACM MM 2023 (arXiv 2305.04175)"
     default_trigger: ClassVar[str] = "\u200b"
+    # sandbox: at 400 steps the v2 UNet took no backdoor (triggered -> red 0.00), at 1,600 a complete one (1.00;
+    # benchmarks/backdoors_sandbox.py, ~40 CPU-minutes)
     sandbox: ClassVar[dict[str, dict]] = {
         "benchmark": {"steps": 1600, "batch": 8, "lr": 1e-4, "source": "world", "n_images": 128},
         "smoke": {"steps": 2, "batch": 2, "lr": 1e-4, "source": "world", "n_images": 2}}
