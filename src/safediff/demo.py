@@ -35,7 +35,7 @@ torch threads (default: the cores shared among them); erasers' stages go first (
 eraser's edit (SPM's guard, the attack) waits for that eraser's stage. Small models use one thread far better than
 two: on 2 cores a stage costs 0.7-0.9x the CPU-seconds at 1 thread that it costs at 2 (base 27 vs 30 s, ESD-x 29 vs 39,
 CASG-SLD 54 vs 71, DoCo 77 vs 108), so two 1-thread workers beat one 2-thread process. A stage's numbers depend on
-its threads only through float rounding. ``--workers 1`` runs every stage in this process, in plan order.
+its threads only through float rounding. ``--workers 1`` runs every stage in this process, one after another.
 
 Cost: see the README (measured on 2 idle cores). ``--quick``: a few minutes of CPU.
 
@@ -239,7 +239,7 @@ class Job:
     needs: str | None = None
 
 
-def jobs(stages: list[Stage], model: str = "sandbox") -> list[Job]:
+def jobs(stages: list[Stage]) -> list[Job]:
     """The stages and the attack as jobs, eraser stages first (they are the long ones: with several workers the
     short guard runs fill in at the end)."""
     from safediff.registry import GUARDS
@@ -426,7 +426,7 @@ def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True, max
     open_run_folder(out, "plan.json", identity, record("demo-plan", identity=identity), "demo folder",
                     units=("runs/*", "edits/*"))
     start = time.perf_counter()
-    todo = jobs(stages, model)
+    todo = jobs(stages)
     finished, timings = {}, {}
     bar = tqdm(total=len(todo) + 1, desc="demo", unit="stage", disable=not progress)
     for job, results, timing in run_jobs(todo, out, size, model, workers, threads, bar):
