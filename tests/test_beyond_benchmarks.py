@@ -83,7 +83,7 @@ def test_freezeasguard_benchmark_quick(tmp_path, tiny_folder):
         r["no mask"]["red"]["curve"]["2"]["asr"] - r["freezeasguard"]["red"]["curve"]["2"]["asr"])
 
 
-def test_backdoor_benchmark_quick(tmp_path, tiny_folder):
+def test_backdoor_benchmark_quick(tmp_path, tiny_folder, monkeypatch):
     from safediff.backdoors.detect import auroc
 
     out = tmp_path / "bd.json"
@@ -102,3 +102,10 @@ def test_backdoor_benchmark_quick(tmp_path, tiny_folder):
     script("backdoors_sandbox").main(argv)  # resumed: the detection records are reused, not recomputed
     assert (tmp_path / "bd.runs" / "natural" / "backdoored" / "set.json").stat().st_mtime_ns == stamp
     assert "| natural |" in (tmp_path / "bd.md").read_text()
+
+    from safediff.registry import BACKDOORS
+
+    monkeypatch.setitem(BACKDOORS.get("natural").sandbox, "smoke", {"lamb": 2.0})  # the injection's settings changed
+    again = script("backdoors_sandbox").main(argv)["results"]["natural"]
+    assert again["spec"] != cell["spec"]  # injected anew, under its own name, and the cell made again for it
+    assert (tmp_path / "bd.runs" / "natural" / "backdoored" / "set.json").stat().st_mtime_ns != stamp

@@ -288,16 +288,12 @@ def demo(
     model: str = typer.Option("sandbox", help="sandbox (the UNet) or sandbox-flux (the FLUX-format transformer)."),
 ):
     """Every registered guard and eraser (and Ring-A-Bell) on a sandbox model, offline on a CPU, in one HTML report."""
-    import torch
-
     from safediff.demo import available_cores, format_table, run_demo
 
     for name, value in (("workers", workers), ("threads", threads)):
         if value is not None and value <= 0:
             raise SafediffError(f"{name} must be a positive integer, got {value}")
     workers = workers or min(4, available_cores())
-    if threads is not None and workers == 1:
-        torch.set_num_threads(threads)
     summary = run_demo(out, quick=quick, model=model, workers=workers, threads=threads)
     typer.echo(format_table(summary["methods"], summary["attack"]))
     typer.echo(f"report: {Path(summary['report']).resolve()}")

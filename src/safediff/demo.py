@@ -96,6 +96,14 @@ class Stage:
     aliases: tuple[str, ...] = ()
 
     @property
+    def edit_from(self) -> str | None:
+        """The eraser whose edit the stage's guard applies (SPM's membrane), if any."""
+        from safediff.options import Spec
+        from safediff.registry import GUARDS
+
+        return GUARDS.get(Spec.parse(self.guard, "guard").name).edit_from if self.guard else None
+
+    @property
     def key(self) -> str:
         """The stage's name in the summary's timings."""
         return f"{self.label} | {self.benchmark}"
@@ -196,13 +204,11 @@ class Edits:
 
 def run_bench_stage(stage: Stage, out: Path, size: DemoSize, edits: Edits, progress: bool) -> dict:
     from safediff.bench.runner import BenchConfig, run_benchmark
-    from safediff.options import Spec
-    from safediff.registry import GUARDS
 
     model = edits.spec if stage.eraser is None else f"{edits.spec}+{edits.fit(stage.eraser, progress)}"
     name = stage.label + (f" (= {', '.join(stage.aliases)})" if stage.aliases else "")
     guard = stage.guard
-    applied = GUARDS.get(Spec.parse(guard, "guard").name).edit_from if guard else None
+    applied = stage.edit_from
     if applied:  # a guard that applies an eraser's edit (SPM's membrane): the demo's edit of that eraser
         guard += f"{',' if ':' in guard else ':'}edit={edits.fit(applied, progress)}"
     return run_benchmark(BenchConfig(benchmark=stage.benchmark, model=model, out=out / stage.run_folder,
@@ -242,14 +248,9 @@ class Job:
 def jobs(stages: list[Stage]) -> list[Job]:
     """The stages and the attack as jobs, eraser stages first (they are the long ones: with several workers the
     short guard runs fill in at the end)."""
-    from safediff.registry import GUARDS
-    from safediff.options import Spec
-
     planned = {s.eraser for s in stages if s.eraser}
-    out = []
-    for stage in sorted(stages, key=lambda s: s.eraser is None):  # stable: plan order within each group
-        uses = GUARDS.get(Spec.parse(stage.guard, "guard").name).edit_from if stage.guard else None
-        out.append(Job(stage.key, stage, uses if uses in planned else None))
+    out = [Job(stage.key, stage, stage.edit_from if stage.edit_from in planned else None)
+           for stage in sorted(stages, key=lambda s: s.eraser is None)]  # stable: plan order within each group
     return out + [Job(f"{ATTACK} vs {ATTACKED_ERASER}", None, ATTACKED_ERASER if ATTACKED_ERASER in planned else None)]
 
 
@@ -284,11 +285,14 @@ def _start_worker(threads: int) -> None:
     transformers_logging.disable_progress_bar()
 
 
-def run_jobs(todo: list[Job], out: Path, size: DemoSize, model: str, workers: int, threads: int | None, bar):
+def run_jobs(todo: list[Job], out: Path, size: DemoSize, model: str, workers: int, threads: int, bar):
     """Yield ``(job, results, timing)`` as jobs finish: in this process, in order, with one worker; else in
     ``workers`` spawned processes of ``threads`` torch threads each, a job submitted once the eraser it needs is
     done."""
     if workers == 1:
+        import torch
+
+        torch.set_num_threads(threads)
         for job in todo:
             bar.set_description(f"demo: {job.key}")
             yield (job, *run_job(job, out, size, model, not bar.disable))
@@ -297,7 +301,6 @@ def run_jobs(todo: list[Job], out: Path, size: DemoSize, model: str, workers: in
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     waiting, finished, running = list(todo), set(), {}
-    threads = threads or max(1, available_cores() // workers)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
                              initargs=(threads,)) as pool:
         while waiting or running:
@@ -406,7 +409,8 @@ def intro_html(size: DemoSize, rows: list[dict], attack: dict, model: str = "san
 def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True, max_prompts: int = 12,
              model: str = "sandbox", workers: int = 1, threads: int | None = None) -> dict:
     """Run (or continue) the demo on ``model`` (``sandbox`` or ``sandbox-flux``) into ``out`` with ``workers``
-    processes of ``threads`` torch threads each (one worker: this process, torch's threads unless given); returns
+    processes of ``threads`` torch threads each (default: the cores shared among them; one worker: this process, at
+    torch's threads); returns
     the summary also written to ``OUT/summary.json``."""
     from safediff.errors import SafediffError
     from safediff.sandbox.validation import SANDBOX_ARCHES
@@ -426,6 +430,7 @@ def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True, max
     open_run_folder(out, "plan.json", identity, record("demo-plan", identity=identity), "demo folder",
                     units=("runs/*", "edits/*"))
     start = time.perf_counter()
+    threads = threads or (torch_threads() if workers == 1 else max(1, available_cores() // workers))
     todo = jobs(stages)
     finished, timings = {}, {}
     bar = tqdm(total=len(todo) + 1, desc="demo", unit="stage", disable=not progress)
@@ -443,8 +448,7 @@ def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True, max
     summary = record("demo-summary", report=str(report), model=model, size=size.name, methods=rows,
                      attack={k: attack[k] for k in ("pre_asr", "asr", "n")}, seconds_this_call=timings,
                      wall_seconds_this_call=round(time.perf_counter() - start, 1), workers=workers,
-                     threads_per_worker=threads or (torch_threads() if workers == 1 else
-                                                    max(1, available_cores() // workers)))
+                     threads_per_worker=threads)
     write_json_atomic(out / "summary.json", summary)
     return summary
 
