@@ -70,6 +70,40 @@ def test_resume_continues_exactly_where_an_uninterrupted_run_would_be(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)  # same process, threads and kernels: bit for bit
 
 
+def test_v_zero_snr_objective_trains_diffusers_v_prediction_on_a_zero_terminal_snr_schedule(tmp_path):
+    """--objective v-zero-snr (Lin et al. 2024): the exported scheduler declares it, its last training step holds no
+    signal, the trainer's forward process and target are diffusers' own (add_noise, get_velocity), and the sampler
+    draws the model from t = T."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    from safediff.models import load_pipeline
+    from safediff.sampling import generate, make_scheduler
+
+    out = tmp_path / "v"
+    train(tiny(out, objective="v-zero-snr"))
+    pipe = StableDiffusionPipeline.from_pretrained(str(out))
+    cfg = pipe.scheduler.config
+    assert (cfg.prediction_type, cfg.rescale_betas_zero_snr, cfg.timestep_spacing) == \
+        ("v_prediction", True, "trailing")
+    assert float(pipe.scheduler.alphas_cumprod[-1]) == 0.0
+    rec = json.loads((out / RECORD).read_text())
+    assert "--objective v-zero-snr" in rec["command"] and "unet_v_mse" in rec["final_losses"]
+    model = load_pipeline(str(out))
+    reference = DDPMScheduler.from_config(cfg)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 16, 16, generator=g), torch.randn(3, 4, 16, 16, generator=g)
+    t = torch.tensor([0, 500, 999])
+    a = model.adapter
+    torch.testing.assert_close(a.noised(x0, noise, t), reference.add_noise(x0, noise, t))
+    torch.testing.assert_close(a.training_target(x0, noise, t), reference.get_velocity(x0, noise, t))
+    torch.testing.assert_close(a.noised(x0, noise, t)[2], noise[2])  # t = T: pure noise
+    sch = make_scheduler(model)
+    model.adapter.set_timesteps(sch, 3, 64, 64)
+    assert sch.timesteps.tolist() == [999, 666, 332]  # "trailing": the first step is the pure-noise one
+    images = generate(model, ["a red circle"], [0], steps=3, progress=False)
+    assert torch.isfinite(images.pixels).all() and images.settings["steps"] == 3
+
+
 def test_time_cap_stops_early_and_keeps_a_checkpoint(tmp_path):
     state = train(tiny(tmp_path, vae_steps=10_000, minutes=0.05))
     assert 0 < state["vae_step"] < 10_000 and (tmp_path / CHECKPOINT).is_file()
@@ -79,7 +113,9 @@ def test_time_cap_stops_early_and_keeps_a_checkpoint(tmp_path):
 @pytest.mark.parametrize("change,match", [(dict(minutes=0), "minutes"), (dict(minutes=-1), "minutes"),
                                           (dict(device="tpu"), "device"), (dict(denoiser_steps=0), "denoiser-steps"),
                                           (dict(arch="dit"), "arch.*unet, flux"),
-                                          (dict(arch="flux", vae_from="/nonexistent"), "vae-from.*no trained")])
+                                          (dict(arch="flux", vae_from="/nonexistent"), "vae-from.*no trained"),
+                                          (dict(objective="x0"), "objective.*epsilon, v-zero-snr"),
+                                          (dict(arch="flux", objective="v-zero-snr"), "objective is for --arch unet")])
 def test_bad_settings_are_one_clear_error(tmp_path, change, match):
     with pytest.raises(SafediffError, match=match):
         train(tiny(tmp_path / "o", **change))

@@ -31,6 +31,15 @@ LATENT_SIZE = world.IMAGE_SIZE // 4
 T5_LENGTH = 48  # T5 tokens read (the longest world caption is far shorter; free text is spelled by characters)
 BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 # FLUX.1's scheduler config (resolution-dependent shift); at 64 image tokens mu = 0.47, a shift of exp(mu) = 1.6
+# the UNet sandbox's training objectives (``--objective``): the noise schedule and the target the scheduler declares
+OBJECTIVES = {
+    # Stable Diffusion 1.x (Rombach et al. 2022): scaled-linear betas, epsilon-prediction, "leading" timesteps. The
+    # last training step keeps sqrt(abar_T) = 0.068 of the signal: the sampler's pure noise is read as image content.
+    "epsilon": {"prediction_type": "epsilon", "steps_offset": 1},
+    # Lin et al., "Common Diffusion Noise Schedules and Sample Steps Are Flawed", WACV 2024: betas rescaled to zero
+    # terminal SNR, v-prediction (Salimans & Ho 2022), sampling from t = T ("trailing" timesteps).
+    "v-zero-snr": {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"},
+}
 FLOW_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
                   "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
 
@@ -90,11 +99,11 @@ class Nets:
     """The trained networks of one architecture (``trainable``: name -> module; the checkpoint's prefixes), the VAE,
     and the pipeline they make."""
 
-    def __init__(self, arch: str, tiny: bool, seed: int, tok, vae=None):
+    def __init__(self, arch: str, tiny: bool, seed: int, tok, vae=None, objective: str = "epsilon"):
         from diffusers import AutoencoderKL, FluxTransformer2DModel, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-        self.arch, self.tiny, self.tok = arch, tiny, tok
+        self.arch, self.tiny, self.tok, self.objective = arch, tiny, tok, objective
         torch.manual_seed(seed)
         if arch == "unet":  # construction order fixed: it decides the initial weights of the shipped model
             self.vae = AutoencoderKL(**vae_config(tiny))
@@ -123,8 +132,8 @@ class Nets:
 
         n = nets or self.trainable
         if self.arch == "unet":
-            scheduler = DDIMScheduler(**BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                                      prediction_type="epsilon")
+            scheduler = DDIMScheduler(**BETAS, clip_sample=False, set_alpha_to_one=False,
+                                      **OBJECTIVES[self.objective])
             return StableDiffusionPipeline(vae=self.vae, text_encoder=n["text"], tokenizer=self.tok, unet=n["unet"],
                                            scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                            requires_safety_checker=False)

@@ -26,6 +26,9 @@ def train(
     seed: int = typer.Option(0, "--seed", help="Seed for initialisation, data, noise and timesteps."),
     arch: str = typer.Option("unet", "--arch", help="unet (the 'sandbox' model, Stable Diffusion format) or flux (the "
                                                    "'sandbox-flux' model, FLUX.1 format, on the UNet sandbox's VAE)."),
+    objective: str = typer.Option("epsilon", "--objective",
+                                  help="unet: epsilon (SD 1.x schedule, the shipped model's) or v-zero-snr "
+                                       "(zero terminal SNR and v-prediction, Lin et al. 2024)."),
     vae_from: str = typer.Option("", "--vae-from", help="flux: the UNet sandbox folder whose trained VAE is used "
                                                         "(default: the shipped sandbox)."),
     vae_steps: int = typer.Option(VAE_STEPS, "--vae-steps", help="VAE training steps (unet)."),
@@ -43,9 +46,9 @@ def train(
     from safediff.sandbox.train import Settings
     from safediff.sandbox.train import train as run
 
-    s = Settings(out=out, seed=seed, arch=arch, vae_from=vae_from, vae_steps=vae_steps, denoiser_steps=denoiser_steps,
-                 batch_size=batch_size, vae_batch_size=vae_batch_size, minutes=minutes, device=device,
-                 threads=threads, tiny=tiny)
+    s = Settings(out=out, seed=seed, arch=arch, objective=objective, vae_from=vae_from, vae_steps=vae_steps,
+                 denoiser_steps=denoiser_steps, batch_size=batch_size, vae_batch_size=vae_batch_size,
+                 minutes=minutes, device=device, threads=threads, tiny=tiny)
     state = run(s)
     d = s.denoiser
     done = (f"vae {state['vae_step']}/{vae_steps}, " if arch == "unet" else "") + \

@@ -11,7 +11,9 @@ latents shifted by their mean and scaled by ``1 / std`` (``architectures.flux_va
 Stage 2 (the denoiser and its text encoders, jointly; one formula for both, the adapter's forward process and
 target as every fine-tuning in safediff uses them): ``x0 = from_vae(z)``, ``t ~ U{0..999}``, ``eps ~ N(0, I)``,
 ``x_t = noised(x0, eps, t)``, minimise ``||target(x0, eps, t) - f_theta(x_t, t, tau(y))||^2``. UNet (Ho et al. 2020;
-Rombach et al. 2022): ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``, target ``eps``. FLUX (rectified flow,
+Rombach et al. 2022): ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``, target ``eps`` (``--objective epsilon``,
+SD 1.x's schedule, the shipped model's) or, with ``--objective v-zero-snr`` (Lin et al. 2024), betas rescaled so
+``abar_T = 0`` and target ``v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0`` (Salimans & Ho 2022). FLUX (rectified flow,
 Lipman et al. 2023; Esser et al. 2024): ``sigma = t / 1000``, ``x_t = (1 - sigma) x0 + sigma eps``, target the
 velocity ``eps - x0`` (t uniform, not SD3's logit-normal density). Captions are empty ~10 % of the time
 (conditioning dropout for classifier-free guidance, Ho & Salimans 2022); the FLUX sandbox has no guidance embedding
@@ -48,7 +50,7 @@ from tqdm.auto import tqdm
 
 from safediff.errors import SafediffError
 from safediff.sandbox import world
-from safediff.sandbox.architectures import ARCHES, Nets, flux_vae, latent_stats, to_pixels
+from safediff.sandbox.architectures import ARCHES, OBJECTIVES, Nets, flux_vae, latent_stats, to_pixels
 from safediff.sandbox.tokenizer import load_tokenizer, write_tokenizer_files
 
 CHECKPOINT = ".checkpoint.safetensors"
@@ -69,6 +71,7 @@ class Settings:
     out: str
     seed: int = 0
     arch: str = "unet"
+    objective: str = "epsilon"  # unet: a key of ``architectures.OBJECTIVES`` (flux is trained by rectified flow)
     vae_from: str = ""  # flux: a trained UNet sandbox folder whose VAE is used ("": the shipped sandbox)
     vae_steps: int = VAE_STEPS
     denoiser_steps: int | None = None  # None: the architecture's ``DENOISER_STEPS``
@@ -102,6 +105,7 @@ class Settings:
         arch = "" if self.arch == "unet" else f" --arch {self.arch}" + (f" --vae-from {self.vae_from}"
                                                                           if self.vae_from else "")
         stage1 = f" --vae-steps {self.vae_steps}" if self.arch == "unet" else ""
+        stage1 += f" --objective {self.objective}" if self.objective != "epsilon" else ""
         vae_batch = f" --vae-batch-size {self.vae_batch_size}" if self.arch == "unet" else ""
         cmd = (f"safediff sandbox train --out {self.out} --seed {self.seed}{arch}{stage1} "
                f"--denoiser-steps {self.denoiser_steps} --batch-size {self.batch_size}{vae_batch} "
@@ -112,6 +116,10 @@ class Settings:
 def validate(s: Settings) -> None:
     if s.arch not in ARCHES:
         raise SafediffError(f"unknown --arch {s.arch!r}; accepted: {', '.join(ARCHES)}")
+    if s.objective not in OBJECTIVES:
+        raise SafediffError(f"unknown --objective {s.objective!r}; accepted: {', '.join(OBJECTIVES)}")
+    if s.arch == "flux" and s.objective != "epsilon":
+        raise SafediffError("--objective is for --arch unet; the FLUX sandbox is trained by rectified flow")
     if not (s.minutes > 0):
         raise SafediffError(f"--minutes must be > 0, got {s.minutes}")
     if s.device not in ("cpu", "cuda"):
@@ -163,7 +171,7 @@ class _Models:
         from safediff.models import from_pipeline
 
         vae = flux_vae(s.vae_folder(), s.seed, s.device) if s.arch == "flux" else None
-        self.nets = Nets(s.arch, s.tiny, s.seed, tok, vae).to(s.device)
+        self.nets = Nets(s.arch, s.tiny, s.seed, tok, vae, s.objective).to(s.device)
         self.vae = self.nets.vae
         self.ema = {f"{name}.{k}": v.detach().clone() for name, net in self.nets.trainable.items()
                     for k, v in net.state_dict().items()}
@@ -328,7 +336,8 @@ def train(s: Settings) -> dict:
 
     if ckpt.is_file():
         prev = _read_checkpoint_state(ckpt)
-        if {"arch": "unet", **prev["identity"]} != _identity(s):  # checkpoints before sandbox-flux name no arch
+        # checkpoints before sandbox-flux name no arch, and before --objective no objective
+        if {"arch": "unet", "objective": "epsilon", **prev["identity"]} != _identity(s):
             raise SafediffError(f"--out {out} holds a checkpoint from different settings ({prev['identity']}); "
                                 "rerun with those or use a new directory")
         opt, state = _load_checkpoint(ckpt, m, make_opt, s.device)
@@ -360,7 +369,8 @@ def train(s: Settings) -> dict:
             group["lr"] = group["initial_lr"] * _lr_lambda(s.warmup if stage == 2 else 50)(state[key])
         sched.last_epoch = state[key]
         losses: list[float] = []
-        loss_name = "vae_mse" if stage == 1 else ("unet_eps_mse" if s.arch == "unet" else "transformer_v_mse")
+        loss_name = "vae_mse" if stage == 1 else (f"unet_{'eps' if s.objective == 'epsilon' else 'v'}_mse"
+                                                 if s.arch == "unet" else "transformer_v_mse")
         bar = tqdm(total=total, initial=state[key], desc=f"sandbox {name}", dynamic_ncols=True)
         while state[key] < total:
             if elapsed() > s.minutes * 60:
@@ -403,5 +413,6 @@ def train(s: Settings) -> dict:
 
 def _identity(s: Settings) -> dict:
     """Settings that must not change across a resume (the step counts and time cap may)."""
-    keys = ("seed", "batch_size", "vae_batch_size", "tiny", "lr_vae", "lr_unet", "warmup", "ema", "kl_weight", "arch")
+    keys = ("seed", "batch_size", "vae_batch_size", "tiny", "lr_vae", "lr_unet", "warmup", "ema", "kl_weight", "arch",
+            "objective")
     return {k: getattr(s, k) for k in keys} | ({"vae_sha256": _vae_sha256(s)} if s.arch == "flux" else {})
