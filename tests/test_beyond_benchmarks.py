@@ -47,6 +47,22 @@ def test_relearn_benchmark_defaults_to_the_erasers_of_the_models_architecture():
     assert "geom-erasing" not in unet + flux  # erases the unprompted mark, not a colour
 
 
+def test_relearn_edit_key_leaves_out_the_sandbox_callables_but_not_the_settings(tmp_path, monkeypatch):
+    """RECE's sandbox settings hold a validator (a closure): the cache key leaves it out and stays JSON, so the same
+    edit is found again; a plain setting (ESD-x's tiers differ in iterations) still names a different edit."""
+    from safediff.registry import ERASERS
+    from safediff.sandbox.validation import eraser_settings
+
+    mod = script("relearn_sandbox")
+    keys = []
+    monkeypatch.setattr(mod, "cached", lambda path, make, key: keys.append(key) or path)
+    assert any(callable(v) for v in eraser_settings(ERASERS.get("rece"), "benchmark", mod.resolve("red")).values())
+    for eraser, tier in (("rece", "benchmark"), ("rece", "benchmark"), ("esd-x", "benchmark"), ("esd-x", "smoke")):
+        mod.fitted("sandbox", "sha", eraser, "red", tier, tmp_path)
+    assert keys[0] == keys[1] and json.loads(json.dumps(keys[0])) == keys[0] and keys[0]["settings"] == {}
+    assert keys[2]["settings"]["iterations"] == 150 and keys[3]["settings"]["iterations"] == 2
+
+
 def test_relearn_benchmark_quick(tmp_path, tiny_folder):
     out = tmp_path / "relearn.json"
     report = script("relearn_sandbox").main(["--quick", "--model", str(tiny_folder), "--out", str(out)])
