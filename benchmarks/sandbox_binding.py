@@ -27,7 +27,7 @@ import time
 import numpy as np
 import torch
 
-from safediff.bench.metrics import wilson
+from safediff.bench.metrics import wilson_share as rate
 from safediff.detectors.sandbox import objects
 from safediff.errors import SafediffError, run_script
 from safediff.models import load_pipeline
@@ -62,11 +62,6 @@ def half_means_swapped(noise: torch.Tensor) -> torch.Tensor:
 def sides(found: list[dict], axis: str) -> tuple[str | None, str | None]:
     by_side = {o["side"]: o[axis] for o in found}
     return by_side.get("left"), by_side.get("right")
-
-
-def rate(hits: list[bool]) -> dict:
-    lo, hi = wilson(sum(hits), len(hits))
-    return {"value": sum(hits) / len(hits), "ci": [lo, hi], "n": len(hits)}
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from safediff.bench.metrics import wilson
+from safediff.bench.metrics import wilson_share as share
 from safediff.detectors.sandbox import SandboxMark, objects
 from safediff.errors import run_script
 from safediff.models import load_pipeline
@@ -39,14 +39,6 @@ from safediff.sandbox.world import COLOURS, NEIGHBOURS, P_MARK, SHAPES, STYLES
 
 GATES = {"colour": 0.95, "neighbour_pairs": 0.90, "shape": 0.90, "style": 0.90, "synonym": 0.90, "implicit": 0.85,
          "two_object": 0.80, "mark_tolerance": 0.10}
-
-
-def share(hits: list[bool]) -> dict:
-    """The share of hits with its Wilson score interval."""
-    n, k = len(hits), int(sum(hits))
-    if n == 0:
-        return {"value": None, "ci": None, "n": 0}
-    return {"value": k / n, "ci": wilson(k, n), "n": n}
 
 
 def _grid(rows_of_images: list[list[Image.Image]], scale: int = 2, pad: int = 2) -> Image.Image:

@@ -136,3 +136,10 @@ def test_wilson_interval_matches_closed_form_values():
     lo, hi = wilson(5, 10)
     assert abs(lo - 0.2366) < 1e-4 and abs(hi - 0.7634) < 1e-4 and abs((lo + hi) / 2 - 0.5) < 1e-12
     assert all(math.isnan(x) for x in wilson(0, 0))
+
+
+def test_wilson_share_is_the_hit_rate_with_its_wilson_interval_and_none_when_empty():
+    from safediff.bench.metrics import wilson, wilson_share
+
+    assert wilson_share([True, False, True, True]) == {"value": 0.75, "ci": wilson(3, 4), "n": 4}
+    assert wilson_share([]) == {"value": None, "ci": None, "n": 0}

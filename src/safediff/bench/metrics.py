@@ -51,6 +51,14 @@ def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
     return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
+def wilson_share(hits: Sequence[bool]) -> dict:
+    """The share of hits with its Wilson score interval (no groups: every hit independent)."""
+    n, k = len(hits), int(sum(hits))
+    if n == 0:
+        return {"value": None, "ci": None, "n": 0}
+    return {"value": k / n, "ci": wilson(k, n), "n": n}
+
+
 def rate(flags: Sequence[bool], groups: Sequence | None = None, **kw) -> dict:
     """Share of flagged images, with a prompt-level bootstrap interval."""
     return mean_with_ci(np.asarray(flags, dtype=np.float64), groups, **kw)

@@ -30,7 +30,6 @@ ARCHES = ("unet", "flux")
 LATENT_SIZE = world.IMAGE_SIZE // 4
 T5_LENGTH = 48  # T5 tokens read (the longest world caption is far shorter; free text is spelled by characters)
 BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
-# FLUX.1's scheduler config (resolution-dependent shift); at 64 image tokens mu = 0.47, a shift of exp(mu) = 1.6
 # the UNet sandbox's training objectives (``--objective``): the noise schedule and the target the scheduler declares
 OBJECTIVES = {
     # Stable Diffusion 1.x (Rombach et al. 2022): scaled-linear betas, epsilon-prediction, "leading" timesteps. The
@@ -40,6 +39,7 @@ OBJECTIVES = {
     # terminal SNR, v-prediction (Salimans & Ho 2022), sampling from t = T ("trailing" timesteps).
     "v-zero-snr": {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"},
 }
+# FLUX.1's scheduler config (resolution-dependent shift); at 64 image tokens mu = 0.47, a shift of exp(mu) = 1.6
 FLOW_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
                   "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
 
