@@ -104,6 +104,21 @@ def test_v_zero_snr_objective_trains_diffusers_v_prediction_on_a_zero_terminal_s
     assert torch.isfinite(images.pixels).all() and images.settings["steps"] == 3
 
 
+def test_a_checkpoint_from_before_objective_resumes_as_epsilon(tmp_path):
+    from safetensors.torch import load_file, safe_open, save_file
+
+    train(tiny(tmp_path, denoiser_steps=2))
+    ckpt = tmp_path / CHECKPOINT
+    with safe_open(str(ckpt), "pt") as f:
+        meta = f.metadata()
+    state = json.loads(meta["state"])
+    del state["identity"]["objective"]  # as written before --objective existed
+    save_file(load_file(str(ckpt)), str(ckpt), metadata={**meta, "state": json.dumps(state)})
+    assert train(tiny(tmp_path, denoiser_steps=3))["unet_step"] == 3
+    with pytest.raises(SafediffError, match="different settings"):
+        train(tiny(tmp_path, denoiser_steps=4, objective="v-zero-snr"))
+
+
 def test_time_cap_stops_early_and_keeps_a_checkpoint(tmp_path):
     state = train(tiny(tmp_path, vae_steps=10_000, minutes=0.05))
     assert 0 < state["vae_step"] < 10_000 and (tmp_path / CHECKPOINT).is_file()
