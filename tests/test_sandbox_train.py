@@ -119,6 +119,29 @@ def test_a_checkpoint_from_before_objective_resumes_as_epsilon(tmp_path):
         train(tiny(tmp_path, denoiser_steps=4, objective="v-zero-snr"))
 
 
+def test_unet_on_a_given_vae_skips_stage_one_and_trains_what_the_full_run_would(trained, tmp_path):
+    """--vae-from with --arch unet: no VAE training, the given VAE and scaling factor unchanged, and the UNet and text
+    encoder bit for bit those of the run that trained that VAE itself (same seed, same stage-2 data)."""
+    from safetensors.torch import load_file
+
+    from safediff.sandbox import sha256
+
+    out = tmp_path / "g"
+    state = train(tiny(out, vae_from=str(trained)))
+    assert state["vae_step"] == 0 and state["unet_step"] == 2
+    rec, full = (json.loads((d / RECORD).read_text()) for d in (out, trained))
+    assert rec["steps_done"] == {"vae": 0, "unet": 2} and rec["steps_planned"]["vae"] == 0 and rec["complete"]
+    assert f"--vae-from {trained}" in rec["command"] and "--vae-steps" not in rec["command"]
+    vae_file = "vae/diffusion_pytorch_model.safetensors"
+    assert rec["vae"] == {"from": str(trained), "sha256": sha256(trained / vae_file)}
+    assert rec["scaling_factor"] == full["scaling_factor"]
+    for part in (vae_file, "unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        a, b = load_file(str(out / part)), load_file(str(trained / part))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    with pytest.raises(SafediffError, match="config differs"):  # a full-size run cannot take the tiny VAE
+        train(tiny(tmp_path / "h", vae_from=str(trained), tiny=False))
+
+
 def test_time_cap_stops_early_and_keeps_a_checkpoint(tmp_path):
     state = train(tiny(tmp_path, vae_steps=10_000, minutes=0.05))
     assert 0 < state["vae_step"] < 10_000 and (tmp_path / CHECKPOINT).is_file()

@@ -29,8 +29,9 @@ def train(
     objective: str = typer.Option("epsilon", "--objective",
                                   help="unet: epsilon (SD 1.x schedule, the shipped model's) or v-zero-snr "
                                        "(zero terminal SNR and v-prediction, Lin et al. 2024)."),
-    vae_from: str = typer.Option("", "--vae-from", help="flux: the UNet sandbox folder whose trained VAE is used "
-                                                        "(default: the shipped sandbox)."),
+    vae_from: str = typer.Option("", "--vae-from", help="A trained UNet sandbox folder whose VAE is used. flux: "
+                                                        "default the shipped sandbox; unet: skips VAE training "
+                                                        "(default: train it)."),
     vae_steps: int = typer.Option(VAE_STEPS, "--vae-steps", help="VAE training steps (unet)."),
     denoiser_steps: int | None = typer.Option(None, "--denoiser-steps", "--unet-steps",
                                               help="Denoiser (UNet or transformer) + text encoder training steps "

@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from safediff.errors import SafediffError
 from safediff.sandbox import world
-from safediff.sandbox.architectures import ARCHES, OBJECTIVES, Nets, flux_vae, latent_stats, to_pixels
+from safediff.sandbox.architectures import ARCHES, OBJECTIVES, Nets, flux_vae, latent_stats, to_pixels, vae_config
 from safediff.sandbox.tokenizer import load_tokenizer, write_tokenizer_files
 
 CHECKPOINT = ".checkpoint.safetensors"
@@ -72,7 +72,8 @@ class Settings:
     seed: int = 0
     arch: str = "unet"
     objective: str = "epsilon"  # unet: a key of ``architectures.OBJECTIVES`` (flux is trained by rectified flow)
-    vae_from: str = ""  # flux: a trained UNet sandbox folder whose VAE is used ("": the shipped sandbox)
+    vae_from: str = ""  # a trained UNet sandbox folder whose VAE is used; "": flux uses the shipped sandbox's, unet
+    # trains its own (stage 1). A unet run given one skips stage 1: e.g. a new --objective on the shipped VAE
     vae_steps: int = VAE_STEPS
     denoiser_steps: int | None = None  # None: the architecture's ``DENOISER_STEPS``
     batch_size: int = 32
@@ -96,15 +97,20 @@ class Settings:
     def denoiser(self) -> str:
         return DENOISER[self.arch]
 
+    @property
+    def vae_given(self) -> bool:
+        """Whether the VAE comes from a trained folder (always for flux) rather than from stage 1."""
+        return self.arch == "flux" or bool(self.vae_from)
+
     def vae_folder(self) -> Path:
         from safediff.sandbox import WEIGHTS_DIR
 
         return Path(self.vae_from) if self.vae_from else WEIGHTS_DIR
 
     def command(self) -> str:
-        arch = "" if self.arch == "unet" else f" --arch {self.arch}" + (f" --vae-from {self.vae_from}"
+        arch = ("" if self.arch == "unet" else f" --arch {self.arch}") + (f" --vae-from {self.vae_from}"
                                                                           if self.vae_from else "")
-        stage1 = f" --vae-steps {self.vae_steps}" if self.arch == "unet" else ""
+        stage1 = "" if self.vae_given else f" --vae-steps {self.vae_steps}"
         stage1 += f" --objective {self.objective}" if self.objective != "epsilon" else ""
         vae_batch = f" --vae-batch-size {self.vae_batch_size}" if self.arch == "unet" else ""
         cmd = (f"safediff sandbox train --out {self.out} --seed {self.seed}{arch}{stage1} "
@@ -129,9 +135,15 @@ def validate(s: Settings) -> None:
     for name in ("vae_steps", "denoiser_steps", "batch_size", "vae_batch_size", "threads"):
         if getattr(s, name) < 1:
             raise SafediffError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
-    if s.arch == "flux" and not (s.vae_folder() / "vae" / "config.json").is_file():
+    if s.vae_given and not (s.vae_folder() / "vae" / "config.json").is_file():
         raise SafediffError(f"--vae-from {s.vae_folder()} holds no trained sandbox VAE (no vae/config.json); give "
                             "a folder written by `safediff sandbox train` (the UNet sandbox)")
+    if s.arch == "unet" and s.vae_from:
+        given = json.loads((s.vae_folder() / "vae" / "config.json").read_text())
+        wanted = vae_config(s.tiny)
+        if any(given.get(k) != (list(v) if isinstance(v, tuple) else v) for k, v in wanted.items()):
+            raise SafediffError(f"--vae-from {s.vae_from}: its VAE is not the {'tiny ' if s.tiny else ''}sandbox "
+                                "VAE this run builds (config differs); give a folder trained with the same --tiny")
     out = Path(s.out)
     if out.exists() and not out.is_dir():
         raise SafediffError(f"--out {out} is a file; give an empty or new directory")
@@ -173,6 +185,13 @@ class _Models:
         vae = flux_vae(s.vae_folder(), s.seed, s.device) if s.arch == "flux" else None
         self.nets = Nets(s.arch, s.tiny, s.seed, tok, vae, s.objective).to(s.device)
         self.vae = self.nets.vae
+        if s.arch == "unet" and s.vae_from:  # after construction, so the UNet starts where stage 1 would leave it
+            trained: dict[str, torch.Tensor] = {}
+            for f in sorted((s.vae_folder() / "vae").glob("*.safetensors")):
+                trained |= load_file(str(f))
+            self.vae.load_state_dict(trained)
+            config = json.loads((s.vae_folder() / "vae" / "config.json").read_text())
+            self.vae.register_to_config(scaling_factor=config["scaling_factor"])
         self.ema = {f"{name}.{k}": v.detach().clone() for name, net in self.nets.trainable.items()
                     for k, v in net.state_dict().items()}
         self.model = from_pipeline(self.nets.pipeline(), spec=f"sandbox-training-{s.arch}")
@@ -291,7 +310,7 @@ def _export(out: Path, m: _Models, state: dict, s: Settings) -> None:
         "architecture": s.arch,
         "settings": {k: v for k, v in asdict(s).items() if k != "out"},
         "steps_done": {"vae": state["vae_step"], d: state[f"{d}_step"]},
-        "steps_planned": {"vae": s.vae_steps if s.arch == "unet" else 0, d: s.denoiser_steps},
+        "steps_planned": {"vae": 0 if s.vae_given else s.vae_steps, d: s.denoiser_steps},
         "complete": state["stage"] == 2 and state[f"{d}_step"] >= s.denoiser_steps,
         "minutes": round(state["seconds"] / 60, 2),
         "seconds_per_step": {k: round(state["stage_seconds"][k] / max(1, state[f"{k}_step"]), 3)
@@ -303,9 +322,10 @@ def _export(out: Path, m: _Models, state: dict, s: Settings) -> None:
                      "transformers": transformers.__version__, "numpy": np.__version__},
         "defaults": sampler_defaults(s.arch),
     }
+    if s.vae_given:
+        record["vae"] = {"from": str(s.vae_folder()), "sha256": state["vae_sha256"]} | (
+            {"shift_factor": m.vae.config.shift_factor} if s.arch == "flux" else {})
     if s.arch == "flux":
-        record["vae"] = {"from": str(s.vae_folder()), "sha256": state["vae_sha256"],
-                         "shift_factor": m.vae.config.shift_factor}
         record["guidance"] = "undistilled (no guidance embedding): sampled with true classifier-free guidance"
     (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
     for entry in sorted(tmp.iterdir()):
@@ -346,7 +366,7 @@ def train(s: Settings) -> dict:
     else:
         state = {"stage": 1, "vae_step": 0, f"{d}_step": 0, "seconds": 0.0, "final_losses": {},
                  "stage_seconds": {"vae": 0.0, d: 0.0}, "identity": _identity(s)}
-        if s.arch == "flux":  # the VAE is given: straight to the diffusion stage
+        if s.vae_given:  # straight to the diffusion stage
             state.update(stage=2, scaling_factor=m.vae.config.scaling_factor, vae_sha256=_vae_sha256(s))
         opt = make_opt(state["stage"])
 
@@ -415,4 +435,4 @@ def _identity(s: Settings) -> dict:
     """Settings that must not change across a resume (the step counts and time cap may)."""
     keys = ("seed", "batch_size", "vae_batch_size", "tiny", "lr_vae", "lr_unet", "warmup", "ema", "kl_weight", "arch",
             "objective")
-    return {k: getattr(s, k) for k in keys} | ({"vae_sha256": _vae_sha256(s)} if s.arch == "flux" else {})
+    return {k: getattr(s, k) for k in keys} | ({"vae_sha256": _vae_sha256(s)} if s.vae_given else {})
