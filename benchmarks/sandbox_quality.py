@@ -61,6 +61,10 @@ def measure(rows: list[dict], found: list[list[dict]], marks: list[bool]) -> dic
     out["per_value"] = {v: share([j[0][axis] for r, j in single if r[axis] == v])
                         for axis, values in (("colour", COLOURS), ("shape", SHAPES), ("style", STYLES))
                         for v in values}
+    out["style_by_shape"] = {st: {sh: share([j[0]["style"] for r, j in single if (r["style"], r["shape"]) == (st, sh)])
+                                  for sh in SHAPES} for st in STYLES}
+    out["style_read_as"] = {st: dict(Counter(j[0]["read"]["style"] for r, j in single if r["style"] == st))
+                            for st in STYLES}  # what each asked-for style was drawn as (None: no object)
     pairs = sorted({tuple(sorted((a, b))) for a in COLOURS for b in NEIGHBOURS[a]})
     out["neighbour_pairs"] = {f"{a}/{b}": share([j[0]["colour"] for r, j in single if r["colour"] in (a, b)])
                               for a, b in pairs}
@@ -109,6 +113,8 @@ def _print(m: dict) -> None:
     for axis, metric in m["two_object_by_axis"].items():
         if metric["n"]:
             print(line(f"  two-object {axis}", metric))
+    for style, read in m["style_read_as"].items():
+        print(f"  {style} drawn as: {read}")
     for pair, metric in m["neighbour_pairs"].items():
         if metric["n"]:
             print(line(f"  colour {pair}", metric))
