@@ -152,6 +152,7 @@ def test_time_cap_stops_early_and_keeps_a_checkpoint(tmp_path):
                                           (dict(device="tpu"), "device"), (dict(denoiser_steps=0), "denoiser-steps"),
                                           (dict(arch="dit"), "arch.*unet, flux"),
                                           (dict(arch="flux", vae_from="/nonexistent"), "vae-from.*no trained"),
+                                          (dict(vae_from="/nonexistent"), "vae-from.*no trained"),
                                           (dict(objective="x0"), "objective.*epsilon, v-zero-snr"),
                                           (dict(arch="flux", objective="v-zero-snr"), "objective is for --arch unet")])
 def test_bad_settings_are_one_clear_error(tmp_path, change, match):

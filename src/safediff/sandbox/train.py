@@ -186,12 +186,11 @@ class _Models:
         self.nets = Nets(s.arch, s.tiny, s.seed, tok, vae, s.objective).to(s.device)
         self.vae = self.nets.vae
         if s.arch == "unet" and s.vae_from:  # after construction, so the UNet starts where stage 1 would leave it
-            trained: dict[str, torch.Tensor] = {}
-            for f in sorted((s.vae_folder() / "vae").glob("*.safetensors")):
-                trained |= load_file(str(f))
-            self.vae.load_state_dict(trained)
-            config = json.loads((s.vae_folder() / "vae" / "config.json").read_text())
-            self.vae.register_to_config(scaling_factor=config["scaling_factor"])
+            from diffusers import AutoencoderKL
+
+            trained = AutoencoderKL.from_pretrained(str(s.vae_folder() / "vae"), use_safetensors=True)
+            self.vae.load_state_dict(trained.state_dict())
+            self.vae.register_to_config(scaling_factor=trained.config.scaling_factor)
         self.ema = {f"{name}.{k}": v.detach().clone() for name, net in self.nets.trainable.items()
                     for k, v in net.state_dict().items()}
         self.model = from_pipeline(self.nets.pipeline(), spec=f"sandbox-training-{s.arch}")
