@@ -22,7 +22,8 @@ and ``/kind=...``; lower is better), ``sandbox/kept_rate/kind=neighbour|far|othe
 
 Resumable: edits are kept in ``OUT/edits/<method>-<target>.safetensors`` (iterative fits checkpoint beside them and
 resume), runs in ``OUT/runs/<method>-<target>/`` (the runner resumes them), finished entries in ``OUT/results.json``;
-a rerun skips what is done. ``OUT/results.md`` is the table. The results record the protocol (model and its weights'
+a rerun skips what is done. Jobs on different methods may share an ``OUT`` (each entry is merged into the file as it
+is then). ``OUT/results.md`` is the table. The results record the protocol (model and its weights'
 sha256, set size, steps, purpose); an ``OUT`` made with another protocol (or other weights) is refused:
 
     HF_HUB_OFFLINE=1 python benchmarks/erasers_sandbox_v2.py --methods base,speed,concept-prune,mace,realera,adavd \\
@@ -238,12 +239,17 @@ def main(argv: list[str] | None = None) -> dict:
             key = f"{name}-{target}"
             if key in record["results"]:
                 continue
-            record["results"][key] = m.entry(name, target)
+            entry = m.entry(name, target)
+            if record_path.is_file():  # another job on other methods may have added entries meanwhile: keep them
+                record["results"] = {**json.loads(record_path.read_text())["results"], **record["results"]}
+            record["results"][key] = entry
             record.update(versions=versions(), git=git_hash(), torch_threads=torch.get_num_threads())
             write_json_atomic(record_path, record)
             print(f"{key}: {json.dumps({k: v['value'] for k, v in record['results'][key]['metrics'].items()})}",
                   flush=True)
     out.mkdir(parents=True, exist_ok=True)
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
     (out / "results.md").write_text(markdown(record["results"]))
     if not a.quiet:
         print(markdown(record["results"]))

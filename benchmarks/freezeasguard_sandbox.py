@@ -50,6 +50,7 @@ from safediff.edits import Edit
 from safediff.erasers import build_eraser
 from safediff.errors import run_script
 from safediff.models import load_pipeline
+from safediff.options import parse_options
 from safediff.registry import ERASERS
 from safediff.sandbox.benchmarks import erasure_set
 from safediff.storage import write_json_atomic
@@ -98,6 +99,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--k", type=int, default=None, help="images k (default 4)")
     ap.add_argument("--ns", default=None, help="fine-tuning steps n judged (default 10,50,200)")
     ap.add_argument("--prompts", type=int, default=None, help="target-word prompts per concept (default 4)")
+    ap.add_argument("--freezeasguard", default="", help="KEY=VALUE,... over FreezeAsGuard's benchmark settings, e.g. "
+                    "iterations=2000,relearn_steps=2000 (the reference's fit length)")
     return parse_args(ap, argv, QUICK, {"k": 4, "ns": "10,50,200", "prompts": 4, "steps": None})
 
 
@@ -107,13 +110,16 @@ def main(argv: list[str] | None = None) -> dict:
     ns = sorted(int(x) for x in a.ns.split(","))
     out = Path(a.out)
     edits = out.with_suffix(".edits")
+    overrides = parse_options(a.freezeasguard, "--freezeasguard")
+    settings = {**ERASERS.get("freezeasguard").sandbox[tier], "base": "", **overrides}
+    freezeasguard = build_eraser("freezeasguard", **settings)  # a bad option: one line, before any work
+    settings.update({k: getattr(freezeasguard, k) for k in overrides})  # as typed values
     plain = load_pipeline(a.model)
     uce = cached(edits / "uce-both.safetensors", lambda: build_eraser("uce").fit(
         load_pipeline(a.model), resolve(f"{a.illegal},{a.legal}"), progress=False),
         {"model": plain.base_sha256, "uce": [a.illegal, a.legal]})
     published = f"{a.model}+{uce}"
-    settings = {**ERASERS.get("freezeasguard").sandbox[tier], "base": ""}
-    mask = cached(edits / f"freezeasguard-{tier}.safetensors", lambda: build_eraser("freezeasguard", **settings).fit(
+    mask = cached(edits / f"freezeasguard-{tier}.safetensors", lambda: freezeasguard.fit(
         load_pipeline(published), resolve(a.illegal), preserve=[a.legal], progress=not a.quick),
         {"model": plain.base_sha256, "uce": uce.name, "illegal": a.illegal, "legal": a.legal, "settings": settings})
     rand = cached(edits / f"random-mask-{tier}.safetensors",

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from safediff.attacks.relearn import relearning_curve
+from safediff.errors import SafediffError
 from bench_helpers import load_benchmark
 
 
@@ -83,12 +84,20 @@ def test_freezeasguard_benchmark_quick(tmp_path, tiny_folder):
     from safediff.edits import Edit
 
     out = tmp_path / "fag.json"
-    report = script("freezeasguard_sandbox").main(["--quick", "--model", str(tiny_folder), "--out", str(out)])
+    with pytest.raises(SafediffError, match="iterations=x is not a valid int"):
+        script("freezeasguard_sandbox").main(["--quick", "--model", str(tiny_folder), "--out", str(out),
+                                              "--freezeasguard", "iterations=x"])
+    assert not out.exists() and not (tmp_path / "fag.edits").exists()
+    report = script("freezeasguard_sandbox").main(["--quick", "--model", str(tiny_folder), "--out", str(out),
+                                                   "--freezeasguard", "iterations=4"])
     assert set(report["results"]) == {"no mask", "freezeasguard", "random mask"}
+    assert report["protocol"]["freezeasguard"]["iterations"] == 4
     assert set(report["summary"]) == {"1", "2"} and 0 < report["mask"]["ratio"] < 1
     for condition, edit in (("freezeasguard", "freezeasguard-smoke"), ("random-mask", "random-mask-smoke")):
         [path] = (tmp_path / "fag.edits").glob(f"{edit}-*.safetensors")  # named with the hash of its settings
         frozen = Edit.load(path).metadata["info"]["freeze"]["frozen"]
+        if condition == "freezeasguard":
+            assert Edit.load(path).metadata["hyperparameters"]["iterations"] == 4  # --freezeasguard over smoke's 3
         record = json.loads((tmp_path / "fag.runs" / condition / "red" / "prompts" / "000000.json").read_text())
         if not record["pre_success"]:
             assert record["extra"]["frozen_honoured"] == sorted(frozen)

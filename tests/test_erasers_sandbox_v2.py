@@ -118,3 +118,27 @@ def test_a_guard_applying_an_erasers_edit_is_named_by_its_prefix_and_shares_the_
     assert guard["edit"] == eraser["edit"] and guard["edit_sha256"] == eraser["edit_sha256"]  # one fit, both rows
     assert guard["guard"] == f"spm:edit={tmp_path / eraser['edit']}" and guard["fit_seconds"] == eraser["fit_seconds"]
     assert (tmp_path / guard["run"] / "results.json").is_file()
+
+
+def test_two_jobs_on_other_methods_share_an_out_folder(tiny_folder, tmp_path, sandbox_detectors, monkeypatch):
+    """An entry another job writes while this one runs is kept, and the table shows both jobs' rows."""
+    mod = script()
+    argv = ["--model", str(tiny_folder), "--mass", "1", "--n-per-kind", "1", "--steps", "2", "--purpose", "smoke",
+            "--batch-size", "64", "--out", str(tmp_path), "--quiet"]
+    mod.main(argv + ["--methods", "base"])
+    other = mod.json.loads((tmp_path / "results.json").read_text())["results"]["base-k1"]
+    measured = mod.Measurement.entry
+
+    def entry_while_another_job_writes(self, name, target):
+        result = measured(self, name, target)
+        record = mod.json.loads((tmp_path / "results.json").read_text())
+        record["results"]["other-k1"] = {**other, "method": "other"}  # the other job's entry lands meanwhile
+        (tmp_path / "results.json").write_text(mod.json.dumps(record))
+        return result
+
+    monkeypatch.setattr(mod.Measurement, "entry", entry_while_another_job_writes)
+    record = mod.main(argv + ["--methods", "adavd"])
+    assert set(record["results"]) == {"base-k1", "other-k1", "adavd-k1"}
+    assert set(mod.json.loads((tmp_path / "results.json").read_text())["results"]) == set(record["results"])
+    table = (tmp_path / "results.md").read_text()
+    assert "| other | k1 |" in table and "| adavd | k1 |" in table and "| base | k1 |" in table

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from tqdm.auto import tqdm
 
 from safediff.adapters import Conditioning
 from safediff.erasers.base import Eraser, weights_set_to
@@ -127,12 +128,12 @@ class FreezeAsGuard(Eraser):
         edit = base.fit(model, concepts, preserve, guide, progress=progress) if base is not None else None
         published = dict(edit.tensors) if edit is not None else {}
         with weights_set_to(model, published), torch.enable_grad():
-            info = self._learn(model, concepts, legal)
+            info = self._learn(model, concepts, legal, progress)
         info["base"] = None if edit is None else {"method": edit.method, "hyperparameters":
                                                   edit.metadata["hyperparameters"], "info": edit.metadata["info"]}
         return published, info
 
-    def _learn(self, model, concepts, legal) -> dict:
+    def _learn(self, model, concepts, legal, progress: bool = False) -> dict:
         """The bi-level loop (module docstring) on the model as it is; returns the info with the mask."""
         g = torch.Generator(device="cpu").manual_seed(int(self.seed))
         with torch.no_grad():
@@ -155,7 +156,10 @@ class FreezeAsGuard(Eraser):
 
         relearn = torch.optim.AdamW(list(ft.values()), lr=self.relearn_lr)
         relearn_losses = []
+        bar = tqdm(total=self.relearn_steps + self.iterations, desc="freezeasguard", disable=not progress,
+                   unit="step")
         for _ in range(self.relearn_steps):
+            bar.update()
             l_ill, l_leg = batch_loss(ft)
             loss = (l_ill + l_leg) / 2
             relearn.zero_grad(set_to_none=True)
@@ -165,6 +169,7 @@ class FreezeAsGuard(Eraser):
         x = torch.rand(len(names), generator=g).requires_grad_(True)
         history = []
         for step in range(self.iterations):
+            bar.update()
             m = torch.sigmoid(x / self.temperature)
             params = user_view(pre, ft, m, names)
             l_ill, l_leg = batch_loss(params)
@@ -179,6 +184,7 @@ class FreezeAsGuard(Eraser):
                     for p, d in zip(ft.values(), grads):
                         p -= self.user_lr * d
             history.append((float(l_ill.detach()), float(l_leg.detach())))
+        bar.close()
         scores = torch.sigmoid(x.detach() / self.temperature)
         frozen = [f"{prefix}.{n}" for n in self._binarized(names, scores)]
         info = {"freeze": {"frozen": frozen, "ratio": len(frozen) / len(names), "tensors": len(names),
