@@ -108,3 +108,34 @@ def test_cli_erase_freezeasguard_writes_the_mask(monkeypatch, capsys, tmp_path, 
     code, err = run_main(monkeypatch, capsys, "erase", "--model", str(tiny_folder), "--method",
                          "freezeasguard:binarize=half", "--concept", "red", "--out", str(tmp_path / "x.safetensors"))
     one_line_error(code, err, "binarize must be one of")
+
+
+def test_resume_after_interruption_is_bit_identical(tiny_sd, tmp_path, monkeypatch):
+    """Interrupted in the bi-level phase, after a checkpoint that holds θ_ft, the AdamW moments of the relearning
+    steps, the generator and the mask logits: the resumed fit publishes the same scores as an uninterrupted one."""
+    import safediff.erasers.freezeasguard as module
+
+    kwargs = dict(relearn_steps=3, iterations=6, user_interval=2, ratio=0.25)
+    straight = fit(tiny_sd, **kwargs).metadata["info"]
+    ckpt = tmp_path / "fag.checkpoint.safetensors"
+    loss = module.diffusion_loss
+    calls = {"n": 0}
+
+    def interrupted(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 6:  # iteration 5 (the third bi-level step), after the checkpoint of iteration 4
+            raise KeyboardInterrupt
+        return loss(*args, **kw)
+
+    monkeypatch.setattr(module, "diffusion_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_sd, **kwargs, checkpoint=str(ckpt), checkpoint_every=2)
+    monkeypatch.setattr(module, "diffusion_loss", loss)
+    assert ckpt.is_file()
+    resumed = fit(tiny_sd, **kwargs, checkpoint=str(ckpt), checkpoint_every=2).metadata["info"]
+    assert resumed["resumed_at_iteration"] == 4 and straight["resumed_at_iteration"] is None
+    assert resumed["freeze"] == straight["freeze"]
+    for key in ("relearn_loss", "loss_illegal", "loss_legal"):
+        assert resumed[key] == straight[key]
+    with pytest.raises(SafediffError, match="different run"):
+        fit(tiny_sd, **{**kwargs, "ratio": 0.5}, checkpoint=str(ckpt))

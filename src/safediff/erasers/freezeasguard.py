@@ -36,7 +36,9 @@ the mask is then learned on, and published with, the erased model and the edit h
 Data (``safediff.imagesets``, ``source``): illegal = ``n_images`` images of the concepts; legal = ``n_images`` images
 of the preserved concepts (``--preserve``, else each concept's preserve list), world renders or the model's own images
 of each concept's word in its contexts. Multi-concept: yes (the illegal images are shared among the concepts).
-Defaults are the reference's run script (ρ 0.2, T 0.2, c_s 5e3, η_m 10, η_u 1e-5, user interval 5, batch 16, 2,000
+Long fits checkpoint to ``checkpoint`` every ``checkpoint_every`` steps (``safediff erase``: next to ``--out``) and
+resume bit-identically (the one training loop, ``erasers.training.train``, runs both phases). Defaults are the
+reference's run script (ρ 0.2, T 0.2, c_s 5e3, η_m 10, η_u 1e-5, user interval 5, batch 16, 2,000
 steps after 2,000 relearning steps at lr 1e-5, 100 images per domain) for SD 1.5 on a GPU.
 """
 
@@ -47,12 +49,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from tqdm.auto import tqdm
 
 from safediff.adapters import Conditioning
 from safediff.erasers.base import Eraser, weights_set_to
 from safediff.erasers.prompts import as_concept
-from safediff.erasers.training import loss_summary
+from safediff.erasers.training import TrainingState, loss_summary, run_fingerprint, train
 from safediff.errors import SafediffError
 from safediff.finetune import diffusion_loss
 from safediff.imagesets import check_source, shared_images
@@ -100,6 +101,8 @@ class FreezeAsGuard(Eraser):
     binarize: str = option("top", help="top: the ⌈ρN⌉ largest m; threshold: m > 0.5 (the reference's ratio)")
     base: str = option("", help="eraser spec run first (e.g. uce); '' publishes the weights unchanged")
     seed: int = 0
+    checkpoint: str | None = option(None, hyperparameter=False)  # safetensors path (resume)
+    checkpoint_every: int = option(100, low=1, hyperparameter=False)
 
     def __post_init__(self):
         super().__post_init__()
@@ -134,7 +137,9 @@ class FreezeAsGuard(Eraser):
         return published, info
 
     def _learn(self, model, concepts, legal, progress: bool = False) -> dict:
-        """The bi-level loop (module docstring) on the model as it is; returns the info with the mask."""
+        """The bi-level loop (module docstring) on the model as it is; returns the info with the mask. One run of
+        ``training.train`` over ``relearn_steps + iterations`` steps: its state (θ_ft, the relearning's AdamW moments,
+        the generator, the mask logits x and the loss history) is checkpointed and resumed bit-identically."""
         g = torch.Generator(device="cpu").manual_seed(int(self.seed))
         with torch.no_grad():
             ill = shared_images(model, concepts, self.n_images, g, self.source, self.images)
@@ -154,37 +159,42 @@ class FreezeAsGuard(Eraser):
                                     per_sample=True)
             return losses[:half].mean(), losses[half:].mean()
 
-        relearn = torch.optim.AdamW(list(ft.values()), lr=self.relearn_lr)
-        relearn_losses = []
-        bar = tqdm(total=self.relearn_steps + self.iterations, desc="freezeasguard", disable=not progress,
-                   unit="step")
-        for _ in range(self.relearn_steps):
-            bar.update()
-            l_ill, l_leg = batch_loss(ft)
-            loss = (l_ill + l_leg) / 2
-            relearn.zero_grad(set_to_none=True)
-            loss.backward(inputs=list(ft.values()))
-            relearn.step()
-            relearn_losses.append(float(loss.detach()))
-        x = torch.rand(len(names), generator=g).requires_grad_(True)
-        history = []
-        for step in range(self.iterations):
-            bar.update()
+        state = TrainingState(ft, torch.optim.AdamW(list(ft.values()), lr=self.relearn_lr), {"g": g}, losses=[])
+        fingerprint = run_fingerprint(self, model, {"concepts": [c.name for c in concepts],
+                                                    "legal": [c.name for c in legal]})
+        resumed_at = state.iteration if self.checkpoint and state.load(self.checkpoint, fingerprint) else None
+
+        def step(i: int) -> tuple[torch.Tensor, dict]:
+            if i < self.relearn_steps:  # θ_ft on both domains, AdamW (the loop applies it)
+                l_ill, l_leg = batch_loss(ft)
+                loss = (l_ill + l_leg) / 2
+                loss.backward(inputs=list(ft.values()))
+                return loss.detach(), {"phase": "relearn"}
+            if i == self.relearn_steps:  # x starts uniform in [0, 1)
+                state.carried["x"] = torch.rand(len(names), generator=g)
+                state.carried["history"] = torch.zeros(0, 2, dtype=torch.float64)
+            x = state.carried["x"].requires_grad_(True)
             m = torch.sigmoid(x / self.temperature)
-            params = user_view(pre, ft, m, names)
-            l_ill, l_leg = batch_loss(params)
-            if step % self.user_interval == 0:  # publisher: the mask
+            l_ill, l_leg = batch_loss(user_view(pre, ft, m, names))
+            if (i - self.relearn_steps) % self.user_interval == 0:  # publisher: the mask
                 objective = self.mask_lr * (-l_ill + l_leg) / 2 + self.sparsity * (self.ratio - m.mean()) ** 2
                 (grad,) = torch.autograd.grad(objective, [x])
                 with torch.no_grad():
                     x -= grad
-            else:  # user: θ_ft by gradient descent
+            else:  # user: θ_ft by gradient descent (no .grad is set, so the AdamW step leaves θ_ft alone)
                 grads = torch.autograd.grad((l_ill + l_leg) / 2, list(ft.values()))
                 with torch.no_grad():
                     for p, d in zip(ft.values(), grads):
                         p -= self.user_lr * d
-            history.append((float(l_ill.detach()), float(l_leg.detach())))
-        bar.close()
+            pair = torch.tensor([[float(l_ill.detach()), float(l_leg.detach())]], dtype=torch.float64)
+            state.carried.update(x=x.detach(), history=torch.cat([state.carried["history"], pair]))
+            return ((l_ill + l_leg) / 2).detach(), {"phase": "mask"}
+
+        train(state, self.relearn_steps + self.iterations, step, checkpoint=self.checkpoint,
+              checkpoint_every=self.checkpoint_every, fingerprint=fingerprint, desc=self.name, progress=progress,
+              backward=False)
+        x, history = state.carried["x"], state.carried["history"].tolist()
+        relearn_losses = state.losses[:self.relearn_steps]
         scores = torch.sigmoid(x.detach() / self.temperature)
         frozen = [f"{prefix}.{n}" for n in self._binarized(names, scores)]
         info = {"freeze": {"frozen": frozen, "ratio": len(frozen) / len(names), "tensors": len(names),
@@ -196,7 +206,7 @@ class FreezeAsGuard(Eraser):
                            "legal_concepts": [c.name for c in legal]},
                 "relearn_loss": loss_summary(relearn_losses),
                 "loss_illegal": loss_summary([h[0] for h in history]),
-                "loss_legal": loss_summary([h[1] for h in history])}
+                "loss_legal": loss_summary([h[1] for h in history]), "resumed_at_iteration": resumed_at}
         return info
 
     def _binarized(self, names: list[str], scores: torch.Tensor) -> list[str]:
